@@ -1,0 +1,17 @@
+# The two commands of the README, plus a few conveniences. Every target sets itself up.
+.PHONY: setup demo test test-all lint
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	@bash scripts/demo.sh
+
+test: setup
+	@bash scripts/test.sh
+
+test-all: setup
+	@.venv/bin/python -m pytest -q tests -m "slow or not slow"
+
+lint: setup
+	@.venv/bin/ruff check .

@@ -1,0 +1,337 @@
+"""GPT-2, written from scratch in plain PyTorch: architecture only.
+
+This file imports torch and the standard library and nothing else: no distribution,
+no compile, no precision policy, no I/O. Those wrap the model from outside
+(``pretrain/parallel.py``). Parameter names follow Hugging Face's ``GPT2LMHeadModel``
+so that conversion (``pretrain/hf.py``) is a table.
+
+::
+
+    idx (B, T) ──► wte (B, T, C) + wpe (T, C) ──► drop
+                     │
+                     ▼   × n_layer
+              ┌──────────────────────────────┐
+              │ x = x + attn(ln_1(x))        │   pre-LayerNorm blocks with
+              │ x = x + mlp(ln_2(x))         │   residual connections
+              └──────────────────────────────┘
+                     │
+                     ▼
+                   ln_f ──► lm_head (weight tied to wte) ──► logits (B, T, V)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    """Architecture facts of a GPT-2-family model. Everything the weights' shapes depend on,
+    and nothing about how the model is trained."""
+
+    block_size: int = 1024
+    """Context length: the number of learned positions."""
+    vocab_size: int = 50257
+    """The tokenizer's vocabulary (GPT-2 BPE: 50,257)."""
+    padded_vocab_size: int | None = None
+    """Rows of the embedding / LM head. None = vocab_size. 50304 (a multiple of 128) makes the
+    largest matmul markedly faster on GPUs; rows >= vocab_size are never given probability
+    mass (their logits are -inf) and are dropped on export."""
+    n_layer: int = 12
+    """Number of transformer blocks."""
+    n_head: int = 12
+    """Attention heads per block; n_embd must be divisible by it."""
+    n_embd: int = 768
+    """Width of the residual stream (C)."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention weights and residual branches (0 for pretraining)."""
+    bias: bool = True
+    """Biases in Linear layers and LayerNorms (GPT-2 has them)."""
+    activation: str = "gelu_tanh"
+    """MLP nonlinearity: 'gelu_tanh' (GPT-2's 'gelu_new') or 'relu'."""
+    layer_norm_epsilon: float = 1e-5
+    """LayerNorm epsilon (GPT-2: 1e-5)."""
+    tie_embeddings: bool = True
+    """The LM head shares its weight with the token embedding (GPT-2 does)."""
+
+    def __post_init__(self) -> None:
+        errors = []
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                errors.append(f"model.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not errors and self.n_embd % self.n_head != 0:
+            errors.append(
+                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
+            )
+        if self.padded_vocab_size is not None and self.padded_vocab_size < self.vocab_size:
+            errors.append(
+                f"model.padded_vocab_size ({self.padded_vocab_size}) must be >= "
+                f"model.vocab_size ({self.vocab_size})"
+            )
+        if self.activation not in ACTIVATIONS:
+            errors.append(f"model.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            errors.append(f"model.dropout must be in [0, 1), got {self.dropout!r}")
+        if errors:
+            raise ValueError("; ".join(errors))
+
+    @property
+    def vocab_rows(self) -> int:
+        """Rows of the embedding matrix (the padded vocabulary when padding is on)."""
+        return self.padded_vocab_size or self.vocab_size
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> GPTConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+ACTIVATIONS = {
+    # GPT-2 uses the tanh approximation of GELU ("gelu_new" in Hugging Face).
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+PRESETS: dict[str, GPTConfig] = {
+    "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    # Tiny sizes for tests and CPU smoke runs.
+    "tiny": GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=4, n_embd=64),
+    "tiny-vocab": GPTConfig(block_size=32, vocab_size=512, n_layer=2, n_head=4, n_embd=32),
+}
+
+
+@dataclass
+class KVCache:
+    """Keys and values of past positions for incremental decoding, one pair per layer.
+
+    ``k[i]``, ``v[i]``: (B, nh, T_max, hs), filled up to ``pos``. Preallocated so decoding
+    never reallocates; ``pos`` is the number of positions already written."""
+
+    k: list[torch.Tensor] = field(default_factory=list)
+    v: list[torch.Tensor] = field(default_factory=list)
+    pos: int = 0
+
+    @classmethod
+    def empty(cls, config: GPTConfig, batch_size: int, max_len: int, device, dtype) -> KVCache:
+        hs = config.n_embd // config.n_head
+        shape = (batch_size, config.n_head, max_len, hs)
+        return cls(
+            k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
+            v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].size(2)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with one fused qkv projection.
+
+    ``c_attn`` maps C -> 3C (q, k, v for all heads at once); ``c_proj`` maps the concatenated
+    heads back to C and writes into the residual stream, so it carries the scaled init
+    (``is_residual_proj``). The default path is ``F.scaled_dot_product_attention`` (flash /
+    memory-efficient kernels on GPU); ``reference_attention`` is the textbook formula, kept
+    for tests."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.is_residual_proj = True
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.use_reference = False  # tests flip this to compare against the explicit path
+
+    def forward(self, x: torch.Tensor, layer_cache: tuple[torch.Tensor, torch.Tensor, int] | None = None):
+        B, T, C = x.size()
+        hs = C // self.n_head
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 × (B, T, C)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+
+        if layer_cache is not None:
+            # Incremental decoding: write this chunk's k, v at [pos, pos+T) and attend over
+            # everything written so far. A query at absolute position pos+i may see keys
+            # 0..pos+i, so the mask is causal with an offset of pos.
+            k_all, v_all, pos = layer_cache
+            k_all[:, :, pos : pos + T] = k
+            v_all[:, :, pos : pos + T] = v
+            k = k_all[:, :, : pos + T]  # (B, nh, pos+T, hs)
+            v = v_all[:, :, : pos + T]  # (B, nh, pos+T, hs)
+            mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
+        elif self.use_reference:
+            y = reference_attention(q, k, v)  # (B, nh, T, hs)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / sqrt(hs) + causal mask) v, spelled out. q, k, v: (B, nh, T, hs)."""
+    T, hs = q.size(-2), q.size(-1)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    att = att.masked_fill(~causal, float("-inf"))
+    att = F.softmax(att, dim=-1)
+    return att @ v  # (B, nh, T, hs)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: C -> 4C, nonlinearity, 4C -> C (``c_proj`` is a residual
+    output projection, so it carries the scaled init)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.act = ACTIVATIONS[config.activation]
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.is_residual_proj = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """One transformer block, pre-LayerNorm: normalise, transform, add back to the residual."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, layer_cache=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), layer_cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    """The GPT-2 language model. ``forward(idx, targets)`` -> ``(logits, loss)``."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_rows, config.n_embd),  # token embedding
+                wpe=nn.Embedding(config.block_size, config.n_embd),  # learned positions
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_rows, bias=False)
+        if config.tie_embeddings:
+            # One Parameter, two uses: the input embedding and the output projection.
+            self.lm_head.weight = self.transformer.wte.weight
+        # Padded vocabulary rows get -inf logits so they never receive probability mass.
+        if config.vocab_rows > config.vocab_size:
+            pad = torch.zeros(config.vocab_rows)
+            pad[config.vocab_size :] = float("-inf")
+            self.register_buffer("logit_pad_mask", pad, persistent=False)
+        else:
+            self.logit_pad_mask = None
+        self.init_weights()
+
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """GPT-2 initialisation: every Linear and Embedding weight ~ N(0, 0.02), biases 0,
+        LayerNorms (1, 0); residual output projections (marked ``is_residual_proj``) use
+        std 0.02 / sqrt(2 · n_layer) so the residual stream's variance does not grow with
+        depth (two residual additions per block)."""
+        std = 0.02
+        resid_std = std / math.sqrt(2 * self.config.n_layer)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                if module is self.lm_head and self.config.tie_embeddings:
+                    continue  # shares wte's weight, initialised below
+                s = resid_std if getattr(module, "is_residual_proj", False) else std
+                nn.init.normal_(module.weight, mean=0.0, std=s, generator=generator)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameters, each counted once (the tied head is the embedding). With
+        ``exclude_embeddings``, position embeddings are left out (as in the Kaplan
+        FLOPs count); the token embedding stays in because the head uses it."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        reduction: str = "mean",
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx: (B, T) token ids. targets: (B, T) ids, -100 = ignored.
+
+        Returns logits (B, T, padded V) and, with targets, the cross-entropy loss
+        (``reduction``: 'mean' over non-ignored tokens, 'sum', or 'none' -> (B, T)).
+        With ``kv_cache``, idx holds positions [kv_cache.pos, kv_cache.pos + T) and the
+        cache is advanced by T."""
+        B, T = idx.size()
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {start + T} tokens is longer than the model's context "
+                f"(block_size={self.config.block_size}); shorten the input"
+            )
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        x = self.transformer.drop(x)
+        for i, block in enumerate(self.transformer.h):
+            layer_cache = (kv_cache.k[i], kv_cache.v[i], start) if kv_cache is not None else None
+            x = block(x, layer_cache)
+        if kv_cache is not None:
+            kv_cache.pos = start + T
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, V)
+        if self.logit_pad_mask is not None:
+            logits = logits + self.logit_pad_mask.to(logits.dtype)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)),  # (B*T, V)
+                targets.view(-1),  # (B*T,)
+                ignore_index=-100,
+                reduction=reduction,
+            )
+            if reduction == "none":
+                loss = loss.view(B, T)
+        return logits, loss
+
+    def set_reference_attention(self, on: bool = True) -> None:
+        """Route attention through ``reference_attention`` (tests compare it with SDPA)."""
+        for block in self.transformer.h:
+            block.attn.use_reference = on
