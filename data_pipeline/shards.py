@@ -1,0 +1,240 @@
+"""The token shard file format (llm.c's) and the manifest next to the shards.
+
+A shard is what llm.c's ``dev/data/data_common.py::write_datafile`` writes and its
+``llmc/dataloader.h`` reads::
+
+    header  256 x int32 (little endian): [0] magic 20240520, [1] version 1, [2] token count, rest 0
+    body    token count x uint16 (little endian)
+
+Files are ``{split}_{index:06d}.bin`` (``val_000000.bin`` first, then ``train_000000.bin``, ...)
+next to ``manifest.json``::
+
+    {"shards": [{"file", "split", "tokens", "documents", "sha256"}, ...],
+     "source": ..., "tokenizer": ..., "settings": {...}, ...}
+
+Everything written here is atomic: a temporary name in the same directory, fsync, then a
+rename, so a reader (or a resumed ``prepare``) never sees half a file under the final name.
+Paths may be local or fsspec URLs for writing; reading (``read_shard``) memory-maps, so it
+needs a local file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4  # 1024
+TOKEN_DTYPE = np.dtype("<u2")
+MAX_TOKEN_ID = int(np.iinfo(np.uint16).max)
+MANIFEST_NAME = "manifest.json"
+SPLITS = ("val", "train")
+_SHARD_RE = re.compile(r"^(?P<split>[a-z]+)_(?P<index>\d{6})\.bin$")
+
+
+class ShardError(ValueError):
+    """A shard or manifest that cannot be used; the message names the file and the fix."""
+
+
+def shard_name(split: str, index: int) -> str:
+    """``val_000000.bin``-style file name of shard ``index`` of ``split``."""
+    return f"{split}_{index:06d}.bin"
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """True for an fsspec URL other than ``file://`` (those are handled as local paths)."""
+    s = str(path)
+    return "://" in s and not s.startswith("file://")
+
+
+def local_path(path: str | os.PathLike) -> Path:
+    s = str(path)
+    return Path(s[len("file://") :]) if s.startswith("file://") else Path(s)
+
+
+def join(base: str | os.PathLike, name: str) -> str:
+    """``base/name`` for a local path or an fsspec URL."""
+    s = str(base)
+    return s.rstrip("/") + "/" + name if is_url(s) else str(local_path(s) / name)
+
+
+def make_header(num_tokens: int) -> np.ndarray:
+    """The 256 x int32 header of a shard holding ``num_tokens`` tokens."""
+    if not 0 <= num_tokens < 2**31:
+        raise ShardError(f"a shard holds 0 .. 2**31-1 tokens, got {num_tokens}; use a smaller --shard-tokens")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0], header[1], header[2] = MAGIC, VERSION, num_tokens
+    return header
+
+
+def as_uint16(tokens: Any, what: str = "tokens") -> np.ndarray:
+    """``tokens`` as little-endian uint16, checking every id fits *before* the cast."""
+    arr = np.asarray(tokens)
+    if arr.dtype == TOKEN_DTYPE:
+        return arr
+    if arr.size and (arr.min() < 0 or arr.max() > MAX_TOKEN_ID):
+        raise ShardError(
+            f"{what}: token ids must fit uint16 (0..{MAX_TOKEN_ID}), got range "
+            f"[{int(arr.min())}, {int(arr.max())}]; the shard format only holds vocabularies up to 65536"
+        )
+    return arr.astype(TOKEN_DTYPE)
+
+
+def _atomic_write_bytes(path: str | os.PathLike, chunks: list[bytes | memoryview]) -> None:
+    """Write ``chunks`` to ``path`` via a temporary name + fsync + rename."""
+    if is_url(path):
+        import fsspec
+
+        fs, p = fsspec.core.url_to_fs(str(path))
+        tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+        with fs.open(tmp, "wb") as f:
+            for c in chunks:
+                f.write(c)
+        fs.mv(tmp, p)
+        return
+    p = local_path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            for c in chunks:
+                f.write(c)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:  # make the rename itself durable
+        fd = os.open(p.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
+        pass
+
+
+def write_shard(path: str | os.PathLike, tokens: Any) -> str:
+    """Write ``tokens`` as one llm.c shard at ``path`` (atomically); return the file's sha256."""
+    body = np.ascontiguousarray(as_uint16(tokens, what=str(path)))
+    header = make_header(int(body.size))
+    h = hashlib.sha256()
+    hb, bb = header.tobytes(), memoryview(body).cast("B")
+    h.update(hb)
+    h.update(bb)
+    _atomic_write_bytes(path, [hb, bb])
+    return h.hexdigest()
+
+
+def read_header(path: str | os.PathLike) -> int:
+    """Validate the header and size of the shard at ``path``; return its token count."""
+    p = local_path(path)
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+    except FileNotFoundError:
+        raise ShardError(f"{p}: shard not found; run `gpt2-prepare SOURCE OUT_DIR` to create it") from None
+    if len(raw) < HEADER_BYTES:
+        raise ShardError(
+            f"{p}: truncated shard ({size} bytes, less than the {HEADER_BYTES}-byte header); re-run prepare"
+        )
+    header = np.frombuffer(raw, dtype="<i4")
+    if int(header[0]) != MAGIC:
+        raise ShardError(
+            f"{p}: bad magic {int(header[0])} (expected {MAGIC}); not an llm.c token shard, re-run prepare"
+        )
+    if int(header[1]) != VERSION:
+        raise ShardError(
+            f"{p}: unsupported shard version {int(header[1])} (expected {VERSION}, uint16 GPT-2 tokens)"
+        )
+    count = int(header[2])
+    expected = HEADER_BYTES + count * TOKEN_DTYPE.itemsize
+    if count < 0 or size != expected:
+        raise ShardError(
+            f"{p}: header says {count} tokens ({expected} bytes) but the file has {size} bytes; "
+            "the shard is truncated or corrupt, re-run prepare"
+        )
+    return count
+
+
+def read_shard(path: str | os.PathLike) -> np.memmap:
+    """The tokens of the shard at ``path`` as a read-only uint16 memmap (header validated)."""
+    count = read_header(path)
+    p = local_path(path)
+    if count == 0:
+        return np.zeros(0, dtype=TOKEN_DTYPE)  # np.memmap refuses empty maps
+    return np.memmap(p, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    if is_url(path):
+        import fsspec
+
+        with fsspec.open(str(path), "rb") as f:
+            while b := f.read(chunk):
+                h.update(b)
+        return h.hexdigest()
+    with open(local_path(path), "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def read_manifest(data_dir: str | os.PathLike) -> dict | None:
+    """The parsed ``manifest.json`` of ``data_dir``, or None when there is none."""
+    path = join(data_dir, MANIFEST_NAME)
+    try:
+        if is_url(path):
+            import fsspec
+
+            fs, p = fsspec.core.url_to_fs(path)
+            if not fs.exists(p):
+                return None
+            with fs.open(p, "r") as f:
+                text = f.read()
+        else:
+            text = Path(path).read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{path}: not valid JSON ({e}); delete it and re-run prepare") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise ShardError(f"{path}: a manifest needs a 'shards' list; delete it and re-run prepare")
+    return manifest
+
+
+def write_manifest(data_dir: str | os.PathLike, manifest: dict) -> None:
+    """Write ``manifest.json`` into ``data_dir`` atomically (temp + rename)."""
+    text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
+    _atomic_write_bytes(join(data_dir, MANIFEST_NAME), [text.encode()])
+
+
+def list_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
+    """The shard files of ``split`` in ``data_dir``: manifest order when there is a manifest,
+    else the sorted ``{split}_*.bin`` files (e.g. shards written by llm.c's own scripts)."""
+    d = local_path(data_dir)
+    if not d.is_dir():
+        raise ShardError(f"{d}: data directory not found; run `gpt2-prepare SOURCE {d}` first")
+    manifest = read_manifest(d)
+    if manifest is not None:
+        files = [d / s["file"] for s in manifest["shards"] if s.get("split") == split]
+    else:
+        files = sorted(p for p in d.glob(f"{split}_*.bin") if _SHARD_RE.match(p.name))
+    if not files:
+        where = f"{d / MANIFEST_NAME}" if manifest is not None else f"{d}/{split}_*.bin"
+        raise ShardError(f"{where}: no '{split}' shards; run `gpt2-prepare SOURCE {d}` (or check the split name)")
+    return files
