@@ -248,19 +248,28 @@ class GPT(nn.Module):
             # One Parameter, two uses: the input embedding and the output projection.
             self.lm_head.weight = self.transformer.wte.weight
         # Padded vocabulary rows get -inf logits so they never receive probability mass.
+        # (B, T, V) + (V,): 0 for real tokens, -inf for padding. Not saved: derived from config.
         if config.vocab_rows > config.vocab_size:
-            pad = torch.zeros(config.vocab_rows)
-            pad[config.vocab_size :] = float("-inf")
-            self.register_buffer("logit_pad_mask", pad, persistent=False)
+            self.register_buffer("logit_pad_mask", torch.empty(config.vocab_rows), persistent=False)
         else:
             self.logit_pad_mask = None
         self.init_weights()
+
+    def init_buffers(self) -> None:
+        """Fill the non-persistent buffers (the padded-vocab logit mask). ``init_weights`` calls
+        it; call it yourself after ``to_empty()`` when loading weights into a meta-device model."""
+        if self.logit_pad_mask is not None:
+            with torch.no_grad():
+                self.logit_pad_mask.zero_()
+                self.logit_pad_mask[self.config.vocab_size :] = float("-inf")
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """GPT-2 initialisation: every Linear and Embedding weight ~ N(0, 0.02), biases 0,
         LayerNorms (1, 0); residual output projections (marked ``is_residual_proj``) use
         std 0.02 / sqrt(2 · n_layer) so the residual stream's variance does not grow with
-        depth (two residual additions per block)."""
+        depth (two residual additions per block). Buffers are rebuilt too, so a model built on
+        the meta device and materialised with ``to_empty()`` is complete after this call."""
+        self.init_buffers()
         std = 0.02
         resid_std = std / math.sqrt(2 * self.config.n_layer)
         for module in self.modules():
@@ -323,7 +332,7 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(
                 logits.float().view(-1, logits.size(-1)),  # (B*T, V)
-                targets.view(-1),  # (B*T,)
+                targets.reshape(-1),  # (B*T,); reshape: targets may be a non-contiguous slice
                 ignore_index=-100,
                 reduction=reduction,
             )
