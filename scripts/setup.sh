@@ -17,7 +17,11 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating virtual environment $VENV"
   "$PY" -m venv "$VENV"
 fi
-PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+PIP=(pip_quiet "$VENV/bin/python" -m pip --disable-pip-version-check -q)
+
+# pip repeats one "Location ... is ignored" warning per package for index folders that do not
+# exist on some machines; drop those lines, keep every other message and pip's exit status.
+pip_quiet() { "$@" 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2); }
 
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
