@@ -1,0 +1,899 @@
+"""Checkpoints: save, discover, load; atomic commit; keep the last K.
+
+A checkpoint is one directory per optimizer step::
+
+    checkpoints/
+      step_00001000/            complete: COMMITTED + manifest.json present
+        model.pt                rank 0, not FSDP: model.state_dict() (no module./_orig_mod. prefix)
+        optim.pt                rank 0, not FSDP: optimizer.state_dict()
+        dcp/                    FSDP2 only: torch.distributed.checkpoint shards of {"model", "optim"}
+          .metadata, __0_0.distcp, __1_0.distcp, ...
+        rank_0.pt, rank_1.pt    every rank: its rank_state (RNG states)
+        trainer_state.pt        rank 0: step, tokens seen, loader state, counters
+        config.yaml, config.json  rank 0: the resolved run config
+        manifest.json           rank 0: sha256 + size of every file above
+        COMMITTED               written last
+      step_00002000.tmp/        a save in progress (or a crashed one: removed by the next save)
+
+Commit protocol (why a half-written checkpoint is never picked up):
+  1. rank 0 removes stale ``*.tmp`` dirs and creates a fresh ``step_N.tmp/``; barrier.
+  2. every rank writes its files into it, each fsynced; the ranks agree (all-reduce) that all succeeded.
+  3. rank 0 hashes every file (DCP's shards included: DCP has no checksums of its own), writes
+     manifest.json, renames ``step_N.tmp`` -> ``step_N`` (an existing ``step_N`` is first renamed
+     aside to ``step_N.replaced`` and deleted after), fsyncs the parent, writes COMMITTED.
+  4. rank 0 deletes complete checkpoints older than the newest ``keep_last`` (failures only warn).
+``latest()`` only returns directories named exactly ``step_XXXXXXXX`` holding COMMITTED and a
+valid manifest.json.
+
+Failures: any error while saving (ENOSPC, permission, a bad ``rank_state``) removes the tmp dir and
+raises :class:`CheckpointError` on every rank, naming the directory and the last intact checkpoint.
+The trainer should catch it, log it and stop (exit non-zero): the previous checkpoint is intact,
+and training on without checkpoints would risk losing far more work than the stop costs.
+
+Async saves (``async_save=True``): ``save()`` copies the state to CPU (so the caller may mutate
+parameters as soon as it returns), then writes on a background thread. At most one save is in
+flight: a new ``save()`` first waits for the previous one. Errors of a background save are raised
+by the next ``save()``/``wait()``. With one process the background thread also commits. With
+several processes each rank writes its files in its thread and the *commit* (the agreement
+all-reduce and rank 0's rename) happens in the next ``save()`` or ``wait()`` on the main thread,
+so no collective runs on a background thread on the training process group (FSDP's DCP shards
+are written by ``dcp.async_save`` on a dedicated gloo group). So with several ranks, call
+``wait()`` (collectively) before exiting, or the last async checkpoint stays uncommitted.
+
+``ckpt_dir`` must be on a filesystem all ranks share (rank 0 hashes the other ranks' files).
+All loads use ``torch.load(weights_only=True)`` (DCP's pickled metadata goes through a restricted
+unpickler), so a checkpoint cannot run code on load.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import errno
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import pickle
+import random
+import re
+import shutil
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+COMMITTED = "COMMITTED"
+_STEP_RE = re.compile(r"^step_(\d{8})$")
+_REPLACED_RE = re.compile(r"^step_(\d{8})\.replaced$")
+_TMP_RE = re.compile(r"^step_(\d{8})\.tmp$")
+_PREFIXES = ("module.", "_orig_mod.")
+_CORRUPT_HINT = "the checkpoint is corrupt — resume from an earlier one with --resume PATH"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved or loaded. The message names the file and what to do."""
+
+
+# ----------------------------------------------------------------------------- RNG state helpers
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's Python / NumPy / torch (CPU and CUDA) RNG states as plain data
+    (tensors, ints, floats, lists, tuples), so ``torch.load(weights_only=True)`` can read them."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),  # (624,) uint32 values
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+        else:  # a different GPU count: restore the devices both runs have
+            for i, s in enumerate(cuda_states[: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(s, i)
+
+
+# ----------------------------------------------------------------------------- file helpers
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sha256(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def _rmtree_quiet(path: Path) -> None:
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("could not remove %s: %s", path, e)
+
+
+def _strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Drop DDP's ``module.`` and torch.compile's ``_orig_mod.`` from parameter names."""
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in _PREFIXES:
+                if key.startswith(p):
+                    key, changed = key[len(p) :], True
+        out[key] = value
+    return out
+
+
+_PLAIN_SCALARS = (type(None), bool, int, float, complex, str, bytes)
+
+
+def _check_plain(obj: Any, where: str) -> None:
+    """Raise if ``obj`` holds anything ``torch.load(weights_only=True)`` would refuse."""
+    if isinstance(obj, _PLAIN_SCALARS) or isinstance(obj, (torch.Tensor, torch.dtype, torch.device, torch.Size)):
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, (str, int, float, bool, type(None))):
+                raise CheckpointError(f"{where} has a key {k!r} of type {type(k).__name__}; use str or int keys")
+            _check_plain(v, f"{where}[{k!r}]")
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    hint = " (use torch.from_numpy / .tolist(); checkpoint.capture_rng_state() does this for RNG states)"
+    raise CheckpointError(
+        f"{where} is a {type(obj).__module__}.{type(obj).__name__}; checkpoints hold plain data only "
+        f"(tensors, numbers, strings, lists, tuples, dicts){hint if 'numpy' in type(obj).__module__ else ''}"
+    )
+
+
+def _to_cpu(obj: Any, memo: dict | None = None) -> Any:
+    """A deep copy with every tensor copied to CPU; tensors sharing memory (tied weights) stay shared."""
+    if memo is None:
+        memo = {}
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if key not in memo:
+            memo[key] = t.to("cpu", copy=True)
+        return memo[key]
+    if isinstance(obj, dict):
+        return type(obj)((k, _to_cpu(v, memo)) for k, v in obj.items()) if type(obj) is not dict else {
+            k: _to_cpu(v, memo) for k, v in obj.items()
+        }
+    if isinstance(obj, list):
+        return [_to_cpu(v, memo) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_to_cpu(v, memo) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def _config_dict(config: Any) -> dict:
+    if config is None:
+        return {}
+    if isinstance(config, Mapping):
+        return dict(config)
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return dataclasses.asdict(config)
+    raise CheckpointError(
+        f"config must be a dict, a dataclass or have to_dict(), got {type(config).__name__}"
+    )
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool, type(None))):
+        return obj
+    if isinstance(obj, Path):
+        return str(obj)
+    return repr(obj)
+
+
+def _safe_torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint file {path} holds objects other than tensors and plain data, so it was refused "
+            f"(weights_only load: {first}); it was not written by this Checkpointer — never load "
+            f"checkpoints from untrusted sources"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"checkpoint file {path} could not be read ({e}); {_CORRUPT_HINT}") from e
+
+
+# ----------------------------------------------------------------------------- manifest + verification
+
+
+def _is_complete(path: Path) -> bool:
+    if not (path / COMMITTED).is_file():
+        return False
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and isinstance(manifest.get("files"), dict)
+
+
+def _complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints as (step, path), oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found: dict[int, Path] = {}
+    replaced: dict[int, Path] = {}
+    for entry in ckpt_dir.iterdir():
+        if (m := _STEP_RE.match(entry.name)) and entry.is_dir() and _is_complete(entry):
+            found[int(m.group(1))] = entry
+        elif (m := _REPLACED_RE.match(entry.name)) and entry.is_dir() and _is_complete(entry):
+            replaced[int(m.group(1))] = entry
+    # A crash between "rename old aside" and "rename new in" while re-saving a step leaves only
+    # step_N.replaced: it is still a complete checkpoint, so it still counts.
+    for step, path in replaced.items():
+        found.setdefault(step, path)
+    return sorted(found.items())
+
+
+def _read_manifest(path: Path) -> dict:
+    if not path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} does not exist or is not a directory; pass --resume auto, none or the "
+            f"path of a step_XXXXXXXX directory"
+        )
+    if not (path / COMMITTED).is_file():
+        raise CheckpointError(
+            f"checkpoint {path} has no {COMMITTED} marker: it is incomplete (a crashed save); "
+            f"resume from an earlier one with --resume PATH"
+        )
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint file {path / MANIFEST} is missing or unreadable ({e}); {_CORRUPT_HINT}") from e
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"checkpoint file {path / MANIFEST} has no 'files' table; {_CORRUPT_HINT}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint file {path / MANIFEST} has format_version {manifest.get('format_version')!r}, "
+            f"this code reads {FORMAT_VERSION}; load it with the version of the code that wrote it"
+        )
+    root = path.resolve()
+    for name in manifest["files"]:
+        _resolve_in(root, name, path)
+    return manifest
+
+
+def _resolve_in(root: Path, name: str, path: Path) -> Path:
+    """The manifest entry ``name`` as a path inside ``root``; refuses anything that escapes it."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or "\\" in name:
+        raise CheckpointError(f"checkpoint file {path / MANIFEST} lists an invalid file name {name!r}; refused")
+    target = (root / name).resolve()
+    if target != root and root not in target.parents:
+        raise CheckpointError(
+            f"checkpoint file {path / MANIFEST} lists {name!r}, which is outside the checkpoint "
+            f"directory {path}; refused (the manifest was tampered with)"
+        )
+    return target
+
+
+def _verify(path: Path, manifest: dict, names: list[str] | None = None) -> None:
+    """Check size and sha256 of the listed files (all of them when ``names`` is None)."""
+    root = path.resolve()
+    files = manifest["files"]
+    for name in sorted(files) if names is None else names:
+        if name not in files:
+            raise CheckpointError(f"checkpoint {path} has no {name!r} in {MANIFEST}; {_CORRUPT_HINT}")
+        target = _resolve_in(root, name, path)
+        entry = files[name]
+        if not target.is_file():
+            raise CheckpointError(f"checkpoint file {path / name} is missing; {_CORRUPT_HINT}")
+        digest, size = _sha256(target)
+        if size != entry.get("size") or digest != entry.get("sha256"):
+            raise CheckpointError(f"checkpoint file {path / name} failed its sha256 check; {_CORRUPT_HINT}")
+
+
+# ----------------------------------------------------------------------------- DCP (FSDP2) helpers
+
+
+def _dcp_safe_classes() -> dict[tuple[str, str], Any]:
+    """Classes DCP's pickled ``.metadata`` may reference; everything else is refused."""
+    import torch.distributed.checkpoint.filesystem as fs
+    import torch.distributed.checkpoint.metadata as md
+    import torch.distributed.checkpoint.planner as pl
+
+    allowed: dict[tuple[str, str], Any] = {}
+    for mod in (md, fs, pl):
+        for name, obj in vars(mod).items():
+            if isinstance(obj, type) and obj.__module__ == mod.__name__:
+                allowed[(mod.__name__, name)] = obj
+    allowed[("torch", "Size")] = torch.Size
+    allowed[("collections", "OrderedDict")] = __import__("collections").OrderedDict
+    allowed[("builtins", "set")] = set
+    allowed[("builtins", "frozenset")] = frozenset
+    allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout  # name -> torch.layout
+    for cls in (pathlib.PurePath, pathlib.PurePosixPath, pathlib.PureWindowsPath, pathlib.PosixPath, pathlib.WindowsPath,
+                pathlib.Path):
+        allowed[("pathlib", cls.__name__)] = cls
+    return allowed
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, f, path: Path):
+        super().__init__(f)
+        self._allowed = _dcp_safe_classes()
+        self._path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._allowed:
+            return self._allowed[(module, name)]
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+            return getattr(torch, name)
+        raise CheckpointError(
+            f"checkpoint file {self._path} references {module}.{name}, which DCP metadata never holds; "
+            f"refused — never load checkpoints from untrusted sources"
+        )
+
+    def persistent_load(self, pid):  # pragma: no cover - DCP metadata has none
+        raise CheckpointError(f"checkpoint file {self._path} has persistent ids; refused")
+
+
+def _safe_reader(dcp_dir: Path):
+    """A DCP FileSystemReader whose metadata is read by a restricted unpickler."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class _SafeFileSystemReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            rank = kwargs.get("rank")
+            meta_path = Path(self._get_metadata_path(rank))
+            with open(meta_path, "rb") as f:
+                metadata = _MetadataUnpickler(f, meta_path).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return _SafeFileSystemReader(str(dcp_dir))
+
+
+def _safe_load_planner():
+    """DCP's default load planner, except non-tensor entries load with weights_only=True."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class _SafeLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            try:
+                obj = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise CheckpointError(
+                    f"DCP entry {read_item.dest_index.fqn!r} holds objects other than plain data; refused ({e})"
+                ) from None
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    return _SafeLoadPlanner()
+
+
+def _dcp_full_model_state(dcp_dir: Path) -> dict[str, torch.Tensor]:
+    """The full (unsharded) model tensors of a DCP checkpoint, in this process, no process group."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = _safe_reader(dcp_dir)
+    metadata = reader.read_metadata()
+    state: dict[str, Any] = {"model": {}}
+    for key, meta in metadata.state_dict_metadata.items():
+        if key.startswith("model.") and isinstance(meta, TensorStorageMetadata):
+            state["model"][key[len("model.") :]] = torch.empty(meta.size, dtype=meta.properties.dtype)
+    dcp.load(state, storage_reader=_safe_reader(dcp_dir), planner=_safe_load_planner(), no_dist=True)
+    return state["model"]
+
+
+# ----------------------------------------------------------------------------- process-group helpers
+
+
+def _dist_on() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _collective_device() -> torch.device:
+    backend = str(torch.distributed.get_backend())
+    if "nccl" in backend and "gloo" not in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- the Checkpointer
+
+
+class _Pending:
+    """A save whose files are (being) written and whose commit may still be due."""
+
+    def __init__(self, step: int, tmp: Path, final: Path):
+        self.step, self.tmp, self.final = step, tmp, final
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None  # this rank's write error
+        self.committed = False
+
+
+class Checkpointer:
+    """Saves, finds and loads checkpoints of one run (see the module docstring for the layout).
+
+    Args:
+        ckpt_dir: the run's checkpoint directory, shared by all ranks.
+        keep_last: complete checkpoints to keep (>= 1); older ones are deleted after each commit.
+        rank, world_size: this process's place in the job (0, 1 without torch.distributed).
+        async_save: write on a background thread after a CPU copy of the state.
+    """
+
+    def __init__(self, ckpt_dir: str | os.PathLike, keep_last: int, rank: int = 0, world_size: int = 1,
+                 async_save: bool = False):
+        if not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1:
+            raise CheckpointError(f"checkpoint.keep_last must be an integer >= 1, got {keep_last!r}")
+        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+            raise CheckpointError(f"Checkpointer needs 0 <= rank < world_size, got rank={rank!r} world_size={world_size!r}")
+        self.ckpt_dir = Path(ckpt_dir)
+        self.keep_last = keep_last
+        self.rank = rank
+        self.world_size = world_size
+        self.async_save = bool(async_save)
+        self._pending: _Pending | None = None
+        self._gloo_group = None  # for dcp.async_save's background collectives
+
+    # ------------------------------------------------------------------ discovery
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint (COMMITTED + manifest), or None."""
+        found = _complete_checkpoints(self.ckpt_dir)
+        return found[-1][1] if found else None
+
+    def _previous_note(self, exclude_step: int | None = None) -> str:
+        found = [(s, p) for s, p in _complete_checkpoints(self.ckpt_dir) if p.name != f"step_{exclude_step:08d}.tmp"]
+        if not found:
+            return "there is no earlier complete checkpoint"
+        step, path = found[-1]
+        return f"the previous checkpoint step {step} ({path}) is intact"
+
+    # ------------------------------------------------------------------ collectives
+
+    def _all_ok(self, ok: bool) -> bool:
+        """True on every rank iff ``ok`` on every rank (an all-reduce; a no-op with one process)."""
+        if self.world_size == 1 or not _dist_on():
+            return ok
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=_collective_device())
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _barrier(self) -> None:
+        self._all_ok(True)
+
+    # ------------------------------------------------------------------ save
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+             trainer_state: Mapping[str, Any], rank_state: Mapping[str, Any] | None, config: Any,
+             fsdp: bool = False) -> Path:
+        """Save a checkpoint of ``step`` (collective: every rank calls it). Returns its final path.
+
+        With ``async_save`` the returned path is where it will be once committed (``wait()``)."""
+        self._finish_pending()
+        if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 10**8:
+            raise CheckpointError(f"checkpoint step must be an integer in [0, 1e8), got {step!r}")
+        final = self.ckpt_dir / f"step_{step:08d}"
+        tmp = self.ckpt_dir / f"step_{step:08d}.tmp"
+
+        # 1. A fresh tmp dir, made by rank 0 before anyone writes.
+        err: BaseException | None = None
+        if self.rank == 0:
+            try:
+                self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+                self._remove_stale()
+                tmp.mkdir()
+            except OSError as e:
+                err = e
+        if not self._all_ok(err is None):
+            raise self._save_error(step, err, rank_failed=err is None)
+
+        # 2. Gather what this rank writes (main thread: the caller's tensors are still live).
+        pending = _Pending(step, tmp, final)
+        try:
+            files, texts, dcp_state = self._collect(model, optimizer, trainer_state, rank_state, config, fsdp)
+        except Exception as e:
+            pending.error = e
+            files, texts, dcp_state = {}, {}, None
+        if pending.error is None and self.async_save:
+            files = _to_cpu(files)  # a CPU snapshot: training may change parameters right away
+        if pending.error is not None:
+            self._pending = pending
+            self._finish_pending()  # agrees on the failure, cleans up and raises
+
+        if not self.async_save:
+            self._write_local(pending, files, texts, dcp_state, fsdp, async_dcp=False)
+            self._pending = pending
+            self._finish_pending()
+            return final
+
+        # 3. Async: write (and with one process, commit) on a background thread.
+        dcp_future = None
+        if dcp_state is not None:
+            try:
+                dcp_future = self._dcp_async_save(dcp_state, tmp / "dcp")
+            except Exception as e:
+                pending.error = e
+                self._pending = pending
+                self._finish_pending()
+
+        def work() -> None:
+            try:
+                self._write_local(pending, files, texts, None, fsdp, async_dcp=False)
+                if dcp_future is not None:
+                    dcp_future.result()
+            except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
+                pending.error = e
+                return
+            if self.world_size == 1 or not _dist_on():
+                try:
+                    self._commit(pending)
+                except BaseException as e:  # noqa: BLE001
+                    pending.error = e
+
+        pending.thread = threading.Thread(target=work, name=f"ckpt-save-{step}", daemon=True)
+        self._pending = pending
+        pending.thread.start()
+        return final
+
+    def wait(self) -> None:
+        """Block until the in-flight save (if any) is committed; raise its error if it failed.
+        Collective with several ranks and ``async_save`` (it runs the commit)."""
+        self._finish_pending()
+
+    def _collect(self, model, optimizer, trainer_state, rank_state, config, fsdp):
+        """(files to torch.save, text files, DCP state dict or None) for this rank."""
+        files: dict[str, Any] = {}
+        texts: dict[str, str] = {}
+        if rank_state is not None:
+            _check_plain(rank_state, "rank_state")
+            files[f"rank_{self.rank}.pt"] = dict(rank_state)
+        dcp_state = None
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            if optimizer is not None:
+                model_sd, optim_sd = get_state_dict(model, optimizer)
+                dcp_state = {"model": _strip_prefixes(model_sd), "optim": optim_sd}
+            else:
+                from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+                dcp_state = {"model": _strip_prefixes(get_model_state_dict(model))}
+        if self.rank == 0:
+            _check_plain(trainer_state, "trainer_state")
+            files["trainer_state.pt"] = dict(trainer_state)
+            if not fsdp:
+                files["model.pt"] = _strip_prefixes(model.state_dict())
+                if optimizer is not None:
+                    files["optim.pt"] = optimizer.state_dict()
+            cfg = _jsonable(_config_dict(config))
+            import yaml
+
+            texts["config.yaml"] = yaml.safe_dump(cfg, sort_keys=False)
+            texts["config.json"] = json.dumps(cfg, indent=2) + "\n"
+        return files, texts, dcp_state
+
+    def _write_local(self, pending: _Pending, files, texts, dcp_state, fsdp, async_dcp: bool) -> None:
+        """Write this rank's files into the tmp dir; an error is recorded on ``pending``."""
+        try:
+            for name, obj in files.items():
+                _torch_save(obj, pending.tmp / name)
+            for name, text in texts.items():
+                _write_text(pending.tmp / name, text)
+            if dcp_state is not None:
+                import torch.distributed.checkpoint as dcp
+                from torch.distributed.checkpoint import FileSystemWriter
+
+                dcp.save(dcp_state, storage_writer=FileSystemWriter(str(pending.tmp / "dcp"), sync_files=True))
+        except Exception as e:
+            pending.error = e
+
+    def _dcp_async_save(self, dcp_state, dcp_dir: Path):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import FileSystemWriter
+
+        if self._gloo_group is None and _dist_on():
+            # DCP's background collectives must not share the training group (NCCL) with the
+            # training loop's; a gloo group is what torch documents for async_save.
+            self._gloo_group = torch.distributed.new_group(backend="gloo")
+        return dcp.async_save(
+            dcp_state, storage_writer=FileSystemWriter(str(dcp_dir), sync_files=True), process_group=self._gloo_group
+        )
+
+    def _finish_pending(self) -> None:
+        """Join the in-flight save, then (multi-rank) agree on success and commit; raise on failure."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if pending.thread is not None:
+            pending.thread.join()
+        single = self.world_size == 1 or not _dist_on()
+        if single:
+            if pending.error is None and not pending.committed:
+                try:
+                    self._commit(pending)
+                except BaseException as e:  # noqa: BLE001
+                    pending.error = e
+            if pending.error is not None:
+                if not pending.committed:
+                    _rmtree_quiet(pending.tmp)
+                raise self._save_error(pending.step, pending.error) from pending.error
+            return
+        # Several ranks: everyone's files must be written before rank 0 commits.
+        if not self._all_ok(pending.error is None):
+            self._barrier()  # every rank has stopped writing
+            if self.rank == 0:
+                _rmtree_quiet(pending.tmp)
+            raise self._save_error(pending.step, pending.error, rank_failed=pending.error is None)
+        err = None
+        if self.rank == 0:
+            try:
+                self._commit(pending)
+            except BaseException as e:  # noqa: BLE001
+                err = e
+        if not self._all_ok(err is None):
+            if self.rank == 0 and not pending.committed:
+                _rmtree_quiet(pending.tmp)
+            raise self._save_error(pending.step, err, rank_failed=err is None)
+
+    def _save_error(self, step: int, err: BaseException | None, rank_failed: bool = False) -> CheckpointError:
+        where = self.ckpt_dir / f"step_{step:08d}"
+        prev = self._previous_note(step)
+        if isinstance(err, CheckpointError):
+            return CheckpointError(f"checkpoint step {step} was not saved: {err}; {prev}")
+        if err is None or rank_failed:
+            return CheckpointError(
+                f"checkpoint step {step} was not saved to {where}: another rank failed (see its log); {prev}"
+            )
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return CheckpointError(
+                f"no space left on device while writing checkpoint step {step} to {self.ckpt_dir}; free space "
+                f"or point checkpoint.dir elsewhere; {prev}"
+            )
+        return CheckpointError(
+            f"could not write checkpoint step {step} to {where} ({type(err).__name__}: {err}); {prev}"
+        )
+
+    # ------------------------------------------------------------------ commit + retention (rank 0)
+
+    def _commit(self, pending: _Pending) -> None:
+        tmp, final = pending.tmp, pending.final
+        for r in range(self.world_size):
+            if not (tmp / f"rank_{r}.pt").exists() and any(tmp.glob("rank_*.pt")):
+                raise CheckpointError(
+                    f"rank {r}'s file is missing from {tmp}: checkpoint.dir must be on a filesystem all "
+                    f"ranks share"
+                )
+        files = {}
+        for p in sorted(tmp.rglob("*")):
+            if p.is_file():
+                rel = p.relative_to(tmp).as_posix()
+                digest, size = _sha256(p)
+                files[rel] = {"sha256": digest, "size": size}
+        dcp_dir = tmp / "dcp"
+        fsdp = dcp_dir.is_dir()
+        if fsdp:
+            for d in dcp_dir.rglob("*"):
+                if d.is_dir():
+                    _fsync_dir(d)
+            _fsync_dir(dcp_dir)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "step": pending.step,
+            "world_size": self.world_size,
+            "fsdp": fsdp,
+            "created_unix": time.time(),
+            "torch_version": torch.__version__,
+            "files": files,
+        }
+        _write_text(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        _fsync_dir(tmp)
+
+        aside = None
+        if final.exists():
+            if _is_complete(final):
+                aside = final.with_name(final.name + ".replaced")
+                _rmtree_quiet(aside)
+                os.rename(final, aside)
+            else:
+                shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(self.ckpt_dir)
+        _write_text(final / COMMITTED, f"{pending.step}\n")
+        _fsync_dir(final)
+        pending.committed = True
+        if aside is not None:
+            self._delete(aside)
+        self._retain(keep=final)
+
+    def _delete(self, path: Path) -> bool:
+        """Delete a checkpoint dir: the COMMITTED marker first, so a half-deleted one is never loaded."""
+        try:
+            (path / COMMITTED).unlink(missing_ok=True)
+            shutil.rmtree(path)
+            return True
+        except OSError as e:
+            log.warning("could not delete old checkpoint %s (%s); delete it by hand", path, e)
+            return False
+
+    def _retain(self, keep: Path) -> None:
+        complete = _complete_checkpoints(self.ckpt_dir)
+        if not complete:
+            return
+        newest = complete[-1][1]
+        for _, path in complete[: -self.keep_last]:
+            if path == keep or path == newest:
+                continue
+            self._delete(path)
+
+    def _remove_stale(self) -> None:
+        """Remove tmp dirs of crashed saves (none is in flight: the previous save was joined)."""
+        for entry in self.ckpt_dir.iterdir():
+            if _TMP_RE.match(entry.name) and entry.is_dir():
+                log.warning("removing %s, left by an interrupted checkpoint save", entry)
+                _rmtree_quiet(entry)
+            elif (m := _REPLACED_RE.match(entry.name)) and entry.is_dir():
+                if _is_complete(self.ckpt_dir / f"step_{m.group(1)}"):
+                    self._delete(entry)
+
+    # ------------------------------------------------------------------ load
+
+    def load(self, path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+             fsdp: bool = False) -> tuple[dict, dict | None]:
+        """Load a checkpoint into ``model`` / ``optimizer`` (collective with ``fsdp``).
+
+        Returns (trainer_state, rank_state or None if this rank did not exist at save time).
+        Every file this rank reads is checked against the manifest's sha256 first."""
+        self._finish_pending()
+        path = Path(path)
+        manifest = _read_manifest(path)
+        saved_fsdp = bool(manifest.get("fsdp"))
+        if saved_fsdp != fsdp:
+            raise CheckpointError(
+                f"checkpoint {path} was saved with fsdp={saved_fsdp} but is being loaded with fsdp={fsdp}; "
+                f"resume with the same parallelism (or export it with load_model_state() and start a new run)"
+            )
+        rank_file = f"rank_{self.rank}.pt"
+        has_rank = rank_file in manifest["files"]
+        needed = ["trainer_state.pt"] + ([rank_file] if has_rank else [])
+        if fsdp:
+            needed += [n for n in manifest["files"] if n.startswith("dcp/")]
+        else:
+            needed += ["model.pt"] + (["optim.pt"] if optimizer is not None else [])
+        _verify(path, manifest, needed)
+
+        if fsdp:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+            model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
+            state = {"model": _strip_prefixes(model_sd)}
+            if optimizer is not None:
+                state["optim"] = optim_sd
+            dcp.load(state, storage_reader=_safe_reader(path / "dcp"), planner=_safe_load_planner())
+            set_state_dict(model, optimizer if optimizer is not None else [],
+                           model_state_dict=state["model"], optim_state_dict=state.get("optim", {}))
+        else:
+            model_sd = _strip_prefixes(_safe_torch_load(path / "model.pt"))
+            try:
+                model.load_state_dict(model_sd)
+            except RuntimeError as e:
+                raise CheckpointError(
+                    f"checkpoint file {path / 'model.pt'} does not fit this model ({str(e).splitlines()[0]} ...); "
+                    f"load it with the model config in {path / 'config.yaml'}"
+                ) from None
+            if optimizer is not None:
+                try:
+                    optimizer.load_state_dict(_safe_torch_load(path / "optim.pt"))
+                except (ValueError, KeyError) as e:
+                    raise CheckpointError(
+                        f"checkpoint file {path / 'optim.pt'} does not fit this optimizer ({e}); use the "
+                        f"optimizer settings in {path / 'config.yaml'}"
+                    ) from None
+        trainer_state = _safe_torch_load(path / "trainer_state.pt")
+        rank_state = _safe_torch_load(path / rank_file) if has_rank else None
+        return trainer_state, rank_state
+
+    @staticmethod
+    def load_model_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+        return load_model_state(path)
+
+
+def load_model_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """(model state_dict with GPT parameter names, full tensors on CPU; the run's config dict),
+    from a checkpoint saved with or without FSDP. One process, no process group needed."""
+    path = Path(path)
+    manifest = _read_manifest(path)
+    if manifest.get("fsdp"):
+        names = [n for n in manifest["files"] if n.startswith("dcp/")]
+    else:
+        names = ["model.pt"]
+    has_config = "config.json" in manifest["files"]
+    _verify(path, manifest, names + (["config.json"] if has_config else []))
+    if manifest.get("fsdp"):
+        state = _strip_prefixes(_dcp_full_model_state(path / "dcp"))
+    else:
+        state = _strip_prefixes(_safe_torch_load(path / "model.pt"))
+    config = json.loads((path / "config.json").read_text()) if has_config else {}
+    return state, config
+
+
+__all__ = [
+    "Checkpointer",
+    "CheckpointError",
+    "capture_rng_state",
+    "restore_rng_state",
+    "load_model_state",
+]
