@@ -1,0 +1,494 @@
+"""Tokenize a document source into llm.c shards, in parallel and resumably.
+
+    python -m data_pipeline.prepare SOURCE OUT_DIR [--shard-tokens N] [--val-tokens N] [--workers N] ...
+    gpt2-prepare fineweb-edu-10B /data/edu10B              # streamed from the hub
+    gpt2-prepare '/data/fineweb-edu/sample/10BT/*.parquet' /data/edu10B --filter 'int_score>=3'
+    gpt2-prepare builtin:python-docs data/python-docs --shard-tokens 1000000 --val-tokens 65536
+
+What it writes (``data_pipeline.shards``): every document becomes ``<|endoftext|>`` (50256)
+followed by its GPT-2 BPE tokens, and the documents are concatenated into one token stream
+that is cut into shards of ``--shard-tokens`` tokens (a document may span two shards, as in
+llm.c and build-nanogpt). The first ``--val-tokens`` tokens of the stream are the validation
+split (``val_000000.bin`` ...), the rest train shards; the last shard of each split may be
+shorter. ``manifest.json`` lists every shard (split, tokens, documents, sha256), the source,
+the tokenizer and the settings.
+
+Text policy (never a crash; counts in the manifest's ``totals``):
+
+* empty or whitespace-only documents, and a ``None`` text value: skipped, counted ``skipped_empty``;
+* rows rejected by ``--filter``: skipped, counted ``filtered``;
+* invalid UTF-8 bytes (in JSON lines, text files, binary columns): decoded with
+  ``errors="replace"`` (U+FFFD);
+* lone surrogates (e.g. ``"\\ud800"`` escapes in JSON): replaced by U+FFFD;
+* a literal ``<|endoftext|>`` in the text: encoded as the ordinary text it is, never as the
+  control token -- only the document separator is 50256;
+* token ids are checked to fit uint16 before the cast;
+* a missing text field, a non-text value in it, or a source with no documents: one clear error.
+
+Parallelism: chunks of documents are encoded by ``--workers`` threads (tiktoken releases the
+GIL while it encodes) or processes (``--backend processes``); results are consumed in
+submission order, so the output is byte-identical whatever the worker count or backend.
+
+Resume: after each shard the manifest records where the stream stands -- the source row of
+the document that crossed the shard boundary and how many of its tokens are already written
+(the carry-over), plus the skip counters. A rerun with the same arguments skips the rows
+already consumed, re-encodes that one document, drops the tokens already written and goes on;
+the result is byte-identical to an uninterrupted run. Shards and the manifest are written
+under temporary names and renamed. A finished job reruns as a no-op; different arguments
+into the same directory are an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from data_pipeline import tokenizer as tok
+from data_pipeline.shards import (
+    MAX_TOKEN_ID,
+    ShardError,
+    is_url,
+    join,
+    local_path,
+    read_manifest,
+    shard_name,
+    write_manifest,
+    write_shard,
+)
+from data_pipeline.sources import Source, SourceError, open_source
+
+MANIFEST_VERSION = 1
+# Test hook: seconds to sleep around each shard commit, so a test can SIGKILL a run mid-way.
+_SLOW_ENV = "GPT2_PREPARE_TEST_SLEEP"
+
+
+class PrepareError(RuntimeError):
+    """A prepare run that cannot proceed; one line saying why and what to do."""
+
+
+@dataclass
+class PrepareConfig:
+    source: str
+    out_dir: str
+    text_field: str = "text"
+    filters: list[str] = field(default_factory=list)
+    txt_per_line: bool = False
+    hf_config: str | None = None
+    hf_split: str = "train"
+    data_files: list[str] | None = None
+    shard_tokens: int = 100_000_000
+    val_tokens: int = 100_000_000
+    max_tokens: int | None = None
+    # Speed only; never change the output:
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    backend: str = "threads"
+    chunk_chars: int = 1_000_000
+    progress: bool = True
+
+    def settings(self) -> dict:
+        """Everything that determines the output bytes (compared on resume)."""
+        d = asdict(self)
+        for k in ("out_dir", "workers", "backend", "chunk_chars", "progress"):
+            d.pop(k)
+        return d
+
+    def validate(self) -> None:
+        if self.shard_tokens <= 0 or self.shard_tokens >= 2**31:
+            raise PrepareError(f"--shard-tokens must be in 1 .. 2**31-1, got {self.shard_tokens}")
+        if self.val_tokens < 0:
+            raise PrepareError(f"--val-tokens must be >= 0, got {self.val_tokens}")
+        if self.max_tokens is not None and self.max_tokens <= 0:
+            raise PrepareError(f"--max-tokens must be positive, got {self.max_tokens}")
+        if self.workers < 1:
+            raise PrepareError(f"--workers must be >= 1, got {self.workers}")
+        if self.backend not in ("threads", "processes"):
+            raise PrepareError(f"--backend must be 'threads' or 'processes', got {self.backend!r}")
+
+
+def tokenizer_info() -> dict:
+    return {"name": "gpt2", "eot_id": tok.EOT_ID, "vocab_size": tok.VOCAB_SIZE,
+            "vocab_bpe_sha256": tok.VOCAB_BPE_SHA256, "encoder_json_sha256": tok.ENCODER_JSON_SHA256,
+            "document_prefix": tok.EOT_TOKEN}
+
+
+# ---- encoding (runs in worker threads / processes) ---------------------------------------------
+def _fix_surrogates(text: str) -> str:
+    # Pairs written as two surrogates become their character; lone ones become U+FFFD.
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def encode_documents(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``[EOT] + ids`` of every text, concatenated as uint16, and each document's length."""
+    enc = tok.gpt2_encoding()
+    eot = np.array([tok.EOT_ID], dtype=np.uint32)
+    parts: list[np.ndarray] = []
+    lens = np.empty(len(texts), dtype=np.int64)
+    no_special: set[str] = set()
+    for i, text in enumerate(texts):
+        # encode_to_numpy with no special tokens allowed == encode_ordinary, without a Python list.
+        try:
+            ids = enc.encode_to_numpy(text, allowed_special=no_special, disallowed_special=())
+        except UnicodeEncodeError:
+            ids = enc.encode_to_numpy(_fix_surrogates(text), allowed_special=no_special, disallowed_special=())
+        parts.append(eot)
+        parts.append(ids)
+        lens[i] = len(ids) + 1
+    flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
+    if flat.size and int(flat.max()) > MAX_TOKEN_ID:  # check before the narrowing cast
+        raise ShardError(f"token id {int(flat.max())} does not fit uint16; the shard format needs vocab <= 65536")
+    return flat.astype(np.uint16), lens
+
+
+# ---- reading documents (main thread) ------------------------------------------------------------
+@dataclass
+class _Chunk:
+    texts: list[str]
+    rows: list[int]  # source row of each document
+    empty_before: list[int]  # skip counters before each document's row
+    filtered_before: list[int]
+
+
+class _DocReader:
+    """Rows of a source -> non-empty, filtered, cleaned document texts in chunks."""
+
+    def __init__(self, source: Source, cfg: PrepareConfig, start_row: int, empty: int, filtered: int):
+        from data_pipeline.sources import RowFilter
+
+        self.source, self.cfg = source, cfg
+        self.filters = [RowFilter.parse(f) for f in cfg.filters]
+        self.row, self.empty, self.filtered = start_row, empty, filtered
+
+    def _text(self, row: dict) -> str | None:
+        f = self.cfg.text_field
+        try:
+            text = row[f]
+        except KeyError:
+            raise SourceError(
+                f"{self.source.spec}: row {self.row} has no field {f!r} (fields: {', '.join(sorted(row))}); "
+                "pass --text-field NAME"
+            ) from None
+        except TypeError:
+            raise SourceError(f"{self.source.spec}: row {self.row} is a {type(row).__name__}, not a record") from None
+        if text is None:
+            return None
+        if isinstance(text, (bytes, bytearray)):
+            text = bytes(text).decode("utf-8", errors="replace")
+        elif not isinstance(text, str):
+            raise SourceError(
+                f"{self.source.spec}: row {self.row} field {f!r} is {type(text).__name__}, not text; "
+                "pass --text-field NAME of a text column"
+            )
+        if not text or text.isspace():
+            return None
+        return text
+
+    def chunks(self) -> Iterator[_Chunk]:
+        chunk = _Chunk([], [], [], [])
+        chars = 0
+        for row in self.source.iter_rows(self.row):
+            if self.filters and not all(flt(row) for flt in self.filters):
+                self.filtered += 1
+            else:
+                text = self._text(row)
+                if text is None:
+                    self.empty += 1
+                else:
+                    chunk.texts.append(text)
+                    chunk.rows.append(self.row)
+                    chunk.empty_before.append(self.empty)
+                    chunk.filtered_before.append(self.filtered)
+                    chars += len(text)
+                    if chars >= self.cfg.chunk_chars or len(chunk.texts) >= 4096:
+                        yield chunk
+                        chunk, chars = _Chunk([], [], [], []), 0
+            self.row += 1
+        if chunk.texts:
+            yield chunk
+
+
+def _ordered_map(cfg: PrepareConfig, chunks: Iterator[_Chunk]) -> Iterator[tuple[_Chunk, tuple]]:
+    """(chunk, encode_documents(chunk.texts)) in submission order, ``workers`` at a time."""
+    depth = 2 * cfg.workers + 1
+    if cfg.backend == "processes" and cfg.workers > 1:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+        with ctx.Pool(cfg.workers) as pool:
+            pending: deque = deque()
+            for c in chunks:
+                pending.append((c, pool.apply_async(encode_documents, (c.texts,))))
+                if len(pending) >= depth:
+                    c0, r = pending.popleft()
+                    yield c0, r.get()
+            while pending:
+                c0, r = pending.popleft()
+                yield c0, r.get()
+        return
+    with ThreadPoolExecutor(cfg.workers) as ex:
+        q: deque[tuple[_Chunk, Future]] = deque()
+        for c in chunks:
+            q.append((c, ex.submit(encode_documents, c.texts)))
+            if len(q) >= depth:
+                c0, fut = q.popleft()
+                yield c0, fut.result()
+        while q:
+            c0, fut = q.popleft()
+            yield c0, fut.result()
+
+
+# ---- the shard writer ---------------------------------------------------------------------------
+class _Writer:
+    """Cuts the token stream at shard boundaries; commits shard, then manifest."""
+
+    def __init__(self, cfg: PrepareConfig, manifest: dict):
+        self.cfg, self.manifest = cfg, manifest
+        shards = manifest["shards"]
+        self.pos = sum(s["tokens"] for s in shards)  # stream position of the next shard's first token
+        self.counts = {"val": sum(s["split"] == "val" for s in shards),
+                       "train": sum(s["split"] == "train" for s in shards)}
+        self.buf: list[np.ndarray] = []
+        self.buf_len = 0
+        self.meta: list[np.ndarray] = []  # per chunk: (5, n) starts, ends, rows, empty, filtered
+        self.sleep = float(os.environ.get(_SLOW_ENV, "0") or 0)
+
+    def next_boundary(self) -> tuple[str, int]:
+        S, V = self.cfg.shard_tokens, self.cfg.val_tokens
+        if self.pos < V:
+            return "val", min(self.pos + S, V)
+        return "train", self.pos + S
+
+    def add(self, tokens: np.ndarray, meta: np.ndarray) -> None:
+        if tokens.size:
+            self.buf.append(tokens)
+            self.buf_len += tokens.size
+        self.meta.append(meta)
+        while True:
+            split, end = self.next_boundary()
+            if self.pos + self.buf_len < end:
+                break
+            self._emit(split, end)
+
+    def _emit(self, split: str, end: int, final: bool = False) -> None:
+        n = end - self.pos
+        flat = np.concatenate(self.buf) if len(self.buf) > 1 else self.buf[0]
+        shard, rest = flat[:n], flat[n:]
+        self.buf, self.buf_len = ([rest] if rest.size else []), int(rest.size)
+        meta = np.concatenate(self.meta, axis=1)
+        starts, ends, rows, empty, filtered = meta
+        documents = int(np.count_nonzero((starts >= self.pos) & (starts < end)))
+        entry = {"file": shard_name(split, self.counts[split]), "split": split, "tokens": int(n),
+                 "documents": documents}
+        if not final:
+            j = int(np.searchsorted(ends, end, side="left"))  # the document the boundary falls in
+            entry["resume"] = {"row": int(rows[j]), "skip_tokens": int(end - starts[j]),
+                               "skipped_empty": int(empty[j]), "filtered": int(filtered[j])}
+            self.meta = [meta[:, j:]]
+        entry["sha256"] = write_shard(join(self.cfg.out_dir, entry["file"]), shard)
+        if self.sleep:
+            time.sleep(self.sleep)
+        self.manifest["shards"].append(entry)
+        write_manifest(self.cfg.out_dir, self.manifest)
+        if self.sleep:
+            time.sleep(self.sleep)
+        self.counts[split] += 1
+        self.pos = end
+
+    def finish(self) -> None:
+        if self.buf_len:
+            split, _ = self.next_boundary()
+            self._emit(split, self.pos + self.buf_len, final=True)
+
+
+# ---- the run ------------------------------------------------------------------------------------
+def _new_manifest(cfg: PrepareConfig, source: Source) -> dict:
+    return {"version": MANIFEST_VERSION,
+            "format": "llm.c token shards: 256 x int32 header (20240520, 1, n) + n x uint16",
+            "complete": False, "source": source.describe(), "tokenizer": tokenizer_info(),
+            "settings": cfg.settings(), "shards": []}
+
+
+def _check_existing(cfg: PrepareConfig, manifest: dict | None) -> None:
+    if manifest is None:
+        if not is_url(cfg.out_dir):
+            d = local_path(cfg.out_dir)
+            stray = sorted(p.name for p in d.glob("*.bin")) if d.is_dir() else []
+            if stray:
+                raise PrepareError(
+                    f"{d}: holds shard files ({stray[0]}, ...) but no manifest.json; refusing to overwrite "
+                    "them, pass an empty or new OUT_DIR"
+                )
+        return
+    old = manifest.get("settings")
+    new = cfg.settings()
+    if old != new or manifest.get("tokenizer") != tokenizer_info():
+        diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in new if (old or {}).get(k) != new.get(k)]
+        if manifest.get("tokenizer") != tokenizer_info():
+            diffs.append("tokenizer changed")
+        raise PrepareError(
+            f"{join(cfg.out_dir, 'manifest.json')}: this directory was prepared with different arguments "
+            f"({'; '.join(diffs) or 'unknown settings'}); use a new OUT_DIR or the original arguments"
+        )
+
+
+def _clean_temps(out_dir: str) -> None:
+    if is_url(out_dir):
+        return
+    for p in local_path(out_dir).glob(".*.tmp-*"):
+        p.unlink(missing_ok=True)
+
+
+def run(cfg: PrepareConfig) -> dict:
+    """Prepare ``cfg.source`` into ``cfg.out_dir``; returns the final manifest."""
+    cfg.validate()
+    manifest = read_manifest(cfg.out_dir)
+    _check_existing(cfg, manifest)
+    if manifest is not None and manifest.get("complete"):
+        t = manifest["totals"]
+        print(f"prepare: {cfg.out_dir} is already complete ({len(manifest['shards'])} shards, "
+              f"{t['tokens']:,} tokens); nothing to do")
+        return manifest
+    source = open_source(cfg.source, text_field=cfg.text_field, filters=cfg.filters,
+                         txt_per_line=cfg.txt_per_line, hf_config=cfg.hf_config, hf_split=cfg.hf_split,
+                         data_files=cfg.data_files)
+    _clean_temps(cfg.out_dir)
+    if manifest is None:
+        manifest = _new_manifest(cfg, source)
+        if not is_url(cfg.out_dir):
+            local_path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        write_manifest(cfg.out_dir, manifest)  # claim the directory before any shard exists
+    writer = _Writer(cfg, manifest)
+    start_row, skip_tokens, empty0, filtered0 = 0, 0, 0, 0
+    if manifest["shards"]:
+        r = manifest["shards"][-1]["resume"]
+        start_row, skip_tokens, empty0, filtered0 = r["row"], r["skip_tokens"], r["skipped_empty"], r["filtered"]
+        print(f"prepare: resuming {cfg.out_dir} after {len(manifest['shards'])} shards "
+              f"({writer.pos:,} tokens) at source row {start_row}")
+    reader = _DocReader(source, cfg, start_row, empty0, filtered0)
+    stream_pos = writer.pos - skip_tokens  # stream position of the first re-read document's EOT
+    limit = cfg.max_tokens
+    stop: tuple[int, int, int] | None = None  # (rows consumed, empty, filtered) when max_tokens cut the stream
+
+    bar = _progress(cfg, source, writer.pos)
+    t0, n_docs, n_tok = time.perf_counter(), 0, 0
+    for chunk, (flat, lens) in _ordered_map(cfg, reader.chunks()):
+        ends = stream_pos + np.cumsum(lens)
+        starts = ends - lens
+        meta = np.stack([starts, ends, np.asarray(chunk.rows), np.asarray(chunk.empty_before),
+                         np.asarray(chunk.filtered_before)])
+        lo = max(writer.pos + writer.buf_len - stream_pos, 0)  # tokens of this chunk already written
+        hi = flat.size
+        if limit is not None and stream_pos + hi >= limit:
+            hi = limit - stream_pos
+            k = int(np.searchsorted(ends, limit, side="left"))  # last document inside the cap
+            stop = (int(chunk.rows[k]) + 1, int(chunk.empty_before[k]), int(chunk.filtered_before[k]))
+            meta = meta[:, : k + 1]
+        writer.add(flat[lo:hi], meta)
+        stream_pos = int(ends[-1])
+        n_docs += meta.shape[1]
+        n_tok += max(hi - lo, 0)
+        if bar is not None:
+            bar.update(max(hi - lo, 0) if limit is not None else meta.shape[1])
+            dt = max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix_str(f"{n_docs / dt:,.0f} doc/s, {n_tok / dt:,.0f} tok/s", refresh=False)
+        if stop is not None:
+            break
+    if bar is not None:
+        bar.close()
+    writer.finish()
+
+    total = writer.pos
+    if total == 0:
+        raise SourceError(
+            f"{cfg.source}: no documents (rows read: {reader.row}, empty: {reader.empty}, filtered: "
+            f"{reader.filtered}); check the source, --text-field and --filter"
+        )
+    val = sum(s["tokens"] for s in manifest["shards"] if s["split"] == "val")
+    if total - val == 0:
+        raise PrepareError(
+            f"{cfg.source}: the source ran out after {total:,} tokens, all of them validation "
+            f"(--val-tokens {cfg.val_tokens:,}); lower --val-tokens so train shards remain"
+        )
+    rows, empty, filtered = stop if stop is not None else (reader.row, reader.empty, reader.filtered)
+    manifest["complete"] = True
+    manifest["totals"] = {
+        "tokens": total, "val_tokens": val, "train_tokens": total - val,
+        "documents": sum(s["documents"] for s in manifest["shards"]),
+        "rows_read": rows, "skipped_empty": empty, "filtered": filtered,
+        "val_shards": sum(s["split"] == "val" for s in manifest["shards"]),
+        "train_shards": sum(s["split"] == "train" for s in manifest["shards"]),
+    }
+    write_manifest(cfg.out_dir, manifest)
+    dt = time.perf_counter() - t0
+    print(f"prepare: wrote {len(manifest['shards'])} shards ({val:,} val + {total - val:,} train tokens, "
+          f"{manifest['totals']['documents']:,} documents) to {cfg.out_dir} in {dt:.1f}s "
+          f"({n_tok / max(dt, 1e-9):,.0f} tok/s this run)")
+    return manifest
+
+
+def _progress(cfg: PrepareConfig, source: Source, done_tokens: int):
+    if not cfg.progress:
+        return None
+    from tqdm import tqdm
+
+    if cfg.max_tokens is not None:
+        return tqdm(total=cfg.max_tokens, initial=done_tokens, unit="tok", unit_scale=True,
+                    desc="prepare", dynamic_ncols=True)
+    return tqdm(total=source.num_rows(), unit="doc", unit_scale=True, desc="prepare", dynamic_ncols=True)
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gpt2-prepare",
+        description="Tokenize a document source (HF dataset, files, fsspec URL, builtin:python-docs) into "
+                    "llm.c-format GPT-2 token shards with a manifest; parallel and resumable.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("source", metavar="SOURCE",
+                   help="fineweb-edu-10B | fineweb-edu-100B | fineweb-10B | fineweb-100B | builtin:python-docs "
+                        "| datasets:ID | owner/name (hub id) | local path, glob or directory of .parquet/"
+                        ".jsonl[.gz|.zst]/.txt | fsspec URL (s3://, gs://, hf://, https://, file://, memory://)")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="output directory (local path or fsspec URL)")
+    p.add_argument("--text-field", default="text", help="field holding the document text")
+    p.add_argument("--filter", dest="filters", action="append", default=[], metavar="EXPR",
+                   help="keep rows where FIELD OP LITERAL holds, e.g. 'int_score>=3' (repeatable: all must hold)")
+    p.add_argument("--txt-per-line", action="store_true", help=".txt files: one document per non-empty line "
+                   "(default: one per file)")
+    p.add_argument("--hf-config", default=None, help="dataset config name for hub sources (presets set theirs)")
+    p.add_argument("--hf-split", default="train", help="dataset split for hub/datasets sources")
+    p.add_argument("--data-files", action="append", default=None, metavar="GLOB",
+                   help="data_files for a datasets: builder, e.g. datasets:parquet --data-files 'x/*.parquet'")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard")
+    p.add_argument("--val-tokens", type=int, default=100_000_000,
+                   help="the first this-many tokens form the validation split")
+    p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens in total")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel encoders")
+    p.add_argument("--backend", choices=("threads", "processes"), default="threads",
+                   help="how the workers run (the output is identical either way)")
+    p.add_argument("--chunk-chars", type=int, default=1_000_000,
+                   help="characters of text per work item (speed only)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = PrepareConfig(**vars(args))
+    try:
+        run(cfg)
+    except (PrepareError, SourceError, ShardError) as e:
+        print(f"gpt2-prepare: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
