@@ -1,0 +1,17 @@
+"""Evaluations: HellaSwag (``evals.hellaswag``), validation loss (``evals.val_loss``) and the
+``gpt2-eval`` CLI (``evals.run``). The evaluator classes are importable from here; nothing is
+imported until first use."""
+
+__all__ = ["HellaSwagEvaluator", "ValLossEvaluator"]
+
+
+def __getattr__(name: str):
+    if name == "HellaSwagEvaluator":
+        from evals.hellaswag import HellaSwagEvaluator
+
+        return HellaSwagEvaluator
+    if name == "ValLossEvaluator":
+        from evals.val_loss import ValLossEvaluator
+
+        return ValLossEvaluator
+    raise AttributeError(f"module 'evals' has no attribute {name!r}")

@@ -1,0 +1,434 @@
+"""HellaSwag, scored two ways, batched and distributed.
+
+**Harness style** (``acc``, ``acc_norm``, ``acc_bytes``) is lm-evaluation-harness's ``hellaswag``
+task, zero-shot, reproduced from the harness's own code:
+
+- ``lm_eval/tasks/hellaswag/hellaswag.yaml``: ``output_type: multiple_choice``,
+  ``doc_to_text: "{{query}}"``, ``doc_to_choice: "choices"``, metrics ``acc`` and ``acc_norm``;
+  the default ``target_delimiter`` is ``" "``, so each request is ``(query, " " + choice)``.
+- ``lm_eval/tasks/hellaswag/utils.py``: ``preprocess`` (strip; ``" [title]"`` -> ``". "``;
+  drop ``[...]`` markers with ``re.sub("\\[.*?\\]", "", text)``; ``"  "`` -> ``" "``) and
+  ``process_docs``: ``query = preprocess(activity_label + ": " + ctx_a + " " + ctx_b.capitalize())``,
+  ``choices = [preprocess(e) for e in endings]``.
+- ``lm_eval/api/task.py`` ``process_results`` for ``multiple_choice``: ``acc`` = argmax of the
+  summed log-likelihoods; ``acc_norm`` = argmax of ``ll / len(choice)`` (characters of the
+  choice *without* the delimiter); ``acc_bytes`` = argmax of ``ll / len(choice.encode())``;
+  ``np.argmax`` (ties go to the first choice); ``mean`` aggregation with the sample standard
+  error of the mean (``lm_eval/api/metrics.py`` ``mean_stderr``).
+- ``lm_eval/models/huggingface.py`` ``_encode_pair`` / ``_loglikelihood_tokens``: trailing
+  spaces of the context move to the front of the continuation; the continuation's tokens are
+  ``encode(context + continuation)[len(encode(context)):]``; the model sees
+  ``(context_enc + continuation_enc)[-(max_length + 1):][:-1]`` (left-truncated to the context
+  length) and the last ``len(continuation_enc)`` positions are scored with ``log_softmax``.
+
+**Completion style** (``completion_acc``, ``completion_acc_norm``) is what build-nanogpt's
+``hellaswag.py`` and llm.c's ``dev/data/hellaswag.py`` compute: context ``encode(ex["ctx"])``
+(no preprocessing), each ending encoded on its own as ``encode(" " + ending)``; ``acc`` from
+the summed log-likelihood, ``acc_norm`` from the *mean per-token* log-likelihood. (The same
+left truncation is applied; HellaSwag never needs it at 1024 tokens.)
+
+Published GPT-2 124M figures on the 10,042 validation examples, for comparison::
+
+    style                          acc      acc_norm
+    harness (lm-eval hellaswag)    0.2892   0.3114     (build-nanogpt hellaswag.py docstring)
+    completion (build-nanogpt)     0.2859   0.2955
+
+Speed: the 8 candidate sequences of every example (4 per style) are sorted by length and
+scored ``batch_size`` rows per forward pass, right-padded to a multiple of ``pad_multiple``
+(so a compiled model sees a handful of shapes, not one per batch); ``log_softmax`` runs only on
+the scored positions. Rank r takes examples ``r::world_size``; counts are all-reduced, and every
+rank runs the same number of forward passes (FSDP-safe).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from evals.common import all_reduce, autocast_for, eval_mode
+
+# The canonical files of the HellaSwag repository (github.com/rowanz/hellaswag, data/).
+HELLASWAG_URLS = {
+    "validation": "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl",
+    "train": "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_train.jsonl",
+}
+EXPECTED_EXAMPLES = {"validation": 10042, "train": 39905}
+SPLIT_ALIASES = {"validation": "validation", "val": "validation", "train": "train"}
+REQUIRED_FIELDS = {"activity_label": str, "ctx_a": str, "ctx_b": str, "ctx": str, "endings": list}
+NUM_CHOICES = 4
+
+HARNESS, COMPLETION = 0, 1  # scoring styles
+METRICS = ("acc", "acc_norm", "acc_bytes", "completion_acc", "completion_acc_norm")
+
+
+class HellaSwagError(ValueError):
+    """HellaSwag data that cannot be used; the message names the file (and line) and the fix."""
+
+
+# --------------------------------------------------------------------------- data
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "gpt2-pretrain" / "hellaswag"
+
+
+def canonical_split(split: str) -> str:
+    if split not in SPLIT_ALIASES:
+        raise HellaSwagError(
+            f"HellaSwag split {split!r} is not supported; use 'validation' (default) or 'train' "
+            "(the test split has no labels)"
+        )
+    return SPLIT_ALIASES[split]
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(1 << 20):
+            h.update(b)
+    return h.hexdigest()
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def resolve_path(path: str | os.PathLike | None = None, split: str = "validation",
+                 cache_dir: str | os.PathLike | None = None) -> Path:
+    """The local HellaSwag jsonl to read: ``path`` when given, else the cached copy of the
+    canonical file, downloaded once (verified by its example count; its size and sha256 are
+    recorded next to it and checked on every later use)."""
+    if path is not None:
+        return Path(path)
+    split = canonical_split(split)
+    url = HELLASWAG_URLS[split]
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = cache / url.rsplit("/", 1)[1]
+    meta_path = target.with_name(target.name + ".meta.json")
+    hint = "pass --hellaswag PATH (eval.hellaswag_path in a training config) to a local copy of " + url
+    if target.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        size = target.stat().st_size
+        if size != meta["size"] or _file_sha256(target) != meta["sha256"]:
+            raise HellaSwagError(
+                f"{target}: cached HellaSwag file does not match its recorded size/sha256 ({meta_path}); "
+                "delete both files to download it again, or " + hint
+            )
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as f:
+                shutil.copyfileobj(resp, f)
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", None) or e
+            raise HellaSwagError(f"could not download HellaSwag ({split}) from {url} ({reason}); {hint}") from None
+        n = _count_lines(tmp)
+        if n != EXPECTED_EXAMPLES[split]:
+            raise HellaSwagError(
+                f"{url}: downloaded {n} examples, expected {EXPECTED_EXAMPLES[split]} for the {split} split; {hint}"
+            )
+        meta = {"url": url, "split": split, "examples": n, "size": tmp.stat().st_size, "sha256": _file_sha256(tmp)}
+        os.replace(tmp, target)
+        meta_tmp = meta_path.with_name(f".{meta_path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        meta_tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(meta_tmp, meta_path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return target
+
+
+def _validate(ex: Any, where: str) -> dict:
+    if not isinstance(ex, dict):
+        raise HellaSwagError(f"{where}: expected a JSON object, got {type(ex).__name__}")
+    for name, typ in REQUIRED_FIELDS.items():
+        if name not in ex:
+            raise HellaSwagError(f"{where}: missing field {name!r}; a HellaSwag line needs {sorted(REQUIRED_FIELDS) + ['label']}")
+        if not isinstance(ex[name], typ):
+            raise HellaSwagError(f"{where}: field {name!r} must be a {typ.__name__}, got {type(ex[name]).__name__}")
+    endings = ex["endings"]
+    if len(endings) != NUM_CHOICES or not all(isinstance(e, str) for e in endings):
+        raise HellaSwagError(f"{where}: 'endings' must be a list of {NUM_CHOICES} strings, got {endings!r:.200}")
+    if "label" not in ex:
+        raise HellaSwagError(f"{where}: missing field 'label' (the HellaSwag test split has none; use validation or train)")
+    label = ex["label"]
+    # The rowanz jsonl stores an int; the Hugging Face copy stores a digit string.
+    if isinstance(label, str) and label.strip().isdigit():
+        label = int(label)
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < NUM_CHOICES:
+        raise HellaSwagError(f"{where}: 'label' must be an integer in [0, {NUM_CHOICES}), got {ex['label']!r}")
+    return {**ex, "label": label}
+
+
+def load_examples(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
+    """The examples of a HellaSwag jsonl file (the first ``limit`` when given), validated: a
+    bad line raises one :class:`HellaSwagError` naming ``file:line``."""
+    p = Path(path)
+    if not p.is_file():
+        raise HellaSwagError(
+            f"{p}: HellaSwag file not found; pass --hellaswag PATH (eval.hellaswag_path) to a copy of "
+            f"{HELLASWAG_URLS['validation']}, or leave it unset to download it"
+        )
+    if limit is not None and limit < 0:
+        raise HellaSwagError(f"limit must be >= 0, got {limit}")
+    examples = []
+    with open(p, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if limit is not None and len(examples) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                ex = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise HellaSwagError(f"{p}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line") from None
+            examples.append(_validate(ex, f"{p}:{lineno}"))
+    if not examples:
+        raise HellaSwagError(f"{p}: no examples in the file; pass a HellaSwag jsonl")
+    return examples
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def preprocess(text: str) -> str:
+    """lm-evaluation-harness ``lm_eval/tasks/hellaswag/utils.py::preprocess``: the brackets are
+    artifacts of HellaSwag's WikiHow part."""
+    text = text.strip()
+    text = text.replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    text = text.replace("  ", " ")
+    return text
+
+
+def harness_doc(ex: dict) -> tuple[str, list[str]]:
+    """``(query, choices)`` as the harness's ``process_docs`` builds them."""
+    ctx = ex["ctx_a"] + " " + ex["ctx_b"].capitalize()
+    return preprocess(ex["activity_label"] + ": " + ctx), [preprocess(e) for e in ex["endings"]]
+
+
+def encode_pair(encode, context: str, continuation: str, eot_id: int) -> tuple[list[int], list[int]]:
+    """The harness's ``HFLM._encode_pair`` (and its empty-context case in ``loglikelihood``)."""
+    if context == "":
+        return [eot_id], encode(continuation)
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = encode(context + continuation)
+    ctx = encode(context)
+    return ctx, whole[len(ctx):]
+
+
+@dataclass
+class Prepared:
+    """The tokenized candidates of some examples: candidate ``k`` of example ``i`` in style ``s``
+    is row ``(i * 2 + s) * 4 + k`` of ``context``/``continuation``."""
+
+    labels: list[int]
+    choice_chars: list[list[int]]  # harness choice lengths in characters (acc_norm)
+    choice_bytes: list[list[int]]  # ... and in UTF-8 bytes (acc_bytes)
+    context: list[list[int]] = field(default_factory=list)
+    continuation: list[list[int]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def prepare(examples: Sequence[dict], tokenizer=None) -> Prepared:
+    """Tokenize the 2 × 4 candidates of every example (both styles)."""
+    if tokenizer is None:
+        from data_pipeline.tokenizer import get_tokenizer
+
+        tokenizer = get_tokenizer()
+    encode, eot = tokenizer.encode, tokenizer.eot_id
+    out = Prepared(labels=[], choice_chars=[], choice_bytes=[])
+    for ex in examples:
+        query, choices = harness_doc(ex)
+        out.labels.append(ex["label"])
+        out.choice_chars.append([len(c) for c in choices])
+        out.choice_bytes.append([len(c.encode("utf-8")) for c in choices])
+        for choice in choices:  # harness: (query, " " + choice), target_delimiter " "
+            ctx, cont = encode_pair(encode, query, " " + choice, eot)
+            out.context.append(ctx)
+            out.continuation.append(cont)
+        ctx = encode(ex["ctx"])  # completion: ctx, then " " + ending encoded on its own
+        for ending in ex["endings"]:
+            out.context.append(ctx)
+            out.continuation.append(encode(" " + ending))
+    return out
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _logits_of(out) -> torch.Tensor:
+    """Logits from a native ``(logits, loss)`` tuple or a Hugging Face output."""
+    if isinstance(out, tuple):
+        return out[0]
+    return out.logits if hasattr(out, "logits") else out
+
+
+def model_block_size(model) -> int:
+    config = getattr(model, "config", None)
+    for name in ("block_size", "n_positions"):
+        if config is not None and isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    raise ValueError("cannot tell the model's context length: it has no config.block_size; pass block_size=")
+
+
+def model_vocab_size(model) -> int | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "vocab_size", None) if config is not None else None
+
+
+@torch.inference_mode()
+def score_sequences(model, context: Sequence[list[int]], continuation: Sequence[list[int]], *,
+                    block_size: int, batch_size: int = 32, pad_multiple: int = 64,
+                    vocab_size: int | None = None, device: str | torch.device = "cpu",
+                    sync_batches: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Sum of log p(continuation token | prefix) over each continuation, and its token count.
+
+    Sequences are left-truncated to ``block_size + 1`` tokens as the harness does, sorted by
+    length, and run ``batch_size`` rows per forward, right-padded to a multiple of
+    ``pad_multiple`` (padded rows and positions are never scored). With ``sync_batches`` and
+    a process group up, every rank runs as many forwards as the busiest rank."""
+    device = torch.device(device)
+    n = len(context)
+    inputs, cont_lens = [], []
+    for ctx, cont in zip(context, continuation):
+        if not cont:
+            raise ValueError("a continuation has no tokens; nothing to score")
+        if len(cont) > block_size:
+            raise ValueError(f"a continuation of {len(cont)} tokens is longer than the model's context ({block_size})")
+        toks = (ctx + cont)[-(block_size + 1):]
+        inputs.append(toks)
+        cont_lens.append(len(cont))
+    order = sorted(range(n), key=lambda i: -len(inputs[i]))
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    num_batches = len(batches)
+    if sync_batches:
+        num_batches = int(all_reduce(torch.tensor([num_batches], dtype=torch.int64), "max").item())
+
+    sums = torch.zeros(n, dtype=torch.float32, device=device)
+    for b in range(num_batches):
+        rows = batches[b] if b < len(batches) else []
+        max_in = max((len(inputs[i]) - 1 for i in rows), default=1)
+        T = min(block_size, -(-max_in // pad_multiple) * pad_multiple)  # bucketed length
+        idx = torch.zeros(batch_size, T, dtype=torch.long)
+        sel_row, sel_pos, sel_tgt, sel_seq = [], [], [], []
+        for r, i in enumerate(rows):
+            toks = inputs[i]
+            L = len(toks) - 1  # model input is toks[:-1]; targets are toks[1:]
+            idx[r, :L] = torch.tensor(toks[:-1])
+            c = cont_lens[i]
+            sel_row.extend([r] * c)
+            sel_pos.extend(range(L - c, L))
+            sel_tgt.extend(toks[L - c + 1: L + 1])
+            sel_seq.extend([i] * c)
+        with autocast_for(device):
+            logits = _logits_of(model(idx.to(device, non_blocking=True)))  # (B, T, V_rows)
+        if not rows:
+            continue  # a padding forward: this rank is done, others are not
+        rows_t = torch.tensor(sel_row, device=device)
+        pos_t = torch.tensor(sel_pos, device=device)
+        picked = logits[rows_t, pos_t]  # (S, V_rows): only the scored positions
+        if vocab_size is not None:
+            picked = picked[:, :vocab_size]  # padded vocab rows carry -inf anyway
+        logp = F.log_softmax(picked.float(), dim=-1)  # (S, V)
+        tok_lp = logp.gather(1, torch.tensor(sel_tgt, device=device)[:, None]).squeeze(1)  # (S,)
+        sums.index_add_(0, torch.tensor(sel_seq, device=device), tok_lp)
+    return sums.double().cpu().numpy(), np.asarray(cont_lens, dtype=np.int64)
+
+
+def example_predictions(prep: Prepared, sums: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Per example, 1.0 where a metric's prediction is the label (harness ``process_results``)."""
+    n = len(prep)
+    ll = sums.reshape(n, 2, NUM_CHOICES)  # (N, style, choice)
+    ntok = counts.reshape(n, 2, NUM_CHOICES).astype(np.float64)
+    gold = np.asarray(prep.labels)
+    chars = np.asarray(prep.choice_chars, dtype=np.float64).reshape(n, NUM_CHOICES)
+    nbytes = np.asarray(prep.choice_bytes, dtype=np.float64).reshape(n, NUM_CHOICES)
+    h, c = ll[:, HARNESS], ll[:, COMPLETION]
+    with np.errstate(divide="ignore", invalid="ignore"):  # an empty choice: as numpy in the harness
+        preds = {
+            "acc": np.argmax(h, axis=1),
+            "acc_norm": np.argmax(h / chars, axis=1),
+            "acc_bytes": np.argmax(h / nbytes, axis=1),
+            "completion_acc": np.argmax(c, axis=1),
+            "completion_acc_norm": np.argmax(c / ntok[:, COMPLETION], axis=1),
+        }
+    return {k: (v == gold).astype(np.float64) for k, v in preds.items()}
+
+
+def summarize(correct: dict[str, float], n: int, prefix: str = "hellaswag/") -> dict[str, float]:
+    """Means and sample standard errors of the mean (harness ``mean_stderr``) from counts."""
+    out: dict[str, float] = {}
+    for k in METRICS:
+        p = correct[k] / n if n else float("nan")
+        out[f"{prefix}{k}"] = p
+        out[f"{prefix}{k}_stderr"] = math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else float("nan")
+    out[f"{prefix}num_examples"] = float(n)
+    return out
+
+
+def evaluate(model, prep: Prepared, *, batch_size: int = 32, device: str | torch.device = "cpu",
+             block_size: int | None = None, pad_multiple: int = 64, prefix: str = "hellaswag/") -> dict[str, float]:
+    """Score this rank's prepared examples, all-reduce the counts, return the metrics (the
+    same dict on every rank)."""
+    block_size = block_size or model_block_size(model)
+    sums, counts = score_sequences(
+        model, prep.context, prep.continuation, block_size=block_size, batch_size=batch_size,
+        pad_multiple=pad_multiple, vocab_size=model_vocab_size(model), device=device,
+    )
+    right = example_predictions(prep, sums, counts) if len(prep) else {k: np.zeros(0) for k in METRICS}
+    totals = torch.tensor([len(prep)] + [float(right[k].sum()) for k in METRICS], dtype=torch.float64)
+    totals = all_reduce(totals, "sum")
+    n = int(totals[0].item())
+    return summarize({k: float(totals[1 + j].item()) for j, k in enumerate(METRICS)}, n, prefix)
+
+
+class HellaSwagEvaluator:
+    """In-loop HellaSwag: ``HellaSwagEvaluator(path, limit, batch_size, rank, world_size, device)``,
+    then ``evaluator(model, step) -> {"hellaswag/acc": ..., "hellaswag/acc_norm": ..., ...}`` on
+    every rank together. Data is read and tokenized once, here (a bad file fails at start-up);
+    ``path=None`` downloads the canonical validation file once into the cache."""
+
+    name = "hellaswag"
+
+    def __init__(self, path: str | os.PathLike | None = None, limit: int | None = None, batch_size: int = 32,
+                 rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
+                 split: str = "validation", pad_multiple: int = 64, tokenizer=None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"hellaswag batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.path = resolve_path(path, split)
+        examples = load_examples(self.path, limit)
+        self.num_examples = len(examples)
+        self.prep = prepare(examples[rank::world_size], tokenizer)
+        self.batch_size, self.device, self.pad_multiple = batch_size, torch.device(device), pad_multiple
+
+    def __call__(self, model, step: int | None = None) -> dict[str, float]:
+        with eval_mode(model):
+            return evaluate(model, self.prep, batch_size=self.batch_size, device=self.device,
+                            pad_multiple=self.pad_multiple)

@@ -1,0 +1,157 @@
+"""Evaluate a checkpoint: HellaSwag (harness and completion styles) and validation loss.
+
+    gpt2-eval --model CHECKPOINT_OR_HF_DIR [--hellaswag PATH] [--val-data DIR] [--limit N] [--out results.json]
+    torchrun --nproc_per_node 8 -m evals.run --model ... # examples split over ranks, counts all-reduced
+
+``--model`` is a Hugging Face GPT-2 directory (``gpt2-export`` writes one), a hub name, or a
+native checkpoint directory written by the trainer (``pretrain.hf.load_model``). Without
+``--hellaswag`` the canonical validation file is downloaded once into
+``~/.cache/gpt2-pretrain/hellaswag``. Rank 0 prints a table and writes the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gpt2-eval",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="HF GPT-2 directory, hub name, or native checkpoint directory")
+    p.add_argument("--hellaswag", default=None, metavar="PATH",
+                   help="local HellaSwag jsonl; default: download the canonical file once into the cache")
+    p.add_argument("--hellaswag-split", default="validation", choices=["validation", "train"],
+                   help="which HellaSwag split to download when --hellaswag is not given")
+    p.add_argument("--no-hellaswag", action="store_true", help="skip HellaSwag")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N HellaSwag examples")
+    p.add_argument("--val-data", default=None, metavar="DIR",
+                   help="directory of token shards; its val split gives val/loss (skipped when not set)")
+    p.add_argument("--val-tokens", type=int, default=10_485_760,
+                   help="tokens of the val split to evaluate (the first ones; 0 = all)")
+    p.add_argument("--seq-len", type=int, default=None, help="val-loss sequence length (default: the model's block_size)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="sequences per forward pass (HellaSwag candidates / val sequences)")
+    p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model first")
+    p.add_argument("--out", default=None, metavar="PATH", help="write the results as JSON here")
+    return p
+
+
+def _setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
+    """Rank, world size and device; a process group is started from the torchrun environment
+    when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_arg)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank if world > 1 else 0)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def format_table(results: dict[str, float]) -> str:
+    rows = [("metric", "value", "stderr")]
+    for k, v in results.items():
+        if k.endswith("_stderr"):
+            continue
+        err = results.get(f"{k}_stderr")
+        value = f"{int(v)}" if k.endswith(("num_examples", "tokens")) else f"{v:.4f}"
+        rows.append((k, value, "" if err is None or math.isnan(err) else f"±{err:.4f}"))
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    return "\n".join(f"{a:<{w0}}  {b:>{w1}}  {c}".rstrip() for a, b, c in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rank, world, device = _setup_distributed(args.device)
+    try:
+        return _run(args, rank, world, device)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(args, rank: int, world: int, device: torch.device) -> int:
+    from evals.hellaswag import HellaSwagError, HellaSwagEvaluator
+    from evals.val_loss import ValLossEvaluator
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.hf import load_model
+
+    def log(msg: str) -> None:
+        if rank == 0:
+            print(msg, file=sys.stderr, flush=True)
+
+    try:
+        evaluators = []
+        if not args.no_hellaswag:
+            evaluators.append(HellaSwagEvaluator(args.hellaswag, args.limit, args.batch_size, rank, world, device,
+                                                 split=args.hellaswag_split))
+        model = load_model(args.model).to(device).eval()
+        if args.val_data is not None:
+            seq_len = args.seq_len or model.config.block_size
+            evaluators.append(ValLossEvaluator(args.val_data, seq_len, args.batch_size, args.val_tokens or None,
+                                               rank, world, device))
+    except (HellaSwagError, CheckpointError, ValueError, OSError) as e:
+        print(f"gpt2-eval: error: {e}", file=sys.stderr)
+        return 2
+    if not evaluators:
+        print("gpt2-eval: error: nothing to evaluate; drop --no-hellaswag or pass --val-data DIR", file=sys.stderr)
+        return 2
+    scored = torch.compile(model) if args.compile else model
+    log(f"model {args.model}: {model.num_params() / 1e6:.1f}M parameters, block_size {model.config.block_size}, "
+        f"device {device}, world size {world}")
+
+    results: dict[str, float] = {}
+    timings: dict[str, float] = {}
+    for ev in evaluators:
+        t0 = time.perf_counter()
+        results.update(ev(scored, None))
+        timings[ev.name] = time.perf_counter() - t0
+        log(f"{ev.name}: {timings[ev.name]:.1f}s")
+    if rank == 0:
+        print(format_table(results))
+        if args.out:
+            payload = {
+                "model": str(args.model),
+                "results": results,
+                "hellaswag": None if args.no_hellaswag else {
+                    "path": str(evaluators[0].path), "examples": evaluators[0].num_examples,
+                    "split": args.hellaswag_split if args.hellaswag is None else "file",
+                },
+                "val_data": args.val_data,
+                "world_size": world,
+                "device": str(device),
+                "seconds": timings,
+                "args": vars(args),
+            }
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(payload, indent=2) + "\n")
+            log(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

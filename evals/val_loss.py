@@ -1,0 +1,89 @@
+"""Validation loss on a fixed slice of the validation shards.
+
+The slice is the first ``num_tokens // seq_len`` sequences of the ``val`` split, laid out as
+the training loader lays out a shard (sequence i of a shard = ``tokens[i*T : i*T + T + 1]``,
+shards in manifest order, no shuffling): the same tokens at every eval, on every world size.
+Rank r takes sequences ``r::world_size``; each rank runs the same number of fixed-shape
+``(batch_size, seq_len)`` forwards (the last one padded with ignored targets), and the summed
+loss and token count are all-reduced, so ``val/loss`` is the token-weighted mean over the slice.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+
+from data_pipeline.shards import list_shards, read_shard
+from evals.common import all_reduce, autocast_for, eval_mode
+
+
+class ValLossEvaluator:
+    """``ValLossEvaluator(data_dir, seq_len, batch_size, num_tokens, rank, world_size, device)``;
+    ``evaluator(model, step) -> {"val/loss", "val/ppl", "val/tokens"}`` on every rank together.
+    ``num_tokens=None`` evaluates the whole val split."""
+
+    name = "val_loss"
+
+    def __init__(self, data_dir: str | os.PathLike, seq_len: int, batch_size: int, num_tokens: int | None,
+                 rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu") -> None:
+        if seq_len < 1 or batch_size < 1:
+            raise ValueError(f"val loss needs seq_len >= 1 and batch_size >= 1, got {seq_len} and {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.seq_len, self.batch_size, self.device = seq_len, batch_size, torch.device(device)
+        self.shards = [read_shard(p) for p in list_shards(data_dir, "val")]
+        per_shard = [max(0, (len(s) - 1) // seq_len) for s in self.shards]
+        available = sum(per_shard)
+        if num_tokens is None:
+            wanted = available
+        else:
+            wanted = num_tokens // seq_len
+            if wanted < 1:
+                raise ValueError(f"eval.val_tokens={num_tokens} is less than one sequence of {seq_len} tokens; raise it")
+            if wanted > available:
+                raise ValueError(
+                    f"{data_dir}: the val shards hold {available} sequences of {seq_len} tokens "
+                    f"({available * seq_len} tokens), fewer than eval.val_tokens={num_tokens} asks for; "
+                    "lower eval.val_tokens or prepare more validation data"
+                )
+        if wanted < 1:
+            raise ValueError(f"{data_dir}: the val shards hold no full sequence of {seq_len + 1} tokens")
+        self.num_sequences = wanted
+        # (shard, start) of every global sequence, then this rank's share.
+        where = [(s, i * seq_len) for s, n in enumerate(per_shard) for i in range(n)][:wanted]
+        self.mine = where[rank::world_size]
+        per_rank = -(-wanted // world_size)  # ceil: every rank runs as many batches as rank 0
+        self.num_batches = -(-per_rank // batch_size)
+
+    def _batch(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T = self.batch_size, self.seq_len
+        rows = self.mine[b * B:(b + 1) * B]
+        buf = np.zeros((B, T + 1), dtype=np.int64)
+        for r, (s, start) in enumerate(rows):
+            buf[r] = self.shards[s][start:start + T + 1]
+        t = torch.from_numpy(buf)
+        x, y = t[:, :-1].clone(), t[:, 1:].clone()  # (B, T) each
+        y[len(rows):] = -100  # padding rows are ignored
+        return x, y
+
+    @torch.inference_mode()
+    def evaluate(self, model) -> dict[str, float]:
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # [loss sum, tokens]
+        for b in range(self.num_batches):
+            x, y = self._batch(b)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with autocast_for(self.device):
+                _, loss = model(x, y, reduction="sum")
+            total[0] += loss.double()
+            total[1] += (y != -100).sum()
+        total = all_reduce(total, "sum")
+        loss_sum, tokens = total.tolist()
+        mean = loss_sum / tokens
+        return {"val/loss": mean, "val/ppl": math.exp(min(mean, 700.0)), "val/tokens": tokens}
+
+    def __call__(self, model, step: int | None = None) -> dict[str, float]:
+        with eval_mode(model):
+            return self.evaluate(model)

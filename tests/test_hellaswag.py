@@ -1,0 +1,326 @@
+"""HellaSwag: data checks, the harness's prompt rules, and the batched scorer against plain
+one-candidate-at-a-time references (our model, and transformers on an exported copy)."""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from evals import hellaswag as hs
+from pretrain.model import GPT, GPTConfig
+
+# HellaSwag-format lines: WikiHow ones with their [header]/[title]/[step]/[substeps] markers,
+# ActivityNet ones with a ctx_b, a non-ASCII ending (chars != bytes), a context long enough to
+# be left-truncated at block_size 64, and an ending that preprocesses to a leading space.
+EXAMPLES = [
+    {"ind": 24, "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+     "ctx": "A man is sitting on a roof. he", "split": "val", "split_type": "indomain", "label": 3,
+     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                 "is holding a rubik's cube.", "starts pulling up roofing on a roof."],
+     "source_id": "activitynet~v_-JhWjGDPHMY"},
+    {"ind": 92, "activity_label": "Home and Garden",
+     "ctx_a": "[header] How to clean a grill [title] Heat the grill for 15 minutes. [step] Turn it on high. [step]",
+     "ctx_b": "", "ctx": "[header] How to clean a grill [title] Heat the grill for 15 minutes. [step] Turn it on high. [step]",
+     "split": "val", "split_type": "zeroshot", "label": 1,
+     "endings": ["[substeps] Scrub the grates with a brush.", "Let it cool [title] Wipe the grates.",
+                 "Wipe the grates — café style [step] Then let it cool.", " [header] Use foil on the grates."],
+     "source_id": "wikihow~12345"},
+    {"ind": 7, "activity_label": "Playing harmonica", "ctx_a": "A man is standing on a stage holding a harmonica.",
+     "ctx_b": "the man", "ctx": "A man is standing on a stage holding a harmonica. the man", "split": "val",
+     "split_type": "indomain", "label": 0,
+     "endings": ["plays the harmonica while a crowd claps.", "puts the harmonica in a cup of coffee.",
+                 "throws the harmonica at the drummer.", "begins to juggle three apples."],
+     "source_id": "activitynet~v_abc"},
+    {"ind": 3000, "activity_label": "Personal Care and Style",
+     "ctx_a": "[header] How to braid hair [title] Wash and dry your hair. [step] Braids hold best in clean, dry hair. "
+              "[substeps] Brush out every tangle first. [title] Divide the hair into three equal sections. [step] "
+              "Hold the left section in your left hand, the right one in your right hand, and keep the middle "
+              "one free between your fingers so that you can cross it over quickly.",
+     "ctx_b": "cross the right section",
+     "ctx": "[header] How to braid hair [title] Wash and dry your hair. [step] ... cross the right section",
+     "split": "val", "split_type": "indomain", "label": 2,
+     "endings": ["over the middle one, then the left over the new middle.", "[title] into a bowl of soup.",
+                 "under the bed and wait for an hour.", "over the middle [step] Repeat until the end of the braid."],
+     "source_id": "wikihow~987"},
+    {"ind": 11, "activity_label": "Washing face", "ctx_a": "A woman leans over a sink.", "ctx_b": "she",
+     "ctx": "A woman leans over a sink. she", "split": "val", "split_type": "zeroshot", "label": 2,
+     "endings": ["splashes water on her face.", "eats a sandwich.", "rinses her face and dries it with a towel.",
+                 "paints the mirror blue."], "source_id": "activitynet~v_xyz"},
+    {"ind": 12, "activity_label": "Finance and Business",
+     "ctx_a": "[header] How to save money [title] Make a budget. [step] Write down what you spend each week.",
+     "ctx_b": "", "ctx": "[header] How to save money [title] Make a budget. [step] Write down what you spend each week.",
+     "split": "val", "split_type": "indomain", "label": 0,
+     "endings": ["[substeps] Group it into rent, food and fun.", "Buy a boat.", "Naïve plans fail [title] Résumé.",
+                 "Spend more."], "source_id": "wikihow~55"},
+    {"ind": 13, "activity_label": "Javelin throw", "ctx_a": "An athlete runs down the track with a javelin.",
+     "ctx_b": "he", "ctx": "An athlete runs down the track with a javelin. he", "split": "val",
+     "split_type": "indomain", "label": 1,
+     "endings": ["sits down.", "throws the javelin far into the field.", "drops it.", "waves."],
+     "source_id": "activitynet~v_jav"},
+]
+
+
+def write_jsonl(path: Path, examples=EXAMPLES) -> Path:
+    path.write_text("".join(json.dumps(ex) + "\n" for ex in examples))
+    return path
+
+
+def tiny_model(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig.from_preset("tiny", **overrides))
+    with torch.no_grad():  # sharper distributions than the 0.02 init: no near-ties between endings
+        model.transformer.wte.weight.mul_(8.0)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- a separate reference
+
+
+def ref_preprocess(text: str) -> str:
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def ref_requests(ex: dict, encode) -> list[tuple[str, list[int], list[int]]]:
+    """(style, context tokens, continuation tokens) for the 8 candidates, straight from the
+    harness's and build-nanogpt's definitions."""
+    query = ref_preprocess(ex["activity_label"] + ": " + ex["ctx_a"] + " " + ex["ctx_b"].capitalize())
+    out = []
+    for ending in ex["endings"]:
+        context, cont = query, " " + ref_preprocess(ending)
+        stripped = context.rstrip()
+        cont, context = context[len(stripped):] + cont, stripped
+        whole, ctx = encode(context + cont), encode(context)
+        out.append(("harness", ctx, whole[len(ctx):]))
+    for ending in ex["endings"]:
+        out.append(("completion", encode(ex["ctx"]), encode(" " + ending)))
+    return out
+
+
+def ref_logprob(model, ctx: list[int], cont: list[int], block_size: int) -> float:
+    toks = (ctx + cont)[-(block_size + 1):]
+    logits, _ = model(torch.tensor([toks[:-1]]))  # (1, T, V): one sequence, no padding
+    logp = F.log_softmax(logits[0, :, : model.config.vocab_size].float(), dim=-1)
+    n = len(toks) - 1
+    return sum(logp[p, toks[p + 1]].item() for p in range(n - len(cont), n))
+
+
+def ref_metrics(examples, lls, ntoks) -> dict[str, float]:
+    right = {k: 0 for k in hs.METRICS}
+    for ex, ll, nt in zip(examples, lls, ntoks):
+        choices = [ref_preprocess(e) for e in ex["endings"]]
+
+        def first_argmax(xs):
+            return max(range(len(xs)), key=lambda i: (xs[i], -i))
+
+        h, c = ll[:4], ll[4:]
+        preds = {
+            "acc": first_argmax(h),
+            "acc_norm": first_argmax([x / len(s) for x, s in zip(h, choices)]),
+            "acc_bytes": first_argmax([x / len(s.encode()) for x, s in zip(h, choices)]),
+            "completion_acc": first_argmax(c),
+            "completion_acc_norm": first_argmax([x / n for x, n in zip(c, nt[4:])]),
+        }
+        for k, p in preds.items():
+            right[k] += int(p == ex["label"])
+    return {k: v / len(examples) for k, v in right.items()}
+
+
+def reference_scores(model, examples, block_size):
+    from data_pipeline.tokenizer import get_tokenizer
+
+    enc = get_tokenizer().encode
+    lls, ntoks = [], []
+    with torch.no_grad():
+        for ex in examples:
+            reqs = ref_requests(ex, enc)
+            lls.append([ref_logprob(model, c, k, block_size) for _, c, k in reqs])
+            ntoks.append([len(k) for _, _, k in reqs])
+    return lls, ntoks
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def test_preprocess_and_query_follow_the_harness():
+    ex = EXAMPLES[1]
+    query, choices = hs.harness_doc(ex)
+    # " [title]" -> ". ", markers removed, the trailing "[step]" leaves a trailing space.
+    assert query == "Home and Garden: How to clean a grill. Heat the grill for 15 minutes. Turn it on high. "
+    assert choices == [" Scrub the grates with a brush.", "Let it cool. Wipe the grates.",
+                       "Wipe the grates — café style Then let it cool.", " Use foil on the grates."]
+    assert hs.harness_doc(EXAMPLES[0])[0] == "Roof shingle removal: A man is sitting on a roof. He"
+    # the trailing space moves into the continuation, which then starts with two spaces
+    encode = lambda s: [ord(ch) for ch in s]  # noqa: E731 - a character "tokenizer" makes the split visible
+    ctx, cont = hs.encode_pair(encode, query, " " + choices[0], eot_id=0)
+    assert "".join(map(chr, ctx)) == query.rstrip() and "".join(map(chr, cont)) == "  " + choices[0]
+    assert hs.encode_pair(encode, "", " x", eot_id=7) == ([7], [32, 120])
+
+
+def test_metrics_by_hand():
+    # harness lls, completion lls, completion token counts; choices have 10/2/30/40 characters
+    prep = hs.Prepared(labels=[1, 2], choice_chars=[[10, 2, 30, 40], [1, 1, 1, 1]],
+                       choice_bytes=[[10, 2, 15, 40], [1, 1, 1, 1]])
+    sums = np.array([
+        [-10.0, -8.0, -9.0, -12.0], [-6.0, -6.0, -7.0, -9.0],    # example 0: harness, completion
+        [-3.0, -2.0, -2.0, -5.0], [-9.0, -8.0, -10.0, -4.0],     # example 1
+    ]).reshape(-1)
+    counts = np.array([[1] * 4, [3, 2, 7, 9], [1] * 4, [1, 1, 5, 1]]).reshape(-1)
+    right = hs.example_predictions(prep, sums, counts)
+    # ex 0: acc argmax(-10,-8,-9,-12)=1 ✓; acc_norm (-1,-4,-0.3,-0.3) -> 2 (tie: first) ✗;
+    #       acc_bytes (-1,-4,-0.6,-0.3) -> 3 ✗; completion sum (-6,-6,..) -> 0 (tie) ✗;
+    #       completion mean (-2,-3,-1,-1) -> 2 ✗
+    # ex 1: acc (-3,-2,-2,-5) -> 1 ✗; acc_norm same -> 1 ✗; completion sum -> 3 ✗;
+    #       completion mean (-9,-8,-2,-4) -> 2 ✓
+    assert {k: v.tolist() for k, v in right.items()} == {
+        "acc": [1.0, 0.0], "acc_norm": [0.0, 0.0], "acc_bytes": [0.0, 0.0],
+        "completion_acc": [0.0, 0.0], "completion_acc_norm": [0.0, 1.0],
+    }
+    out = hs.summarize({"acc": 1, "acc_norm": 0, "acc_bytes": 0, "completion_acc": 0, "completion_acc_norm": 3}, 4)
+    assert out["hellaswag/acc"] == 0.25 and out["hellaswag/completion_acc_norm"] == 0.75
+    # sample standard error of the mean of [1, 0, 0, 0]: std(ddof=1) / sqrt(n)
+    assert out["hellaswag/acc_stderr"] == pytest.approx(np.std([1, 0, 0, 0], ddof=1) / 2)
+    assert out["hellaswag/num_examples"] == 4
+
+
+# ----------------------------------------------------------------------------- the scorer
+
+
+def test_batched_scorer_equals_one_at_a_time_reference(tmp_path):
+    model = tiny_model()
+    path = write_jsonl(tmp_path / "hs.jsonl")
+    ev = hs.HellaSwagEvaluator(path, limit=None, batch_size=5, rank=0, world_size=1, device="cpu")
+    got = ev(model, step=0)
+
+    lls, ntoks = reference_scores(model, EXAMPLES, model.config.block_size)
+    sums, counts = hs.score_sequences(model, ev.prep.context, ev.prep.continuation, block_size=64, batch_size=5,
+                                      vocab_size=model.config.vocab_size)
+    np.testing.assert_allclose(sums.reshape(len(EXAMPLES), 8), np.array(lls), rtol=1e-5, atol=1e-4)
+    assert counts.reshape(len(EXAMPLES), 8).tolist() == ntoks
+    # one example really was left-truncated (context + continuation > block_size + 1)
+    assert max(len(c) + len(k) for c, k in zip(ev.prep.context, ev.prep.continuation)) > 65
+    want = ref_metrics(EXAMPLES, lls, ntoks)
+    for k, v in want.items():
+        assert got[f"hellaswag/{k}"] == pytest.approx(v), k
+    assert got["hellaswag/num_examples"] == len(EXAMPLES)
+    # other batch sizes / buckets give the same numbers
+    for bs, pad in [(1, 1), (64, 32)]:
+        again = hs.evaluate(model, ev.prep, batch_size=bs, pad_multiple=pad)
+        assert {k: again[k] for k in got} == pytest.approx(got)
+
+
+def test_evaluator_restores_train_mode_and_limit(tmp_path):
+    model = tiny_model().train()
+    ev = hs.HellaSwagEvaluator(write_jsonl(tmp_path / "hs.jsonl"), limit=3, batch_size=8)
+    out = ev(model, 1)
+    assert model.training and out["hellaswag/num_examples"] == 3
+    model.eval()
+    ev(model, 2)
+    assert not model.training
+
+
+def test_transformers_on_exported_model_gives_the_same_numbers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from pretrain.hf import export_hf
+
+    model = tiny_model(seed=1, padded_vocab_size=50304)  # padded vocab: -inf columns, dropped on export
+    out_dir = export_hf(model, tmp_path / "hf")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out_dir).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out_dir)
+
+    def encode(s):
+        return tok(s, add_special_tokens=False)["input_ids"]
+
+    # The harness's own recipe, with Hugging Face's tokenizer and model.
+    lls, ntoks = [], []
+    with torch.no_grad():
+        for ex in EXAMPLES:
+            row_ll, row_n = [], []
+            for _, ctx, cont in ref_requests(ex, encode):
+                inp = (ctx + cont)[-(hf.config.n_positions + 1):][:-1]
+                logits = hf(torch.tensor([inp])).logits[0]  # (T, V)
+                logp = F.log_softmax(logits[len(inp) - len(cont):].float(), dim=-1)  # (len(cont), V)
+                row_ll.append(logp.gather(1, torch.tensor(cont)[:, None]).sum().item())
+                row_n.append(len(cont))
+            lls.append(row_ll)
+            ntoks.append(row_n)
+
+    prep = hs.prepare(EXAMPLES)
+    sums, counts = hs.score_sequences(model, prep.context, prep.continuation, block_size=64, batch_size=16,
+                                      vocab_size=model.config.vocab_size)
+    np.testing.assert_allclose(sums.reshape(len(EXAMPLES), 8), np.array(lls), rtol=1e-5, atol=1e-4)
+    assert counts.reshape(len(EXAMPLES), 8).tolist() == ntoks  # HF and tiktoken tokenize alike
+    ours = hs.evaluate(model, prep, batch_size=16)
+    for k, v in ref_metrics(EXAMPLES, lls, ntoks).items():
+        assert ours[f"hellaswag/{k}"] == pytest.approx(v), k
+
+
+# ----------------------------------------------------------------------------- data errors
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{not json", "not valid JSON"),
+        (json.dumps({k: v for k, v in EXAMPLES[0].items() if k != "ctx_a"}), "missing field 'ctx_a'"),
+        (json.dumps({**EXAMPLES[0], "label": 4}), "'label' must be an integer in [0, 4)"),
+        (json.dumps({**EXAMPLES[0], "label": -1}), "'label' must be an integer in [0, 4)"),
+        (json.dumps({**EXAMPLES[0], "endings": ["a", "b"]}), "'endings' must be a list of 4 strings"),
+        (json.dumps({k: v for k, v in EXAMPLES[0].items() if k != "label"}), "missing field 'label'"),
+        ("[1, 2]", "expected a JSON object"),
+    ],
+)
+def test_bad_line_names_file_and_line(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(EXAMPLES[0]) + "\n" + json.dumps(EXAMPLES[1]) + "\n" + line + "\n")
+    with pytest.raises(hs.HellaSwagError) as e:
+        hs.load_examples(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}:3: ") and message in msg and "\n" not in msg
+
+
+def test_missing_file_and_string_labels(tmp_path):
+    with pytest.raises(hs.HellaSwagError, match=r"nope\.jsonl: HellaSwag file not found; pass --hellaswag PATH"):
+        hs.HellaSwagEvaluator(tmp_path / "nope.jsonl")
+    path = write_jsonl(tmp_path / "hf_style.jsonl", [{**EXAMPLES[0], "label": "3"}])  # HF hub copy: str labels
+    assert hs.load_examples(path)[0]["label"] == 3
+    with pytest.raises(hs.HellaSwagError, match="test split"):
+        hs.canonical_split("test")
+
+
+def test_download_once_verify_and_offline_error(tmp_path, monkeypatch):
+    src = write_jsonl(tmp_path / "hellaswag_val.jsonl")
+    cache = tmp_path / "cache"
+    monkeypatch.setitem(hs.HELLASWAG_URLS, "validation", src.as_uri())
+    monkeypatch.setitem(hs.EXPECTED_EXAMPLES, "validation", len(EXAMPLES))
+    got = hs.resolve_path(None, "val", cache_dir=cache)
+    assert got == cache / "hellaswag_val.jsonl" and got.read_bytes() == src.read_bytes()
+    meta = json.loads((cache / "hellaswag_val.jsonl.meta.json").read_text())
+    assert meta["examples"] == len(EXAMPLES) and meta["size"] == src.stat().st_size
+
+    src.unlink()  # a second call uses the cache, no download
+    assert hs.resolve_path(None, "validation", cache_dir=cache) == got
+    got.write_text(got.read_text()[:-10])  # a damaged cache is refused
+    with pytest.raises(hs.HellaSwagError, match="does not match its recorded size/sha256"):
+        hs.resolve_path(None, "validation", cache_dir=cache)
+
+    # a wrong example count is refused; offline gives one line saying what to pass
+    write_jsonl(src, EXAMPLES[:2])
+    with pytest.raises(hs.HellaSwagError, match="downloaded 2 examples, expected 7"):
+        hs.resolve_path(None, "validation", cache_dir=tmp_path / "c2")
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(hs.urllib.request, "urlopen", offline)
+    with pytest.raises(hs.HellaSwagError) as e:
+        hs.resolve_path(None, "validation", cache_dir=tmp_path / "c3")
+    assert "could not download HellaSwag" in str(e.value) and "--hellaswag PATH" in str(e.value)
+    assert "eval.hellaswag_path" in str(e.value) and not list((tmp_path / "c3").iterdir())
