@@ -305,7 +305,8 @@ def _looks_like_hub_name(name: str) -> bool:
 
 def load_hf(path_or_name: str | os.PathLike, padded_vocab_size: int | None = None) -> GPT:
     """A ``GPT`` from a Hugging Face GPT-2: a local directory (config.json + model.safetensors
-    or pytorch_model.bin) or a hub name ("gpt2", "openai-community/gpt2-medium", ...)."""
+    or pytorch_model.bin) or a hub name ("gpt2", "openai-community/gpt2-medium", ...).
+    Returned in eval mode, on CPU, in float32."""
     directory = Path(path_or_name).expanduser()
     if not directory.exists():
         if not _looks_like_hub_name(str(path_or_name)):
@@ -327,7 +328,7 @@ def load_hf(path_or_name: str | os.PathLike, padded_vocab_size: int | None = Non
     if missing or result.unexpected_keys:  # pragma: no cover - state_dict_from_hf checked every name
         raise HFConversionError(f"{source}: missing {missing[:4]}, unexpected {result.unexpected_keys[:4]}")
     model.init_buffers()
-    return model
+    return model.eval()  # like from_pretrained: GPT-2's config has dropout 0.1, off in eval mode
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,20 +336,33 @@ def load_hf(path_or_name: str | os.PathLike, padded_vocab_size: int | None = Non
 
 
 def load_model(path: str | os.PathLike, padded_vocab_size: int | None = None) -> GPT:
-    """A ``GPT`` from a Hugging Face directory / hub name, or a native checkpoint directory
-    written by the trainer (read through ``pretrain.checkpoint.load_model_state``)."""
+    """A ``GPT`` from any of: a Hugging Face directory (config.json with GPT-2 fields) or hub
+    name; a native checkpoint ``step_XXXXXXXX`` directory written by the trainer; or a run's
+    checkpoint directory holding those (its newest complete checkpoint is used). Native
+    checkpoints are read through ``pretrain.checkpoint.load_model_state``. Returned in eval mode."""
     p = Path(path).expanduser()
     if not p.exists() or ((p / "config.json").is_file() and _is_hf_config(p / "config.json")):
         return load_hf(path, padded_vocab_size=padded_vocab_size)
     if not p.is_dir():
         raise HFConversionError(f"{p} is not a directory; pass a HF model directory or a checkpoint directory")
     try:
-        from pretrain.checkpoint import load_model_state
+        from pretrain.checkpoint import Checkpointer, CheckpointError, load_model_state
     except ImportError as e:
         raise HFConversionError(
-            f"{p} is not a Hugging Face directory (no config.json) and pretrain.checkpoint cannot be imported ({e})"
+            f"{p} is not a Hugging Face directory (no GPT-2 config.json) and pretrain.checkpoint cannot be imported ({e})"
         ) from e
-    state_dict, config_dict = load_model_state(p)
+    try:
+        if not (p / "manifest.json").is_file():
+            latest = Checkpointer(p, keep_last=1).latest()  # a run's checkpoints/ directory?
+            if latest is None:
+                raise HFConversionError(
+                    f"{p} is neither a Hugging Face directory (config.json + model.safetensors) nor a checkpoint "
+                    "(manifest.json) nor a directory of step_XXXXXXXX checkpoints; pass one of those"
+                )
+            p = latest
+        state_dict, config_dict = load_model_state(p)
+    except CheckpointError as e:
+        raise HFConversionError(str(e)) from e
     return model_from_state(state_dict, config_dict, str(p))
 
 
@@ -361,13 +375,18 @@ def _is_hf_config(path: Path) -> bool:
 
 
 def model_from_state(state_dict: dict, config_dict: dict, source: str) -> GPT:
-    """A ``GPT`` from a native state dict and the run's config (``config_dict["model"]`` holds
-    the GPTConfig fields)."""
+    """A ``GPT`` from a native state dict and the run's config. ``config_dict["model"]`` is
+    either GPTConfig fields or the trainer's model section: ``preset`` plus overrides, where
+    None means the preset's value (``pretrain.config.ModelSection``)."""
     model_cfg = config_dict.get("model") if isinstance(config_dict, dict) else None
     if not isinstance(model_cfg, dict):
         raise HFConversionError(f"{source}: the checkpoint's config has no 'model' section")
     try:
-        config = GPTConfig(**model_cfg)
+        if "preset" in model_cfg:
+            overrides = {k: v for k, v in model_cfg.items() if k != "preset" and v is not None}
+            config = GPTConfig.from_preset(model_cfg["preset"], **overrides)
+        else:
+            config = GPTConfig(**model_cfg)
     except (TypeError, ValueError) as e:
         raise HFConversionError(f"{source}: bad model config in the checkpoint: {e}") from e
     # torch.compile / DDP wrappers add prefixes; the names under them are the model's own.
@@ -382,7 +401,7 @@ def model_from_state(state_dict: dict, config_dict: dict, source: str) -> GPT:
             f"{source}: checkpoint does not match its model config "
             f"(missing {missing[:4]}, unexpected {result.unexpected_keys[:4]})"
         )
-    return model
+    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,7 +510,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     exp.add_argument("--checkpoint", required=True, help="native checkpoint directory, HF directory or hub name")
     exp.add_argument("--out", required=True, help="output directory for the HF model")
-    exp.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
+    exp.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --out that is not a previous export (files of the export's names are replaced, others kept)",
+    )
     exp.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of the written weights"
     )

@@ -1,0 +1,264 @@
+"""Sampling from a GPT: batched, with the KV cache (or without, for tests and benchmarks).
+
+Batching without padding. GPT-2 has learned absolute positions, so a left-padded row would
+put its prompt at shifted positions (and need a per-row attention mask). Instead, prompts of
+equal length share a batch, and ``generate`` splits a ragged list of prompts into one batch
+per length, returning results in the input order. ``--num-samples N`` is one batch of N
+copies of the prompt.
+
+Sampling per step (on fp32 logits, padded-vocab columns removed):
+temperature 0 -> greedy argmax; else logits / temperature, then top-k (keep the k largest;
+ties with the k-th are kept), then top-p (keep the smallest set of most likely tokens whose
+probability reaches p), then one draw from ``torch.Generator`` seeded by ``seed``.
+
+Stopping: a row stops at its first ``<|endoftext|>`` (not included in the output; later
+steps of a finished row are ignored); the batch stops when every row has or after
+``max_new_tokens``. Context: prompt + continuation must fit in ``block_size`` positions, so
+at most ``block_size - len(prompt)`` tokens are generated (``max_new_tokens`` is reduced to
+that, and the CLI says so); a prompt longer than ``block_size`` is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+
+from pretrain.model import GPT, KVCache
+
+EOT_ID = 50256
+
+
+class GenerationError(ValueError):
+    """Bad generation input (prompt too long, bad sampling settings): a one-line message."""
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Set logits outside the top-k / top-p support to -inf. logits: (B, V) float."""
+    V = logits.size(-1)
+    if top_k is not None and top_k < V:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1): the k-th largest
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V) each
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already hold >= top_p of the mass;
+        # the most likely token is always kept.
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token per row from logits (B, V): greedy when temperature is 0. Returns (B,) long."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits / temperature, top_k, top_p)
+    probs = logits.softmax(dim=-1)  # (B, V)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+
+
+def _check_settings(max_new_tokens, temperature, top_k, top_p) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and top_k < 1:
+        raise GenerationError(f"top_k must be >= 1 (or None for no limit), got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise GenerationError(f"top_p must be in (0, 1] (or None), got {top_p!r}")
+
+
+@torch.inference_mode()
+def _generate_batch(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+    eot_id: int | None,
+    use_kv_cache: bool,
+) -> torch.Tensor:
+    """New tokens (B, n) for equal-length prompts idx (B, T0); n <= max_new_tokens."""
+    cfg = model.config
+    B, T0 = idx.shape
+    n_new = min(max_new_tokens, cfg.block_size - T0)
+    if n_new <= 0:
+        return idx.new_empty(B, 0)
+    cache = None
+    if use_kv_cache:
+        # The last sampled token is never fed back, so T0 + n_new - 1 positions suffice.
+        dtype = model.transformer.wte.weight.dtype
+        cache = KVCache.empty(cfg, B, T0 + n_new - 1, idx.device, dtype)
+    logits, _ = model(idx, kv_cache=cache)  # (B, T0, V): the prefill
+    seq = idx
+    out = []
+    done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    for step in range(n_new):
+        # Only real vocabulary columns: padded ids can never be produced.
+        nxt = sample_next(logits[:, -1, : cfg.vocab_size], temperature, top_k, top_p, generator)  # (B,)
+        if eot_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, eot_id), nxt)
+            done |= nxt == eot_id
+        out.append(nxt)
+        if step == n_new - 1 or (eot_id is not None and bool(done.all())):
+            break
+        if use_kv_cache:
+            logits, _ = model(nxt[:, None], kv_cache=cache)  # (B, 1, V)
+        else:
+            seq = torch.cat([seq, nxt[:, None]], dim=1)  # (B, T0 + step + 1)
+            logits, _ = model(seq)  # (B, T, V): the whole context, recomputed
+    return torch.stack(out, dim=1)  # (B, n)
+
+
+def generate(
+    model: GPT,
+    prompts: torch.Tensor | Sequence[Sequence[int]],
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    eot_id: int | None = EOT_ID,
+    use_kv_cache: bool = True,
+) -> list[list[int]]:
+    """Continue each prompt (token ids); returns the new tokens of each, in input order,
+    cut before the first ``eot_id`` (None = never stop early).
+
+    ``prompts``: a (B, T) long tensor or a list of id lists (any lengths; one batch per
+    length). ``seed`` seeds a fresh ``torch.Generator`` on the model's device (or pass
+    ``generator``); the same seed, settings and batch give the same tokens."""
+    _check_settings(max_new_tokens, temperature, top_k, top_p)
+    cfg = model.config
+    device = model.transformer.wte.weight.device
+    rows = prompts.tolist() if isinstance(prompts, torch.Tensor) else [list(p) for p in prompts]
+    for i, p in enumerate(rows):
+        if not p:
+            raise GenerationError(f"prompt {i} is empty; start it with <|endoftext|> ({EOT_ID}) for unconditional samples")
+        if len(p) > cfg.block_size:
+            raise GenerationError(
+                f"prompt {i} has {len(p)} tokens but the model's context is {cfg.block_size} (block_size); "
+                "shorten the prompt"
+            )
+        bad = [t for t in p if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise GenerationError(f"prompt {i} holds token ids outside [0, {cfg.vocab_size}): {bad[:4]}")
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i, p in enumerate(rows):
+        by_length[len(p)].append(i)
+    results: list[list[int]] = [[] for _ in rows]
+    was_training = model.training
+    model.eval()
+    try:
+        for length in sorted(by_length):
+            members = by_length[length]
+            idx = torch.tensor([rows[i] for i in members], dtype=torch.long, device=device)  # (B, T0)
+            new = _generate_batch(
+                model, idx, max_new_tokens, temperature, top_k, top_p, generator, eot_id, use_kv_cache
+            ).tolist()
+            for i, toks in zip(members, new):
+                if eot_id is not None and eot_id in toks:
+                    toks = toks[: toks.index(eot_id)]
+                results[i] = toks
+    finally:
+        model.train(was_training)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpt2-generate",
+        description="Sample continuations of a prompt from a GPT-2 (HF directory, hub name or native checkpoint).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="HF model directory / hub name, or a native checkpoint directory")
+    parser.add_argument("--prompt", default="", help="text to continue; empty = unconditional (starts at <|endoftext|>)")
+    parser.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate per sample")
+    parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass >= p")
+    parser.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator")
+    parser.add_argument("--num-samples", type=int, default=1, help="samples of the prompt, generated as one batch")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...; auto = cuda when available")
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and activations dtype"
+    )
+    parser.add_argument("--no-kv-cache", action="store_true", help="recompute the whole context every step")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from data_pipeline.tokenizer import get_tokenizer
+    from pretrain.hf import HFConversionError, load_model
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        if args.num_samples < 1:
+            raise GenerationError(f"--num-samples must be >= 1, got {args.num_samples}")
+        model = load_model(args.model).to(device=device, dtype=getattr(torch, args.dtype))
+        tok = get_tokenizer()
+        ids = tok.encode(args.prompt) or [tok.eot_id]
+        room = model.config.block_size - len(ids)
+        if 0 <= room < args.max_new_tokens:
+            print(
+                f"note: the context holds {model.config.block_size} tokens and the prompt {len(ids)}; "
+                f"generating at most {room}",
+                file=sys.stderr,
+            )
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        outs = generate(
+            model,
+            [ids] * args.num_samples,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            use_kv_cache=not args.no_kv_cache,
+        )
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+    except (GenerationError, HFConversionError) as e:
+        print(f"gpt2-generate: error: {e}", file=sys.stderr)
+        return 2
+    for i, new in enumerate(outs):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}/{args.num_samples} ---")
+        print(args.prompt + tok.decode(new))
+    n = sum(len(o) for o in outs)
+    print(
+        f"{n} new tokens in {dt:.2f} s: {n / max(dt, 1e-9):.1f} tokens/s "
+        f"(batch {args.num_samples}, {'no ' if args.no_kv_cache else ''}KV cache, {device}, {args.dtype})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""The GPT-2 architecture: size, tying, attention paths, causality, padded vocab, init, KV cache."""
+
+import math
+
+import pytest
+import torch
+
+from pretrain.model import GPT, GPTConfig, KVCache
+
+
+def _randomize(model: GPT, seed: int = 0, std: float = 0.1) -> GPT:
+    """Random, non-trivial weights everywhere (LayerNorms included), not GPT-2's small init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln" in name and name.endswith("weight"):
+                p.copy_(1.0 + std * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_gpt2_preset_has_124_439_808_parameters_and_a_tied_head():
+    with torch.device("meta"):  # the count and the tying do not need real memory
+        model = GPT(GPTConfig.from_preset("gpt2"))
+    assert model.config.vocab_size == 50257 and model.config.padded_vocab_size is None
+    assert model.num_params() == 124_439_808
+    assert model.lm_head.weight is model.transformer.wte.weight
+    # Kaplan-style count without positions
+    assert model.num_params(exclude_embeddings=True) == 124_439_808 - 1024 * 768
+
+
+def test_tied_after_init_on_cpu_shares_storage():
+    model = GPT(GPTConfig.from_preset("tiny"))
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    model.init_weights(torch.Generator().manual_seed(1))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    # state_dict shows both names (HF does too) but they are one tensor
+    sd = model.state_dict()
+    assert sd["lm_head.weight"].data_ptr() == sd["transformer.wte.weight"].data_ptr()
+
+
+def test_untied_config_has_a_separate_head():
+    model = GPT(GPTConfig.from_preset("tiny-vocab", tie_embeddings=False))
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    assert model.num_params() == GPT(GPTConfig.from_preset("tiny-vocab")).num_params() + 512 * 32
+
+
+def test_sdpa_equals_reference_attention_fp32():
+    torch.manual_seed(0)
+    model = _randomize(GPT(GPTConfig.from_preset("tiny"))).eval()
+    # Each attention module, same input, both paths: within 1e-6.
+    x = torch.randn(3, 40, 64)
+    for block in model.transformer.h:
+        with torch.no_grad():
+            sdpa = block.attn(x)
+            block.attn.use_reference = True
+            ref = block.attn(x)
+            block.attn.use_reference = False
+        assert (sdpa - ref).abs().max().item() < 1e-6
+        assert ref.abs().max().item() > 0.5  # non-trivial outputs
+    # End to end (two blocks and a 50257-wide head amplify fp32 rounding a little).
+    idx = torch.randint(0, 50257, (3, 40))
+    with torch.no_grad():
+        sdpa_logits, _ = model(idx)
+        model.set_reference_attention(True)
+        ref_logits, _ = model(idx)
+        model.set_reference_attention(False)
+    assert (sdpa_logits - ref_logits).abs().max().item() < 1e-5
+    assert ref_logits.abs().max().item() > 1.0
+
+
+def test_causality_later_tokens_never_change_earlier_logits():
+    torch.manual_seed(0)
+    model = _randomize(GPT(GPTConfig.from_preset("tiny"))).eval()
+    idx = torch.randint(0, 50257, (2, 32))
+    changed = idx.clone()
+    changed[:, 20:] = (changed[:, 20:] + 12345) % 50257
+    with torch.no_grad():
+        a, _ = model(idx)
+        b, _ = model(changed)
+    assert (a[:, :20] - b[:, :20]).abs().max().item() <= 1e-6
+    assert (a[:, 20:] - b[:, 20:]).abs().max().item() > 1e-2  # the change is visible from position 20 on
+
+
+def test_padded_vocab_logits_are_minus_inf_and_never_win():
+    torch.manual_seed(0)
+    model = _randomize(GPT(GPTConfig.from_preset("tiny-vocab", padded_vocab_size=640))).eval()
+    idx = torch.randint(0, 512, (2, 16))
+    logits, loss = model(idx, targets=idx)
+    assert logits.shape == (2, 16, 640)
+    assert torch.isneginf(logits[..., 512:]).all()
+    assert torch.isfinite(logits[..., :512]).all()
+    assert torch.isfinite(loss)
+    assert logits.softmax(-1)[..., 512:].sum().item() == 0.0
+    # The same model without padding gives the same real-vocab logits and loss.
+    plain = GPT(GPTConfig.from_preset("tiny-vocab"))
+    sd = {k: (v[:512] if k in ("transformer.wte.weight", "lm_head.weight") else v) for k, v in model.state_dict().items()}
+    plain.load_state_dict(sd)
+    logits2, loss2 = plain.eval()(idx, targets=idx)
+    torch.testing.assert_close(logits2, logits[..., :512], rtol=0, atol=1e-5)
+    torch.testing.assert_close(loss2, loss, rtol=0, atol=1e-5)
+
+
+def test_meta_device_init_then_to_empty_rebuilds_the_pad_mask():
+    # The FSDP2 path: build on meta, materialise with to_empty, then init_weights.
+    cfg = GPTConfig.from_preset("tiny-vocab", padded_vocab_size=640)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device="cpu")
+    model.lm_head.weight = model.transformer.wte.weight
+    model.logit_pad_mask.fill_(float("nan"))  # garbage, as uninitialised memory may be
+    model.init_weights()
+    logits, _ = model(torch.zeros(1, 4, dtype=torch.long))
+    assert torch.isneginf(logits[..., 512:]).all() and torch.isfinite(logits[..., :512]).all()
+
+
+def test_init_statistics_and_scaled_residual_projections():
+    cfg = GPTConfig(block_size=256, vocab_size=4096, n_layer=8, n_head=4, n_embd=256)
+    model = GPT(cfg)
+    model.init_weights(torch.Generator().manual_seed(0))
+    resid_std = 0.02 / math.sqrt(2 * cfg.n_layer)  # 0.0035
+    checked = 0
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            assert p.abs().max().item() == 0.0, name
+            continue
+        if ".ln_" in name or "ln_f" in name:
+            assert torch.equal(p, torch.ones_like(p)), name
+            continue
+        want = resid_std if name.endswith("c_proj.weight") else 0.02
+        std = p.std().item()
+        assert abs(std - want) / want < 0.03, f"{name}: std {std:.5f}, want {want:.5f}"
+        assert abs(p.mean().item()) < 0.1 * want, name
+        checked += 1
+    assert checked == 2 + 4 * cfg.n_layer  # wte, wpe, and c_attn, c_proj, c_fc, c_proj per block
+
+
+def test_init_weights_is_reproducible_with_a_generator():
+    a, b = GPT(GPTConfig.from_preset("tiny")), GPT(GPTConfig.from_preset("tiny"))
+    a.init_weights(torch.Generator().manual_seed(7))
+    b.init_weights(torch.Generator().manual_seed(7))
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_kv_cache_chunked_forward_equals_full_forward():
+    torch.manual_seed(0)
+    model = _randomize(GPT(GPTConfig.from_preset("tiny"))).eval()
+    idx = torch.randint(0, 50257, (2, 30))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = KVCache.empty(model.config, 2, 30, "cpu", torch.float32)
+        parts = [model(idx[:, a:b], kv_cache=cache)[0] for a, b in [(0, 11), (11, 12), (12, 25), (25, 30)]]
+    assert cache.pos == 30
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_context_overflow_is_one_clear_error():
+    model = GPT(GPTConfig.from_preset("tiny-vocab"))
+    with pytest.raises(ValueError, match="block_size=32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+    cache = KVCache.empty(model.config, 1, 32, "cpu", torch.float32)
+    model(torch.zeros(1, 30, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        model(torch.zeros(1, 3, dtype=torch.long), kv_cache=cache)
+
+
+def test_loss_reductions_and_ignore_index():
+    torch.manual_seed(0)
+    model = _randomize(GPT(GPTConfig.from_preset("tiny-vocab"))).eval()
+    idx = torch.randint(0, 512, (2, 8))
+    targets = torch.randint(0, 512, (2, 8))
+    targets[0, :3] = -100
+    logits, mean = model(idx, targets)
+    _, total = model(idx, targets, reduction="sum")
+    _, per_tok = model(idx, targets, reduction="none")
+    assert per_tok.shape == (2, 8) and (per_tok[0, :3] == 0).all()
+    torch.testing.assert_close(total / 13, mean)
+    ref = torch.nn.functional.cross_entropy(logits.view(-1, 512), targets.view(-1), ignore_index=-100)
+    torch.testing.assert_close(mean, ref)
+    # targets as a non-contiguous slice are accepted
+    _, loss_t = model(idx, torch.randint(0, 512, (8, 2)).t())
+    assert torch.isfinite(loss_t)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"n_embd": 30, "n_head": 4}, "divisible"),
+        ({"padded_vocab_size": 100}, "padded_vocab_size"),
+        ({"activation": "swish"}, "activation"),
+        ({"n_layer": 0}, "n_layer"),
+        ({"dropout": 1.0}, "dropout"),
+    ],
+)
+def test_bad_config_values_are_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        GPTConfig.from_preset("tiny-vocab", **overrides)
+    with pytest.raises(ValueError, match="unknown model preset"):
+        GPTConfig.from_preset("gpt5")
