@@ -1,0 +1,582 @@
+"""The training configuration: one typed dataclass per section, validated before any work.
+
+A run is described by defaults < a YAML file < dotted command-line overrides::
+
+    python pretrain/train.py --config configs/gpt2_124m.yaml optim.lr=3e-4 train.compile=false
+
+Every field carries an attribute docstring; those docstrings are the ``--help`` text
+(``python pretrain/train.py --help``). ``load_config`` rejects unknown keys (with a
+did-you-mean), wrong types and impossible values with one line naming the key, the value and
+the fix, and computes the derived numbers (accumulation steps, tokens per step, total tokens)
+once, in ``Derived``. YAML is read with ``yaml.safe_load`` only.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import math
+import os
+import re
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pretrain.model import PRESETS, GPTConfig
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message is one line naming the key and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelSection:
+    """The architecture: a preset of ``pretrain.model.PRESETS`` plus per-field overrides."""
+
+    preset: str = "gpt2"
+    """Model preset: gpt2 (124M), gpt2-medium, gpt2-large, gpt2-xl, tiny, tiny-vocab."""
+    block_size: int | None = None
+    """Context length (learned positions); None = the preset's."""
+    vocab_size: int | None = None
+    """Tokenizer vocabulary; None = the preset's (GPT-2: 50257)."""
+    padded_vocab_size: int | None = None
+    """Embedding rows, e.g. 50304 (a multiple of 128, faster matmuls); None = the preset's."""
+    n_layer: int | None = None
+    """Transformer blocks; None = the preset's."""
+    n_head: int | None = None
+    """Attention heads; None = the preset's."""
+    n_embd: int | None = None
+    """Residual width; None = the preset's."""
+    dropout: float | None = None
+    """Dropout probability; None = the preset's (0.0)."""
+    bias: bool | None = None
+    """Biases in Linear/LayerNorm; None = the preset's (True)."""
+    activation: str | None = None
+    """MLP nonlinearity gelu_tanh | relu; None = the preset's."""
+    layer_norm_epsilon: float | None = None
+    """LayerNorm epsilon; None = the preset's."""
+    tie_embeddings: bool | None = None
+    """Tie the LM head to the token embedding; None = the preset's (True)."""
+
+    def gpt_config(self) -> GPTConfig:
+        overrides = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "preset" and getattr(self, f.name) is not None
+        }
+        return GPTConfig.from_preset(self.preset, **overrides)
+
+
+@dataclass
+class DataSection:
+    """The token shards (``data_pipeline`` format) the run reads."""
+
+    dir: str = "data/fineweb-edu-10B"
+    """Directory of train_*.bin / val_*.bin shards (made by data_pipeline.prepare)."""
+    seq_len: int = 1024
+    """Tokens per training sequence (T); at most model.block_size."""
+    shuffle: bool = True
+    """Shuffle shard order and sequence order per epoch (from data.seed and the epoch)."""
+    seed: int = 0
+    """Seed of the data order (independent of train.seed)."""
+    prepare_command: str = "python -m data_pipeline.prepare fineweb-edu-10B data/fineweb-edu-10B"
+    """The command that creates data.dir; printed when data.dir holds no shards."""
+
+
+@dataclass
+class OptimSection:
+    """AdamW and gradient clipping."""
+
+    lr: float = 6e-4
+    """Peak learning rate (after warmup)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW (beta1, beta2)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to >=2-D weights only (not biases, LayerNorms)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 = no clipping (the norm is still logged)."""
+    fused: bool | None = None
+    """Fused AdamW kernel; None = on CUDA only."""
+
+
+@dataclass
+class ScheduleSection:
+    """Learning rate: linear warmup, then cosine decay to min_lr_ratio * lr."""
+
+    warmup_steps: int = 715
+    """Steps of linear warmup from lr/warmup_steps to lr."""
+    max_steps: int = 19073
+    """Total optimizer steps of the run (the cosine ends here)."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of optim.lr."""
+
+
+@dataclass
+class TrainSection:
+    """The training loop."""
+
+    run_dir: str = "runs/gpt2-124m"
+    """Run directory: config.yaml, metrics.jsonl, checkpoints/."""
+    global_batch_tokens: int = 524288
+    """Tokens per optimizer step over all ranks and micro-steps (2**19 for GPT-2 124M)."""
+    micro_batch_size: int = 64
+    """Sequences per forward/backward on one rank; accumulation makes up the rest."""
+    seed: int = 1337
+    """Seed of the weight init and of every rank's RNGs."""
+    device: str = "auto"
+    """auto | cpu | cuda (auto = cuda:LOCAL_RANK when CUDA is available)."""
+    compile: bool = True
+    """torch.compile the model."""
+    dtype: str = "bf16"
+    """Compute dtype: bf16 (autocast / FSDP mixed precision) or fp32."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward (saves memory, costs ~30% compute)."""
+    max_nonfinite_in_a_row: int = 5
+    """Abort after this many consecutive steps with a non-finite loss or grad norm (each is skipped)."""
+    log_interval: int = 1
+    """Print and write metrics every N steps."""
+    fault_inject: str = ""
+    """Test-only fault injection: 'crash:S' (rank 0 dies at step S, once per run_dir), 'nan:S'
+    (rank W-1's loss is NaN at step S), 'nan_from:S' (from step S on), 'sleep:SECONDS' (every step)."""
+
+
+@dataclass
+class EvalSection:
+    """In-loop evaluation (the evaluators themselves live in evals/)."""
+
+    interval: int = 250
+    """Evaluate every N steps (and at the last step); 0 = never."""
+    val_tokens: int = 10485760
+    """Validation tokens per val-loss evaluation (over all ranks); 0 = no val loss."""
+    batch_size: int | None = None
+    """Eval micro-batch size; None = train.micro_batch_size."""
+    hellaswag: bool = True
+    """Run HellaSwag (4-way completion accuracy) at each eval."""
+    hellaswag_path: str | None = None
+    """HellaSwag validation JSONL; None = download the canonical file once (needs internet)."""
+    hellaswag_limit: int | None = None
+    """Evaluate only the first N HellaSwag examples; None = all."""
+    sample_prompt: str = "Hello, I'm a language model,"
+    """Prompt of the generated sample logged at each eval; empty = no sample."""
+    sample_tokens: int = 32
+    """Tokens to generate for the sample."""
+    sample_top_k: int = 50
+    """Top-k of the sample (1 = greedy)."""
+
+
+@dataclass
+class CheckpointSection:
+    """Checkpoints (pretrain/checkpoint.py)."""
+
+    interval: int = 1000
+    """Save every N steps (and at the end); 0 = only at the end."""
+    keep_last: int = 3
+    """Keep the newest K complete checkpoints."""
+    async_save: bool = False
+    """Write checkpoints in the background (the next save waits for the previous one)."""
+    resume: str = "auto"
+    """auto (newest complete checkpoint in run_dir, else fresh) | none (fresh) | a checkpoint PATH."""
+    overwrite: bool = False
+    """With resume=none: move an existing checkpoints/ aside instead of refusing to start."""
+
+
+@dataclass
+class LoggingSection:
+    """Where metrics go. metrics.jsonl in the run directory is always written (rank 0)."""
+
+    wandb: str = "disabled"
+    """Weights & Biases: online | offline | disabled."""
+    wandb_project: str = "gpt2-pretrain"
+    """W&B project."""
+    wandb_name: str | None = None
+    """W&B run name; None = the run directory's name."""
+
+
+@dataclass
+class DistributedSection:
+    """Data parallelism."""
+
+    mode: str = "ddp"
+    """ddp (replicated weights) | fsdp (FSDP2 fully_shard per block)."""
+    backend: str = "auto"
+    """auto (nccl on CUDA, gloo on CPU) | nccl | gloo."""
+    timeout_s: int = 600
+    """Collective timeout in seconds (a hung rank fails the job after this long)."""
+
+
+@dataclass
+class Derived:
+    """Numbers computed once from the config and the world size."""
+
+    world_size: int
+    grad_accum_steps: int
+    tokens_per_step: int
+    global_batch_seqs: int
+    total_tokens: int
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSection,
+    "data": DataSection,
+    "optim": OptimSection,
+    "schedule": ScheduleSection,
+    "train": TrainSection,
+    "eval": EvalSection,
+    "checkpoint": CheckpointSection,
+    "logging": LoggingSection,
+    "distributed": DistributedSection,
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "train.dtype": ("bf16", "fp32"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "logging.wandb": ("online", "offline", "disabled"),
+    "distributed.mode": ("ddp", "fsdp"),
+    "distributed.backend": ("auto", "nccl", "gloo"),
+    "model.preset": tuple(sorted(PRESETS)),
+}
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain data (YAML/JSON/torch.save-safe); ``from_dict(to_dict())`` round-trips."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def gpt_config(self) -> GPTConfig:
+        return self.model.gpt_config()
+
+    def derived(self, world_size: int) -> Derived:
+        t = self.train
+        per_micro = t.micro_batch_size * self.data.seq_len * world_size
+        return Derived(
+            world_size=world_size,
+            grad_accum_steps=t.global_batch_tokens // per_micro,
+            tokens_per_step=t.global_batch_tokens,
+            global_batch_seqs=t.global_batch_tokens // self.data.seq_len,
+            total_tokens=t.global_batch_tokens * self.schedule.max_steps,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Field docstrings -> help text
+# ---------------------------------------------------------------------------------------------
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a dataclass (the string literal right after each field)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # the class body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def help_text() -> str:
+    """Every key with its default and docstring, section by section (the --help epilog)."""
+    lines = ["configuration keys (override with section.key=value):"]
+    defaults = Config()
+    for name, cls in SECTIONS.items():
+        lines.append(f"\n  {name}: {' '.join((cls.__doc__ or '').split())}")
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            value = getattr(getattr(defaults, name), f.name)
+            lines.append(f"    {name}.{f.name} = {value!r}")
+            if f.name in docs:
+                lines.extend(textwrap.wrap(docs[f.name], 88, initial_indent=" " * 8, subsequent_indent=" " * 8))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Types
+# ---------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^[-+]?(inf|nan)$", re.IGNORECASE)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` as type ``tp``, or ConfigError. Lossless conversions only: int -> float, and a
+    numeric string -> float (YAML 1.1 reads ``6e-4`` as a string)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _unknown(key: str, options: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(options))}"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _set(cfg: Config, key: str, value: Any, source: str, raw_string: bool = False) -> None:
+    """Set dotted ``key`` to ``value`` with type checking. ``raw_string``: ``value`` came from
+    the command line as text; parse it as YAML unless the field is a string."""
+    parts = key.split(".")
+    all_keys = [f"{s}.{f.name}" for s, c in SECTIONS.items() for f in dataclasses.fields(c)]
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+        raise _unknown(key, all_keys if len(parts) == 2 else list(SECTIONS))
+    section_name, name = parts
+    cls = SECTIONS[section_name]
+    hints = typing.get_type_hints(cls)
+    if name not in hints:
+        raise _unknown(key, all_keys)
+    tp = hints[name]
+    if raw_string:
+        is_str = tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
+        if not (is_str and value.lower() not in ("null", "none", "~")):
+            try:
+                value = yaml.safe_load(value) if value != "" else ""
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{source}: cannot parse value of {key}: {str(e).splitlines()[0]}") from None
+        if isinstance(value, str) and value.lower() == "none" and type(None) in typing.get_args(tp):
+            value = None
+    try:
+        value = _coerce(value, tp, key)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    setattr(getattr(cfg, section_name), name, value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found; pass --config configs/<name>.yaml") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as e:
+        tag = getattr(e, "problem", "") or str(e)
+        line = f" (line {e.problem_mark.line + 1})" if getattr(e, "problem_mark", None) else ""
+        raise ConfigError(
+            f"{p}{line}: YAML tags like !!python are not allowed ({' '.join(tag.split())}); "
+            "write plain values"
+        ) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {' '.join(str(e).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a config file is a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def apply_dict(cfg: Config, data: dict, source: str) -> None:
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: {_unknown(str(section), list(SECTIONS))}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{section}' must be a mapping, got {values!r}")
+        for name, value in values.items():
+            try:
+                _set(cfg, f"{section}.{name}", value, source)
+            except ConfigError as e:
+                msg = str(e)
+                raise ConfigError(msg if msg.startswith(source) else f"{source}: {msg}") from None
+
+
+def from_dict(data: dict) -> Config:
+    cfg = Config()
+    apply_dict(cfg, data, "config")
+    return cfg
+
+
+def parse_overrides(cfg: Config, overrides: list[str]) -> None:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(
+                f"command line: '{item}' is not an override; write section.key=value (e.g. optim.lr=3e-4)"
+            )
+        key, value = item.split("=", 1)
+        _set(cfg, key.strip(), value, "command line", raw_string=True)
+
+
+def world_size_from_env() -> int:
+    raw = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return max(int(raw), 1)
+    except ValueError:
+        raise ConfigError(f"environment: WORLD_SIZE={raw!r} is not an integer") from None
+
+
+def validate(cfg: Config, world_size: int) -> Derived:
+    """Reject impossible values; return the derived numbers."""
+    errors: list[str] = []
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        v = getattr(getattr(cfg, section), name)
+        if v not in choices:
+            close = difflib.get_close_matches(str(v), choices, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            errors.append(f"{key}={v!r} must be one of {', '.join(choices)}{hint}")
+    if errors:
+        raise ConfigError(errors[0])
+    try:
+        gpt = cfg.gpt_config
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+    t, d, o, s = cfg.train, cfg.data, cfg.optim, cfg.schedule
+
+    def positive(key: str, v: Any) -> None:
+        if v is None or v <= 0:
+            errors.append(f"{key}={v!r} must be > 0")
+
+    def nonneg(key: str, v: Any) -> None:
+        if v is None or v < 0:
+            errors.append(f"{key}={v!r} must be >= 0")
+
+    positive("data.seq_len", d.seq_len)
+    positive("train.global_batch_tokens", t.global_batch_tokens)
+    positive("train.micro_batch_size", t.micro_batch_size)
+    positive("train.log_interval", t.log_interval)
+    positive("train.max_nonfinite_in_a_row", t.max_nonfinite_in_a_row)
+    positive("optim.lr", o.lr)
+    positive("optim.eps", o.eps)
+    positive("schedule.max_steps", s.max_steps)
+    positive("distributed.timeout_s", cfg.distributed.timeout_s)
+    positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
+    nonneg("optim.weight_decay", o.weight_decay)
+    nonneg("optim.grad_clip", o.grad_clip)
+    nonneg("schedule.warmup_steps", s.warmup_steps)
+    nonneg("eval.interval", cfg.eval.interval)
+    nonneg("eval.val_tokens", cfg.eval.val_tokens)
+    nonneg("eval.sample_tokens", cfg.eval.sample_tokens)
+    positive("eval.sample_top_k", cfg.eval.sample_top_k)
+    nonneg("checkpoint.interval", cfg.checkpoint.interval)
+    if cfg.eval.batch_size is not None:
+        positive("eval.batch_size", cfg.eval.batch_size)
+    if cfg.eval.hellaswag_limit is not None:
+        positive("eval.hellaswag_limit", cfg.eval.hellaswag_limit)
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        errors.append(f"optim.betas={o.betas!r} must be two numbers in [0, 1)")
+    if not 0.0 <= s.min_lr_ratio <= 1.0:
+        errors.append(f"schedule.min_lr_ratio={s.min_lr_ratio!r} must be in [0, 1]")
+    if s.warmup_steps > s.max_steps:
+        errors.append(f"schedule.warmup_steps={s.warmup_steps} exceeds schedule.max_steps={s.max_steps}")
+    if errors:
+        raise ConfigError(errors[0])
+    for v in (o.lr, o.eps, o.weight_decay, o.grad_clip, s.min_lr_ratio):
+        if not math.isfinite(v):
+            raise ConfigError(f"optim/schedule values must be finite, got {v!r}")
+    if d.seq_len > gpt.block_size:
+        raise ConfigError(
+            f"data.seq_len={d.seq_len} exceeds the model's context model.block_size={gpt.block_size}; "
+            f"lower data.seq_len or raise model.block_size"
+        )
+    if t.global_batch_tokens % d.seq_len:
+        raise ConfigError(
+            f"train.global_batch_tokens={t.global_batch_tokens} is not a multiple of data.seq_len={d.seq_len}"
+        )
+    per_micro = t.micro_batch_size * d.seq_len * world_size
+    if t.global_batch_tokens % per_micro:
+        raise ConfigError(
+            f"train.global_batch_tokens={t.global_batch_tokens} is not divisible by micro_batch_size*seq_len*"
+            f"world_size = {t.micro_batch_size}*{d.seq_len}*{world_size} = {per_micro}; "
+            f"choose a global batch that is a multiple of {per_micro} or change train.micro_batch_size"
+        )
+    if t.fault_inject and not re.fullmatch(r"(crash|nan|nan_from):\d+|sleep:[0-9.]+", t.fault_inject):
+        raise ConfigError(
+            f"train.fault_inject={t.fault_inject!r} must be crash:STEP, nan:STEP, nan_from:STEP or sleep:SECONDS"
+        )
+    r = cfg.checkpoint.resume
+    if r not in ("auto", "none") and not r:
+        raise ConfigError("checkpoint.resume must be auto, none or a checkpoint path")
+    return cfg.derived(world_size)
+
+
+def load_config(
+    path: str | os.PathLike | None, overrides: list[str] | None = None, world_size: int | None = None
+) -> tuple[Config, Derived]:
+    """defaults < YAML at ``path`` < ``overrides``; validated; with the derived numbers."""
+    cfg = Config()
+    if path is not None:
+        apply_dict(cfg, read_yaml(path), str(path))
+    parse_overrides(cfg, overrides or [])
+    derived = validate(cfg, world_size if world_size is not None else world_size_from_env())
+    return cfg, derived

@@ -1,0 +1,123 @@
+"""Process-group setup and teardown, rank/world info, reduce helpers.
+
+Under ``torchrun`` the rank and world come from its environment (``RANK``, ``LOCAL_RANK``,
+``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``); without it the
+program is one process (rank 0 of 1) and needs no process group at all, except for FSDP,
+which gets a one-rank group on an in-memory store. NCCL on CUDA, gloo on CPU; the collective
+timeout is configurable (a hung rank then fails the job instead of hanging it forever).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str | None
+    """None when no process group was created (a single process)."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+
+def env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise RuntimeError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def pick_device(device: str, local_rank: int) -> torch.device:
+    if device == "cpu":
+        return torch.device("cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but CUDA is not available; use train.device=auto or cpu")
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        return torch.device("cuda", local_rank % n)
+    return torch.device("cpu")
+
+
+def setup(device: str = "auto", backend: str = "auto", timeout_s: int = 600, need_group: bool = False) -> DistInfo:
+    """Initialise the process group from torchrun's environment (or stay a single process).
+
+    ``need_group``: create a one-rank group even without torchrun (FSDP needs a mesh)."""
+    rank = env_int("RANK", 0)
+    local_rank = env_int("LOCAL_RANK", 0)
+    world_size = env_int("WORLD_SIZE", 1)
+    dev = pick_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if backend == "auto":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    if backend == "nccl" and dev.type != "cuda":
+        raise RuntimeError("distributed.backend=nccl needs CUDA; use distributed.backend=gloo (or auto) on CPU")
+    if dist.is_initialized():
+        return DistInfo(rank, local_rank, world_size, dev, dist.get_backend())
+    under_launcher = "MASTER_ADDR" in os.environ and "RANK" in os.environ
+    timeout = timedelta(seconds=timeout_s)
+    if world_size > 1 or under_launcher:
+        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
+    elif need_group:
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    else:
+        return DistInfo(0, 0, 1, dev, None)
+    return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), dev, backend)
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (sum | max | avg) that is a no-op on a single process."""
+    if is_dist():
+        if op == "avg":
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t /= dist.get_world_size()
+        else:
+            dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return t
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any rank."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    return bool(all_reduce(t, "max").item() > 0)
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
