@@ -61,6 +61,7 @@ import re
 import shutil
 import threading
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -452,7 +453,9 @@ def _dcp_full_model_state(dcp_dir: Path) -> dict[str, torch.Tensor]:
     for key, meta in metadata.state_dict_metadata.items():
         if key.startswith("model.") and isinstance(meta, TensorStorageMetadata):
             state["model"][key[len("model.") :]] = torch.empty(meta.size, dtype=meta.properties.dtype)
-    dcp.load(state, storage_reader=_safe_reader(dcp_dir), planner=_safe_load_planner(), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, storage_reader=_safe_reader(dcp_dir), planner=_safe_load_planner(), no_dist=True)
     return state["model"]
 
 
@@ -514,8 +517,8 @@ class Checkpointer:
         found = _complete_checkpoints(self.ckpt_dir)
         return found[-1][1] if found else None
 
-    def _previous_note(self, exclude_step: int | None = None) -> str:
-        found = [(s, p) for s, p in _complete_checkpoints(self.ckpt_dir) if p.name != f"step_{exclude_step:08d}.tmp"]
+    def _previous_note(self) -> str:
+        found = _complete_checkpoints(self.ckpt_dir)
         if not found:
             return "there is no earlier complete checkpoint"
         step, path = found[-1]
@@ -548,7 +551,8 @@ class Checkpointer:
         final = self.ckpt_dir / f"step_{step:08d}"
         tmp = self.ckpt_dir / f"step_{step:08d}.tmp"
 
-        # 1. A fresh tmp dir, made by rank 0 before anyone writes.
+        # 1. Rank 0 makes a fresh tmp dir; every rank gathers (and checks) what it will write. The
+        #    agreement below is also the barrier that orders the mkdir before anyone's writes.
         err: BaseException | None = None
         if self.rank == 0:
             try:
@@ -557,21 +561,21 @@ class Checkpointer:
                 tmp.mkdir()
             except OSError as e:
                 err = e
+        files: dict[str, Any] = {}
+        texts: dict[str, str] = {}
+        dcp_state = None
+        if err is None:
+            try:  # main thread: the caller's tensors are still live here
+                files, texts, dcp_state = self._collect(model, optimizer, trainer_state, rank_state, config, fsdp)
+                if self.async_save:
+                    files = _to_cpu(files)  # a CPU snapshot: training may change parameters right away
+            except Exception as e:
+                err = e
         if not self._all_ok(err is None):
-            raise self._save_error(step, err, rank_failed=err is None)
-
-        # 2. Gather what this rank writes (main thread: the caller's tensors are still live).
+            if self.rank == 0:
+                _rmtree_quiet(tmp)
+            raise self._save_error(step, err, rank_failed=err is None) from err
         pending = _Pending(step, tmp, final)
-        try:
-            files, texts, dcp_state = self._collect(model, optimizer, trainer_state, rank_state, config, fsdp)
-        except Exception as e:
-            pending.error = e
-            files, texts, dcp_state = {}, {}, None
-        if pending.error is None and self.async_save:
-            files = _to_cpu(files)  # a CPU snapshot: training may change parameters right away
-        if pending.error is not None:
-            self._pending = pending
-            self._finish_pending()  # agrees on the failure, cleans up and raises
 
         if not self.async_save:
             self._write_local(pending, files, texts, dcp_state, fsdp, async_dcp=False)
@@ -582,22 +586,21 @@ class Checkpointer:
         # 3. Async: write (and with one process, commit) on a background thread.
         dcp_future = None
         if dcp_state is not None:
-            try:
+            try:  # stages the shards to CPU now, writes them on DCP's own thread
                 dcp_future = self._dcp_async_save(dcp_state, tmp / "dcp")
             except Exception as e:
                 pending.error = e
                 self._pending = pending
-                self._finish_pending()
+                self._finish_pending()  # agrees on the failure, cleans up and raises
 
         def work() -> None:
-            try:
-                self._write_local(pending, files, texts, None, fsdp, async_dcp=False)
-                if dcp_future is not None:
+            self._write_local(pending, files, texts, None, fsdp, async_dcp=False)  # errors -> pending.error
+            if dcp_future is not None:
+                try:
                     dcp_future.result()
-            except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
-                pending.error = e
-                return
-            if self.world_size == 1 or not _dist_on():
+                except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
+                    pending.error = pending.error or e
+            if pending.error is None and (self.world_size == 1 or not _dist_on()):
                 try:
                     self._commit(pending)
                 except BaseException as e:  # noqa: BLE001
@@ -687,16 +690,15 @@ class Checkpointer:
                 except BaseException as e:  # noqa: BLE001
                     pending.error = e
             if pending.error is not None:
-                if not pending.committed:
-                    _rmtree_quiet(pending.tmp)
+                self._rollback(pending)
                 raise self._save_error(pending.step, pending.error) from pending.error
             return
         # Several ranks: everyone's files must be written before rank 0 commits.
         if not self._all_ok(pending.error is None):
             self._barrier()  # every rank has stopped writing
             if self.rank == 0:
-                _rmtree_quiet(pending.tmp)
-            raise self._save_error(pending.step, pending.error, rank_failed=pending.error is None)
+                self._rollback(pending)
+            raise self._save_error(pending.step, pending.error, rank_failed=pending.error is None) from pending.error
         err = None
         if self.rank == 0:
             try:
@@ -704,13 +706,29 @@ class Checkpointer:
             except BaseException as e:  # noqa: BLE001
                 err = e
         if not self._all_ok(err is None):
-            if self.rank == 0 and not pending.committed:
-                _rmtree_quiet(pending.tmp)
-            raise self._save_error(pending.step, err, rank_failed=err is None)
+            if self.rank == 0:
+                self._rollback(pending)
+            raise self._save_error(pending.step, err, rank_failed=err is None) from err
+
+    def _rollback(self, pending: _Pending) -> None:
+        """Undo a failed save (rank 0): drop its tmp dir and any half-committed step dir, and put
+        back a complete checkpoint of the same step that was moved aside."""
+        _rmtree_quiet(pending.tmp)
+        if pending.committed:
+            return
+        final = pending.final
+        aside = final.with_name(final.name + ".replaced")
+        if final.exists() and not _is_complete(final):
+            _rmtree_quiet(final)
+        if aside.exists() and not final.exists():
+            try:
+                os.rename(aside, final)
+            except OSError as e:
+                log.warning("could not move %s back to %s (%s); it is still found by latest()", aside, final, e)
 
     def _save_error(self, step: int, err: BaseException | None, rank_failed: bool = False) -> CheckpointError:
         where = self.ckpt_dir / f"step_{step:08d}"
-        prev = self._previous_note(step)
+        prev = self._previous_note()
         if isinstance(err, CheckpointError):
             return CheckpointError(f"checkpoint step {step} was not saved: {err}; {prev}")
         if err is None or rank_failed:
@@ -774,9 +792,7 @@ class Checkpointer:
         _write_text(final / COMMITTED, f"{pending.step}\n")
         _fsync_dir(final)
         pending.committed = True
-        if aside is not None:
-            self._delete(aside)
-        self._retain(keep=final)
+        self._retain(keep=final)  # also deletes `aside`
 
     def _delete(self, path: Path) -> bool:
         """Delete a checkpoint dir: the COMMITTED marker first, so a half-deleted one is never loaded."""
@@ -789,6 +805,7 @@ class Checkpointer:
             return False
 
     def _retain(self, keep: Path) -> None:
+        self._remove_replaced()
         complete = _complete_checkpoints(self.ckpt_dir)
         if not complete:
             return
@@ -804,9 +821,14 @@ class Checkpointer:
             if _TMP_RE.match(entry.name) and entry.is_dir():
                 log.warning("removing %s, left by an interrupted checkpoint save", entry)
                 _rmtree_quiet(entry)
-            elif (m := _REPLACED_RE.match(entry.name)) and entry.is_dir():
-                if _is_complete(self.ckpt_dir / f"step_{m.group(1)}"):
-                    self._delete(entry)
+        self._remove_replaced()
+
+    def _remove_replaced(self) -> None:
+        """Delete old copies moved aside by a re-save once the new copy is complete."""
+        for entry in self.ckpt_dir.iterdir():
+            m = _REPLACED_RE.match(entry.name)
+            if m and entry.is_dir() and _is_complete(self.ckpt_dir / f"step_{m.group(1)}"):
+                self._delete(entry)
 
     # ------------------------------------------------------------------ load
 
