@@ -194,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--model", required=True, help="HF model directory / hub name, or a native checkpoint directory")
-    parser.add_argument("--prompt", default="", help="text to continue; empty = unconditional (starts at <|endoftext|>)")
+    parser.add_argument(
+        "--prompt", default="", help="text to continue (default: '%(default)s' = unconditional, starting at <|endoftext|>)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate per sample")
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")

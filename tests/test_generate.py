@@ -1,0 +1,244 @@
+"""Generation: KV cache == no cache, seeded sampling, top-k/top-p support, EOT, context, CLI."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.generate import (
+    EOT_ID,
+    GenerationError,
+    build_parser,
+    filter_logits,
+    generate,
+    main,
+    sample_next,
+)
+from pretrain.model import GPT, GPTConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _model(std: float = 0.3, **overrides) -> GPT:
+    """A tiny model with large random weights, so next-token distributions are peaked (greedy
+    has clear winners) but not degenerate."""
+    model = GPT(GPTConfig.from_preset("tiny", **overrides))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if name.endswith("bias"):
+                p.copy_(0.1 * noise)
+            elif ".ln_" in name or "ln_f" in name:
+                p.copy_(1.0 + std * noise)
+            else:
+                p.copy_(std * noise)
+    return model.eval()
+
+
+PROMPTS = [[464, 2068, 7586, 21831], [15496, 995, 11, 314], [40, 1101, 257, 1263]]
+
+
+def test_kv_cache_greedy_equals_no_cache_greedy():
+    model = _model()
+    cached = generate(model, PROMPTS, max_new_tokens=30, temperature=0, eot_id=None)
+    recomputed = generate(model, PROMPTS, max_new_tokens=30, temperature=0, eot_id=None, use_kv_cache=False)
+    assert cached == recomputed
+    assert all(len(c) == 30 for c in cached)
+    assert len({tuple(c) for c in cached}) == 3  # the rows really differ
+    # and greedy is the argmax of a plain forward pass, step by step
+    seq = torch.tensor(PROMPTS[:1])
+    for tok in cached[0][:5]:
+        with torch.no_grad():
+            logits, _ = model(seq)
+        assert logits[0, -1].argmax().item() == tok
+        seq = torch.cat([seq, torch.tensor([[tok]])], dim=1)
+
+
+def test_kv_cache_sampling_equals_no_cache_sampling_with_the_same_seed():
+    model = _model()
+    a = generate(model, PROMPTS, max_new_tokens=20, temperature=1.0, top_k=50, seed=5, eot_id=None)
+    b = generate(model, PROMPTS, max_new_tokens=20, temperature=1.0, top_k=50, seed=5, eot_id=None, use_kv_cache=False)
+    assert a == b
+
+
+def test_seeded_sampling_is_reproducible_and_the_seed_matters():
+    model = _model()
+    kw = dict(max_new_tokens=12, temperature=1.2, top_p=0.95, eot_id=None)
+    a = generate(model, [PROMPTS[0]] * 4, seed=1, **kw)
+    assert a == generate(model, [PROMPTS[0]] * 4, seed=1, **kw)
+    assert a != generate(model, [PROMPTS[0]] * 4, seed=2, **kw)
+    assert len({tuple(r) for r in a}) > 1  # samples of one batch differ from each other
+
+
+def test_ragged_prompts_are_batched_by_length_and_keep_their_order():
+    model = _model()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9, 10, 11], [12]]
+    batched = generate(model, prompts, max_new_tokens=8, temperature=0, eot_id=None)
+    one_by_one = [generate(model, [p], max_new_tokens=8, temperature=0, eot_id=None)[0] for p in prompts]
+    assert batched == one_by_one
+    # a (B, T) tensor works too
+    assert generate(model, torch.tensor(PROMPTS), max_new_tokens=4, temperature=0) == generate(
+        model, PROMPTS, max_new_tokens=4, temperature=0
+    )
+
+
+def test_top_k_restricts_the_support():
+    logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0))
+    kept = torch.isfinite(filter_logits(logits, top_k=7))
+    assert (kept.sum(-1) == 7).all()
+    assert torch.equal(kept, torch.zeros_like(kept).scatter(-1, logits.topk(7).indices, True))
+    g = torch.Generator().manual_seed(0)
+    allowed = logits.topk(7).indices
+    for _ in range(50):
+        tok = sample_next(logits, temperature=2.0, top_k=7, generator=g)
+        assert all(tok[i] in allowed[i] for i in range(4))
+    # top_k=1 is greedy
+    model = _model()
+    assert generate(model, PROMPTS, 10, temperature=1.0, top_k=1, seed=0) == generate(model, PROMPTS, 10, temperature=0)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.3, 0.1, 0.06, 0.04]])
+    logits = probs.log()
+    support = lambda p: torch.isfinite(filter_logits(logits, top_p=p))[0].nonzero().flatten().tolist()  # noqa: E731
+    assert support(0.4) == [0]
+    assert support(0.7) == [0, 1]
+    assert support(0.85) == [0, 1, 2]
+    assert support(0.95) == [0, 1, 2, 3]
+    assert support(1.0) == [0, 1, 2, 3, 4]
+    shuffled = logits[:, [3, 0, 4, 2, 1]]  # order in the vocabulary does not matter
+    assert torch.isfinite(filter_logits(shuffled, top_p=0.7))[0].nonzero().flatten().tolist() == [1, 4]
+    g = torch.Generator().manual_seed(0)
+    draws = {sample_next(logits, temperature=1.0, top_p=0.7, generator=g).item() for _ in range(200)}
+    assert draws == {0, 1}
+
+
+def test_padded_vocab_ids_are_never_generated():
+    model = _model(padded_vocab_size=50304)
+    out = generate(model, PROMPTS, max_new_tokens=20, temperature=3.0, seed=0, eot_id=None)
+    assert all(0 <= t < 50257 for row in out for t in row)
+
+
+def test_generation_stops_at_end_of_text():
+    model = _model()
+    with torch.no_grad():
+        # Make <|endoftext|> the clear argmax everywhere: ln_f outputs a multiple of its embedding.
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(10 * model.transformer.wte.weight[EOT_ID])
+    assert generate(model, PROMPTS, max_new_tokens=10, temperature=0) == [[], [], []]
+    assert generate(model, PROMPTS, max_new_tokens=10, temperature=0, eot_id=None) == [[EOT_ID] * 10] * 3
+
+
+def test_context_limits():
+    model = _model()  # block_size 64
+    with pytest.raises(GenerationError, match=r"prompt 1 has 65 tokens but the model's context is 64"):
+        generate(model, [[1] * 10, [1] * 65], max_new_tokens=5)
+    for use_kv_cache in (True, False):
+        out = generate(model, [[1] * 60], max_new_tokens=20, temperature=0, eot_id=None, use_kv_cache=use_kv_cache)
+        assert len(out[0]) == 4  # prompt + continuation fill the context exactly
+        assert generate(model, [[1] * 64], max_new_tokens=5, use_kv_cache=use_kv_cache) == [[]]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"max_new_tokens": -1}, "max_new_tokens"),
+    ],
+)
+def test_bad_settings(kwargs, message):
+    with pytest.raises(GenerationError, match=message):
+        generate(_model(), PROMPTS, **{"max_new_tokens": 3, **kwargs})
+
+
+def test_bad_prompts():
+    model = _model()
+    with pytest.raises(GenerationError, match="prompt 0 is empty"):
+        generate(model, [[]], max_new_tokens=3)
+    with pytest.raises(GenerationError, match=r"outside \[0, 50257\)"):
+        generate(model, [[50257]], max_new_tokens=3)
+
+
+def test_generate_restores_training_mode():
+    model = _model().train()
+    generate(model, PROMPTS, max_new_tokens=2)
+    assert model.training
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_help_lists_every_option_with_its_default():
+    text = " ".join(build_parser().format_help().split())  # undo line wrapping
+    for option, default in [
+        ("--max-new-tokens", "100"),
+        ("--temperature", "1.0"),
+        ("--top-k", "None"),
+        ("--top-p", "None"),
+        ("--seed", "1337"),
+        ("--num-samples", "1"),
+        ("--device", "auto"),
+        ("--dtype", "float32"),
+        ("--prompt", "''"),
+    ]:
+        assert option in text
+        assert f"(default: {default}" in text, option
+    for option in ("--model", "--no-kv-cache"):
+        assert option in text
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    pytest.importorskip("safetensors")
+    from pretrain.hf import export_hf
+
+    out = tmp_path_factory.mktemp("gen") / "model"
+    export_hf(_model(), out)
+    return out
+
+
+def test_cli_generates_and_reports_tokens_per_second(exported, capsys):
+    rc = main(["--model", str(exported), "--prompt", "Hello world", "--max-new-tokens", "6", "--temperature", "0"])
+    assert rc == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("Hello world")
+    assert "tokens/s" in err and "KV cache" in err
+    rc = main(["--model", str(exported), "--prompt", "Hi", "--max-new-tokens", "4", "--num-samples", "3", "--top-k", "5"])
+    out, _ = capsys.readouterr()
+    assert rc == 0 and out.count("--- sample ") == 3
+
+
+def test_cli_greedy_is_the_same_with_and_without_cache(exported, capsys):
+    args = ["--model", str(exported), "--prompt", "The quick brown fox", "--max-new-tokens", "12", "--temperature", "0"]
+    main(args)
+    with_cache = capsys.readouterr().out
+    main([*args, "--no-kv-cache"])
+    assert capsys.readouterr().out == with_cache
+
+
+def test_cli_prompt_longer_than_context_is_one_line_exit_2(exported):
+    r = subprocess.run(
+        [sys.executable, "-m", "pretrain.generate", "--model", str(exported), "--prompt", " ".join(["word"] * 100)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+    assert "prompt 0 has 100 tokens but the model's context is 64 (block_size); shorten the prompt" in r.stderr
+
+
+def test_cli_bad_model_is_one_line_exit_2(tmp_path, capsys):
+    assert main(["--model", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gpt2-generate: error: ") and err.count("\n") == 1
