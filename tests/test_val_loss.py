@@ -1,0 +1,75 @@
+"""Validation loss: a fixed slice of the val shards, token-weighted, the same every time."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data_pipeline.shards import write_shard
+from evals.val_loss import ValLossEvaluator
+from pretrain.model import GPT, GPTConfig
+
+T = 16
+
+
+def make_val_data(root, sizes=(4 * T + 5, 7 * T + 1), vocab=512, seed=0):
+    """Val shards of the given token counts (+ a train shard that must never be read)."""
+    rng = np.random.default_rng(seed)
+    shards = []
+    for i, n in enumerate(sizes):
+        toks = rng.integers(0, vocab, size=n)
+        write_shard(root / f"val_{i:06d}.bin", toks)
+        shards.append(toks)
+    write_shard(root / "train_000000.bin", rng.integers(0, vocab, size=10 * T))
+    return shards
+
+
+def expected_sequences(shards, n):
+    """The loader's layout: sequence i of a shard = tokens[i*T : i*T + T + 1], shard by shard."""
+    seqs = [s[i * T: i * T + T + 1] for s in shards for i in range((len(s) - 1) // T)]
+    return torch.tensor(np.stack(seqs[:n]), dtype=torch.long)
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig.from_preset("tiny-vocab", block_size=T)).eval()
+
+
+def test_val_loss_is_token_weighted_mean_over_fixed_slice(tmp_path):
+    shards = make_val_data(tmp_path)
+    model = small_model()
+    # 9 sequences: all 4 of shard 0 and 5 of shard 1; batches of 4 -> the last one is padded
+    ev = ValLossEvaluator(tmp_path, seq_len=T, batch_size=4, num_tokens=9 * T, rank=0, world_size=1, device="cpu")
+    out = ev(model, step=10)
+    seqs = expected_sequences(shards, 9)
+    with torch.no_grad():
+        logits, _ = model(seqs[:, :-1])
+        want = F.cross_entropy(logits.reshape(-1, logits.size(-1)), seqs[:, 1:].reshape(-1)).item()
+    assert out["val/tokens"] == 9 * T
+    assert out["val/loss"] == pytest.approx(want, rel=1e-6)
+    assert out["val/ppl"] == pytest.approx(np.exp(want), rel=1e-6)
+    assert ev(model, step=20) == out  # the same tokens every time
+    # rank shares: disjoint, together the whole slice, and the same number of batches on each
+    shares = [ValLossEvaluator(tmp_path, T, 4, 9 * T, rank=r, world_size=2) for r in range(2)]
+    assert sorted(shares[0].mine + shares[1].mine) == sorted(ev.mine)
+    assert shares[0].num_batches == shares[1].num_batches == 2
+
+
+def test_restores_mode_and_whole_split(tmp_path):
+    make_val_data(tmp_path)
+    model = small_model().train()
+    ev = ValLossEvaluator(tmp_path, T, 3, None, 0, 1, "cpu")
+    out = ev(model, 0)
+    assert model.training and out["val/tokens"] == 11 * T  # 4 + 7 sequences
+
+
+def test_errors_name_the_problem(tmp_path):
+    make_val_data(tmp_path)
+    with pytest.raises(ValueError, match=r"hold 11 sequences of 16 tokens .* lower eval.val_tokens"):
+        ValLossEvaluator(tmp_path, T, 4, 12 * T, 0, 1, "cpu")
+    with pytest.raises(ValueError, match="less than one sequence"):
+        ValLossEvaluator(tmp_path, T, 4, T - 1, 0, 1, "cpu")
+    with pytest.raises(ValueError, match="data directory not found"):
+        ValLossEvaluator(tmp_path / "missing", T, 4, 4 * T, 0, 1, "cpu")
