@@ -103,6 +103,7 @@ class DistributedTokenLoader:
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
         self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
         self._perm_cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._buf = np.empty((self.B, self.T + 1), dtype=np.uint16)
 
     # ---- sizes -------------------------------------------------------------------------------------
     @property
@@ -145,7 +146,9 @@ class DistributedTokenLoader:
 
     def _tokens(self, shard: int) -> np.ndarray:
         mm = self._maps.get(shard)
-        if mm is None:
+        if mm is not None:
+            self._maps.move_to_end(shard)
+        else:
             mm = read_shard(self.files[shard])
             self._maps[shard] = mm
             while len(self._maps) > 8:  # bounded number of open maps
@@ -176,13 +179,13 @@ class DistributedTokenLoader:
         B, T = self.B, self.T
         positions = self._consumed + self.rank * B + np.arange(B, dtype=np.int64)
         shards, starts = self._locate(positions)
+        buf = self._buf  # (B, T+1) uint16, reused: rows are copied out of it below
+        for i in range(B):
+            buf[i] = self._tokens(int(shards[i]))[starts[i] : starts[i] + T + 1]
         x = torch.empty((B, T), dtype=torch.int64, pin_memory=self._pin)
         y = torch.empty((B, T), dtype=torch.int64, pin_memory=self._pin)
-        xn, yn = x.numpy(), y.numpy()
-        for i in range(B):
-            row = self._tokens(int(shards[i]))[starts[i] : starts[i] + T + 1]
-            xn[i] = row[:-1]  # uint16 -> int64 during the copy
-            yn[i] = row[1:]
+        x.numpy()[...] = buf[:, :-1]  # uint16 -> int64 during the copy
+        y.numpy()[...] = buf[:, 1:]
         self._consumed += self.world_size * B
         if self.device.type != "cpu":
             x = x.to(self.device, non_blocking=self._pin)

@@ -137,3 +137,43 @@ def test_short_shard_and_split_errors(tmp_path):
 def test_bad_batch_args(data_dir):
     with pytest.raises(ValueError, match="not divisible"):
         make(data_dir, micro_batch_size=3, global_batch_seqs=4)
+
+
+def test_reads_shards_written_by_llmc_code(tmp_path):
+    """Shards written with plain numpy header code, as llm.c's data_common.write_datafile does."""
+    rng = np.random.default_rng(0)
+    streams = {}
+    for name in ["val_000000.bin", "train_000000.bin", "train_000001.bin"]:
+        toks = rng.integers(0, 50257, size=8 * 20 + 1).tolist()
+        header = np.zeros(256, dtype=np.int32)
+        header[0], header[1], header[2] = 20240520, 1, len(toks)
+        with open(tmp_path / name, "wb") as f:
+            f.write(header.tobytes())
+            f.write(np.array(toks, dtype=np.uint16).tobytes())
+        streams[name] = np.array(toks)
+    ld = DistributedTokenLoader(tmp_path, "train", T, 4, 4, shuffle=False)
+    got = torch.cat([x for x, _ in take(ld, 10)]).numpy()
+    expect = np.concatenate([streams[n][: 20 * T].reshape(20, T) for n in ["train_000000.bin", "train_000001.bin"]])
+    np.testing.assert_array_equal(got, expect)
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda b: b"\x00\x00\x00\x00" + b[4:], "bad magic"),
+    (lambda b: b[:4] + b"\x02\x00\x00\x00" + b[8:], "version 2"),
+    (lambda b: b[:100], "truncated"),
+    (lambda b: b[:-10], "header says"),
+])
+def test_corrupt_shard_errors_name_the_file(data_dir, damage, match):
+    bad = data_dir / "train_000001.bin"
+    bad.write_bytes(damage(bad.read_bytes()))
+    with pytest.raises(ShardError, match=match) as e:
+        make(data_dir)
+    assert str(bad) in str(e.value)
+
+
+@pytest.mark.gpu
+def test_cuda_batches_match_cpu(data_dir):
+    cpu = take(make(data_dir), 5)
+    gpu = take(make(data_dir, device="cuda"), 5)
+    for (x, y), (gx, gy) in zip(cpu, gpu):
+        assert gx.is_cuda and torch.equal(gx.cpu(), x) and torch.equal(gy.cpu(), y)
