@@ -238,7 +238,6 @@ slurm_main() {
     parse_launch_args "$@"
     enter_repo
     setup_python
-    mkdir -p logs
 
     local in_slurm=0
     [[ -n "${SLURM_JOB_ID:-}" ]] && in_slurm=1

