@@ -197,3 +197,295 @@ def test_loader_memory_stays_flat_over_many_shards(tmp_path):
     assert peak - rss0 < 24, f"loader RSS grew {peak - rss0:.1f} MB while streaming {streamed_mb:.0f} MB"
     if not math.isnan(anon0):
         assert anon1 - anon0 < 8, f"loader anonymous memory grew {anon1 - anon0:.1f} MB"
+
+
+# ---- hostile files --------------------------------------------------------------------------------
+
+class _Boom:
+    """Unpickling this runs ``os.system(cmd)``: the classic pickle attack."""
+
+    def __init__(self, cmd: str):
+        self.cmd = cmd
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (self.cmd,))
+
+
+def _tiny_checkpoint(tmp_path: Path) -> tuple[object, Path, object, object]:
+    from pretrain.checkpoint import Checkpointer, capture_rng_state
+    from pretrain.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny-vocab"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))[1].backward()
+    opt.step()
+    ck = Checkpointer(tmp_path / "checkpoints", keep_last=2)
+    path = ck.save(1, model, opt, {"step": 1}, capture_rng_state(), {"model": {"preset": "tiny-vocab"}})
+    ck.wait()
+    return ck, path, model, opt
+
+
+def _rewrite_manifest(ckpt: Path, name: str, file: Path) -> None:
+    """What an attacker who can write the checkpoint does: make the checksums match."""
+    import hashlib
+    import json
+
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    data = file.read_bytes()
+    manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("victim", ["trainer_state.pt", "model.pt", "rank_0.pt"])
+def test_checkpoint_carrying_a_pickled_callable_is_refused(tmp_path, victim):
+    from pretrain.checkpoint import CheckpointError, load_model_state
+
+    ck, path, model, opt = _tiny_checkpoint(tmp_path)
+    marker = tmp_path / "pwned"
+    payload = {"step": 1, "evil": _Boom(f"touch {marker}")}
+    torch.save(payload, path / victim)
+    _rewrite_manifest(path, victim, path / victim)
+    with pytest.raises(CheckpointError, match=rf"{victim} holds objects other than tensors.*refused"):
+        ck.load(path, model, opt)
+    if victim == "model.pt":
+        with pytest.raises(CheckpointError, match="refused"):
+            load_model_state(path)
+    assert not marker.exists(), "loading the checkpoint ran the attacker's code"
+    assert ck.latest() == path  # refused on load, not silently skipped or deleted
+
+
+@pytest.mark.parametrize("name", ["../../escape.pt", "/etc/hostname", "sub/../../escape.pt"])
+def test_checkpoint_manifest_naming_a_path_outside_is_refused(tmp_path, name):
+    from pretrain.checkpoint import CheckpointError
+
+    ck, path, model, opt = _tiny_checkpoint(tmp_path)
+    outside = (path / name).resolve() if not name.startswith("/") else Path(name)
+    if not outside.exists():
+        outside.write_bytes(b"x" * 10)
+    _rewrite_manifest(path, name, outside)
+    with pytest.raises(CheckpointError, match="outside the checkpoint directory|invalid file name"):
+        ck.load(path, model, opt)
+
+
+def _shards_with_manifest(tmp_path: Path, names: list[str]) -> Path:
+    import json
+
+    data = tmp_path / "data"
+    data.mkdir()
+    g = np.random.default_rng(0)
+    for rel in ("val_000000.bin", "train_000000.bin", "../secret/train_000000.bin"):
+        p = (data / rel).resolve()
+        p.parent.mkdir(parents=True, exist_ok=True)
+        write_shard(p, g.integers(0, 500, 4000, dtype=np.uint16))
+    shards = [{"file": n, "split": "val" if "val" in n else "train", "tokens": 4000, "documents": 1,
+               "sha256": ""} for n in names]
+    (data / "manifest.json").write_text(json.dumps({"shards": shards}))
+    return data
+
+
+@pytest.mark.xfail(strict=True, reason="data_pipeline.shards.list_shards joins manifest 'file' entries without "
+                   "checking they stay inside data_dir (no '..'/absolute-path refusal); the data engineer owns it")
+@pytest.mark.parametrize("evil", ["../secret/train_000000.bin", "ABSOLUTE"])
+def test_data_manifest_naming_a_file_outside_the_data_dir_is_refused(tmp_path, evil):
+    from data_pipeline.loader import DistributedTokenLoader
+    from data_pipeline.shards import ShardError
+
+    if evil == "ABSOLUTE":
+        evil = str((tmp_path / "secret" / "train_000000.bin").resolve())
+    data = _shards_with_manifest(tmp_path, ["val_000000.bin", evil])
+    with pytest.raises(ShardError, match="outside"):
+        DistributedTokenLoader(data, "train", seq_len=16, micro_batch_size=2, global_batch_seqs=2)
+
+
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1:9/x/*.jsonl", "sftp://127.0.0.1:9/x.jsonl",
+                                 "simplecache::ftp://127.0.0.1:9/x.jsonl", "ssh://127.0.0.1:9/x.jsonl"])
+def test_source_with_an_fsspec_protocol_off_the_allowlist_is_refused(url):
+    from data_pipeline.sources import SourceError, open_source
+
+    with pytest.raises(SourceError, match="protocol .* is not allowed"):
+        open_source(url)
+
+
+@pytest.mark.xfail(strict=True, reason="data_pipeline.prepare checks the SOURCE protocol against ALLOWED_PROTOCOLS "
+                   "but not OUT_DIR: 'ftp://...' is opened (and connected to); the data engineer owns it")
+def test_prepare_out_dir_with_an_fsspec_protocol_off_the_allowlist_is_refused(tmp_path, capsys):
+    from data_pipeline import prepare
+
+    src = tmp_path / "docs.jsonl"
+    src.write_text('{"text": "hello world"}\n')
+    try:
+        rc = prepare.main([str(src), "ftp://127.0.0.1:9/out", "--no-progress", "--workers", "1"])
+    except Exception as e:  # noqa: BLE001 - anything but a clean refusal is the failure
+        pytest.fail(f"prepare tried to use the ftp:// OUT_DIR: {type(e).__name__}: {e}")
+    assert rc == 2 and "protocol 'ftp' is not allowed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["file", "override"])
+def test_yaml_tags_that_construct_python_objects_are_refused(tmp_path, where):
+    from pretrain.config import ConfigError, load_config
+
+    marker = tmp_path / "pwned"
+    tag = f'!!python/object/apply:os.system ["touch {marker}"]'
+    cfg_file = tmp_path / "evil.yaml"
+    if where == "file":
+        cfg_file.write_text(f"train:\n  run_dir: {tag}\n")
+        overrides = []
+    else:  # a typed (non-string) field parses its command-line value as YAML: safely
+        cfg_file.write_text("train:\n  seed: 1\n")
+        overrides = [f"train.seed={tag}"]
+    with pytest.raises(ConfigError, match=r"evil\.yaml|train\.seed") as e:
+        load_config(cfg_file, overrides, world_size=1)
+    assert "\n" not in str(e.value), "the error should be one line"
+    assert not marker.exists(), "loading the config ran the attacker's code"
+    if where == "override":  # a string field takes the command-line text literally
+        cfg, _ = load_config(cfg_file, [f"train.run_dir={tag}"], world_size=1)
+        assert cfg.train.run_dir == tag and not marker.exists()
+
+
+# ---- full disk ------------------------------------------------------------------------------------
+
+def _docs(path: Path, n: int = 300) -> Path:
+    import json
+    import random
+
+    rng = random.Random(0)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    with open(path, "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(5, 60)))}) + "\n")
+    return path
+
+
+def _enospc_on(monkeypatch, fragment: str) -> list[str]:
+    """Make fsync of any file whose name contains ``fragment`` fail with ENOSPC (where a full
+    disk surfaces for buffered writes); returns the list of files it failed."""
+    import errno
+    import os
+
+    real, hit = os.fsync, []
+
+    def fsync(fd):
+        try:
+            name = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            name = ""
+        if fragment in name:
+            hit.append(name)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return hit
+
+
+def _prep_args(src: Path, out: Path) -> list[str]:
+    return [str(src), str(out), "--shard-tokens", "1500", "--val-tokens", "1500", "--workers", "1", "--no-progress"]
+
+
+def test_prepare_enospc_keeps_completed_shards_and_the_rerun_resumes(tmp_path, monkeypatch):
+    """A full disk while writing train shard 2: shards 0..1 stay intact and listed, no partial
+    file is taken for complete, and the rerun finishes byte-identical to an uninterrupted run."""
+    from data_pipeline import prepare
+    from data_pipeline.shards import file_sha256, list_shards, read_manifest
+
+    src = _docs(tmp_path / "docs.jsonl")
+    assert prepare.main(_prep_args(src, tmp_path / "ref")) == 0
+    ref = read_manifest(tmp_path / "ref")
+
+    out = tmp_path / "out"
+    hit = _enospc_on(monkeypatch, "train_000002.bin")
+    with pytest.raises((OSError, prepare.PrepareError)):
+        prepare.run(prepare.PrepareConfig(**vars(prepare.build_parser().parse_args(_prep_args(src, out)))))
+    assert hit, "the simulated full disk was never reached"
+    monkeypatch.undo()
+    m = read_manifest(out)
+    assert not m.get("complete")
+    assert [s["file"] for s in m["shards"]] == ["val_000000.bin", "train_000000.bin", "train_000001.bin"]
+    for s in m["shards"]:
+        assert file_sha256(out / s["file"]) == s["sha256"], f"{s['file']} damaged by the failed write"
+    assert not (out / "train_000002.bin").exists(), "a partial shard sits under its final name"
+    assert [p.name for p in list_shards(out, "train")] == ["train_000000.bin", "train_000001.bin"]
+
+    assert prepare.main(_prep_args(src, out)) == 0  # the disk has room again: resume
+    done = read_manifest(out)
+    assert done["complete"] and [(s["file"], s["sha256"]) for s in done["shards"]] == \
+        [(s["file"], s["sha256"]) for s in ref["shards"]]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "ref").iterdir())
+
+
+@pytest.mark.xfail(strict=True, reason="gpt2-prepare lets OSError(ENOSPC) escape as a traceback (prepare.main only "
+                   "catches PrepareError/SourceError/ShardError); it should print one line naming the shard and "
+                   "'free space, then rerun to resume'; the data engineer owns it")
+def test_prepare_enospc_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    from data_pipeline import prepare
+
+    src = _docs(tmp_path / "docs.jsonl")
+    _enospc_on(monkeypatch, "train_000001.bin")
+    try:
+        rc = prepare.main(_prep_args(src, tmp_path / "out"))
+    except OSError as e:
+        pytest.fail(f"gpt2-prepare crashed with a traceback: {e!r}")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "No space left" in err[0] and "train_000001.bin" in err[0], err
+
+
+# ---- evaluation memory ----------------------------------------------------------------------------
+
+def _trim() -> None:
+    """Collect garbage and hand freed heap back to the OS (glibc), so RSS measures what is live."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _rss_after_calls(fn, calls: int) -> list[float]:
+    out = []
+    for _ in range(calls):
+        fn()
+        _trim()
+        out.append(_rss_mb()[0])
+    return out
+
+
+def test_evaluators_do_not_leak_across_calls(tmp_path):
+    """RSS after the 10th call of each evaluator stays within a few MB of the 2nd."""
+    import json
+
+    from evals.hellaswag import HellaSwagEvaluator
+    from evals.val_loss import ValLossEvaluator
+    from pretrain.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny", block_size=64))
+    model.eval()
+    g = np.random.default_rng(0)
+    write_shard(tmp_path / "val_000000.bin", g.integers(0, 50257, 40_000, dtype=np.uint16))
+    val = ValLossEvaluator(tmp_path, seq_len=32, batch_size=4, num_tokens=8 * 32)
+
+    words = "the a man woman dog runs jumps into water over fence and then quickly slowly".split()
+
+    def sentence(n):
+        return " ".join(g.choice(words, n))
+
+    with open(tmp_path / "hs.jsonl", "w") as f:
+        for i in range(4):
+            f.write(json.dumps({"activity_label": "Sports", "ctx_a": sentence(6), "ctx_b": sentence(3),
+                                "ctx": sentence(9), "endings": [sentence(5) for _ in range(4)],
+                                "label": i % 4}) + "\n")
+    hs = HellaSwagEvaluator(tmp_path / "hs.jsonl", batch_size=8, pad_multiple=8)
+
+    for name, ev in (("val_loss", val), ("hellaswag", hs)):
+        rss = _rss_after_calls(lambda ev=ev: ev(model, 0), 10)
+        # A leak grows with every call; allocator noise does not: compare the lowest of calls
+        # 8-10 with the highest of calls 2-4.
+        growth = min(rss[-3:]) - max(rss[1:4])
+        print(f"{name}: RSS after call 2 {rss[1]:.1f} MB, after call 10 {rss[-1]:.1f} MB "
+              f"(calls 8-10 vs 2-4: {growth:+.2f} MB)")
+        assert growth < 4.0, f"{name} evaluator: RSS grew {growth:.1f} MB from calls 2-4 to 8-10: {rss}"
