@@ -144,44 +144,48 @@ class DistributedTokenLoader:
                 self._perm_cache.popitem(last=False)
         return perm
 
-    def _tokens(self, shard: int) -> np.ndarray:
-        mm = self._maps.get(shard)
-        if mm is not None:
+    def _rows(self, shard: int) -> np.ndarray:
+        """Shard ``shard`` as a ``(num_seqs, T+1)`` overlapping-rows view of its memmap (no copy)."""
+        rows = self._maps.get(shard)
+        if rows is not None:
             self._maps.move_to_end(shard)
         else:
-            mm = read_shard(self.files[shard])
-            self._maps[shard] = mm
+            tokens = read_shard(self.files[shard]).view(np.ndarray)  # plain ndarray: cheaper to index
+            n, item = int(self.shard_seqs[shard]), tokens.itemsize
+            # row i = tokens[i*T : i*T + T + 1]: rows overlap by one token (y is x shifted by one)
+            rows = np.lib.stride_tricks.as_strided(tokens, shape=(n, self.T + 1), strides=(self.T * item, item),
+                                                   writeable=False)
+            self._maps[shard] = rows
             while len(self._maps) > 8:  # bounded number of open maps
                 self._maps.popitem(last=False)
-        return mm
+        return rows
 
-    def _locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(shard index, token start) of each stream position."""
-        shards = np.empty(len(positions), dtype=np.int64)
-        starts = np.empty(len(positions), dtype=np.int64)
-        epochs = positions // self.num_sequences
-        for e in np.unique(epochs):
-            sel = epochs == e
-            q = positions[sel] % self.num_sequences
-            order, cum = self._epoch_order(int(e))
-            j = np.searchsorted(cum, q, side="right")
-            shard = order[j]
-            local = q - (cum[j] - self.shard_seqs[shard])
+    def _segments(self, first: int, count: int) -> list[tuple[int, np.ndarray]]:
+        """Stream positions ``[first, first+count)`` as runs ``(shard, sequence indices)`` within one shard."""
+        out = []
+        p, end = first, first + count
+        while p < end:
+            epoch, q = divmod(p, self.num_sequences)
+            order, cum = self._epoch_order(epoch)
+            j = int(np.searchsorted(cum, q, side="right"))  # the shard holding stream position q
+            shard = int(order[j])
+            n = min(end - p, int(cum[j]) - q)
+            local = q - (int(cum[j]) - int(self.shard_seqs[shard])) + np.arange(n)
             if self.shuffle:
-                local = np.array([self._seq_perm(int(e), int(s))[int(i)] for s, i in zip(shard, local)],
-                                 dtype=np.int64)
-            shards[sel] = shard
-            starts[sel] = local * self.T
-        return shards, starts
+                local = self._seq_perm(epoch, shard)[local]
+            out.append((shard, local))
+            p += n
+        return out
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's next micro-batch: ``x, y`` int64 ``(B, T)``, ``y`` = ``x`` shifted by one."""
         B, T = self.B, self.T
-        positions = self._consumed + self.rank * B + np.arange(B, dtype=np.int64)
-        shards, starts = self._locate(positions)
         buf = self._buf  # (B, T+1) uint16, reused: rows are copied out of it below
-        for i in range(B):
-            buf[i] = self._tokens(int(shards[i]))[starts[i] : starts[i] + T + 1]
+        i = 0
+        for shard, seqs in self._segments(self._consumed + self.rank * B, B):
+            # one C-level gather of whole rows from the memmap (pages are read on demand)
+            buf[i : i + len(seqs)] = self._rows(shard)[seqs]
+            i += len(seqs)
         x = torch.empty((B, T), dtype=torch.int64, pin_memory=self._pin)
         y = torch.empty((B, T), dtype=torch.int64, pin_memory=self._pin)
         x.numpy()[...] = buf[:, :-1]  # uint16 -> int64 during the copy

@@ -63,7 +63,7 @@ from data_pipeline.shards import (
     write_manifest,
     write_shard,
 )
-from data_pipeline.sources import Source, SourceError, open_source
+from data_pipeline.sources import Source, SourceError, check_protocol, open_source
 
 MANIFEST_VERSION = 1
 # Test hook: seconds to sleep around each shard commit, so a test can SIGKILL a run mid-way.
@@ -111,6 +111,8 @@ class PrepareConfig:
             raise PrepareError(f"--workers must be >= 1, got {self.workers}")
         if self.backend not in ("threads", "processes"):
             raise PrepareError(f"--backend must be 'threads' or 'processes', got {self.backend!r}")
+        if is_url(self.out_dir):
+            check_protocol(self.out_dir)  # the same allowlist as sources
 
 
 def tokenizer_info() -> dict:
@@ -487,6 +489,11 @@ def main(argv: list[str] | None = None) -> int:
     except (PrepareError, SourceError, ShardError) as e:
         print(f"gpt2-prepare: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a permission problem, a vanished mount: say where, and how to go on
+        where = f" {e.filename}" if e.filename else ""
+        print(f"gpt2-prepare: error:{where}: {e.strerror or e} (errno {e.errno}); fix that (e.g. free space), "
+              "then rerun the same command to resume after the last complete shard", file=sys.stderr)
+        return 1
     return 0
 
 

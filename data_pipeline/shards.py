@@ -111,6 +111,8 @@ def _atomic_write_bytes(path: str | os.PathLike, chunks: list[bytes | memoryview
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)
+    except OSError as e:  # e.g. ENOSPC: name the file we were committing, not the temp name
+        raise OSError(e.errno, e.strerror or str(e), str(p)) from e
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -231,7 +233,18 @@ def list_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
         raise ShardError(f"{d}: data directory not found; run `gpt2-prepare SOURCE {d}` first")
     manifest = read_manifest(d)
     if manifest is not None:
-        files = [d / s["file"] for s in manifest["shards"] if s.get("split") == split]
+        files = []
+        for s in manifest["shards"]:
+            if s.get("split") != split:
+                continue
+            name = str(s.get("file", ""))
+            # A manifest names plain files next to it; never follow it elsewhere ('..', absolute, subdirs).
+            if not name or name in (".", "..") or Path(name).name != name or "\\" in name:
+                raise ShardError(
+                    f"{d / MANIFEST_NAME}: shard entry {name!r} points outside {d}; a manifest may only list "
+                    "plain file names in its own directory (re-run prepare)"
+                )
+            files.append(d / name)
     else:
         files = sorted(p for p in d.glob(f"{split}_*.bin") if _SHARD_RE.match(p.name))
     if not files:

@@ -299,3 +299,36 @@ def test_uint16_guard_in_shard_writer(tmp_path):
     with pytest.raises(ShardError, match="fit uint16"):
         write_shard(tmp_path / "x.bin", np.array([EOT_ID, 65536], dtype=np.int64))
     assert read_header is not None
+
+
+def test_out_dir_protocol_allowlist(tmp_path, capsys):
+    from data_pipeline.prepare import main
+
+    (tmp_path / "d.jsonl").write_text('{"text": "hello"}\n')
+    assert main([str(tmp_path / "d.jsonl"), "ftp://127.0.0.1:9/out", "--no-progress"]) == 2
+    assert "protocol 'ftp' is not allowed" in capsys.readouterr().err
+
+
+def test_disk_full_is_one_line_and_resumable(corpus, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from data_pipeline.prepare import main
+
+    d, _, web = corpus
+    args = [str(d / "web.jsonl"), str(tmp_path / "o"), "--shard-tokens", "4000", "--val-tokens", "3000",
+            "--workers", "1", "--no-progress"]
+    real = os.fsync
+
+    def full_disk(fd):
+        if "train_000001.bin" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left" in err[0] and "train_000001.bin" in err[0] and "rerun" in err[0]
+    assert not (tmp_path / "o" / "train_000001.bin").exists() and not list((tmp_path / "o").glob(".*tmp*"))
+    monkeypatch.undo()
+    assert main(args) == 0
+    np.testing.assert_array_equal(read_all(tmp_path / "o")[1], reference_stream([r["text"] for r in web]))

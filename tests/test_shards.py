@@ -91,3 +91,15 @@ def test_list_shards_manifest_order_and_glob(tmp_path):
         list_shards(tmp_path, "val")
     with pytest.raises(ShardError, match="not found"):
         list_shards(tmp_path / "nope", "train")
+
+
+@pytest.mark.parametrize("evil", ["../outside/train_000000.bin", "ABS", "sub/train_000000.bin", ".."])
+def test_manifest_entries_must_stay_in_the_directory(tmp_path, evil):
+    data = tmp_path / "data"
+    write_shard(data / "train_000000.bin", [1, 2, 3])
+    write_shard(tmp_path / "outside" / "train_000000.bin", [1, 2, 3])
+    if evil == "ABS":
+        evil = str(tmp_path / "outside" / "train_000000.bin")
+    write_manifest(data, {"shards": [{"file": evil, "split": "train"}]})
+    with pytest.raises(ShardError, match="points outside"):
+        list_shards(data, "train")

@@ -1,0 +1,174 @@
+"""Throughput of ``gpt2-prepare`` against tiktoken's own limit and the usual multiprocessing approach.
+
+    .venv/bin/python benchmarks/prepare_throughput.py [--mb 50] [--workers 1 2] [--repeats 2]
+
+On one generated corpus (~``--mb`` MB of English prose: the embedded python-docs corpus, cycled,
+written as FineWeb-schema parquet files) and for each worker count N it measures tokens/s of
+
+* ``tiktoken limit``: ``encode_ordinary_batch(texts, num_threads=N)`` on the texts already in
+  memory (batches of 1024 documents) -- tokenization alone, no reading, no output;
+* ``prepare (threads|processes)``: the real pipeline end to end -- read parquet, filter/clean,
+  encode with N workers, pack, write shards + manifest (sha256 included);
+* ``baseline Pool.imap``: the usual approach (build-nanogpt's fineweb.py): a
+  ``multiprocessing.Pool(N)`` encoding one document per task into ``np.array(..., uint16)``,
+  packed into shard buffers and written, texts given from memory.
+
+Targets: prepare >= 85% of the tiktoken limit, and faster than the baseline. Best of
+``--repeats`` runs each (the machine may be shared: the load average is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_pipeline.prepare import PrepareConfig, run  # noqa: E402
+from data_pipeline.tokenizer import EOT_ID, gpt2_encoding  # noqa: E402
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
+    return (f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, load avg {load[0]:.2f}")
+
+
+def make_corpus(out: Path, mb: float) -> list[str]:
+    """~``mb`` MB of prose as parquet files (FineWeb columns), deterministic; returns the texts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_pipeline.embedded import iter_documents
+
+    base = [d["text"] for d in iter_documents()]
+    texts: list[str] = []
+    size, k = 0, 0
+    while size < mb * 1e6:
+        for t in base:
+            doc = f"Part {k}. {t}"
+            texts.append(doc)
+            size += len(doc.encode())
+            if size >= mb * 1e6:
+                break
+        k += 1
+    out.mkdir(parents=True, exist_ok=True)
+    per_file = (len(texts) + 7) // 8
+    for f in range(8):
+        rows = texts[f * per_file : (f + 1) * per_file]
+        table = pa.table({
+            "text": rows, "id": [f"doc-{f}-{i}" for i in range(len(rows))],
+            "dump": ["CC-MAIN-2024-10"] * len(rows), "url": ["https://example.org"] * len(rows),
+            "file_path": ["x"] * len(rows), "language": ["en"] * len(rows),
+            "language_score": [0.9] * len(rows), "token_count": [0] * len(rows),
+            "score": [3.0] * len(rows), "int_score": [3] * len(rows),
+        })
+        pq.write_table(table, out / f"part_{f:03d}.parquet", row_group_size=1024)
+    return texts
+
+
+def bench_tiktoken(texts: list[str], n: int) -> tuple[float, int]:
+    enc = gpt2_encoding()
+    t0 = time.perf_counter()
+    tokens = 0
+    for i in range(0, len(texts), 1024):
+        tokens += sum(map(len, enc.encode_ordinary_batch(texts[i : i + 1024], num_threads=n)))
+    return time.perf_counter() - t0, tokens + len(texts)  # + the EOT every document gets
+
+
+def bench_prepare(corpus: Path, out: Path, n: int, backend: str) -> tuple[float, int]:
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    man = run(PrepareConfig(source=str(corpus / "*.parquet"), out_dir=str(out), shard_tokens=10_000_000,
+                            val_tokens=1_000_000, workers=n, backend=backend, progress=False))
+    return time.perf_counter() - t0, man["totals"]["tokens"]
+
+
+def _tokenize_one(text: str) -> np.ndarray:
+    # build-nanogpt's fineweb.py tokenize(): EOT, encode_ordinary, np.array -> uint16
+    enc = gpt2_encoding()
+    tokens = [EOT_ID]
+    tokens.extend(enc.encode_ordinary(text))
+    arr = np.array(tokens)
+    assert (0 <= arr).all() and (arr < 2**16).all()
+    return arr.astype(np.uint16)
+
+
+def bench_baseline(texts: list[str], out: Path, n: int, shard_tokens: int = 10_000_000) -> tuple[float, int]:
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    t0 = time.perf_counter()
+    total = 0
+    with mp.get_context("fork").Pool(n) as pool:
+        buf = np.empty(shard_tokens, dtype=np.uint16)
+        count, index = 0, 0
+        for toks in pool.imap(_tokenize_one, texts, chunksize=16):
+            total += len(toks)
+            while count + len(toks) >= shard_tokens:
+                k = shard_tokens - count
+                buf[count:] = toks[:k]
+                buf.tofile(out / f"shard_{index:06d}.bin")
+                index, count, toks = index + 1, 0, toks[k:]
+            buf[count : count + len(toks)] = toks
+            count += len(toks)
+        buf[:count].tofile(out / f"shard_{index:06d}.bin")
+    return time.perf_counter() - t0, total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mb", type=float, default=50.0, help="corpus size in MB of UTF-8 text")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=2, help="best of this many runs per measurement")
+    ap.add_argument("--backends", nargs="+", default=["threads", "processes"])
+    args = ap.parse_args()
+    gpt2_encoding()
+    with tempfile.TemporaryDirectory(prefix="prep-bench-") as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        texts = make_corpus(tmp / "corpus", args.mb)
+        mb = sum(len(t.encode()) for t in texts) / 1e6
+        print(f"machine: {machine()}")
+        print(f"corpus: {len(texts):,} documents, {mb:.1f} MB of text in 8 parquet files "
+              f"(built in {time.perf_counter() - t0:.1f}s)")
+        for n in args.workers:
+            jobs = {"tiktoken limit": lambda n=n: bench_tiktoken(texts, n)}
+            for backend in args.backends:
+                jobs[f"prepare ({backend})"] = lambda n=n, b=backend: bench_prepare(tmp / "corpus", tmp / "out", n, b)
+            jobs["baseline Pool.imap"] = lambda n=n: bench_baseline(texts, tmp / "base", n)
+            runs: dict[str, list[tuple[float, int]]] = {name: [] for name in jobs}
+            for _ in range(args.repeats):  # interleaved, so a burst of load hits every method alike
+                for name, fn in jobs.items():
+                    runs[name].append(fn())
+            rate = {}
+            for name, rs in runs.items():
+                dt, tok = min(rs)
+                rate[name] = tok / dt
+                print(f"  N={n}  {name:<22} {tok / dt / 1e6:7.3f} M tok/s  ({tok:,} tokens, best {dt:.2f}s of "
+                      f"{', '.join(f'{r[0]:.2f}' for r in rs)})", flush=True)
+            for backend in args.backends:
+                ours = rate[f"prepare ({backend})"]
+                print(f"  N={n}  prepare ({backend}) = {100 * ours / rate['tiktoken limit']:.0f}% of the tiktoken "
+                      f"limit (target >= 85%), {ours / rate['baseline Pool.imap']:.2f}x the baseline (target > 1)")
+        print(f"load avg at the end: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
