@@ -1,0 +1,127 @@
+"""The Trainer in one process: accumulation, non-finite steps, evaluators, metrics, the CPU smoke run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import (
+    REPO,
+    assert_params_equal,
+    final_params,
+    losses,
+    make_synthetic_shards,
+    make_text_shards,
+    metrics,
+    python_cmd,
+    run,
+    tiny_overrides,
+)
+
+from pretrain.config import load_config
+from pretrain.train import main
+from pretrain.trainer import NonFiniteError, Trainer
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_synthetic_shards(tmp_path_factory.mktemp("data"))
+
+
+def train(data, run_dir, evaluators=(), **overrides) -> Trainer:
+    cfg, _ = load_config(None, tiny_overrides(data, run_dir, **overrides), world_size=1)
+    t = Trainer(cfg, list(evaluators)).build()
+    try:
+        assert t.train() == 0
+    finally:
+        t.close()
+    return t
+
+
+def test_accumulation_equals_one_big_batch(data, tmp_path):
+    """4 micro-batches of 2 sequences == 1 batch of 8: same losses and parameters."""
+    a = train(data, tmp_path / "accum", **{"train.micro_batch_size": 2, "schedule.max_steps": 4})
+    b = train(data, tmp_path / "big", **{"train.micro_batch_size": 8, "schedule.max_steps": 4})
+    assert a.derived.grad_accum_steps == 4 and b.derived.grad_accum_steps == 1
+    la, lb = losses(tmp_path / "accum"), losses(tmp_path / "big")
+    assert len(la) == 4 and la == pytest.approx(lb, abs=1e-5)
+    assert la[-1] < la[0]
+    for (k, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=0, msg=k)
+
+
+def test_metrics_jsonl_and_evaluators(data, tmp_path):
+    calls = []
+
+    class Probe:
+        name = "probe"
+
+        def __call__(self, model, step):
+            calls.append((step, model.training))
+            return {"probe/step": float(step)}
+
+    t = train(data, tmp_path, [Probe()], **{"eval.interval": 3, "schedule.max_steps": 7})
+    assert calls == [(3, False), (6, False), (7, False)]  # every 3 steps and at the end, in eval mode
+    assert t.model.training
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 8))
+    for r in rows:
+        for key in ("step", "tokens_seen", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "time"):
+            assert key in r
+        assert r["tokens_seen"] == 256 * r["step"] and r["mfu"] is None  # no MFU on a CPU
+    assert rows[2]["probe/step"] == 3.0 and "probe/step" not in rows[3]
+    assert (tmp_path / "config.yaml").exists()
+    assert load_config(tmp_path / "config.yaml", world_size=1)[0] == t.cfg  # the resolved config, reloadable
+
+
+def test_nonfinite_step_is_skipped_everywhere(data, tmp_path):
+    t = train(data, tmp_path, **{"train.fault_inject": "nan:2", "schedule.max_steps": 3, "checkpoint.interval": 2})
+    rows = metrics(tmp_path)
+    assert rows[2]["skipped"] and rows[2]["loss"] is None and rows[2]["nonfinite_total"] == 1
+    assert not rows[1].get("skipped") and t.nonfinite_in_a_row == 1
+    # The optimizer step was skipped: the parameters after step 3 are those after step 2.
+    assert_params_equal(final_params(tmp_path, 2), final_params(tmp_path, 3))
+    for p in t.model.parameters():
+        assert torch.isfinite(p).all()
+
+
+def test_nonfinite_in_a_row_aborts(data, tmp_path, capsys):
+    args = tiny_overrides(data, tmp_path, **{"train.fault_inject": "nan_from:2", "train.max_nonfinite_in_a_row": 3,
+                                            "checkpoint.interval": 2, "schedule.max_steps": 20})
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "3 steps in a row with a non-finite loss" in err and err.strip().count("\n") == 0
+    assert metrics(tmp_path)[-1]["step"] == 5
+    for p in final_params(tmp_path, 2).values():
+        assert torch.isfinite(p).all()
+    with pytest.raises(NonFiniteError):
+        train(data, tmp_path / "again", **{"train.fault_inject": "nan_from:0", "train.max_nonfinite_in_a_row": 2})
+
+
+def test_fresh_start_refuses_existing_checkpoints(data, tmp_path, capsys):
+    train(data, tmp_path, **{"schedule.max_steps": 4})
+    assert main(tiny_overrides(data, tmp_path, **{"schedule.max_steps": 4}) + ["--resume", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds checkpoints and checkpoint.resume=none" in err and "--resume auto" in err
+    # Told to: the old checkpoints are moved aside (never deleted), and the run starts over.
+    over = tiny_overrides(data, tmp_path, **{"schedule.max_steps": 4, "checkpoint.overwrite": "true"})
+    assert main(over + ["--resume", "none"]) == 0
+    assert len(list(tmp_path.glob("checkpoints.old-*/step_00000004"))) == 1
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4]
+    # resume auto on a finished run: nothing to do.
+    assert main(tiny_overrides(data, tmp_path, **{"schedule.max_steps": 4})) == 0
+    assert "resumed from" in capsys.readouterr().out
+
+
+def test_smoke_cpu_config_trains(tmp_path):
+    """`python pretrain/train.py --config configs/smoke_cpu.yaml` on real text: the loss falls far below
+    the uniform ln(50257) = 10.8; val loss and a sample are logged."""
+    data = make_text_shards(tmp_path / "python-docs")
+    # Fewer, smaller steps than the preset (the CI CPU is shared): 12 steps of 512 tokens.
+    run(python_cmd([f"data.dir={data}", f"train.run_dir={tmp_path / 'run'}", "schedule.max_steps=12",
+                    "schedule.warmup_steps=3", "optim.lr=1e-2", "train.global_batch_tokens=512",
+                    "eval.interval=12", "eval.val_tokens=1024", "eval.sample_tokens=8", "train.log_interval=1"],
+                   config=str(REPO / "configs" / "smoke_cpu.yaml")), timeout=240)
+    rows = metrics(tmp_path / "run")
+    assert rows[0]["loss"] > 10.0 and rows[-1]["loss"] < 8.0, [r["loss"] for r in rows]
+    assert rows[-1]["step"] == 12 and 4.0 < rows[-1]["val/loss"] < 8.5
+    assert isinstance(rows[-1]["sample/text"], str) and rows[-1]["sample/text"].startswith("Hello, I'm a language")
