@@ -102,7 +102,10 @@ def _generate_batch(
     cache = None
     if use_kv_cache:
         # The last sampled token is never fed back, so T0 + n_new - 1 positions suffice.
+        # k, v come out of the qkv projection: in the autocast dtype when autocast is on.
         dtype = model.transformer.wte.weight.dtype
+        if torch.is_autocast_enabled(idx.device.type):
+            dtype = torch.get_autocast_dtype(idx.device.type)
         cache = KVCache.empty(cfg, B, T0 + n_new - 1, idx.device, dtype)
     logits, _ = model(idx, kv_cache=cache)  # (B, T0, V): the prefill
     seq = idx

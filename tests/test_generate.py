@@ -166,6 +166,15 @@ def test_bad_prompts():
         generate(model, [[50257]], max_new_tokens=3)
 
 
+def test_generation_under_autocast_matches_without_cache():
+    # The trainer samples inside its bf16 autocast context.
+    model = _model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cached = generate(model, PROMPTS, max_new_tokens=8, temperature=0, eot_id=None)
+        recomputed = generate(model, PROMPTS, max_new_tokens=8, temperature=0, eot_id=None, use_kv_cache=False)
+    assert cached == recomputed and all(len(c) == 8 for c in cached)
+
+
 def test_generate_restores_training_mode():
     model = _model().train()
     generate(model, PROMPTS, max_new_tokens=2)
