@@ -39,11 +39,11 @@ CONFIG = {"model": {"preset": "tiny"}, "train": {"lr": 1e-3, "run_dir": Path("/t
 def make(seed: int = 0, train_steps: int = 1):
     """A tiny GPT + AdamW with non-trivial optimizer state."""
     torch.manual_seed(seed)
-    model = GPT(GPTConfig.from_preset("tiny"))
+    model = GPT(GPTConfig.from_preset("tiny-vocab"))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     for i in range(train_steps):
         g = torch.Generator().manual_seed(seed * 100 + i)
-        x = torch.randint(0, 1000, (2, 16), generator=g)
+        x = torch.randint(0, 500, (2, 16), generator=g)
         model(x, x)[1].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -193,7 +193,7 @@ def test_sigkill_mid_save_keeps_previous(tmp_path):
         torch.set_num_threads(1)
         from pretrain.checkpoint import Checkpointer
         from pretrain.model import GPT, GPTConfig
-        m = GPT(GPTConfig.from_preset("tiny")); o = torch.optim.AdamW(m.parameters())
+        m = GPT(GPTConfig.from_preset("tiny-vocab")); o = torch.optim.AdamW(m.parameters())
         ck = Checkpointer({str(tmp_path)!r}, keep_last=3)
         ck.save(1, m, o, {{"step": 1}}, None, {{}})
         real = torch.save
@@ -427,7 +427,7 @@ res = {}
 
 def build(seed, fsdp):
     torch.manual_seed(seed)
-    m = GPT(GPTConfig.from_preset("tiny"))
+    m = GPT(GPTConfig.from_preset("tiny-vocab"))
     if fsdp:
         for block in m.transformer.h:
             fully_shard(block)
@@ -438,7 +438,7 @@ def build(seed, fsdp):
 def train(wrapped, opt, steps=1):
     for i in range(steps):
         g = torch.Generator().manual_seed(10 * rank + i)
-        x = torch.randint(0, 1000, (2, 16), generator=g)
+        x = torch.randint(0, 500, (2, 16), generator=g)
         wrapped(x, x)[1].backward()
         opt.step()
         opt.zero_grad()
@@ -558,7 +558,7 @@ def test_load_model_state_single_process(two_rank_run, mode):
     expect = torch.load(out / f"{mode}_full_model.pt", weights_only=True)
     assert config == {"mode": mode}
     assert_tree_equal(state, expect)
-    model = GPT(GPTConfig.from_preset("tiny"))
+    model = GPT(GPTConfig.from_preset("tiny-vocab"))
     model.load_state_dict(state)
 
 
