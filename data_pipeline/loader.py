@@ -19,8 +19,9 @@ step boundary. The only state is the number of stream sequences consumed, identi
 rank, so ``state_dict()`` is the same everywhere and resuming is exact mid-shard, across shard
 boundaries and across epochs.
 
-Shards are memory-mapped (never read whole); a batch copies B rows of T+1 tokens, widening
-uint16 -> int64 during the copy. On CUDA the batch goes through pinned memory with a
+Shards are memory-mapped (never read whole); a batch gathers B rows of T+1 tokens from the
+maps (one fancy index per run of rows within a shard) and widens uint16 -> int64 into one
+``(2, B, T)`` tensor whose halves are ``x`` and ``y``. On CUDA the batch goes through pinned memory with a
 non-blocking copy.
 
 For validation loss, build a fresh loader with ``shuffle=False`` each time and take the first
@@ -103,7 +104,6 @@ class DistributedTokenLoader:
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
         self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
         self._perm_cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
-        self._buf = np.empty((self.B, self.T + 1), dtype=np.uint16)
 
     # ---- sizes -------------------------------------------------------------------------------------
     @property
@@ -180,20 +180,16 @@ class DistributedTokenLoader:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's next micro-batch: ``x, y`` int64 ``(B, T)``, ``y`` = ``x`` shifted by one."""
         B, T = self.B, self.T
-        buf = self._buf  # (B, T+1) uint16, reused: rows are copied out of it below
-        i = 0
-        for shard, seqs in self._segments(self._consumed + self.rank * B, B):
-            # one C-level gather of whole rows from the memmap (pages are read on demand)
-            buf[i : i + len(seqs)] = self._rows(shard)[seqs]
-            i += len(seqs)
-        x = torch.empty((B, T), dtype=torch.int64, pin_memory=self._pin)
-        y = torch.empty((B, T), dtype=torch.int64, pin_memory=self._pin)
-        x.numpy()[...] = buf[:, :-1]  # uint16 -> int64 during the copy
-        y.numpy()[...] = buf[:, 1:]
+        runs = [self._rows(shard)[seqs] for shard, seqs in self._segments(self._consumed + self.rank * B, B)]
+        rows = runs[0] if len(runs) == 1 else np.concatenate(runs)  # (B, T+1) uint16, gathered from the maps
+        xy = torch.empty((2, B, T), dtype=torch.int64, pin_memory=self._pin)  # x and y in one allocation
+        xy_np = xy.numpy()
+        xy_np[0] = rows[:, :-1]  # uint16 -> int64 during the copy
+        xy_np[1] = rows[:, 1:]
         self._consumed += self.world_size * B
         if self.device.type != "cpu":
-            x = x.to(self.device, non_blocking=self._pin)
-            y = y.to(self.device, non_blocking=self._pin)
+            xy = xy.to(self.device, non_blocking=self._pin)  # one host-to-device copy
+        x, y = xy[0], xy[1]  # each (B, T), contiguous
         return x, y
 
     def __iter__(self):
