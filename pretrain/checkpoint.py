@@ -459,6 +459,21 @@ def _dcp_full_model_state(dcp_dir: Path) -> dict[str, torch.Tensor]:
     return state["model"]
 
 
+def _is_enospc(err: BaseException | None, depth: int = 0) -> bool:
+    """ENOSPC anywhere in ``err``: its cause chain, or the per-rank failures DCP wraps."""
+    if err is None or depth > 8:
+        return False
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    failures = getattr(err, "failures", None)  # torch.distributed.checkpoint.api.CheckpointException
+    if isinstance(failures, dict):
+        for f in failures.values():
+            inner = f[0] if isinstance(f, tuple) and f else f
+            if isinstance(inner, BaseException) and _is_enospc(inner, depth + 1):
+                return True
+    return _is_enospc(err.__cause__ or err.__context__, depth + 1)
+
+
 # ----------------------------------------------------------------------------- process-group helpers
 
 
@@ -548,6 +563,11 @@ class Checkpointer:
         self._finish_pending()
         if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 10**8:
             raise CheckpointError(f"checkpoint step must be an integer in [0, 1e8), got {step!r}")
+        if self.world_size > 1 and not _dist_on():
+            raise CheckpointError(
+                f"Checkpointer(world_size={self.world_size}) needs torch.distributed initialised (the ranks "
+                f"agree before committing); call init_process_group first or pass world_size=1"
+            )
         final = self.ckpt_dir / f"step_{step:08d}"
         tmp = self.ckpt_dir / f"step_{step:08d}.tmp"
 
@@ -578,7 +598,7 @@ class Checkpointer:
         pending = _Pending(step, tmp, final)
 
         if not self.async_save:
-            self._write_local(pending, files, texts, dcp_state, fsdp, async_dcp=False)
+            self._write_local(pending, files, texts, dcp_state)
             self._pending = pending
             self._finish_pending()
             return final
@@ -594,7 +614,7 @@ class Checkpointer:
                 self._finish_pending()  # agrees on the failure, cleans up and raises
 
         def work() -> None:
-            self._write_local(pending, files, texts, None, fsdp, async_dcp=False)  # errors -> pending.error
+            self._write_local(pending, files, texts, None)  # errors -> pending.error
             if dcp_future is not None:
                 try:
                     dcp_future.result()
@@ -648,7 +668,7 @@ class Checkpointer:
             texts["config.json"] = json.dumps(cfg, indent=2) + "\n"
         return files, texts, dcp_state
 
-    def _write_local(self, pending: _Pending, files, texts, dcp_state, fsdp, async_dcp: bool) -> None:
+    def _write_local(self, pending: _Pending, files, texts, dcp_state) -> None:
         """Write this rank's files into the tmp dir; an error is recorded on ``pending``."""
         try:
             for name, obj in files.items():
@@ -735,7 +755,7 @@ class Checkpointer:
             return CheckpointError(
                 f"checkpoint step {step} was not saved to {where}: another rank failed (see its log); {prev}"
             )
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        if _is_enospc(err):
             return CheckpointError(
                 f"no space left on device while writing checkpoint step {step} to {self.ckpt_dir}; free space "
                 f"or point checkpoint.dir elsewhere; {prev}"
@@ -858,15 +878,26 @@ class Checkpointer:
 
         if fsdp:
             import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+            from torch.distributed.checkpoint.state_dict import (
+                get_model_state_dict,
+                get_state_dict,
+                set_model_state_dict,
+                set_state_dict,
+            )
 
-            model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
-            state = {"model": _strip_prefixes(model_sd)}
             if optimizer is not None:
-                state["optim"] = optim_sd
-            dcp.load(state, storage_reader=_safe_reader(path / "dcp"), planner=_safe_load_planner())
-            set_state_dict(model, optimizer if optimizer is not None else [],
-                           model_state_dict=state["model"], optim_state_dict=state.get("optim", {}))
+                model_sd, optim_sd = get_state_dict(model, optimizer)
+                state = {"model": _strip_prefixes(model_sd), "optim": optim_sd}
+            else:
+                state = {"model": _strip_prefixes(get_model_state_dict(model))}
+            reader = _safe_reader(path / "dcp")
+            reader.read_metadata()  # refuses a tampered .metadata here, with a clear message
+            # Reads only this rank's shards of each tensor (DCP reshards if the world size changed).
+            dcp.load(state, storage_reader=reader, planner=_safe_load_planner())
+            if optimizer is not None:
+                set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            else:
+                set_model_state_dict(model, state["model"])
         else:
             model_sd = _strip_prefixes(_safe_torch_load(path / "model.pt"))
             try:

@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -581,3 +582,32 @@ def test_rank_that_did_not_exist_gets_none(two_rank_run):
     trainer_state, rank_state = ck.load(ck.latest(), model, opt)
     assert trainer_state == {"step": 3} and rank_state is None
     assert_tree_equal(model.state_dict(), torch.load(out / "ddp_full_model.pt", weights_only=True))
+
+
+def test_fsdp_tampered_dcp_metadata_refused(two_rank_run, tmp_path):
+    out, _ = two_rank_run
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "step_00000003"
+    shutil.copytree(out / "fsdp_sync" / "step_00000003", path)
+    (path / "dcp" / ".metadata").write_bytes(pickle.dumps(Evil()))
+    rewrite_manifest(path, "dcp/.metadata")
+    with pytest.raises(CheckpointError, match=r"\.metadata references (posix|os)\.system.*refused"):
+        load_model_state(path)
+    assert not marker.exists()
+
+
+def test_enospc_inside_dcp_is_recognised_and_needs_process_group(tmp_path):
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    ck = Checkpointer(tmp_path, keep_last=1)
+    wrapped = CheckpointException("save failed", {1: (OSError(errno.ENOSPC, "No space left on device"), None)})
+    assert str(ck._save_error(7, wrapped)).startswith("no space left on device while writing checkpoint step 7")
+    assert str(ck._save_error(7, RuntimeError("x"))).startswith("could not write checkpoint step 7")
+    model, opt = make()
+    with pytest.raises(CheckpointError, match="needs torch.distributed initialised"):
+        save(Checkpointer(tmp_path, keep_last=1, rank=0, world_size=2), 1, model, opt)
