@@ -31,10 +31,10 @@ import torch
 import yaml
 
 ENTRY = Path(__file__).with_name("train_entry.py")
-PHASES = ("train", "eval", "checkpoint", "load")
-# How long after entering the aimed phase the kill comes (seconds, uniform in [0, max]).
-PHASE_DELAY = {"train": 1.5, "eval": 0.15, "checkpoint": 0.12, "load": 0.05}
-PHASE_WEIGHT = {"train": 4, "eval": 2, "checkpoint": 3, "load": 1}
+# How long after entering the aimed phase the kill comes (seconds, uniform in [0, max]); a
+# "train" kill lands anywhere in the next few steps, the others inside the phase.
+PHASE_DELAY = {"train": 1.0, "eval": 0.04, "checkpoint": 0.12, "load": 0.03, "startup": 4.0}
+PHASE_WEIGHT = {"train": 4, "eval": 2, "checkpoint": 3, "load": 1, "startup": 1}
 COMPARED_KEYS = ("loss", "lr", "grad_norm", "tokens_seen", "val/loss", "val/tokens")
 
 
@@ -52,8 +52,13 @@ class SoakConfig:
     seq_len: int = 32
     micro_batch_size: int = 2
     global_batch_seqs: int = 8
-    val_tokens: int = 4096
+    val_tokens: int = 8192
     slow_io_s: float = 0.04
+    """Sleep after each checkpoint file write (widens the half-written-checkpoint window)."""
+    step_sleep_s: float = 0.05
+    """train.fault_inject=sleep:S (after each step): stretches the run so kills land all over it."""
+    aim: list[str] = field(default_factory=list)
+    """Phases the first kills aim at, in order (the rest are drawn from PHASE_WEIGHT)."""
     async_save: bool = False
     attempt_timeout_s: float = 600.0
     nproc: int = 2
@@ -135,8 +140,9 @@ def write_config(cfg: SoakConfig, data_dir: Path, run_dir: Path, path: Path) -> 
 
 
 def _cmd(cfg: SoakConfig, config_path: Path) -> list[str]:
+    extra = [f"train.fault_inject=sleep:{cfg.step_sleep_s}"] if cfg.step_sleep_s else []
     return procs.torchrun_cmd(ENTRY, "--config", str(config_path), "--resume", "auto",
-                              *cfg.extra_overrides, nproc=cfg.nproc)
+                              *extra, *cfg.extra_overrides, nproc=cfg.nproc)
 
 
 def _env(cfg: SoakConfig, phase_dir: Path | None) -> dict[str, str]:
@@ -164,8 +170,8 @@ def _where(phase: tuple[int, str, int] | None) -> str:
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], int]:
-    """(records, torn lines) of ``metrics.jsonl``."""
-    path = run_dir / "metrics.jsonl"
+    """(records, torn lines) of ``metrics.jsonl`` (``run_dir`` may also be the file itself)."""
+    path = run_dir if run_dir.suffix == ".jsonl" else run_dir / "metrics.jsonl"
     if not path.exists():
         return [], 0
     recs, torn = [], 0
@@ -229,6 +235,8 @@ def run_with_kills(cfg: SoakConfig, config_path: Path, run_dir: Path, phase_dir:
         attempt += 1
         killing = len(kills) < cfg.kills and (cfg.minutes is None or time.monotonic() - t_begin < 60 * cfg.minutes)
         aimed = rng.choices(phases, weights)[0] if killing else None
+        if killing and len(kills) < len(cfg.aim):
+            aimed = cfg.aim[len(kills)]
         if aimed == "load" and not any((run_dir / "checkpoints").glob("step_*")):
             aimed = "train"  # nothing to resume from yet
         nth = rng.randint(1, 2) if aimed in ("eval", "checkpoint") else 1
@@ -262,6 +270,10 @@ def run_with_kills(cfg: SoakConfig, config_path: Path, run_dir: Path, phase_dir:
                         tmp = _tmp_dirs(run_dir)
                         procs.kill_tree(p.pid)
                         p.wait()
+                        # The next start truncates metrics.jsonl to its checkpoint (replayed steps
+                        # are logged afresh), so keep what this attempt logged for the comparison.
+                        if (run_dir / "metrics.jsonl").exists():
+                            shutil.copy(run_dir / "metrics.jsonl", run_dir.parent / f"metrics_attempt_{attempt:03d}.jsonl")
                         k = Kill(attempt, aimed, round(delay, 4), landed, last_logged_step(run_dir), tmp,
                                  round(time.monotonic() - t_begin, 2))
                         kills.append(k)
@@ -322,7 +334,12 @@ def compare_runs(ref_dir: Path, run_dir: Path) -> tuple[int, int, int]:
 
     problems: list[str] = []
     ref_recs, ref_torn = read_metrics(ref_dir)
-    recs, torn = read_metrics(run_dir)
+    # Every line any attempt logged: the snapshots taken at each kill, then the final file.
+    recs, torn = [], 0
+    for f in [*sorted(run_dir.parent.glob("metrics_attempt_*.jsonl")), run_dir / "metrics.jsonl"]:
+        r, t = read_metrics(f)
+        recs += r
+        torn += t
     if ref_torn or torn:
         problems.append(f"torn metrics.jsonl lines: reference {ref_torn}, chaos run {torn}")
     ref = {}
@@ -333,12 +350,19 @@ def compare_runs(ref_dir: Path, run_dir: Path) -> tuple[int, int, int]:
             ref[r["step"]] = r
     if not ref:
         raise SoakFailure(f"{ref_dir / 'metrics.jsonl'}: no step lines")
+    # One execution of a step is one distinct line (each carries its wall-clock "time"); the
+    # same line in a kill snapshot and in the final file is one execution, kept by truncation.
+    executions: dict[int, set[str]] = {}
     seen: Counter = Counter()
     compared = 0
     for r in recs:
         if "step" not in r or "loss" not in r:
             continue
         s = r["step"]
+        key = json.dumps(r, sort_keys=True)
+        if key in executions.setdefault(s, set()):
+            continue
+        executions[s].add(key)
         seen[s] += 1
         if s not in ref:
             problems.append(f"chaos run logged step {s}, which the reference never logged")
@@ -395,6 +419,8 @@ def soak(cfg: SoakConfig, say=print) -> SoakResult:
     data_dir, ref_dir, run_dir = work / "data", work / "reference", work / "chaos"
     for d in (ref_dir, run_dir):
         shutil.rmtree(d, ignore_errors=True)
+    for f in [*work.glob("metrics_attempt_*.jsonl"), *work.glob("attempt_*.log")]:
+        f.unlink()
     make_data(data_dir, seed=cfg.seed)
     write_config(cfg, data_dir, ref_dir, work / "reference.yaml")
     write_config(cfg, data_dir, run_dir, work / "chaos.yaml")
