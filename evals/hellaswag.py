@@ -51,7 +51,8 @@ import shutil
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -301,18 +302,53 @@ def model_vocab_size(model) -> int | None:
     return getattr(config, "vocab_size", None) if config is not None else None
 
 
+def _head_trick_ok(model) -> bool:
+    """An eager (not compiled) native GPT, whose ``ln_f`` output feeds only ``lm_head``."""
+    from pretrain.model import GPT
+
+    return isinstance(model, GPT) and getattr(model, "_compiled_call_impl", None) is None
+
+
+@contextmanager
+def _head_only_at(model, rows: torch.Tensor, pos: torch.Tensor) -> Iterator[None]:
+    """While active, ``GPT.forward`` projects to the vocabulary only at ``(rows, pos)``.
+
+    The LM head is most of a small model's cost (50,257 × C per position) and HellaSwag
+    scores about a third of the positions, so a forward hook on ``transformer.ln_f`` keeps just
+    the scored hidden states, (B, T, C) -> (1, S, C), and the logits come back as
+    (1, S, V_rows), in ``(rows, pos)`` order. The result is the same computation on fewer
+    rows (tests compare it with the plain path). Compiled models ignore hooks added after
+    compilation, so they take the plain path (the caller also checks the returned shape)."""
+    if model is None:
+        yield
+        return
+
+    def keep_scored(module, args, out):  # out: (B, T, C)
+        return out[rows, pos].unsqueeze(0)  # (1, S, C)
+
+    handle = model.transformer.ln_f.register_forward_hook(keep_scored)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @torch.inference_mode()
 def score_sequences(model, context: Sequence[list[int]], continuation: Sequence[list[int]], *,
-                    block_size: int, batch_size: int = 32, pad_multiple: int = 64,
+                    block_size: int, batch_size: int = 32, pad_multiple: int = 32,
                     vocab_size: int | None = None, device: str | torch.device = "cpu",
-                    sync_batches: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                    sync_batches: bool = True, head_positions_only: bool | None = None,
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """Sum of log p(continuation token | prefix) over each continuation, and its token count.
 
     Sequences are left-truncated to ``block_size + 1`` tokens as the harness does, sorted by
     length, and run ``batch_size`` rows per forward, right-padded to a multiple of
     ``pad_multiple`` (padded rows and positions are never scored). With ``sync_batches`` and
-    a process group up, every rank runs as many forwards as the busiest rank."""
+    a process group up, every rank runs as many forwards as the busiest rank.
+    ``head_positions_only`` (default: on for an eager native ``GPT``) applies the LM head at
+    the scored positions only; see :func:`_head_only_at`."""
     device = torch.device(device)
+    head_trick = _head_trick_ok(model) if head_positions_only is None else head_positions_only
     n = len(context)
     inputs, cont_lens = [], []
     for ctx, cont in zip(context, continuation):
@@ -345,13 +381,16 @@ def score_sequences(model, context: Sequence[list[int]], continuation: Sequence[
             sel_pos.extend(range(L - c, L))
             sel_tgt.extend(toks[L - c + 1: L + 1])
             sel_seq.extend([i] * c)
-        with autocast_for(device):
-            logits = _logits_of(model(idx.to(device, non_blocking=True)))  # (B, T, V_rows)
+        rows_t = torch.tensor(sel_row, dtype=torch.long, device=device)
+        pos_t = torch.tensor(sel_pos, dtype=torch.long, device=device)
+        with autocast_for(device), _head_only_at(model if head_trick and rows else None, rows_t, pos_t):
+            logits = _logits_of(model(idx.to(device, non_blocking=True)))  # (B, T, V_rows) or (1, S, V_rows)
         if not rows:
             continue  # a padding forward: this rank is done, others are not
-        rows_t = torch.tensor(sel_row, device=device)
-        pos_t = torch.tensor(sel_pos, device=device)
-        picked = logits[rows_t, pos_t]  # (S, V_rows): only the scored positions
+        if head_trick and logits.shape[:2] == (1, len(sel_row)):
+            picked = logits[0]  # the head ran at the scored positions only
+        else:
+            picked = logits[rows_t, pos_t]  # (S, V_rows): only the scored positions
         if vocab_size is not None:
             picked = picked[:, :vocab_size]  # padded vocab rows carry -inf anyway
         logp = F.log_softmax(picked.float(), dim=-1)  # (S, V)
@@ -392,13 +431,15 @@ def summarize(correct: dict[str, float], n: int, prefix: str = "hellaswag/") -> 
 
 
 def evaluate(model, prep: Prepared, *, batch_size: int = 32, device: str | torch.device = "cpu",
-             block_size: int | None = None, pad_multiple: int = 64, prefix: str = "hellaswag/") -> dict[str, float]:
+             block_size: int | None = None, pad_multiple: int = 32, prefix: str = "hellaswag/",
+             head_positions_only: bool | None = None) -> dict[str, float]:
     """Score this rank's prepared examples, all-reduce the counts, return the metrics (the
     same dict on every rank)."""
     block_size = block_size or model_block_size(model)
     sums, counts = score_sequences(
         model, prep.context, prep.continuation, block_size=block_size, batch_size=batch_size,
         pad_multiple=pad_multiple, vocab_size=model_vocab_size(model), device=device,
+        head_positions_only=head_positions_only,
     )
     right = example_predictions(prep, sums, counts) if len(prep) else {k: np.zeros(0) for k in METRICS}
     totals = torch.tensor([len(prep)] + [float(right[k].sum()) for k in METRICS], dtype=torch.float64)
@@ -417,7 +458,7 @@ class HellaSwagEvaluator:
 
     def __init__(self, path: str | os.PathLike | None = None, limit: int | None = None, batch_size: int = 32,
                  rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
-                 split: str = "validation", pad_multiple: int = 64, tokenizer=None) -> None:
+                 split: str = "validation", pad_multiple: int = 32, tokenizer=None) -> None:
         if batch_size < 1:
             raise ValueError(f"hellaswag batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:

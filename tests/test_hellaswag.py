@@ -210,9 +210,13 @@ def test_batched_scorer_equals_one_at_a_time_reference(tmp_path):
     for k, v in want.items():
         assert got[f"hellaswag/{k}"] == pytest.approx(v), k
     assert got["hellaswag/num_examples"] == len(EXAMPLES)
-    # other batch sizes / buckets give the same numbers
-    for bs, pad in [(1, 1), (64, 32)]:
-        again = hs.evaluate(model, ev.prep, batch_size=bs, pad_multiple=pad)
+    # the full-logits path (what a compiled model takes) agrees with the head-at-scored-positions one
+    plain, _ = hs.score_sequences(model, ev.prep.context, ev.prep.continuation, block_size=64, batch_size=5,
+                                  vocab_size=model.config.vocab_size, head_positions_only=False)
+    np.testing.assert_allclose(plain, sums, rtol=1e-5, atol=1e-4)
+    # other batch sizes / buckets / paths give the same numbers
+    for bs, pad, head_only in [(1, 1, True), (64, 32, True), (3, 64, False)]:
+        again = hs.evaluate(model, ev.prep, batch_size=bs, pad_multiple=pad, head_positions_only=head_only)
         assert {k: again[k] for k in got} == pytest.approx(got)
 
 

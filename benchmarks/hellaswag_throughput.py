@@ -1,0 +1,115 @@
+"""HellaSwag scoring throughput: the batched scorer (evals.hellaswag) vs one example per forward.
+
+    python benchmarks/hellaswag_throughput.py [--hellaswag PATH] [--examples 200] [--threads 1]
+
+Both score the same examples with the same model and compute the same five metrics (harness
+acc / acc_norm / acc_bytes and the completion style). The baseline is build-nanogpt's loop:
+per example, one forward over its 8 candidate rows (4 per style) padded to the longest, then
+a cross-entropy over every position and a mask. The batched scorer sorts all candidates by
+length, runs ``--batch-size`` rows per forward padded to a multiple of ``--pad-multiple``, and
+takes log_softmax only at the scored positions. Without ``--hellaswag``, synthetic examples
+with HellaSwag's length profile (contexts ~40-70 tokens, endings ~10-35) are generated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from evals import hellaswag as hs
+from pretrain.model import GPT, GPTConfig
+
+WORDS = ("the a man woman is on in with and then he she they it of to runs holds puts takes water ball field "
+         "kitchen grill brush table paper car dog quickly slowly again before after while [title] [step] "
+         "camera shows begins continues player crowd stage hair towel rope shoes bike").split()
+
+
+def synthetic_examples(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+
+    def words(lo: int, hi: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+    out = []
+    for i in range(n):
+        ctx_a, ctx_b = words(25, 50) + ".", words(1, 4)
+        out.append({"ind": i, "activity_label": words(1, 3).title(), "ctx_a": ctx_a, "ctx_b": ctx_b,
+                    "ctx": f"{ctx_a} {ctx_b}", "endings": [words(8, 30) + "." for _ in range(4)],
+                    "label": rng.randrange(4), "split": "val", "split_type": "indomain",
+                    "source_id": "activitynet~synthetic"})
+    return out
+
+
+@torch.inference_mode()
+def one_example_per_forward(model: GPT, prep: hs.Prepared) -> dict[str, float]:
+    """build-nanogpt's loop, generalised to both styles: 8 rows per forward."""
+    V, Tmax = model.config.vocab_size, model.config.block_size
+    sums, counts = np.zeros(len(prep.context)), np.zeros(len(prep.context), dtype=np.int64)
+    for i in range(len(prep)):
+        rows = range(8 * i, 8 * i + 8)
+        seqs = [(prep.context[r] + prep.continuation[r])[-(Tmax + 1):] for r in rows]
+        L = max(len(s) for s in seqs)
+        tokens = torch.zeros(8, L, dtype=torch.long)
+        mask = torch.zeros(8, L)
+        for j, (r, s) in enumerate(zip(rows, seqs)):
+            tokens[j, : len(s)] = torch.tensor(s)
+            mask[j, len(s) - len(prep.continuation[r]): len(s)] = 1
+        logits, _ = model(tokens[:, :-1])  # (8, L-1, V_rows)
+        losses = F.cross_entropy(logits[..., :V].reshape(-1, V).float(), tokens[:, 1:].reshape(-1),
+                                 reduction="none").view(8, -1)  # (8, L-1)
+        sums[list(rows)] = -(losses * mask[:, 1:]).sum(1).numpy()
+        counts[list(rows)] = mask.sum(1).long().numpy()
+    right = hs.example_predictions(prep, sums, counts)
+    return {k: float(v.mean()) for k, v in right.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--hellaswag", default=None, help="real HellaSwag jsonl (default: synthetic examples)")
+    p.add_argument("--examples", type=int, default=200)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=32, help="rows per forward of the batched scorer")
+    p.add_argument("--pad-multiple", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=2, help="best of N timings")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=args.layers, n_head=max(1, args.width // 64), n_embd=args.width)).eval()
+    examples = (hs.load_examples(args.hellaswag, args.examples) if args.hellaswag
+                else synthetic_examples(args.examples))
+    prep = hs.prepare(examples)
+    ntok = sum(len(c) + len(k) for c, k in zip(prep.context, prep.continuation))
+    print(f"model {args.layers}x{args.width} ({model.num_params() / 1e6:.1f}M params), {len(examples)} examples, "
+          f"{ntok / len(prep.context):.0f} tokens per candidate, {args.threads} thread(s)")
+
+    def best(fn):
+        """Best of N, in this process's CPU seconds: robust on a shared machine (1 thread)."""
+        times, out = [], None
+        for _ in range(args.repeats):
+            t0 = time.process_time()
+            out = fn()
+            times.append(time.process_time() - t0)
+        return min(times), out
+
+    t_base, base = best(lambda: one_example_per_forward(model, prep))
+    n = len(examples)
+    print(f"{'one example per forward (8 rows)':44s} {n / t_base:7.2f} examples/s  {t_base:7.2f} CPU s  1.00x")
+    for head_only in (False, True):
+        t, out = best(lambda h=head_only: hs.evaluate(model, prep, batch_size=args.batch_size,
+                                                      pad_multiple=args.pad_multiple, head_positions_only=h))
+        out = {k.removeprefix("hellaswag/"): v for k, v in out.items() if k.removeprefix("hellaswag/") in base}
+        assert all(abs(out[k] - base[k]) < 1e-9 for k in base), (out, base)  # the same answers
+        name = f"batched, {args.batch_size} rows/forward" + (", head at scored positions" if head_only else "")
+        print(f"{name:44s} {n / t:7.2f} examples/s  {t:7.2f} CPU s  {t_base / t:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
