@@ -1,0 +1,198 @@
+"""Plot training runs from their ``metrics.jsonl``: loss, learning rate, throughput, HellaSwag.
+
+    python -m pretrain.plot runs/smoke_cpu                      # -> runs/smoke_cpu/loss.png
+    gpt2-plot runs/a runs/b --out compare.png                   # several runs overlaid
+
+One PNG, a grid of panels: rows are train/val loss, learning rate, tokens/s and HellaSwag
+accuracy; the left column plots them against optimizer steps, the right against tokens seen.
+Each run has one colour (legend = the run directory's name); train loss is a solid line, val
+loss dashed with dots, HellaSwag acc_norm solid and acc dotted. A panel no run has data for
+says "no data". Matplotlib's Agg backend: no display needed.
+
+The metrics file is the trainer's (``pretrain/metrics.py``): one JSON object per line with
+``step``, ``tokens_seen``, ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s``, ``mfu``, ``time``
+and, on eval steps, evaluator keys (``val/loss``, ``hellaswag/acc``, ``hellaswag/acc_norm``).
+A torn last line (a killed run) is skipped; if a step appears twice (a resumed run that
+re-did steps), its last line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+UNIFORM_LOSS = math.log(50257)  # the loss of a model that knows nothing about GPT-2's vocabulary
+
+
+class PlotError(ValueError):
+    """A run that cannot be plotted; the message is one line naming the path and the fix."""
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    records: list[dict[str, Any]]
+
+    def series(self, x_key: str, y_key: str) -> tuple[list[float], list[float]]:
+        """(x, y) of the records that have a finite number for both keys."""
+        xs, ys = [], []
+        for r in self.records:
+            x, y = r.get(x_key), r.get(y_key)
+            if _is_number(x) and _is_number(y):
+                xs.append(float(x))
+                ys.append(float(y))
+        return xs, ys
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def metrics_path(run: str | Path) -> Path:
+    """``run`` is a run directory (holding metrics.jsonl) or the metrics file itself."""
+    p = Path(run)
+    if p.is_dir():
+        p = p / METRICS_FILE
+    if not p.is_file():
+        raise PlotError(
+            f"{p} not found: pass a run directory written by pretrain/train.py (its train.run_dir, "
+            f"which holds {METRICS_FILE}) or the {METRICS_FILE} file itself"
+        )
+    return p
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, one per step, in step order (the last line of a step wins)."""
+    by_step: dict[int, dict[str, Any]] = {}
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                continue  # a torn last line from a killed run
+            raise PlotError(f"{path}:{i + 1}: not a JSON object; is this a metrics.jsonl of pretrain/train.py?") from None
+        if not isinstance(record, dict) or not _is_number(record.get("step")):
+            raise PlotError(f"{path}:{i + 1}: a metrics line needs a numeric 'step'; got {line[:80]!r}")
+        by_step[int(record["step"])] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def load_runs(runs: Sequence[str | Path]) -> list[Run]:
+    """Read every run (errors name the path); legend names are the run directories' names,
+    made unique with their parents when two runs share a name."""
+    paths = [metrics_path(r) for r in runs]
+    names = [p.parent.name or str(p.parent) for p in paths]
+    out = []
+    for p, name in zip(paths, names):
+        if names.count(name) > 1:
+            name = str(p.parent)
+        records = read_metrics(p)
+        if not records:
+            raise PlotError(f"{p} holds no metrics yet: plot it after the first logged step")
+        out.append(Run(name=name, path=p, records=records))
+    return out
+
+
+# (row title, y label, [(metric key, line style, marker, label suffix)])
+PANELS: list[tuple[str, str, list[tuple[str, str, str | None, str]]]] = [
+    ("Loss", "cross-entropy (nats/token)", [("loss", "-", None, "train"), ("val/loss", "--", "o", "val")]),
+    ("Learning rate", "lr", [("lr", "-", None, "")]),
+    ("Throughput", "tokens/s", [("tokens_per_s", "-", None, "")]),
+    ("HellaSwag", "accuracy", [("hellaswag/acc_norm", "-", "o", "acc_norm"), ("hellaswag/acc", ":", "s", "acc")]),
+]
+X_AXES = [("step", "optimizer step"), ("tokens_seen", "tokens seen")]
+
+
+def plot_runs(runs: Sequence[Run], out: str | Path) -> Path:
+    """Draw every run into one PNG at ``out`` (parent directories created); returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(PANELS), len(X_AXES), figsize=(13, 3.2 * len(PANELS)), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for row, (title, ylabel, keys) in enumerate(PANELS):
+        for col, (x_key, x_label) in enumerate(X_AXES):
+            ax = axes[row][col]
+            drawn = 0
+            for i, run in enumerate(runs):
+                color = colors[i % len(colors)]
+                for key, style, marker, suffix in keys:
+                    xs, ys = run.series(x_key, key)
+                    if not xs:
+                        continue
+                    label = f"{run.name} {suffix}".strip() if len(keys) > 1 else run.name
+                    ax.plot(xs, ys, linestyle=style, marker=marker, markersize=3, color=color,
+                            label=label, linewidth=1.2)
+                    drawn += 1
+            ax.set_title(f"{title} vs {x_label}", fontsize=10)
+            ax.set_xlabel(x_label)
+            ax.set_ylabel(ylabel)
+            ax.grid(True, alpha=0.3)
+            if not drawn:
+                ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center",
+                        fontsize=14, color="gray")
+                continue
+            if title == "Loss":
+                ax.axhline(UNIFORM_LOSS, color="gray", linewidth=0.8, linestyle=":")
+                ax.text(0.99, UNIFORM_LOSS, "uniform ln 50257", transform=ax.get_yaxis_transform(),
+                        ha="right", va="bottom", fontsize=7, color="gray")
+            if title == "HellaSwag":
+                ax.axhline(0.25, color="gray", linewidth=0.8, linestyle=":")
+                ax.text(0.99, 0.25, "chance", transform=ax.get_yaxis_transform(),
+                        ha="right", va="bottom", fontsize=7, color="gray")
+            if title == "Learning rate":
+                ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+            ax.legend(fontsize=7, loc="best")
+    fig.suptitle(", ".join(r.name for r in runs), fontsize=11)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gpt2-plot",
+        description="Plot train/val loss, learning rate, tokens/s and HellaSwag of one or more runs "
+                    "(their metrics.jsonl) against steps and tokens, into one PNG.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="run directories (train.run_dir, holding metrics.jsonl) or metrics.jsonl files; "
+                        "several are overlaid")
+    p.add_argument("--out", default=None,
+                   help="PNG to write (default: RUN_DIR/loss.png for one run, ./loss.png for several)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        runs = load_runs(args.runs)
+        out = args.out or (runs[0].path.parent / "loss.png" if len(runs) == 1 else Path("loss.png"))
+        path = plot_runs(runs, out)
+    except (PlotError, OSError) as e:
+        print(f"gpt2-plot: error: {e}", file=sys.stderr)
+        return 2
+    steps = ", ".join(f"{r.name}: {len(r.records)} steps" for r in runs)
+    print(f"gpt2-plot: wrote {path} ({steps})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
