@@ -184,6 +184,19 @@ def _strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP and torch.compile wrappers (their names carry prefixes)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 _PLAIN_SCALARS = (type(None), bool, int, float, complex, str, bytes)
 
 
@@ -901,7 +914,7 @@ class Checkpointer:
         else:
             model_sd = _strip_prefixes(_safe_torch_load(path / "model.pt"))
             try:
-                model.load_state_dict(model_sd)
+                _unwrap(model).load_state_dict(model_sd)
             except RuntimeError as e:
                 raise CheckpointError(
                     f"checkpoint file {path / 'model.pt'} does not fit this model ({str(e).splitlines()[0]} ...); "

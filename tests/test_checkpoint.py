@@ -130,6 +130,15 @@ def test_prefixes_are_stripped_and_plain_data_enforced(tmp_path):
     assert all(not k.startswith(("module.", "_orig_mod.")) for k in sd)
     assert_tree_equal(sd, model.state_dict())
     assert cfg["train"]["run_dir"] == "/tmp/run"
+    class Compiled(torch.nn.Module):  # what torch.compile's OptimizedModule looks like (compiling costs seconds)
+        def __init__(self, m):
+            super().__init__()
+            self._orig_mod = m
+
+    compiled = Compiled(make(seed=3)[0])
+    assert next(iter(compiled.state_dict())).startswith("_orig_mod.")
+    ck.load(path, compiled, None)
+    assert_tree_equal(compiled._orig_mod.state_dict(), model.state_dict())
     with pytest.raises(CheckpointError, match=r"rank_state\['np'\] is a numpy.ndarray.*torch.from_numpy"):
         ck.save(2, model, opt, {"step": 2}, {"np": np.zeros(3)}, CONFIG)
     assert ck.latest() == path and not list(tmp_path.glob("*.tmp"))
