@@ -277,6 +277,11 @@ slurm_main() {
     else
         addr=$(srun --nodes=1 --ntasks=1 -w "$head" hostname --ip-address | awk 'NR == 1 {print $1}')
         [[ -n "$addr" ]] || launch_die "could not get the IP address of $head (srun hostname --ip-address); set RDZV_HOST"
+        if [[ "$addr" == 127.* ]] && ((nnodes > 1)); then
+            # e.g. Debian's "127.0.1.1 <hostname>" line in /etc/hosts: the other nodes would
+            # wait for a rendezvous on themselves until the join timeout.
+            launch_log "warning: $head resolves to the loopback address $addr, which other nodes cannot reach; set RDZV_HOST to its cluster address (e.g. of ib0) unless all nodes are this machine"
+        fi
     fi
     if [[ -n "${RDZV_PORT:-}" ]]; then
         port=$RDZV_PORT

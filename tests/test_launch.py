@@ -66,7 +66,7 @@ def free_port() -> int:
 def base_env(tmp: Path, **extra: str) -> dict[str, str]:
     """The environment of a launch: stubs first on PATH, no SLURM_* from the outside."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SRUN_", "SBATCH_"))}
-    for k in ("DRY_RUN", "WORKERS", "NPROC_PER_NODE", "RDZV_HOST", "RDZV_PORT", "TORCHRUN", "PYTHON", "VENV", "REPO_DIR"):
+    for k in ("DRY_RUN", "WORKERS", "FAKE_EXIT", "NPROC_PER_NODE", "RDZV_HOST", "RDZV_PORT", "TORCHRUN", "PYTHON", "VENV", "REPO_DIR"):
         env.pop(k, None)
     env.update(
         PATH=f"{STUBS}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
@@ -302,6 +302,107 @@ def test_prepare_sbatch_dry_run(tmp_path):
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert shlex.split(r.stdout)[3:] == ["fineweb-edu-100B", "/scratch/edu", "--workers", "16", "--max-tokens", "5"]
+
+
+# ---------------------------------------------------------------------------------------------
+# signal handling, fast: a fake torchrun (bash) that records the signals it receives
+# ---------------------------------------------------------------------------------------------
+
+FAKE_TORCHRUN = r"""#!/usr/bin/env bash
+# Records each signal it gets in $FAKE_DIR/node-$SLURM_NODEID; after the first one exits
+# $FAKE_EXIT (1, as torchrun does after forwarding a signal), a little later so that a second
+# (duplicate) signal would be recorded too; exits 0 when $FAKE_DIR/finish appears.
+log="$FAKE_DIR/node-${SLURM_NODEID:-local}"
+got=""
+trap 'echo USR1 >>"$log"; got=1' USR1
+trap 'echo TERM >>"$log"; got=1' TERM
+trap 'echo INT >>"$log"; got=1' INT
+echo "args $*" >>"$log"
+for _ in $(seq 1200); do
+    if [[ -n "$got" ]]; then sleep 1; exit "${FAKE_EXIT:-1}"; fi
+    if [[ -f "$FAKE_DIR/finish" ]]; then exit 0; fi
+    sleep 0.05
+done
+exit 3
+"""
+
+
+def start_fake_job(tmp: Path, cmd: list[str], cwd: Path, nodes: list[str], **env_extra: str):
+    fake = tmp / "fake_torchrun"
+    fake.write_text(FAKE_TORCHRUN)
+    fake_dir = tmp / "fake"
+    fake_dir.mkdir()
+    env = base_env(tmp, TORCHRUN=f"bash {fake}", FAKE_DIR=str(fake_dir), NPROC_PER_NODE="1", **env_extra)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not all((fake_dir / f"node-{n}").exists() for n in nodes):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            kill_tree(proc, str(tmp))
+            pytest.fail(f"the fake torchrun did not start on {nodes}: {proc.communicate()[0]}")
+        time.sleep(0.05)
+    return proc, fake_dir
+
+
+def finish(proc: subprocess.Popen, tmp: Path) -> str:
+    try:
+        return proc.communicate(timeout=60)[0]
+    except subprocess.TimeoutExpired:
+        kill_tree(proc, str(tmp))
+        pytest.fail("the launcher did not exit")
+
+
+def signals_seen(fake_dir: Path, node: str) -> list[str]:
+    return [line for line in (fake_dir / f"node-{node}").read_text().splitlines() if not line.startswith("args ")]
+
+
+def test_sbatch_usr1_is_forwarded_once_per_node_then_requeued(tmp_path):
+    sub = submit_dir(tmp_path)
+    proc, fake_dir = start_fake_job(tmp_path, ["sbatch", str(SBATCH_N), CONFIG, "optim.lr=1e-3"], sub, ["0", "1"],
+                                    SLURM_STUB_JOB_ID="31")
+    os.kill(proc.pid, signal.SIGUSR1)
+    finish(proc, tmp_path)
+    log = (sub / "logs" / "gpt2-124m-multinode-31.out").read_text()
+    assert proc.returncode == 75, log
+    assert signals_seen(fake_dir, "0") == ["USR1"] and signals_seen(fake_dir, "1") == ["USR1"], log
+    assert (tmp_path / "slurm_state" / "requeue").read_text().split() == ["31"]
+
+
+def test_sbatch_term_is_not_forwarded_nor_requeued(tmp_path):
+    """SLURM delivers SIGTERM to every process itself (scancel, preemption): the batch shell
+    must not send a second one, must keep waiting for the step, and must not requeue."""
+    sub = submit_dir(tmp_path)
+    proc, fake_dir = start_fake_job(tmp_path, ["sbatch", str(SBATCH_1), CONFIG], sub, ["0"], SLURM_STUB_JOB_ID="32")
+    os.kill(proc.pid, signal.SIGTERM)
+    time.sleep(1.0)
+    assert proc.poll() is None, "the batch shell exited before its step"
+    (fake_dir / "finish").touch()
+    finish(proc, tmp_path)
+    log = (sub / "logs" / "gpt2-124m-32.out").read_text()
+    assert proc.returncode == 0, log
+    assert signals_seen(fake_dir, "0") == []
+    assert not (tmp_path / "slurm_state" / "requeue").exists()
+
+
+def test_sbatch_finished_step_is_not_requeued(tmp_path):
+    """A step that ends with 0 although USR1 came (it finished its last step) is done."""
+    sub = submit_dir(tmp_path)
+    proc, fake_dir = start_fake_job(tmp_path, ["sbatch", str(SBATCH_1), CONFIG], sub, ["0"],
+                                    SLURM_STUB_JOB_ID="33", FAKE_EXIT="0")
+    os.kill(proc.pid, signal.SIGUSR1)
+    finish(proc, tmp_path)
+    assert proc.returncode == 0
+    assert signals_seen(fake_dir, "0") == ["USR1"]
+    assert not (tmp_path / "slurm_state" / "requeue").exists()
+
+
+@pytest.mark.parametrize("sig, forwarded, rc", [(signal.SIGTERM, ["TERM"], 75), (signal.SIGUSR1, ["USR1"], 75)])
+def test_local_sh_forwards_signals_once(tmp_path, sig, forwarded, rc):
+    proc, fake_dir = start_fake_job(tmp_path, [str(LOCAL), "--nproc", "1", CONFIG], tmp_path, ["local"])
+    os.kill(proc.pid, sig)
+    out = finish(proc, tmp_path)
+    assert proc.returncode == rc, out
+    assert signals_seen(fake_dir, "local") == forwarded
 
 
 # ---------------------------------------------------------------------------------------------
