@@ -849,10 +849,16 @@ class Checkpointer:
             self._delete(path)
 
     def _remove_stale(self) -> None:
-        """Remove tmp dirs of crashed saves (none is in flight: the previous save was joined)."""
+        """Remove what crashed saves and failed deletes left (none is in flight: the previous save
+        was joined and committed)."""
         for entry in self.ckpt_dir.iterdir():
             if _TMP_RE.match(entry.name) and entry.is_dir():
                 log.warning("removing %s, left by an interrupted checkpoint save", entry)
+                _rmtree_quiet(entry)
+            elif _STEP_RE.match(entry.name) and entry.is_dir() and not _is_complete(entry):
+                # Never loadable (no COMMITTED / manifest): a half-deleted old one, or a save killed
+                # between its rename and its marker.
+                log.warning("removing %s, an incomplete checkpoint (no COMMITTED marker or manifest)", entry)
                 _rmtree_quiet(entry)
         self._remove_replaced()
 

@@ -168,9 +168,9 @@ def test_latest_ignores_tmp_and_incomplete_dirs(tmp_path):
     assert ck.latest() == good
     with pytest.raises(CheckpointError, match="no COMMITTED marker"):
         ck.load(tmp_path / "step_00000008", *make())
-    # The next save removes the stale tmp dir.
+    # The next save removes the stale tmp dir and the never-loadable ones.
     save(ck, 4, model, opt)
-    assert not (tmp_path / "step_00000009.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003", "step_00000004"]
     assert ck.latest() == tmp_path / "step_00000004"
 
 
@@ -325,7 +325,7 @@ def test_failing_delete_keeps_newest_and_does_not_raise(tmp_path, monkeypatch, c
     ck.load(ck.latest(), *make(seed=5))
     monkeypatch.undo()
     save(ck, 4, model, opt)  # deletes work again: the half-deleted ones go too
-    assert sorted(p.name for p in tmp_path.iterdir() if ckpt_mod._is_complete(p)) == ["step_00000004"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004"]
 
 
 def test_enospc_clear_error_and_previous_intact(tmp_path, monkeypatch):
