@@ -489,3 +489,91 @@ def test_evaluators_do_not_leak_across_calls(tmp_path):
         print(f"{name}: RSS after call 2 {rss[1]:.1f} MB, after call 10 {rss[-1]:.1f} MB "
               f"(calls 8-10 vs 2-4: {growth:+.2f} MB)")
         assert growth < 4.0, f"{name} evaluator: RSS grew {growth:.1f} MB from calls 2-4 to 8-10: {rss}"
+
+
+# ---- the trainer, end to end: a stopped rank, a full disk ----------------------------------------
+
+def _soak():
+    import soak
+
+    return soak
+
+
+def test_training_fails_within_the_timeout_when_a_rank_stops_answering(tmp_path):
+    """SIGSTOP rank 1 of a real 2-rank training run (no injection knob: a frozen process, as a
+    hung NFS read or a debugger leaves it): rank 0 must fail with a timeout error within
+    distributed.timeout_s (5 s here), and the job must exit, instead of waiting forever."""
+    import os
+    import signal
+
+    import psutil
+
+    soak = _soak()
+    cfg = soak.SoakConfig(work_dir=tmp_path, max_steps=400, step_sleep_s=0.02, slow_io_s=0.0,
+                          extra_overrides=["distributed.timeout_s=5"])
+    soak.make_data(tmp_path / "data")
+    soak.write_config(cfg, tmp_path / "data", tmp_path / "run", tmp_path / "c.yaml")
+    phase = tmp_path / "phase"
+    phase.mkdir()
+    log_path = tmp_path / "job.log"
+    with open(log_path, "w") as log:
+        p = subprocess.Popen(soak._cmd(cfg, tmp_path / "c.yaml"), cwd=procs.REPO, env=soak._env(cfg, phase),
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        t0 = time.monotonic()
+        while (soak.read_phase(phase, 1) or (0, ""))[1] != "train" or soak.last_logged_step(tmp_path / "run") is None:
+            assert p.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() - t0 < 240, "training never started"
+            time.sleep(0.05)
+        rank1 = next(c for c in psutil.Process(p.pid).children(recursive=True)
+                     if c.environ().get("RANK") == "1")
+        os.kill(rank1.pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        stopped_step = soak.last_logged_step(tmp_path / "run")
+        while p.poll() is None and "timed out" not in log_path.read_text().lower():
+            assert time.monotonic() - stopped_at < 90, "rank 0 still waiting 90 s after rank 1 froze (timeout 5 s)"
+            time.sleep(0.1)
+        noticed = time.monotonic() - stopped_at
+        out = log_path.read_text()
+        assert "gpt2-train: rank 0" in out and "timed out" in out.lower(), out[-3000:]
+        assert noticed < 60, f"the timeout fired {noticed:.0f}s after rank 1 froze (configured: 5 s)"
+        try:
+            rc = p.wait(timeout=120)  # torchrun SIGTERMs, then SIGKILLs, the frozen rank
+        except subprocess.TimeoutExpired:
+            pytest.fail("torchrun did not exit after rank 0 failed")
+        assert rc != 0
+        print(f"rank 1 frozen after step {stopped_step}; rank 0 failed {noticed:.1f}s later; torchrun rc={rc}")
+    finally:
+        procs.kill_tree(p.pid)
+
+
+def test_training_survives_a_full_disk_during_a_checkpoint_save(tmp_path, monkeypatch, capsys):
+    """ENOSPC while writing checkpoint step 6: one clear error line, exit 1, the step-4 checkpoint
+    intact and no half-written one; with room again, ``--resume auto`` finishes the run bitwise
+    equal to an uninterrupted one. (One process, in-process, through pretrain/train.py's main.)"""
+    from pretrain import train
+    from pretrain.checkpoint import Checkpointer, load_model_state
+
+    soak = _soak()
+    cfg = soak.SoakConfig(work_dir=tmp_path, max_steps=8, eval_interval=3, checkpoint_interval=2)
+    soak.make_data(tmp_path / "data")
+    soak.write_config(cfg, tmp_path / "data", tmp_path / "ref", tmp_path / "ref.yaml")
+    soak.write_config(cfg, tmp_path / "data", tmp_path / "run", tmp_path / "run.yaml")
+    assert train.main(["--config", str(tmp_path / "ref.yaml")]) == 0
+
+    hit = _enospc_on(monkeypatch, "step_00000006.tmp")
+    capsys.readouterr()
+    assert train.main(["--config", str(tmp_path / "run.yaml")]) == 1
+    assert hit, "the simulated full disk was never reached"
+    monkeypatch.undo()
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("gpt2-train")]
+    assert len(err) == 1 and "no space left on device" in err[0].lower() and "step 6" in err[0], err
+    ck = Checkpointer(tmp_path / "run" / "checkpoints", keep_last=2)
+    assert ck.latest() is not None and ck.latest().name == "step_00000004"
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+
+    assert train.main(["--config", str(tmp_path / "run.yaml"), "--resume", "auto"]) == 0
+    soak.compare_runs(tmp_path / "ref", tmp_path / "run")
+    a, _ = load_model_state(Checkpointer(tmp_path / "ref" / "checkpoints", 1).latest())
+    b, _ = load_model_state(ck.latest())
+    assert all(torch.equal(a[k], b[k]) for k in a)
