@@ -68,6 +68,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 log = logging.getLogger(__name__)
 
@@ -455,9 +456,27 @@ def _safe_load_planner():
     return _SafeLoadPlanner()
 
 
+def _dcp_load(dcp_dir: Path, state: dict, reader=None, no_dist: bool = False) -> None:
+    """dcp.load in place, with DCP's failures (a BaseException) turned into one CheckpointError."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.load(state, storage_reader=reader or _safe_reader(dcp_dir), planner=_safe_load_planner(),
+                 no_dist=no_dist)
+    except CheckpointException as e:
+        first = next(iter(e.failures.values()), None) if isinstance(e.failures, dict) else None
+        inner = first[0] if isinstance(first, tuple) and first else first
+        if isinstance(inner, CheckpointError):
+            raise inner from None
+        raise CheckpointError(
+            f"checkpoint {dcp_dir} could not be loaded by torch.distributed.checkpoint ({inner or e}); it does "
+            f"not fit this model/optimizer, or {_CORRUPT_HINT}"
+        ) from None
+
+
 def _dcp_full_model_state(dcp_dir: Path) -> dict[str, torch.Tensor]:
     """The full (unsharded) model tensors of a DCP checkpoint, in this process, no process group."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     reader = _safe_reader(dcp_dir)
@@ -468,7 +487,7 @@ def _dcp_full_model_state(dcp_dir: Path) -> dict[str, torch.Tensor]:
             state["model"][key[len("model.") :]] = torch.empty(meta.size, dtype=meta.properties.dtype)
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, storage_reader=_safe_reader(dcp_dir), planner=_safe_load_planner(), no_dist=True)
+        _dcp_load(dcp_dir, state, reader=reader, no_dist=True)
     return state["model"]
 
 
@@ -584,25 +603,26 @@ class Checkpointer:
         final = self.ckpt_dir / f"step_{step:08d}"
         tmp = self.ckpt_dir / f"step_{step:08d}.tmp"
 
-        # 1. Rank 0 makes a fresh tmp dir; every rank gathers (and checks) what it will write. The
-        #    agreement below is also the barrier that orders the mkdir before anyone's writes.
+        # 1. Every rank gathers (and checks) what it will write -- on the main thread, while the
+        #    caller's tensors are still live, and on every rank (FSDP's state-dict calls are SPMD);
+        #    rank 0 makes a fresh tmp dir. The agreement below is also the barrier that orders the
+        #    mkdir before anyone's writes.
         err: BaseException | None = None
-        if self.rank == 0:
+        files: dict[str, Any] = {}
+        texts: dict[str, str] = {}
+        dcp_state = None
+        try:
+            files, texts, dcp_state = self._collect(model, optimizer, trainer_state, rank_state, config, fsdp)
+            if self.async_save:
+                files = _to_cpu(files)  # a CPU snapshot: training may change parameters right away
+        except Exception as e:
+            err = e
+        if self.rank == 0 and err is None:
             try:
                 self.ckpt_dir.mkdir(parents=True, exist_ok=True)
                 self._remove_stale()
                 tmp.mkdir()
             except OSError as e:
-                err = e
-        files: dict[str, Any] = {}
-        texts: dict[str, str] = {}
-        dcp_state = None
-        if err is None:
-            try:  # main thread: the caller's tensors are still live here
-                files, texts, dcp_state = self._collect(model, optimizer, trainer_state, rank_state, config, fsdp)
-                if self.async_save:
-                    files = _to_cpu(files)  # a CPU snapshot: training may change parameters right away
-            except Exception as e:
                 err = e
         if not self._all_ok(err is None):
             if self.rank == 0:
@@ -621,7 +641,9 @@ class Checkpointer:
         if dcp_state is not None:
             try:  # stages the shards to CPU now, writes them on DCP's own thread
                 dcp_future = self._dcp_async_save(dcp_state, tmp / "dcp")
-            except Exception as e:
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
                 pending.error = e
                 self._pending = pending
                 self._finish_pending()  # agrees on the failure, cleans up and raises
@@ -675,24 +697,26 @@ class Checkpointer:
                 if optimizer is not None:
                     files["optim.pt"] = optimizer.state_dict()
             cfg = _jsonable(_config_dict(config))
-            import yaml
-
             texts["config.yaml"] = yaml.safe_dump(cfg, sort_keys=False)
             texts["config.json"] = json.dumps(cfg, indent=2) + "\n"
         return files, texts, dcp_state
 
     def _write_local(self, pending: _Pending, files, texts, dcp_state) -> None:
         """Write this rank's files into the tmp dir; an error is recorded on ``pending``."""
+        if dcp_state is not None:  # first: a collective every rank must enter, whatever else fails
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint import FileSystemWriter
+
+            try:
+                dcp.save(dcp_state, storage_writer=FileSystemWriter(str(pending.tmp / "dcp"), sync_files=True))
+            except BaseException as e:  # noqa: BLE001 - DCP raises CheckpointException, a BaseException
+                pending.error = e
+                return
         try:
             for name, obj in files.items():
                 _torch_save(obj, pending.tmp / name)
             for name, text in texts.items():
                 _write_text(pending.tmp / name, text)
-            if dcp_state is not None:
-                import torch.distributed.checkpoint as dcp
-                from torch.distributed.checkpoint import FileSystemWriter
-
-                dcp.save(dcp_state, storage_writer=FileSystemWriter(str(pending.tmp / "dcp"), sync_files=True))
         except Exception as e:
             pending.error = e
 
@@ -896,7 +920,6 @@ class Checkpointer:
         _verify(path, manifest, needed)
 
         if fsdp:
-            import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import (
                 get_model_state_dict,
                 get_state_dict,
@@ -912,7 +935,7 @@ class Checkpointer:
             reader = _safe_reader(path / "dcp")
             reader.read_metadata()  # refuses a tampered .metadata here, with a clear message
             # Reads only this rank's shards of each tensor (DCP reshards if the world size changed).
-            dcp.load(state, storage_reader=reader, planner=_safe_load_planner())
+            _dcp_load(path / "dcp", state, reader=reader)
             if optimizer is not None:
                 set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
             else:

@@ -620,3 +620,15 @@ def test_enospc_inside_dcp_is_recognised_and_needs_process_group(tmp_path):
     model, opt = make()
     with pytest.raises(CheckpointError, match="needs torch.distributed initialised"):
         save(Checkpointer(tmp_path, keep_last=1, rank=0, world_size=2), 1, model, opt)
+
+
+def test_dcp_failure_is_one_checkpoint_error(two_rank_run, tmp_path):
+    out, _ = two_rank_run
+    path = tmp_path / "step_00000003"
+    shutil.copytree(out / "fsdp_sync" / "step_00000003", path)
+    (path / "dcp" / "__0_0.distcp").unlink()  # and dropped from the manifest, so only DCP notices
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["files"]["dcp/__0_0.distcp"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="could not be loaded by torch.distributed.checkpoint"):
+        load_model_state(path)
