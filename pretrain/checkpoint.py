@@ -979,6 +979,10 @@ def load_model_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     _verify(path, manifest, names + (["config.json"] if has_config else []))
     if manifest.get("fsdp"):
         state = _strip_prefixes(_dcp_full_model_state(path / "dcp"))
+        # DCP stores a tied weight once per name: share it again (as torch.load does for model.pt).
+        wte, head = state.get("transformer.wte.weight"), state.get("lm_head.weight")
+        if wte is not None and head is not None and torch.equal(wte, head):
+            state["lm_head.weight"] = wte
     else:
         state = _strip_prefixes(_safe_torch_load(path / "model.pt"))
     config = json.loads((path / "config.json").read_text()) if has_config else {}

@@ -568,6 +568,7 @@ def test_load_model_state_single_process(two_rank_run, mode):
     expect = torch.load(out / f"{mode}_full_model.pt", weights_only=True)
     assert config == {"mode": mode}
     assert_tree_equal(state, expect)
+    assert state["lm_head.weight"].data_ptr() == state["transformer.wte.weight"].data_ptr()  # tied, stored once
     model = GPT(GPTConfig.from_preset("tiny-vocab"))
     model.load_state_dict(state)
 
