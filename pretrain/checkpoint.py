@@ -16,14 +16,17 @@ A checkpoint is one directory per optimizer step::
       step_00002000.tmp/        a save in progress (or a crashed one: removed by the next save)
 
 Commit protocol (why a half-written checkpoint is never picked up):
-  1. rank 0 removes stale ``*.tmp`` dirs and creates a fresh ``step_N.tmp/``; barrier.
+  1. every rank gathers its state; rank 0 removes what crashed saves left (``*.tmp`` dirs, step
+     dirs without COMMITTED) and creates a fresh ``step_N.tmp/``; the ranks agree (all-reduce).
   2. every rank writes its files into it, each fsynced; the ranks agree (all-reduce) that all succeeded.
   3. rank 0 hashes every file (DCP's shards included: DCP has no checksums of its own), writes
      manifest.json, renames ``step_N.tmp`` -> ``step_N`` (an existing ``step_N`` is first renamed
      aside to ``step_N.replaced`` and deleted after), fsyncs the parent, writes COMMITTED.
   4. rank 0 deletes complete checkpoints older than the newest ``keep_last`` (failures only warn).
 ``latest()`` only returns directories named exactly ``step_XXXXXXXX`` holding COMMITTED and a
-valid manifest.json.
+valid manifest.json (or ``step_N.replaced``, if a re-save of step N was killed between its two
+renames). Deleting a checkpoint removes its COMMITTED marker first, so a half-deleted one is
+never loaded either.
 
 Failures: any error while saving (ENOSPC, permission, a bad ``rank_state``) removes the tmp dir and
 raises :class:`CheckpointError` on every rank, naming the directory and the last intact checkpoint.
@@ -42,7 +45,10 @@ are written by ``dcp.async_save`` on a dedicated gloo group). So with several ra
 
 ``ckpt_dir`` must be on a filesystem all ranks share (rank 0 hashes the other ranks' files).
 All loads use ``torch.load(weights_only=True)`` (DCP's pickled metadata goes through a restricted
-unpickler), so a checkpoint cannot run code on load.
+unpickler), so a checkpoint cannot run code on load; ``rank_state`` / ``trainer_state`` must be
+plain data (``capture_rng_state()`` / ``restore_rng_state()`` give the RNG states in that form).
+``load_model_state(path)`` returns the full model state dict and the run config from any
+checkpoint, FSDP ones included, in one process without a process group (export, eval, generate).
 """
 
 from __future__ import annotations
