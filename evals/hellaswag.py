@@ -15,11 +15,16 @@ task, zero-shot, reproduced from the harness's own code:
   choice *without* the delimiter); ``acc_bytes`` = argmax of ``ll / len(choice.encode())``;
   ``np.argmax`` (ties go to the first choice); ``mean`` aggregation with the sample standard
   error of the mean (``lm_eval/api/metrics.py`` ``mean_stderr``).
-- ``lm_eval/models/huggingface.py`` ``_encode_pair`` / ``_loglikelihood_tokens``: trailing
-  spaces of the context move to the front of the continuation; the continuation's tokens are
+- ``_encode_pair`` (``lm_eval/api/model.py`` ``TemplateLM`` in lm-eval 0.4.x, formerly
+  ``lm_eval/models/huggingface.py``) and ``HFLM._loglikelihood_tokens``: trailing spaces of the
+  context move to the front of the continuation; the continuation's tokens are
   ``encode(context + continuation)[len(encode(context)):]``; the model sees
   ``(context_enc + continuation_enc)[-(max_length + 1):][:-1]`` (left-truncated to the context
   length) and the last ``len(continuation_enc)`` positions are scored with ``log_softmax``.
+
+``benchmarks/compare_lm_eval.sh`` runs lm-eval 0.4.13 itself (``evals/lm_eval_task/``, the
+harness's task on a local file) and checks that acc, acc_norm and every per-choice
+log-likelihood agree with ours.
 
 **Completion style** (``completion_acc``, ``completion_acc_norm``) is what build-nanogpt's
 ``hellaswag.py`` and llm.c's ``dev/data/hellaswag.py`` compute: context ``encode(ex["ctx"])``

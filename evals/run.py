@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory of token shards; its val split gives val/loss (skipped when not set)")
     p.add_argument("--val-tokens", type=int, default=10_485_760,
                    help="tokens of the val split to evaluate (the first ones; 0 = all)")
-    p.add_argument("--seq-len", type=int, default=None, help="val-loss sequence length (default: the model's block_size)")
+    p.add_argument("--seq-len", type=int, default=None, help="val-loss sequence length; None = the model's block_size")
     p.add_argument("--batch-size", type=int, default=32,
                    help="sequences per forward pass (HellaSwag candidates / val sequences)")
     p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
