@@ -511,6 +511,22 @@ for mode in ("ddp", "fsdp"):
             train(wrapped, opt)
             train(wrapped2, opt2)
             res[name]["next_step_equal"] = equal(full(model, opt)[0], full(model2, opt2)[0])
+        if not async_save:  # rank 1 hits a full disk on the next save: every rank fails cleanly, no hang
+            real_save = torch.save
+
+            def full_disk(obj, f, *a, **k):
+                raise OSError(28, "No space left on device")
+
+            if rank == 1:
+                torch.save = full_disk
+            try:
+                ck.save(4, model, opt, {"step": 4}, capture_rng_state(), {"mode": mode}, fsdp=fsdp)
+                res[name]["failed_save"] = "no error"
+            except Exception as e:
+                res[name]["failed_save"] = f"{type(e).__name__}: {e}"
+            torch.save = real_save
+            dist.barrier()
+            res[name]["after_failed_save"] = sorted(os.listdir(os.path.join(out, name)))
         dist.barrier()
 
 with open(os.path.join(out, f"result_{rank}.json"), "w") as f:
@@ -550,6 +566,17 @@ def test_two_rank_save_load_restores_exactly(two_rank_run, name):
         assert r["latest"] == r["path"] == str(out / name / "step_00000003")
         if "next_step_equal" in r:
             assert r["next_step_equal"], (rank, r)
+    if name.endswith("_sync"):  # rank 1 ran out of space saving step 4: both ranks raised, step 3 intact
+        assert results[1][name]["failed_save"].startswith(
+            "CheckpointError: no space left on device while writing checkpoint step 4"), results[1][name]
+        # DDP: rank 0 wrote fine and hears of rank 1's failure; FSDP: DCP's collective save already
+        # reports rank 1's ENOSPC to every rank.
+        assert results[0][name]["failed_save"].startswith(
+            "CheckpointError: checkpoint step 4 was not saved" if name == "ddp_sync" else
+            "CheckpointError: no space left on device while writing checkpoint step 4"), results[0][name]
+        for r in results:
+            assert "previous checkpoint step 3" in r[name]["failed_save"]
+            assert r[name]["after_failed_save"] == ["step_00000003"]
     path = out / name / "step_00000003"
     files = json.loads((path / "manifest.json").read_text())["files"]
     assert {"rank_0.pt", "rank_1.pt", "trainer_state.pt", "config.json"} <= set(files)
