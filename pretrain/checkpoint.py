@@ -429,13 +429,15 @@ def _safe_reader(dcp_dir: Path):
 
     class _SafeFileSystemReader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any):
+            # FileSystemReader.read_metadata, minus its bare pickle.load (torch 2.11-2.14 agree on
+            # the file names: ".metadata", or "__{rank}.metadata" for rank-local metadata).
             rank = kwargs.get("rank")
-            meta_path = Path(self._get_metadata_path(rank))
+            meta_path = dcp_dir / (".metadata" if rank is None else f"__{rank}.metadata")
             with open(meta_path, "rb") as f:
                 metadata = _MetadataUnpickler(f, meta_path).load()
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
+            metadata.storage_meta.load_id = getattr(self, "load_id", None)
             return metadata
 
     return _SafeFileSystemReader(str(dcp_dir))
