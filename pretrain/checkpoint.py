@@ -908,26 +908,31 @@ class Checkpointer:
         """Load a checkpoint into ``model`` / ``optimizer`` (collective with ``fsdp``).
 
         Returns (trainer_state, rank_state or None if this rank did not exist at save time).
-        Every file this rank reads is checked against the manifest's sha256 first."""
+        Every file this rank reads is checked against the manifest's sha256 first. An FSDP
+        checkpoint loads at any world size (DCP reshards), also into a plain model (``fsdp=False``:
+        DDP, or one process without a process group); a non-FSDP one only into a plain model."""
         self._finish_pending()
         path = Path(path)
         manifest = _read_manifest(path)
         saved_fsdp = bool(manifest.get("fsdp"))
-        if saved_fsdp != fsdp:
+        if fsdp and not saved_fsdp:
             raise CheckpointError(
-                f"checkpoint {path} was saved with fsdp={saved_fsdp} but is being loaded with fsdp={fsdp}; "
-                f"resume with the same parallelism (or export it with load_model_state() and start a new run)"
+                f"checkpoint {path} was saved without FSDP and cannot be loaded into an FSDP model; resume "
+                f"with DDP / a single process (or export it with load_model_state() and start a new run)"
             )
         rank_file = f"rank_{self.rank}.pt"
         has_rank = rank_file in manifest["files"]
         needed = ["trainer_state.pt"] + ([rank_file] if has_rank else [])
-        if fsdp:
+        if saved_fsdp:
             needed += [n for n in manifest["files"] if n.startswith("dcp/")]
         else:
             needed += ["model.pt"] + (["optim.pt"] if optimizer is not None else [])
         _verify(path, manifest, needed)
 
-        if fsdp:
+        if saved_fsdp:
+            # Into an FSDP model, or a plain one (DDP / single process: each rank reads full tensors,
+            # with no process group at all in a single process). Names are FQNs on both sides.
+            model = model if fsdp else _unwrap(model)
             from torch.distributed.checkpoint.state_dict import (
                 get_model_state_dict,
                 get_state_dict,
@@ -943,7 +948,9 @@ class Checkpointer:
             reader = _safe_reader(path / "dcp")
             reader.read_metadata()  # refuses a tampered .metadata here, with a clear message
             # Reads only this rank's shards of each tensor (DCP reshards if the world size changed).
-            _dcp_load(path / "dcp", state, reader=reader)
+            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+                warnings.simplefilter("ignore", UserWarning)
+                _dcp_load(path / "dcp", state, reader=reader, no_dist=not _dist_on())
             if optimizer is not None:
                 set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
             else:

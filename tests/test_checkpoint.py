@@ -493,6 +493,7 @@ for mode in ("ddp", "fsdp"):
             ck.wait()
         if rank == 0 and fsdp and not async_save:
             torch.save(before[0], os.path.join(out, "fsdp_full_model.pt"))
+            torch.save(before[1], os.path.join(out, "fsdp_full_optim.pt"))
         if rank == 0 and not fsdp and not async_save:
             torch.save(before[0], os.path.join(out, "ddp_full_model.pt"))
         model2, wrapped2 = build(1, fsdp)
@@ -660,3 +661,18 @@ def test_dcp_failure_is_one_checkpoint_error(two_rank_run, tmp_path):
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="could not be loaded by torch.distributed.checkpoint"):
         load_model_state(path)
+
+
+def test_fsdp_checkpoint_loads_into_a_plain_model_in_one_process(two_rank_run):
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    out, _ = two_rank_run
+    ck = Checkpointer(out / "fsdp_sync", keep_last=2)
+    model, opt = make(seed=9)
+    trainer_state, rank_state = ck.load(ck.latest(), model, opt, fsdp=False)
+    assert trainer_state == {"step": 3} and rank_state is not None
+    assert_tree_equal(model.state_dict(), torch.load(out / "fsdp_full_model.pt", weights_only=True))
+    assert_tree_equal(get_optimizer_state_dict(model, opt),
+                      torch.load(out / "fsdp_full_optim.pt", weights_only=True))
+    with pytest.raises(CheckpointError, match="saved without FSDP and cannot be loaded into an FSDP model"):
+        Checkpointer(out / "ddp_sync", keep_last=2).load(out / "ddp_sync" / "step_00000003", model, opt, fsdp=True)
