@@ -10,8 +10,9 @@ followed by its GPT-2 BPE tokens, and the documents are concatenated into one to
 that is cut into shards of ``--shard-tokens`` tokens (a document may span two shards, as in
 llm.c and build-nanogpt). The first ``--val-tokens`` tokens of the stream are the validation
 split (``val_000000.bin`` ...), the rest train shards; the last shard of each split may be
-shorter. ``manifest.json`` lists every shard (split, tokens, documents, sha256), the source,
-the tokenizer and the settings.
+shorter. ``manifest.json`` lists every shard (split, tokens, documents -- the number of
+documents that *start* in it, i.e. its EOT count -- and sha256), the source, the tokenizer,
+the settings, and once finished ``complete: true`` with ``totals``.
 
 Text policy (never a crash; counts in the manifest's ``totals``):
 

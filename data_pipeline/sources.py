@@ -264,7 +264,7 @@ class FileSource(Source):
                         "pass --text-field NAME (or fix the --filter)"
                     )
                 cols = self.columns
-            groups = [pq_rows for pq_rows in self._row_groups(path)]
+            groups = self._row_groups(path)
             first = 0
             while first < len(groups) and skip >= groups[first]:
                 skip -= groups[first]
