@@ -464,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--filter", dest="filters", action="append", default=[], metavar="EXPR",
                    help="keep rows where FIELD OP LITERAL holds, e.g. 'int_score>=3' (repeatable: all must hold)")
     p.add_argument("--txt-per-line", action="store_true", help=".txt files: one document per non-empty line "
-                   "(default: one per file)")
+                   "instead of one per file")
     p.add_argument("--hf-config", default=None, help="dataset config name for hub sources (presets set theirs)")
     p.add_argument("--hf-split", default="train", help="dataset split for hub/datasets sources")
     p.add_argument("--data-files", action="append", default=None, metavar="GLOB",

@@ -332,3 +332,23 @@ def test_disk_full_is_one_line_and_resumable(corpus, tmp_path, monkeypatch, caps
     monkeypatch.undo()
     assert main(args) == 0
     np.testing.assert_array_equal(read_all(tmp_path / "o")[1], reference_stream([r["text"] for r in web]))
+
+
+def test_datasets_streaming_source_through_prepare_and_resume(corpus, tmp_path):
+    """`datasets:parquet` (load_dataset(..., streaming=True)) gives the same shards as the file
+    reader, and resumes (IterableDataset.skip) to the same bytes."""
+    d, _, _ = corpus
+    files = [str(d / "edu_000.parquet"), str(d / "edu_001.parquet")]
+    prep(d / "edu_*.parquet", tmp_path / "files")
+    prep("datasets:parquet", tmp_path / "hf", data_files=files)
+    a, b = dir_bytes(tmp_path / "files"), dir_bytes(tmp_path / "hf")
+    assert {k: v for k, v in a.items() if k != "manifest.json"} == {k: v for k, v in b.items() if k != "manifest.json"}
+    man = json.loads(b["manifest.json"])
+    partial = dict(man, complete=False, shards=man["shards"][:3])
+    partial.pop("totals")
+    (tmp_path / "hf2").mkdir()
+    (tmp_path / "hf2" / "manifest.json").write_text(json.dumps(partial))
+    for s in man["shards"][:3]:
+        (tmp_path / "hf2" / s["file"]).write_bytes(b[s["file"]])
+    prep("datasets:parquet", tmp_path / "hf2", data_files=files, workers=2)
+    assert dir_bytes(tmp_path / "hf2") == b
