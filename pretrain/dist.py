@@ -10,6 +10,7 @@ timeout is configurable (a hung rank then fails the job instead of hanging it fo
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -73,6 +74,13 @@ def setup(device: str = "auto", backend: str = "auto", timeout_s: int = 600, nee
     if dist.is_initialized():
         return DistInfo(rank, local_rank, world_size, dev, dist.get_backend())
     under_launcher = "MASTER_ADDR" in os.environ and "RANK" in os.environ
+    if (rank == 0 and env_int("TORCHELASTIC_MAX_RESTARTS", 0) > 0
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"):
+        # torchrun's shared rendezvous store keeps the previous attempt's keys, and the agents
+        # count restarts independently, so a restarted group can hang connecting to dead peers.
+        print("warning: torchrun --max-restarts with a shared rendezvous store can hang on restart "
+              "(pytorch#135712); export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun",
+              file=sys.stderr, flush=True)
     timeout = timedelta(seconds=timeout_s)
     if world_size > 1 or under_launcher:
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}

@@ -4,6 +4,10 @@
     torchrun --nproc_per_node=8 pretrain/train.py --config configs/gpt2_124m.yaml [section.key=value ...]
     gpt2-train --config configs/gpt2_124m.yaml --resume none optim.lr=3e-4
 
+Multi-node with restarts (torchrun --max-restarts N): export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+first; torchrun's shared rendezvous store otherwise hands restarted workers stale peer addresses
+and they hang in init (pytorch#135712).
+
 Exit codes: 0 done; 2 bad configuration or data (one line on stderr, before any work);
 75 (EX_TEMPFAIL) preempted by SIGTERM / SIGUSR1 after a checkpoint of the current step
 (requeue and the run resumes from it); 1 any other failure (diverged, checkpoint error, ...).

@@ -106,7 +106,9 @@ def free_port() -> int:
 def env() -> dict[str, str]:
     e = dict(os.environ)
     e.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1",
-             TORCHELASTIC_ERROR_FILE="", LOGLEVEL="WARNING")
+             TORCHELASTIC_ERROR_FILE="", LOGLEVEL="WARNING",
+             # torchrun restarts reuse a shared store whose stale keys hang the re-init (pytorch#135712).
+             TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     e.pop("TORCHELASTIC_ERROR_FILE")
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         e.pop(k, None)
@@ -227,3 +229,35 @@ def memo(key, fn):
     if key not in _MEMO:
         _MEMO[key] = fn()
     return _MEMO[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# shared reference runs (one per pytest process, reused by several test files)
+
+STEPS = 8  # every reference-comparable run trains the tiny model for this many steps
+
+
+def shared_data(tmp_path_factory) -> Path:
+    return memo("data", lambda: make_synthetic_shards(tmp_path_factory.mktemp("shared-data")))
+
+
+def reference_single(tmp_path_factory) -> Path:
+    """One process, uninterrupted, ``STEPS`` steps (checkpoints every 4)."""
+
+    def go():
+        run_dir = tmp_path_factory.mktemp("ref-single")
+        run(python_cmd(tiny_overrides(shared_data(tmp_path_factory), run_dir)))
+        return run_dir
+
+    return memo("ref-single", go)
+
+
+def reference_ddp(tmp_path_factory) -> Path:
+    """Two ranks (gloo DDP under torchrun), uninterrupted, ``STEPS`` steps."""
+
+    def go():
+        run_dir = tmp_path_factory.mktemp("ref-ddp")
+        run(torchrun_cmd(tiny_overrides(shared_data(tmp_path_factory), run_dir)))
+        return run_dir
+
+    return memo("ref-ddp", go)
