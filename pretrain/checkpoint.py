@@ -53,6 +53,7 @@ checkpoint, FSDP ones included, in one process without a process group (export, 
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import dataclasses
 import errno
@@ -166,6 +167,15 @@ def _sha256(path: Path) -> tuple[str, int]:
             h.update(chunk)
             size += len(chunk)
     return h.hexdigest(), size
+
+
+def _sha256_many(paths: list[Path]) -> list[tuple[str, int]]:
+    """(sha256, size) of each file, hashed on a few threads (hashlib releases the GIL)."""
+    workers = min(8, len(paths), os.cpu_count() or 1)
+    if workers <= 1:
+        return [_sha256(p) for p in paths]
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="ckpt-sha256") as pool:
+        return list(pool.map(_sha256, paths))
 
 
 def _rmtree_quiet(path: Path) -> None:
@@ -365,14 +375,17 @@ def _verify(path: Path, manifest: dict, names: list[str] | None = None) -> None:
     """Check size and sha256 of the listed files (all of them when ``names`` is None)."""
     root = path.resolve()
     files = manifest["files"]
-    for name in sorted(files) if names is None else names:
+    names = sorted(files) if names is None else names
+    targets = []
+    for name in names:
         if name not in files:
             raise CheckpointError(f"checkpoint {path} has no {name!r} in {MANIFEST}; {_CORRUPT_HINT}")
         target = _resolve_in(root, name, path)
-        entry = files[name]
         if not target.is_file():
             raise CheckpointError(f"checkpoint file {path / name} is missing; {_CORRUPT_HINT}")
-        digest, size = _sha256(target)
+        targets.append(target)
+    for name, (digest, size) in zip(names, _sha256_many(targets)):
+        entry = files[name]
         if size != entry.get("size") or digest != entry.get("sha256"):
             raise CheckpointError(f"checkpoint file {path / name} failed its sha256 check; {_CORRUPT_HINT}")
 
@@ -819,12 +832,11 @@ class Checkpointer:
                     f"rank {r}'s file is missing from {tmp}: checkpoint.dir must be on a filesystem all "
                     f"ranks share"
                 )
-        files = {}
-        for p in sorted(tmp.rglob("*")):
-            if p.is_file():
-                rel = p.relative_to(tmp).as_posix()
-                digest, size = _sha256(p)
-                files[rel] = {"sha256": digest, "size": size}
+        paths = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
+        files = {
+            p.relative_to(tmp).as_posix(): {"sha256": digest, "size": size}
+            for p, (digest, size) in zip(paths, _sha256_many(paths))
+        }
         dcp_dir = tmp / "dcp"
         fsdp = dcp_dir.is_dir()
         if fsdp:
