@@ -381,7 +381,15 @@ def run(cfg: PrepareConfig) -> dict:
 
     bar = _progress(cfg, source, writer.pos)
     t0, n_docs, n_tok = time.perf_counter(), 0, 0
+    first = True
     for chunk, (flat, lens) in _ordered_map(cfg, reader.chunks()):
+        if first and skip_tokens and (chunk.rows[0] != start_row or lens[0] < skip_tokens):
+            # The document the last shard ended in is not where the manifest says: the source changed.
+            raise PrepareError(
+                f"{cfg.source}: source row {start_row} is not the document of {skip_tokens}+ tokens the last run "
+                f"ended in; the source changed since {cfg.out_dir} was started, use a new OUT_DIR"
+            )
+        first = False
         ends = stream_pos + np.cumsum(lens)
         starts = ends - lens
         meta = np.stack([starts, ends, np.asarray(chunk.rows), np.asarray(chunk.empty_before),

@@ -352,3 +352,15 @@ def test_datasets_streaming_source_through_prepare_and_resume(corpus, tmp_path):
         (tmp_path / "hf2" / s["file"]).write_bytes(b[s["file"]])
     prep("datasets:parquet", tmp_path / "hf2", data_files=files, workers=2)
     assert dir_bytes(tmp_path / "hf2") == b
+
+
+def test_resume_refuses_a_changed_source(tmp_path):
+    rows = [{"text": f"document number {i} " * 30} for i in range(40)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    man = prep(tmp_path / "d.jsonl", tmp_path / "o", val_tokens=500, shard_tokens=1000)
+    partial = dict(man, complete=False, shards=man["shards"][:2])
+    partial.pop("totals")
+    (tmp_path / "o" / "manifest.json").write_text(json.dumps(partial))
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": "x"}) + "\n" for _ in range(40)))
+    with pytest.raises(PrepareError, match="source changed"):
+        prep(tmp_path / "d.jsonl", tmp_path / "o", val_tokens=500, shard_tokens=1000)
