@@ -869,7 +869,10 @@ class Checkpointer:
         _write_text(final / COMMITTED, f"{pending.step}\n")
         _fsync_dir(final)
         pending.committed = True
-        self._retain(keep=final)  # also deletes `aside`
+        try:
+            self._retain(keep=final)  # also deletes `aside`
+        except Exception as e:  # retention is housekeeping: it never fails a committed save
+            log.warning("checkpoint step %d is committed, but cleaning up old ones failed: %s", pending.step, e)
 
     def _delete(self, path: Path) -> bool:
         """Delete a checkpoint dir: the COMMITTED marker first, so a half-deleted one is never loaded."""
