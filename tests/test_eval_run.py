@@ -18,7 +18,7 @@ from evals.run import main
 from evals.val_loss import ValLossEvaluator
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_hellaswag import EXAMPLES, tiny_model, write_jsonl  # noqa: E402
+from test_hellaswag import EXAMPLES, ref_metrics, reference_scores, tiny_model, write_jsonl  # noqa: E402
 from test_val_loss import make_val_data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +76,9 @@ def test_cli_one_process_and_two_rank_torchrun_agree(tmp_path, capsys):
             assert two["results"][k] == v, k  # counts: exactly equal
         else:
             assert two["results"][k] == pytest.approx(v, rel=1e-6), k
+    # ... and both equal the plain one-candidate-at-a-time loop
+    for k, v in ref_metrics(EXAMPLES, *reference_scores(model, EXAMPLES, 64)).items():
+        assert two["results"][f"hellaswag/{k}"] == pytest.approx(v), k
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
@@ -114,3 +117,18 @@ def test_in_loop_evaluators_on_a_compiled_model(tmp_path, backend):
         eager.update(ev(model, 0))
     assert eager == pytest.approx(first, rel=1e-5)
     assert set(first) >= {"val/loss", "val/ppl", "hellaswag/acc", "hellaswag/acc_norm", "hellaswag/completion_acc_norm"}
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_matches_cpu(tmp_path):
+    """On CUDA the evaluators run under bf16 autocast; the numbers stay close to fp32 on CPU."""
+    make_val_data(tmp_path, vocab=50257)
+    model = tiny_model()
+    path = write_jsonl(tmp_path / "hs.jsonl")
+    out = {}
+    for dev in ("cpu", "cuda"):
+        m = model.to(dev)
+        out[dev] = {**ValLossEvaluator(tmp_path, 16, 4, 8 * 16, 0, 1, dev)(m, 0),
+                    **hs.HellaSwagEvaluator(path, None, 8, 0, 1, dev)(torch.compile(m), 0)}
+    assert out["cuda"]["val/loss"] == pytest.approx(out["cpu"]["val/loss"], rel=2e-2)
+    assert out["cuda"]["hellaswag/num_examples"] == len(EXAMPLES)
