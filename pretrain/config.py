@@ -537,8 +537,6 @@ def validate(cfg: Config, world_size: int) -> Derived:
         errors.append(f"optim.betas={o.betas!r} must be two numbers in [0, 1)")
     if not 0.0 <= s.min_lr_ratio <= 1.0:
         errors.append(f"schedule.min_lr_ratio={s.min_lr_ratio!r} must be in [0, 1]")
-    if s.warmup_steps > s.max_steps:
-        errors.append(f"schedule.warmup_steps={s.warmup_steps} exceeds schedule.max_steps={s.max_steps}")
     if errors:
         raise ConfigError(errors[0])
     for v in (o.lr, o.eps, o.weight_decay, o.grad_clip, s.min_lr_ratio):

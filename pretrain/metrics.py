@@ -98,7 +98,7 @@ class MetricsLogger:
         self._truncate_after(resume_step)
         self._file = open(self.path, "a", buffering=1)
         if wandb_mode != "disabled":
-            self._wandb = self._init_wandb(wandb_mode, wandb_project, wandb_name or Path(run_dir).name, config)
+            self._wandb = self._init_wandb(wandb_mode, wandb_project, wandb_name or Path(run_dir).name, config, run_dir)
 
     def _truncate_after(self, step: int | None) -> None:
         """On resume, drop lines of steps after the checkpoint (they are about to be redone), so
@@ -118,7 +118,7 @@ class MetricsLogger:
         os.replace(tmp, self.path)
 
     @staticmethod
-    def _init_wandb(mode: str, project: str, name: str, config: dict | None):
+    def _init_wandb(mode: str, project: str, name: str, config: dict | None, run_dir):
         try:
             import wandb
         except Exception as e:  # not installed / broken install: log locally only
@@ -126,9 +126,10 @@ class MetricsLogger:
                   file=sys.stderr)
             return None
         try:
-            return wandb.init(project=project, name=name, mode=mode, config=config, resume="allow")
+            return wandb.init(project=project, name=name, mode=mode, config=config, dir=str(run_dir), resume="allow")
         except Exception as e:
-            print(f"[metrics] wandb.init failed ({e.__class__.__name__}: {e}); logging to metrics.jsonl only",
+            msg = " ".join(str(e).split())
+            print(f"[metrics] wandb.init failed ({e.__class__.__name__}: {msg}); logging to metrics.jsonl only",
                   file=sys.stderr)
             return None
 
