@@ -92,8 +92,16 @@ def setup(device: str = "auto", backend: str = "auto", timeout_s: int = 600, nee
     return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), dev, backend)
 
 
-def teardown() -> None:
+def teardown(clean: bool = True) -> None:
+    """Destroy the process group. ``clean``: every rank got here normally, so meet at a barrier
+    first; a rank that closes its sockets while a peer is still in a collective makes the peer
+    abort, and torchrun then reports a finished run as failed."""
     if dist.is_available() and dist.is_initialized():
+        if clean and dist.get_world_size() > 1:
+            try:
+                dist.barrier()
+            except Exception:  # a peer is gone: nothing left to wait for
+                pass
         dist.destroy_process_group()
 
 

@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.trainer import NonFiniteError, Trainer
 
     trainer = Trainer(cfg)
+    clean = False
     try:
         try:
             trainer.build()
@@ -106,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gpt2-train: error: {e}", file=sys.stderr)
             return EXIT_CONFIG
         trainer.evaluators.extend(build_evaluators(cfg, trainer.info))
-        return trainer.train()
+        rc = trainer.train()
+        clean = True
+        return rc
     except (NonFiniteError, CheckpointError) as e:
         print(f"gpt2-train: rank {os.environ.get('RANK', '0')}: error: {e}", file=sys.stderr)
         return 1
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpt2-train: rank {rank}: {type(e).__name__}: {e}", file=sys.stderr)
         raise
     finally:
-        trainer.close()
+        trainer.close(clean)
 
 
 if __name__ == "__main__":

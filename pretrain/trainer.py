@@ -434,5 +434,5 @@ class Trainer:
             self._restore_signals()
             self.logger.close()
 
-    def close(self) -> None:
-        dist.teardown()
+    def close(self, clean: bool = True) -> None:
+        dist.teardown(clean)
