@@ -76,6 +76,15 @@ def _maybe_inject_hang(what: str) -> None:
             time.sleep(3600)
 
 
+def _is_comm_error(e: BaseException) -> bool:
+    """A failure of the communication layer (not, say, a shape error raised inside the ``with``)."""
+    dist_error = getattr(dist, "DistError", None)
+    if dist_error is not None and isinstance(e, dist_error):
+        return True
+    m = str(e).lower()
+    return any(w in m for w in ("gloo", "nccl", "connection", "timed out", "timeout", "socket", "broken pipe"))
+
+
 def _is_timeout(msg: str) -> bool:
     m = msg.lower()
     return "timed out" in m or "timeout" in m or "deadline" in m
@@ -92,7 +101,7 @@ def collective(what: str, group: Any = None) -> Iterator[None]:
     except CollectiveError:
         raise
     except RuntimeError as e:  # DistBackendError / DistNetworkError / gloo's RuntimeError
-        if not _dist_on():
+        if not _dist_on() or not _is_comm_error(e):
             raise
         rank, world = dist.get_rank(), dist.get_world_size()
         waited = time.monotonic() - t0
