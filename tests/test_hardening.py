@@ -583,3 +583,22 @@ def test_collective_wrapper_names_comm_failures_only():
     with pytest.raises(RuntimeError, match="shape mismatch"):
         with guards.collective("all_reduce(loss)"):
             raise RuntimeError("shape mismatch")
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=7))
+    try:
+        with pytest.raises(RuntimeError, match="^shape mismatch$"):
+            with guards.collective("all_reduce(loss)"):
+                raise RuntimeError("shape mismatch")
+        with pytest.raises(guards.CollectiveError,
+                           match=r"^all_reduce\(loss\) timed out after 7s on rank 0 of 1; a rank stopped responding"):
+            with guards.collective("all_reduce(loss)"):
+                raise RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 7000ms for recv")
+        with pytest.raises(guards.CollectiveError, match=r"^broadcast\(params\) failed on rank 0 of 1 .*peer closed"):
+            with guards.collective("broadcast(params)"):
+                raise RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234")
+    finally:
+        dist.destroy_process_group()
