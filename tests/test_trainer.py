@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from helpers import (
@@ -154,3 +156,16 @@ def test_flops_and_mfu():
     # 8 H100s at 1.5M tokens/s is ~15% MFU for GPT-2 124M.
     assert mfu(1.5e6, f, h100, 8) == pytest.approx(1.5e6 * f / (8 * 989.5e12))
     assert mfu(1.5e6, f, None, 8) is None
+
+
+def test_async_checkpoints_match_sync_ones(data, tmp_path):
+    """checkpoint.async_save writes in the background from a CPU snapshot: the committed
+    checkpoints hold the same state as synchronous saves, and resuming from one is exact."""
+    train(data, tmp_path / "sync")
+    train(data, tmp_path / "async", **{"checkpoint.async_save": "true"})
+    for step in (4, 8):
+        assert_params_equal(final_params(tmp_path / "async", step), final_params(tmp_path / "sync", step))
+    shutil.rmtree(tmp_path / "async" / "checkpoints" / "step_00000008")
+    train(data, tmp_path / "async", **{"checkpoint.async_save": "true"})  # resumes from 4
+    assert losses(tmp_path / "async") == losses(tmp_path / "sync")
+    assert_params_equal(final_params(tmp_path / "async", 8), final_params(tmp_path / "sync", 8))
