@@ -33,7 +33,7 @@ import yaml
 ENTRY = Path(__file__).with_name("train_entry.py")
 # How long after entering the aimed phase the kill comes (seconds, uniform in [0, max]); a
 # "train" kill lands anywhere in the next few steps, the others inside the phase.
-PHASE_DELAY = {"train": 1.0, "eval": 0.04, "checkpoint": 0.12, "load": 0.03, "startup": 4.0}
+PHASE_DELAY = {"train": 1.0, "eval": 0.04, "checkpoint": 0.08, "load": 0.03, "startup": 4.0}
 PHASE_WEIGHT = {"train": 4, "eval": 2, "checkpoint": 3, "load": 1, "startup": 1}
 COMPARED_KEYS = ("loss", "lr", "grad_norm", "tokens_seen", "val/loss", "val/tokens")
 
