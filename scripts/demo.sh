@@ -205,10 +205,10 @@ from pathlib import Path
 run = Path(sys.argv[1])
 results = json.loads((run / "eval.json").read_text())["results"]
 records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-first = next(r["loss"] for r in records if r.get("loss") is not None)
+first = next(r for r in records if r.get("loss") is not None)
 last = records[-1]
-print(f"  final val loss  {results['val/loss']:.4f}  (train loss {first:.2f} at step 1 -> {last['loss']:.2f};"
-      f" uniform guess ln 50257 = {math.log(50257):.2f})")
+print(f"  final val loss  {results['val/loss']:.4f}  (uniform guess ln 50257 = {math.log(50257):.2f}; train loss"
+      f" {first['loss']:.2f} at step {first['step']} -> {last['loss']:.2f} at step {last['step']})")
 print(f"  trained         {last['step']} steps, {last['tokens_seen']:,} tokens")
 if "hellaswag/acc_norm" in results:
     print(f"  HellaSwag       acc_norm {results['hellaswag/acc_norm']:.4f} (chance 0.25)")
