@@ -128,6 +128,10 @@ set_runtime_env() {
     export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
     # How long torchrun lets workers finish the step and checkpoint after a forwarded signal.
     export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-${SHUTDOWN_TIMEOUT:-100}}
+    # Workers restarted by torchrun (--max-restarts) must not reuse the agent's shared TCP
+    # store: they would read the crashed attempt's peer addresses and hang in init
+    # (pytorch/pytorch#135712).
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
     # CPU threads per rank: the node's (or the SLURM task's) cores split between the ranks.
     if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
         cpus=${SLURM_CPUS_PER_TASK:-$(nproc 2>/dev/null || echo 1)}
