@@ -223,5 +223,5 @@ echo "  checkpoint      $CKPT"
 echo "  HF export       $EXPORT   (AutoModelForCausalLM.from_pretrained(\"$EXPORT\"))"
 echo "  metrics         $RUN/metrics.jsonl, $RUN/eval.json"
 echo "  plot            $PLOT   (all demo runs overlaid: $DEMO_DIR/loss.png)"
-echo "  sample          $(head -c 400 "$RUN/sample.txt" | tr '\n' ' ')"
+echo "  sample          $(head -c 400 "$RUN/sample.txt" | tr -s '[:space:]' ' ')"
 line
