@@ -5,10 +5,18 @@
 Both score the same examples with the same model and compute the same five metrics (harness
 acc / acc_norm / acc_bytes and the completion style). The baseline is build-nanogpt's loop:
 per example, one forward over its 8 candidate rows (4 per style) padded to the longest, then
-a cross-entropy over every position and a mask. The batched scorer sorts all candidates by
-length, runs ``--batch-size`` rows per forward padded to a multiple of ``--pad-multiple``, and
-takes log_softmax only at the scored positions. Without ``--hellaswag``, synthetic examples
-with HellaSwag's length profile (contexts ~40-70 tokens, endings ~10-35) are generated.
+a cross-entropy over every position and a mask. The batched scorer's paths
+(``evals.hellaswag.score_sequences``):
+
+- packed: all candidates sorted by length, ``--batch-size`` rows per forward padded to a
+  multiple of ``--pad-multiple``, log_softmax only at the scored positions; with full logits
+  (what a compiled or FSDP model takes) and with the LM head applied at the scored positions only;
+- shared context prefix (the default for an eager ``GPT``): each context runs once, its 4
+  candidates attend to its cached keys/values, and the LM head runs once per distinct scored
+  prefix, in vocabulary slices.
+
+Without ``--hellaswag``, synthetic examples with HellaSwag's length profile (contexts ~40-70
+tokens, endings ~10-35) are generated.
 """
 
 from __future__ import annotations
@@ -101,14 +109,19 @@ def main() -> None:
 
     t_base, base = best(lambda: one_example_per_forward(model, prep))
     n = len(examples)
-    print(f"{'one example per forward (8 rows)':44s} {n / t_base:7.2f} examples/s  {t_base:7.2f} CPU s  1.00x")
-    for head_only in (False, True):
-        t, out = best(lambda h=head_only: hs.evaluate(model, prep, batch_size=args.batch_size,
-                                                      pad_multiple=args.pad_multiple, head_positions_only=h))
+    print(f"{'one example per forward (8 rows)':60s} {n / t_base:7.2f} examples/s  {t_base:7.2f} CPU s  1.00x")
+    modes = [  # (name, evaluate() options)
+        (f"packed, {args.batch_size} rows/forward", {"head_positions_only": False, "share_prefix": False}),
+        (f"packed, {args.batch_size} rows/forward, head at scored positions",
+         {"head_positions_only": True, "share_prefix": False}),
+        (f"shared context prefix, {args.batch_size} rows/forward (default)", {}),
+    ]
+    for name, opts in modes:
+        t, out = best(lambda o=opts: hs.evaluate(model, prep, batch_size=args.batch_size,
+                                                 pad_multiple=args.pad_multiple, **o))
         out = {k.removeprefix("hellaswag/"): v for k, v in out.items() if k.removeprefix("hellaswag/") in base}
         assert all(abs(out[k] - base[k]) < 1e-9 for k in base), (out, base)  # the same answers
-        name = f"batched, {args.batch_size} rows/forward" + (", head at scored positions" if head_only else "")
-        print(f"{name:44s} {n / t:7.2f} examples/s  {t:7.2f} CPU s  {t_base / t:.2f}x")
+        print(f"{name:60s} {n / t:7.2f} examples/s  {t:7.2f} CPU s  {t_base / t:.2f}x")
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from evals.common import all_reduce, autocast_for, eval_mode
+from evals.common import all_reduce, autocast_for, eval_mode, target_logprobs
 
 # The canonical files of the HellaSwag repository (github.com/rowanz/hellaswag, data/).
 HELLASWAG_URLS = {
@@ -338,32 +338,209 @@ def _head_only_at(model, rows: torch.Tensor, pos: torch.Tensor) -> Iterator[None
         handle.remove()
 
 
+def _prefix_sharing_ok(model) -> bool:
+    """An eager native ``GPT`` with plain blocks: nothing compiled (a compiled model would
+    recompile for the varying shapes below), not FSDP-sharded or wrapped (FSDP needs every rank
+    to run the same forwards; its blocks are no longer plain ``Block``s), no activation
+    checkpointing wrappers."""
+    from pretrain.model import GPT, Block
+
+    if not isinstance(model, GPT) or any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()):
+        return False
+    if any(type(block) is not Block for block in model.transformer.h):
+        return False
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return True
+    return not isinstance(model, FSDPModule)
+
+
+@contextmanager
+def _capture_hidden(model, rows: torch.Tensor, pos: torch.Tensor, sink: list) -> Iterator[None]:
+    """While active, ``GPT.forward`` appends the final hidden states (``ln_f``'s output) at
+    ``(rows, pos)`` to ``sink``, (S, C), and skips the LM head (it gets zero positions)."""
+
+    def capture(module, args, out):  # out: (B, T, C)
+        sink.append(out[rows, pos])  # (S, C)
+        return out[:, :0]  # (B, 0, C): the head has nothing to do
+
+    handle = model.transformer.ln_f.register_forward_hook(capture)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class _ScoredTokens:
+    """Hidden states waiting for the LM head, and which (sequence, target token) each scores;
+    :meth:`flush` adds the log-probabilities into ``sums``."""
+
+    def __init__(self, model, sums: torch.Tensor, vocab_size: int | None) -> None:
+        self.weight, self.bias = model.lm_head.weight, model.lm_head.bias
+        self.vocab_size, self.sums = vocab_size or model.config.vocab_size, sums
+        self.hidden: list[torch.Tensor] = []
+        self.num_hidden = 0
+        self.rows: list[int] = []
+        self.targets: list[int] = []
+        self.seqs: list[int] = []
+
+    def add_hidden(self, h: torch.Tensor) -> int:
+        """Queue (U, C) hidden states; returns the buffer index of the first."""
+        self.hidden.append(h)
+        self.num_hidden += h.size(0)
+        return self.num_hidden - h.size(0)
+
+    def add_token(self, row: int, target: int, seq: int) -> None:
+        self.rows.append(row)
+        self.targets.append(target)
+        self.seqs.append(seq)
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        dev = self.sums.device
+        with autocast_for(dev):  # the head in bf16 on CUDA, as in the model's own forward
+            lp = target_logprobs(torch.cat(self.hidden), self.weight, torch.tensor(self.rows, device=dev),
+                                 torch.tensor(self.targets, device=dev), vocab_size=self.vocab_size,
+                                 bias=self.bias)  # (S,)
+        self.sums.index_add_(0, torch.tensor(self.seqs, device=dev), lp)
+        self.hidden, self.num_hidden, self.rows, self.targets, self.seqs = [], 0, [], [], []
+
+
+def _score_shared_prefix(model, inputs: list[list[int]], cont_lens: list[int], *, batch_size: int,
+                         vocab_size: int | None, device: torch.device, head_rows: int = 1024) -> torch.Tensor:
+    """Sums of continuation log-probabilities, running each distinct prefix once.
+
+    ``inputs[i]`` is the (already left-truncated) sequence whose last ``cont_lens[i]`` tokens
+    are scored; its prefix is everything before them. Rows with the same prefix (the 4
+    candidates of a HellaSwag style share the context tokens) form a group. Groups with the same
+    prefix length are batched: one forward over the prefixes fills a ``KVCache``, whose rows
+    are copied out to each candidate, and one forward over the continuations (right-padded;
+    padding comes after the real positions, so causal attention keeps them exact) attends to
+    it. The hidden state at the prefix's last position predicts the first token of all its
+    candidates; it and any position whose (prefix, continuation-so-far) was already seen go
+    through the LM head once. The head runs in batches of ``head_rows`` hidden states
+    (:func:`evals.common.target_logprobs`)."""
+    from pretrain.model import KVCache
+
+    n = len(inputs)
+    sums = torch.zeros(n, dtype=torch.float32, device=device)
+    scored = _ScoredTokens(model, sums, vocab_size)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, toks in enumerate(inputs):
+        groups.setdefault(tuple(toks[: len(toks) - cont_lens[i]]), []).append(i)
+    by_len: dict[int, list[list[int]]] = {}
+    for prefix, rows in groups.items():
+        by_len.setdefault(len(prefix), []).append(rows)
+    cache_dtype = torch.bfloat16 if device.type == "cuda" else next(model.parameters()).dtype  # as autocast_for
+
+    for P in sorted(by_len, reverse=True):
+        bucket = sorted(by_len[P], key=lambda rows: -max(cont_lens[i] for i in rows))  # similar lengths together
+        chunks, cur = [], []
+        for rows in bucket:  # at most batch_size candidate rows per forward (at least one group)
+            if cur and sum(map(len, cur)) + len(rows) > batch_size:
+                chunks.append(cur)
+                cur = []
+            cur.append(rows)
+        chunks.append(cur)
+        for chunk in chunks:
+            G = len(chunk)
+            rows = [i for grp in chunk for i in grp]
+            Tc = max(cont_lens[i] for i in rows) - 1  # continuation tokens fed to the model
+            prefixes = torch.tensor([inputs[grp[0]][:P] for grp in chunk], dtype=torch.long)  # (G, P)
+            cache = KVCache.empty(model.config, G, P + Tc, device, cache_dtype)
+            got: list[torch.Tensor] = []
+            last = torch.full((G,), P - 1, dtype=torch.long, device=device)
+            with autocast_for(device), _capture_hidden(model, torch.arange(G, device=device), last, got):
+                model(prefixes.to(device, non_blocking=True), kv_cache=cache)
+            base = scored.add_hidden(got[0])  # (G, C): the prefixes' last positions
+            for g, grp in enumerate(chunk):
+                for i in grp:
+                    scored.add_token(base + g, inputs[i][P], i)
+            if Tc > 0:
+                idx = torch.zeros(len(rows), Tc, dtype=torch.long)  # (R, Tc), right-padded
+                sel_row, sel_pos, pending = [], [], []
+                trie: dict[tuple[int, int], int] = {}  # (node, token) -> index of its hidden state
+                row_group = []
+                for g, grp in enumerate(chunk):
+                    for i in grp:
+                        r = len(row_group)
+                        row_group.append(g)
+                        cont = inputs[i][P:]
+                        idx[r, : len(cont) - 1] = torch.tensor(cont[:-1])
+                        node = -1 - g  # the group's prefix
+                        for t in range(len(cont) - 1):  # hidden at local t predicts cont[t + 1]
+                            u = trie.setdefault((node, cont[t]), len(sel_row))
+                            if u == len(sel_row):
+                                sel_row.append(r)
+                                sel_pos.append(t)
+                            pending.append((u, cont[t + 1], i))
+                            node = u
+                rg = torch.tensor(row_group, dtype=torch.long, device=device)
+                cont_cache = KVCache(k=[k.index_select(0, rg) for k in cache.k],  # (R, nh, P+Tc, hs)
+                                     v=[v.index_select(0, rg) for v in cache.v], pos=P)
+                got = []
+                with autocast_for(device), _capture_hidden(model, torch.tensor(sel_row, device=device),
+                                                           torch.tensor(sel_pos, device=device), got):
+                    model(idx.to(device, non_blocking=True), kv_cache=cont_cache)
+                base = scored.add_hidden(got[0])  # (U, C)
+                for u, tgt, i in pending:
+                    scored.add_token(base + u, tgt, i)
+            if scored.num_hidden >= head_rows:
+                scored.flush()
+    scored.flush()
+    return sums
+
+
 @torch.inference_mode()
 def score_sequences(model, context: Sequence[list[int]], continuation: Sequence[list[int]], *,
                     block_size: int, batch_size: int = 32, pad_multiple: int = 32,
                     vocab_size: int | None = None, device: str | torch.device = "cpu",
                     sync_batches: bool = True, head_positions_only: bool | None = None,
-                    ) -> tuple[np.ndarray, np.ndarray]:
+                    share_prefix: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Sum of log p(continuation token | prefix) over each continuation, and its token count.
 
-    Sequences are left-truncated to ``block_size + 1`` tokens as the harness does, sorted by
-    length, and run ``batch_size`` rows per forward, right-padded to a multiple of
-    ``pad_multiple`` (padded rows and positions are never scored). With ``sync_batches`` and
-    a process group up, every rank runs as many forwards as the busiest rank.
-    ``head_positions_only`` (default: on for an eager native ``GPT``) applies the LM head at
-    the scored positions only; see :func:`_head_only_at`."""
+    Sequences are left-truncated to ``block_size + 1`` tokens as the harness does. Two paths
+    give the same numbers (up to float summation order):
+
+    - **shared prefix** (``share_prefix``; the default for an eager native ``GPT`` with plain
+      blocks, unless ``head_positions_only`` is given): each distinct context runs once and its
+      candidates attend to its cached keys/values; the LM head runs once per distinct scored
+      prefix, in vocabulary slices. See :func:`_score_shared_prefix`. ``batch_size`` bounds
+      the candidate rows per forward. Shapes vary per batch and ranks run different numbers
+      of forwards, so it is not for compiled or FSDP models (the automatic choice avoids them).
+    - **packed** (everything else: compiled models, FSDP, Hugging Face models): all rows sorted
+      by length and run ``batch_size`` per forward, right-padded to a multiple of
+      ``pad_multiple`` (padded rows and positions are never scored), so a compiled model sees
+      a handful of shapes. With ``sync_batches`` and a process group up, every rank runs as
+      many forwards as the busiest rank. ``head_positions_only`` (default: on for an eager
+      native ``GPT``) applies the LM head at the scored positions only; see
+      :func:`_head_only_at`."""
     device = torch.device(device)
+    if share_prefix is None:
+        share_prefix = head_positions_only is None and _prefix_sharing_ok(model)
+    elif share_prefix and not _prefix_sharing_ok(model):
+        raise ValueError("share_prefix=True needs an eager native GPT with plain blocks (not compiled, FSDP or "
+                         "wrapped); leave share_prefix=None to pick the packed path automatically")
     head_trick = _head_trick_ok(model) if head_positions_only is None else head_positions_only
     n = len(context)
     inputs, cont_lens = [], []
     for ctx, cont in zip(context, continuation):
         if not cont:
             raise ValueError("a continuation has no tokens; nothing to score")
+        if not ctx:
+            raise ValueError("a context has no tokens; give it at least one (the harness uses the end-of-text "
+                             "token for an empty context, see encode_pair)")
         if len(cont) > block_size:
             raise ValueError(f"a continuation of {len(cont)} tokens is longer than the model's context ({block_size})")
         toks = (ctx + cont)[-(block_size + 1):]
         inputs.append(toks)
         cont_lens.append(len(cont))
+    if share_prefix:
+        sums = _score_shared_prefix(model, inputs, cont_lens, batch_size=batch_size, vocab_size=vocab_size,
+                                    device=device)
+        return sums.double().cpu().numpy(), np.asarray(cont_lens, dtype=np.int64)
     order = sorted(range(n), key=lambda i: -len(inputs[i]))
     batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
     num_batches = len(batches)
@@ -437,14 +614,14 @@ def summarize(correct: dict[str, float], n: int, prefix: str = "hellaswag/") -> 
 
 def evaluate(model, prep: Prepared, *, batch_size: int = 32, device: str | torch.device = "cpu",
              block_size: int | None = None, pad_multiple: int = 32, prefix: str = "hellaswag/",
-             head_positions_only: bool | None = None) -> dict[str, float]:
+             head_positions_only: bool | None = None, share_prefix: bool | None = None) -> dict[str, float]:
     """Score this rank's prepared examples, all-reduce the counts, return the metrics (the
-    same dict on every rank)."""
+    same dict on every rank). The scoring path is picked as in :func:`score_sequences`."""
     block_size = block_size or model_block_size(model)
     sums, counts = score_sequences(
         model, prep.context, prep.continuation, block_size=block_size, batch_size=batch_size,
         pad_multiple=pad_multiple, vocab_size=model_vocab_size(model), device=device,
-        head_positions_only=head_positions_only,
+        head_positions_only=head_positions_only, share_prefix=share_prefix,
     )
     right = example_predictions(prep, sums, counts) if len(prep) else {k: np.zeros(0) for k in METRICS}
     totals = torch.tensor([len(prep)] + [float(right[k].sum()) for k in METRICS], dtype=torch.float64)

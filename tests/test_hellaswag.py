@@ -328,3 +328,111 @@ def test_download_once_verify_and_offline_error(tmp_path, monkeypatch):
         hs.resolve_path(None, "validation", cache_dir=tmp_path / "c3")
     assert "could not download HellaSwag" in str(e.value) and "--hellaswag PATH" in str(e.value)
     assert "eval.hellaswag_path" in str(e.value) and not list((tmp_path / "c3").iterdir())
+
+
+# ----------------------------------------------------------------------------- the shared-prefix path
+
+
+def synthetic_requests(seed: int = 0):
+    """Groups of candidates sharing a context, with the corner cases of the shared-prefix path:
+    continuations that share their first tokens (one LM-head row for both), a one-token
+    continuation (nothing to feed after the context), a lone candidate, two groups with the
+    same context length (one forward), and a context long enough to be left-truncated."""
+    g = torch.Generator().manual_seed(seed)
+
+    def toks(n):
+        return torch.randint(0, 50257, (n,), generator=g).tolist()
+
+    ctx_a, ctx_b, ctx_c, ctx_long = toks(9), toks(9), toks(4), toks(60)
+    shared = toks(3)
+    requests = [(ctx_a, shared + toks(5)), (ctx_a, shared + toks(2)), (ctx_a, shared[:2] + toks(4)), (ctx_a, toks(1)),
+                (ctx_b, toks(7)), (ctx_b, toks(3)), (ctx_b, toks(3)),
+                (ctx_c, toks(1)),
+                (ctx_long, toks(10)), (ctx_long, toks(12))]
+    return [c for c, _ in requests], [k for _, k in requests]
+
+
+def test_shared_prefix_path_equals_the_packed_path_and_the_reference():
+    model = tiny_model(seed=2, padded_vocab_size=50304)
+    ctx, cont = synthetic_requests()
+    V = model.config.vocab_size
+    want = [ref_logprob(model, c, k, 64) for c, k in zip(ctx, cont)]
+    packed, counts = hs.score_sequences(model, ctx, cont, block_size=64, batch_size=4, vocab_size=V,
+                                        share_prefix=False)
+    np.testing.assert_allclose(packed, want, rtol=1e-5, atol=1e-4)
+    assert counts.tolist() == [len(k) for k in cont]
+    for bs in (1, 3, 64):
+        shared, counts2 = hs.score_sequences(model, ctx, cont, block_size=64, batch_size=bs, vocab_size=V,
+                                             share_prefix=True)
+        np.testing.assert_allclose(shared, want, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(shared, packed, rtol=1e-6, atol=2e-5)  # float summation order only
+        assert counts2.tolist() == counts.tolist()
+
+
+def test_shared_prefix_runs_each_context_once_and_the_head_once_per_distinct_prefix(monkeypatch):
+    model = tiny_model()
+    ctx, cont = synthetic_requests()
+    fed: list[tuple[int, list[list[int]]]] = []  # (kv_cache.pos, rows) of every forward
+
+    def record(module, args, kwargs):
+        fed.append((kwargs["kv_cache"].pos, args[0].tolist()))
+
+    head_rows = []
+    real = hs.target_logprobs
+
+    def counting(hidden, *a, **k):
+        head_rows.append(hidden.size(0))
+        return real(hidden, *a, **k)
+
+    monkeypatch.setattr(hs, "target_logprobs", counting)
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        sums, _ = hs.score_sequences(model, ctx, cont, block_size=64, batch_size=8, vocab_size=50257)  # automatic
+    finally:
+        handle.remove()
+    # the effective prefixes (after left truncation to 65 tokens) and their continuations
+    groups: dict[tuple, list[list[int]]] = {}
+    for c, k in zip(ctx, cont):
+        groups.setdefault(tuple((c + k)[-65:][: -len(k)]), []).append(k)
+    prefix_rows = [row for pos, rows in fed if pos == 0 for row in rows]
+    assert sorted(map(tuple, prefix_rows)) == sorted(groups)  # every distinct context exactly once
+    assert len(groups) == 5  # a, b, c, and the two left-truncated candidates of ctx_long (different prefixes)
+    # then one forward per batch of continuations, starting right after their (shared) context
+    assert {pos for pos, _ in fed if pos > 0} <= {len(p) for p in groups}
+    assert sum(len(rows) for pos, rows in fed if pos > 0) == sum(len(ks) for ks in groups.values() if max(map(len, ks)) > 1)
+    # LM-head rows: one per group (its last context position) + one per distinct continuation prefix
+    distinct = sum(1 + len({tuple(k[: t + 1]) for k in ks for t in range(len(k) - 1)}) for ks in groups.values())
+    assert sum(head_rows) == distinct < sum(len(k) for k in cont)
+    np.testing.assert_allclose(sums, [ref_logprob(model, c, k, 64) for c, k in zip(ctx, cont)], rtol=1e-5, atol=1e-4)
+
+
+def test_target_logprobs_in_vocab_slices_equals_log_softmax():
+    from evals.common import target_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(5, 16, generator=g), torch.randn(1000, 16, generator=g) * 3
+    rows = torch.tensor([0, 0, 1, 4, 4, 2, 3])  # rows shared by several targets
+    targets = torch.tensor([0, 999, 511, 512, 7, 300, 899])  # slice edges, first and last token
+    want = F.log_softmax(hidden @ weight[:900].T, dim=-1)[rows, targets.clamp(max=899)]
+    for chunk in (1, 7, 256, 512, 4096):  # 900 = vocab_size: the 100 padded rows never count
+        got = target_logprobs(hidden, weight, rows[targets < 900], targets[targets < 900], vocab_size=900,
+                              vocab_chunk=chunk)
+        torch.testing.assert_close(got, want[targets < 900], rtol=1e-5, atol=1e-5)
+    bias = torch.randn(1000, generator=g)
+    got = target_logprobs(hidden, weight, rows, targets, bias=bias, vocab_chunk=300)
+    torch.testing.assert_close(got, F.log_softmax(hidden @ weight.T + bias, -1)[rows, targets], rtol=1e-5, atol=1e-5)
+
+
+def test_path_choice_and_bad_requests():
+    model = tiny_model()
+    assert hs._prefix_sharing_ok(model)
+    assert not hs._prefix_sharing_ok(torch.compile(model, backend="eager"))  # fixed shapes for compiled models
+    compiled_blocks = tiny_model()
+    compiled_blocks.transformer.h[0].compile(backend="eager")  # what FSDP + compile does per block
+    assert not hs._prefix_sharing_ok(compiled_blocks)
+    with pytest.raises(ValueError, match="share_prefix=True needs an eager native GPT"):
+        hs.score_sequences(torch.compile(model, backend="eager"), [[1]], [[2]], block_size=64, share_prefix=True)
+    with pytest.raises(ValueError, match="a context has no tokens"):
+        hs.score_sequences(model, [[]], [[2]], block_size=64)
+    with pytest.raises(ValueError, match="a continuation has no tokens"):
+        hs.score_sequences(model, [[1]], [[]], block_size=64)
