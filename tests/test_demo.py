@@ -9,6 +9,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "scripts" / "demo.sh"
 
@@ -73,3 +75,38 @@ def test_bad_input_is_one_clear_error(tmp_path):
     proc = run_demo(tmp_path, DEMO_STEPS="ten")
     assert proc.returncode == 2 and "DEMO_STEPS=ten" in proc.stderr
     assert not (tmp_path / "demo").exists()  # nothing was started
+
+
+def write_hellaswag(path: Path, n: int = 6) -> Path:
+    """A HellaSwag-format jsonl (rowanz fields) about the corpus's own subject."""
+    lines = []
+    for i in range(n):
+        ctx_a = f"The function number {i} returns"
+        lines.append(json.dumps({
+            "ind": i, "activity_label": "Python", "ctx_a": ctx_a, "ctx_b": "a", "ctx": ctx_a + " a",
+            "endings": ["new list of the items.", "purple elephant tomorrow.", "the string value.", "zzz qqq xxx."],
+            "label": i % 4, "split": "val", "split_type": "indomain", "source_id": f"synthetic-{i}",
+        }))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_demo_with_hellaswag_and_a_rerun_keeps_the_first_run(tmp_path):
+    hs = write_hellaswag(tmp_path / "hellaswag_val.jsonl")
+    first = run_demo(tmp_path, DEMO_RUN="run-1", DEMO_STEPS="6")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    run1 = tmp_path / "demo" / "run-1"
+    before = {p: p.stat().st_mtime_ns for p in run1.rglob("*") if p.is_file()}
+
+    proc = run_demo(tmp_path, DEMO_RUN="run-2", HELLASWAG=str(hs), DEMO_HELLASWAG_LIMIT="4")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run2 = tmp_path / "demo" / "run-2"
+    results = json.loads((run2 / "eval.json").read_text())["results"]
+    assert "hellaswag/acc_norm" in results and "val/loss" in results
+    assert any("hellaswag/acc_norm" in json.loads(line) for line in (run2 / "metrics.jsonl").read_text().splitlines())
+    assert "HELLASWAG=" not in proc.stdout and "HellaSwag       acc_norm" in proc.stdout
+    # The rerun made its own directory and left the first run exactly as it was.
+    assert {p: p.stat().st_mtime_ns for p in run1.rglob("*") if p.is_file()} == before
+    assert (tmp_path / "demo" / "latest").resolve() == run2.resolve()
+    assert "run-1: " in proc.stdout and "run-2: " in proc.stdout  # demo/loss.png overlays both runs
