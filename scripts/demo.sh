@@ -96,8 +96,7 @@ read -r STEPS BATCH MODEL < <("$PY" pretrain/train.py --config "$DEMO_CONFIG" --
 print(c["schedule"]["max_steps"], c["train"]["global_batch_tokens"],
       "{n_layer}x{n_embd},ctx{block_size}".format(**m))' 2>/dev/null || echo "? ? ?")
 if [ "$STEPS" = "?" ]; then
-  "$PY" pretrain/train.py --config "$DEMO_CONFIG" --print-config "${TRAIN_ARGS[@]}" >/dev/null  # prints the error
-  exit 2
+  exit 2  # the trainer has printed what is wrong with the config
 fi
 
 DEVICE=$("$PY" -c 'import torch; print(f"CUDA ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)")')

@@ -74,6 +74,9 @@ def test_bad_input_is_one_clear_error(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "HELLASWAG=" in proc.stderr and "missing.jsonl" in proc.stderr
     proc = run_demo(tmp_path, DEMO_STEPS="ten")
     assert proc.returncode == 2 and "DEMO_STEPS=ten" in proc.stderr
+    proc = run_demo(tmp_path, DEMO_TRAIN_ARGS="optim.lrr=1")  # validated by the trainer, before any work
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "gpt2-train: error: unknown config key 'optim.lrr'; did you mean 'optim.lr'?"]
     assert not (tmp_path / "demo").exists()  # nothing was started
 
 
