@@ -170,7 +170,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gpt2-plot",
         description="Plot train/val loss, learning rate, tokens/s and HellaSwag of one or more runs "
                     "(their metrics.jsonl) against steps and tokens, into one PNG.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("runs", nargs="+", metavar="RUN_DIR",
                    help="run directories (train.run_dir, holding metrics.jsonl) or metrics.jsonl files; "
