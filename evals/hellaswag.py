@@ -408,8 +408,27 @@ class _ScoredTokens:
         self.hidden, self.num_hidden, self.rows, self.targets, self.seqs = [], 0, [], [], []
 
 
+def _split_sorted(lengths: list[int], cost: int) -> list[tuple[int, int]]:
+    """Cut rows of non-increasing ``lengths`` into consecutive forwards ``[lo, hi)`` minimising
+    the padded positions (rows × longest) plus ``cost`` positions per extra forward."""
+    n = len(lengths)
+    best = [0] + [None] * n  # best[j]: cheapest cover of rows [0, j)
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):  # last forward = rows [i, j), padded to lengths[i]
+            c = best[i] + (j - i) * lengths[i] + cost
+            if best[j] is None or c < best[j]:
+                best[j], cut[j] = c, i
+    out, j = [], n
+    while j > 0:
+        out.append((cut[j], j))
+        j = cut[j]
+    return out[::-1]
+
+
 def _score_shared_prefix(model, inputs: list[list[int]], cont_lens: list[int], *, batch_size: int,
-                         vocab_size: int | None, device: torch.device, head_rows: int = 1024) -> torch.Tensor:
+                         vocab_size: int | None, device: torch.device, head_rows: int = 1024,
+                         split_cost: int | None = None) -> torch.Tensor:
     """Sums of continuation log-probabilities, running each distinct prefix once.
 
     ``inputs[i]`` is the (already left-truncated) sequence whose last ``cont_lens[i]`` tokens
@@ -421,7 +440,9 @@ def _score_shared_prefix(model, inputs: list[list[int]], cont_lens: list[int], *
     it. The hidden state at the prefix's last position predicts the first token of all its
     candidates; it and any position whose (prefix, continuation-so-far) was already seen go
     through the LM head once. The head runs in batches of ``head_rows`` hidden states
-    (:func:`evals.common.target_logprobs`)."""
+    (:func:`evals.common.target_logprobs`). The continuations of a batch are cut into forwards
+    of similar length where the padding saved outweighs ``split_cost`` positions per extra
+    forward (default 16 on CPU, where a small forward's overhead is about that; 256 elsewhere)."""
     from pretrain.model import KVCache
 
     n = len(inputs)
@@ -434,6 +455,8 @@ def _score_shared_prefix(model, inputs: list[list[int]], cont_lens: list[int], *
     for prefix, rows in groups.items():
         by_len.setdefault(len(prefix), []).append(rows)
     cache_dtype = torch.bfloat16 if device.type == "cuda" else next(model.parameters()).dtype  # as autocast_for
+    if split_cost is None:
+        split_cost = 16 if device.type == "cpu" else 256
 
     for P in sorted(by_len, reverse=True):
         bucket = sorted(by_len[P], key=lambda rows: -max(cont_lens[i] for i in rows))  # similar lengths together
@@ -458,35 +481,38 @@ def _score_shared_prefix(model, inputs: list[list[int]], cont_lens: list[int], *
             for g, grp in enumerate(chunk):
                 for i in grp:
                     scored.add_token(base + g, inputs[i][P], i)
-            if Tc > 0:
-                idx = torch.zeros(len(rows), Tc, dtype=torch.long)  # (R, Tc), right-padded
+            # Continuations, longest first, cut into forwards of similar length (less padding).
+            feed = sorted(((cont_lens[i] - 1, g, i) for g, grp in enumerate(chunk) for i in grp if cont_lens[i] > 1),
+                          reverse=True)
+            trie: dict[tuple[int, int], int] = {}  # (node, token) -> buffer index of its hidden state
+            for seg in _split_sorted([n for n, _, _ in feed], split_cost):
+                part = feed[seg[0]:seg[1]]
+                Tc_part = part[0][0]
+                idx = torch.zeros(len(part), Tc_part, dtype=torch.long)  # (R, Tc), right-padded
                 sel_row, sel_pos, pending = [], [], []
-                trie: dict[tuple[int, int], int] = {}  # (node, token) -> index of its hidden state
-                row_group = []
-                for g, grp in enumerate(chunk):
-                    for i in grp:
-                        r = len(row_group)
-                        row_group.append(g)
-                        cont = inputs[i][P:]
-                        idx[r, : len(cont) - 1] = torch.tensor(cont[:-1])
-                        node = -1 - g  # the group's prefix
-                        for t in range(len(cont) - 1):  # hidden at local t predicts cont[t + 1]
-                            u = trie.setdefault((node, cont[t]), len(sel_row))
-                            if u == len(sel_row):
-                                sel_row.append(r)
-                                sel_pos.append(t)
-                            pending.append((u, cont[t + 1], i))
-                            node = u
-                rg = torch.tensor(row_group, dtype=torch.long, device=device)
+                base = scored.num_hidden  # the buffer index this forward's first hidden state gets
+                for r, (_, g, i) in enumerate(part):
+                    cont = inputs[i][P:]
+                    idx[r, : len(cont) - 1] = torch.tensor(cont[:-1])
+                    node = -1 - g  # the group's prefix
+                    for t in range(len(cont) - 1):  # hidden at local t predicts cont[t + 1]
+                        u = trie.setdefault((node, cont[t]), base + len(sel_row))
+                        if u == base + len(sel_row):  # a new (prefix, continuation-so-far)
+                            sel_row.append(r)
+                            sel_pos.append(t)
+                        pending.append((u, cont[t + 1], i))
+                        node = u
+                rg = torch.tensor([g for _, g, _ in part], dtype=torch.long, device=device)
                 cont_cache = KVCache(k=[k.index_select(0, rg) for k in cache.k],  # (R, nh, P+Tc, hs)
                                      v=[v.index_select(0, rg) for v in cache.v], pos=P)
                 got = []
-                with autocast_for(device), _capture_hidden(model, torch.tensor(sel_row, device=device),
-                                                           torch.tensor(sel_pos, device=device), got):
-                    model(idx.to(device, non_blocking=True), kv_cache=cont_cache)
-                base = scored.add_hidden(got[0])  # (U, C)
+                if sel_row:
+                    with autocast_for(device), _capture_hidden(model, torch.tensor(sel_row, device=device),
+                                                               torch.tensor(sel_pos, device=device), got):
+                        model(idx.to(device, non_blocking=True), kv_cache=cont_cache)
+                    scored.add_hidden(got[0])  # (U, C), at buffer indices base, base + 1, ...
                 for u, tgt, i in pending:
-                    scored.add_token(base + u, tgt, i)
+                    scored.add_token(u, tgt, i)
             if scored.num_hidden >= head_rows:
                 scored.flush()
     scored.flush()

@@ -399,7 +399,7 @@ def test_shared_prefix_runs_each_context_once_and_the_head_once_per_distinct_pre
     assert len(groups) == 5  # a, b, c, and the two left-truncated candidates of ctx_long (different prefixes)
     # then one forward per batch of continuations, starting right after their (shared) context
     assert {pos for pos, _ in fed if pos > 0} <= {len(p) for p in groups}
-    assert sum(len(rows) for pos, rows in fed if pos > 0) == sum(len(ks) for ks in groups.values() if max(map(len, ks)) > 1)
+    assert sum(len(rows) for pos, rows in fed if pos > 0) == sum(len(k) > 1 for k in cont)  # one-token ones: none
     # LM-head rows: one per group (its last context position) + one per distinct continuation prefix
     distinct = sum(1 + len({tuple(k[: t + 1]) for k in ks for t in range(len(k) - 1)}) for ks in groups.values())
     assert sum(head_rows) == distinct < sum(len(k) for k in cont)
@@ -436,3 +436,10 @@ def test_path_choice_and_bad_requests():
         hs.score_sequences(model, [[]], [[2]], block_size=64)
     with pytest.raises(ValueError, match="a continuation has no tokens"):
         hs.score_sequences(model, [[1]], [[]], block_size=64)
+
+
+def test_continuations_are_cut_into_forwards_of_similar_length():
+    # 3 long rows and 5 short ones: two forwards (3×30 + 5×5 + 2×16) beat one (8×30 + 16)
+    assert hs._split_sorted([30, 30, 29, 5, 5, 5, 4, 4], cost=16) == [(0, 3), (3, 8)]
+    assert hs._split_sorted([30, 30, 29, 5, 5, 5, 4, 4], cost=1000) == [(0, 8)]  # forwards are dear: one
+    assert hs._split_sorted([6, 5], cost=0) == [(0, 1), (1, 2)] and hs._split_sorted([], cost=16) == []
