@@ -38,11 +38,18 @@ Published GPT-2 124M figures on the 10,042 validation examples, for comparison::
     harness (lm-eval hellaswag)    0.2892   0.3114     (build-nanogpt hellaswag.py docstring)
     completion (build-nanogpt)     0.2859   0.2955
 
-Speed: the 8 candidate sequences of every example (4 per style) are sorted by length and
-scored ``batch_size`` rows per forward pass, right-padded to a multiple of ``pad_multiple``
-(so a compiled model sees a handful of shapes, not one per batch); ``log_softmax`` runs only on
-the scored positions. Rank r takes examples ``r::world_size``; counts are all-reduced, and every
-rank runs the same number of forward passes (FSDP-safe).
+Speed: two scoring paths, picked automatically (:func:`score_sequences`), equal up to float
+summation order. For an eager native ``GPT`` (not compiled, not FSDP), **shared prefix**: the 4
+candidates of a style share their context tokens (the harness encodes the context on its own,
+build-nanogpt too), so each context runs once, its keys/values are cached and copied out to its
+candidates, and only the continuations run after it; the LM head (most of a small model's cost)
+runs once per distinct scored prefix, vocabulary slice by slice. For compiled or FSDP models
+(fixed shapes; the same forwards on every rank) and Hugging Face models, **packed**: the 8
+candidate sequences of every example are sorted by length and scored ``batch_size`` rows per
+forward pass, right-padded to a multiple of ``pad_multiple`` (a compiled model sees a handful of
+shapes, not one per batch), ``log_softmax`` only on the scored positions, and every rank runs
+the same number of forward passes (FSDP-safe). Rank r takes examples ``r::world_size``; counts
+are all-reduced.
 """
 
 from __future__ import annotations
