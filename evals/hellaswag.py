@@ -415,14 +415,16 @@ class _ScoredTokens:
         self.hidden, self.num_hidden, self.rows, self.targets, self.seqs = [], 0, [], [], []
 
 
-def _split_sorted(lengths: list[int], cost: int) -> list[tuple[int, int]]:
-    """Cut rows of non-increasing ``lengths`` into consecutive forwards ``[lo, hi)`` minimising
-    the padded positions (rows × longest) plus ``cost`` positions per extra forward."""
+def _split_sorted(lengths: list[int], cost: int, max_rows: int | None = None) -> list[tuple[int, int]]:
+    """Cut rows of non-increasing ``lengths`` into consecutive forwards ``[lo, hi)`` of at most
+    ``max_rows`` rows, minimising the padded positions (rows × longest) plus ``cost`` positions
+    per forward."""
     n = len(lengths)
+    max_rows = max_rows or n
     best = [0] + [None] * n  # best[j]: cheapest cover of rows [0, j)
     cut = [0] * (n + 1)
     for j in range(1, n + 1):
-        for i in range(j):  # last forward = rows [i, j), padded to lengths[i]
+        for i in range(max(0, j - max_rows), j):  # last forward = rows [i, j), padded to lengths[i]
             c = best[i] + (j - i) * lengths[i] + cost
             if best[j] is None or c < best[j]:
                 best[j], cut[j] = c, i
@@ -441,10 +443,10 @@ def _score_shared_prefix(model, inputs: list[list[int]], cont_lens: list[int], *
     ``inputs[i]`` is the (already left-truncated) sequence whose last ``cont_lens[i]`` tokens
     are scored; its prefix is everything before them. Rows with the same prefix (the 4
     candidates of a HellaSwag style share the context tokens) form a group. Groups with the same
-    prefix length are batched: one forward over the prefixes fills a ``KVCache``, whose rows
-    are copied out to each candidate, and one forward over the continuations (right-padded;
-    padding comes after the real positions, so causal attention keeps them exact) attends to
-    it. The hidden state at the prefix's last position predicts the first token of all its
+    prefix length are batched (up to ``batch_size`` candidates): one forward over the prefixes
+    fills a ``KVCache``, whose rows are copied out to each candidate, and forwards over the
+    continuations (right-padded; padding comes after the real positions, so causal attention
+    keeps them exact) attend to it. The hidden state at the prefix's last position predicts the first token of all its
     candidates; it and any position whose (prefix, continuation-so-far) was already seen go
     through the LM head once. The head runs in batches of ``head_rows`` hidden states
     (:func:`evals.common.target_logprobs`). The continuations of a batch are cut into forwards
@@ -492,7 +494,7 @@ def _score_shared_prefix(model, inputs: list[list[int]], cont_lens: list[int], *
             feed = sorted(((cont_lens[i] - 1, g, i) for g, grp in enumerate(chunk) for i in grp if cont_lens[i] > 1),
                           reverse=True)
             trie: dict[tuple[int, int], int] = {}  # (node, token) -> buffer index of its hidden state
-            for seg in _split_sorted([n for n, _, _ in feed], split_cost):
+            for seg in _split_sorted([length for length, _, _ in feed], split_cost, max_rows=batch_size):
                 part = feed[seg[0]:seg[1]]
                 Tc_part = part[0][0]
                 idx = torch.zeros(len(part), Tc_part, dtype=torch.long)  # (R, Tc), right-padded

@@ -443,3 +443,4 @@ def test_continuations_are_cut_into_forwards_of_similar_length():
     assert hs._split_sorted([30, 30, 29, 5, 5, 5, 4, 4], cost=16) == [(0, 3), (3, 8)]
     assert hs._split_sorted([30, 30, 29, 5, 5, 5, 4, 4], cost=1000) == [(0, 8)]  # forwards are dear: one
     assert hs._split_sorted([6, 5], cost=0) == [(0, 1), (1, 2)] and hs._split_sorted([], cost=16) == []
+    assert hs._split_sorted([5] * 7, cost=16, max_rows=3) == [(0, 1), (1, 4), (4, 7)]  # batch_size rows at most
