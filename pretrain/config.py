@@ -147,6 +147,13 @@ class TrainSection:
     """Recompute each block's activations in backward (saves memory, costs ~30% compute)."""
     max_nonfinite_in_a_row: int = 5
     """Abort after this many consecutive steps with a non-finite loss or grad norm (each is skipped)."""
+    spike_detection: bool = False
+    """Skip the optimizer step when the loss or grad norm spikes above its recent history
+    (pretrain/guards.py LossSpikeDetector; the same decision on every rank, saved in checkpoints)."""
+    spike_window: int = 100
+    """Accepted steps the spike detector compares against; it is armed once the window is full."""
+    spike_threshold: float = 6.0
+    """A spike is a loss / grad norm above the window's mean + spike_threshold x its std."""
     log_interval: int = 1
     """Print and write metrics every N steps."""
     fault_inject: str = ""
@@ -516,6 +523,9 @@ def validate(cfg: Config, world_size: int) -> Derived:
     positive("train.micro_batch_size", t.micro_batch_size)
     positive("train.log_interval", t.log_interval)
     positive("train.max_nonfinite_in_a_row", t.max_nonfinite_in_a_row)
+    positive("train.spike_threshold", t.spike_threshold)
+    if t.spike_window is None or t.spike_window < 2:
+        errors.append(f"train.spike_window={t.spike_window!r} must be >= 2")
     positive("optim.lr", o.lr)
     positive("optim.eps", o.eps)
     positive("schedule.max_steps", s.max_steps)

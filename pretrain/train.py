@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
 
     from pretrain.checkpoint import CheckpointError
+    from pretrain.guards import LossSpikeError
     from pretrain.trainer import NonFiniteError, Trainer
 
     trainer = Trainer(cfg)
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         rc = trainer.train()
         clean = True
         return rc
-    except (NonFiniteError, CheckpointError) as e:
+    except (NonFiniteError, CheckpointError, LossSpikeError) as e:
         print(f"gpt2-train: rank {os.environ.get('RANK', '0')}: error: {e}", file=sys.stderr)
         return 1
     except Exception as e:

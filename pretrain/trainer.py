@@ -40,6 +40,7 @@ import torch
 
 from pretrain import dist
 from pretrain.config import Config, ConfigError, Derived, validate
+from pretrain.guards import LossSpikeDetector
 from pretrain.metrics import MetricsLogger, flops_per_token, memory_gb, mfu, peak_flops, startup_summary
 from pretrain.model import GPT
 from pretrain.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
@@ -67,6 +68,7 @@ class StepResult:
     lr: float
     skipped: bool
     stop: bool
+    spike: bool = False
 
 
 def has_checkpoints(ckpt_dir: Path) -> bool:
@@ -83,6 +85,9 @@ class Trainer:
         self.tokens_seen = 0
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
+        t = cfg.train
+        self.spike: LossSpikeDetector | None = (
+            LossSpikeDetector(window=t.spike_window, threshold=t.spike_threshold) if t.spike_detection else None)
         self.resumed_from: Path | None = None
         self._stop_signal: str | None = None
         self._last_saved_step: int | None = None
@@ -212,6 +217,7 @@ class Trainer:
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "world_size": self.info.world_size,
             "derived": dataclasses.asdict(self.derived),
+            "spike": self.spike.state_dict() if self.spike is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -220,6 +226,8 @@ class Trainer:
         self.loader.load_state_dict(state["loader"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        if self.spike is not None and state.get("spike"):
+            self.spike.load_state_dict(state["spike"])
 
     def save(self) -> Path:
         from pretrain.checkpoint import capture_rng_state
@@ -279,11 +287,16 @@ class Trainer:
         dist.all_reduce(flags, "sum")
         loss_sum, n_bad, n_stop = flags.tolist()
         skipped = n_bad > 0
+        # Fed the all-reduced loss and the (already global) grad norm, the detector takes the same
+        # decision on every rank; it all-reduces the decision too.
+        spike = (not skipped and self.spike is not None
+                 and self.spike.update(loss_sum / self.info.world_size, float(grad_norm)))
         if skipped:
             self.nonfinite_total += 1
             self.nonfinite_in_a_row += 1
         else:
-            self.optimizer.step()
+            if not spike:  # a spike: no update from this batch; its step and data still count
+                self.optimizer.step()
             self.nonfinite_in_a_row = 0
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -293,7 +306,7 @@ class Trainer:
         return StepResult(
             loss=loss_mean if np.isfinite(loss_mean) else None,
             grad_norm=gn if np.isfinite(gn) else None,
-            lr=lr, skipped=skipped, stop=n_stop > 0,
+            lr=lr, skipped=skipped, stop=n_stop > 0, spike=spike,
         )
 
     def _inject_nan(self, loss_accum: torch.Tensor) -> torch.Tensor:
@@ -407,6 +420,9 @@ class Trainer:
                 if r.skipped:
                     record.update(skipped=True, nonfinite_in_a_row=self.nonfinite_in_a_row,
                                   nonfinite_total=self.nonfinite_total)
+                if r.spike:
+                    record.update(spike_skipped=True, spike_reason=self.spike.last_reason,
+                                  spike_total=self.spike.skipped)
                 if self.nonfinite_in_a_row >= cfg.train.max_nonfinite_in_a_row:
                     self.logger.log(record)
                     raise NonFiniteError(
@@ -418,7 +434,7 @@ class Trainer:
                     self._due(cfg.eval.interval) or (last and cfg.eval.interval > 0))
                 if evaluated:
                     record.update(self.evaluate())
-                if self._due(cfg.train.log_interval) or last or r.skipped or evaluated:
+                if self._due(cfg.train.log_interval) or last or r.skipped or r.spike or evaluated:
                     self.logger.log(record)
                 if self._due(cfg.checkpoint.interval) or last or r.stop:
                     self.save()

@@ -605,3 +605,44 @@ def test_collective_wrapper_names_comm_failures_only():
                 raise RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234")
     finally:
         dist.destroy_process_group()
+
+
+def test_trainer_skips_a_loss_spike_and_checkpoints_the_detector(tmp_path, monkeypatch):
+    """train.spike_detection=true: a step whose loss (and so grad norm) is blown up 50x is skipped
+    (no optimizer update, logged as spike_skipped) and training goes on; the detector's window is
+    in the checkpoint's trainer_state. Injected by scaling the model's training loss at step 8."""
+    from pretrain import train
+    from pretrain.model import GPT
+
+    soak = _soak()
+    cfg = soak.SoakConfig(work_dir=tmp_path, max_steps=12, eval_interval=0, checkpoint_interval=6)
+    soak.make_data(tmp_path / "data")
+    soak.write_config(cfg, tmp_path / "data", tmp_path / "run", tmp_path / "run.yaml")
+    accum = cfg.global_batch_seqs // cfg.micro_batch_size  # one process
+    calls = {"n": 0}
+    real_forward = GPT.forward
+
+    def forward(self, idx, targets=None, *args, **kwargs):
+        logits, loss = real_forward(self, idx, targets, *args, **kwargs)
+        if self.training and targets is not None:
+            if calls["n"] // accum == 7:  # every micro-step of the 8th optimizer step
+                loss = loss * 50
+            calls["n"] += 1
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", forward)
+    args = ["--config", str(tmp_path / "run.yaml"), "train.spike_detection=true", "train.spike_window=4",
+            "train.spike_threshold=6"]
+    assert train.main(args) == 0
+    recs, _ = soak.read_metrics(tmp_path / "run")
+    by_step = {r["step"]: r for r in recs}
+    assert by_step[8].get("spike_skipped") is True, by_step[8]
+    assert by_step[8]["loss"] > 10 * by_step[7]["loss"]
+    spikes = [s for s, r in by_step.items() if r.get("spike_skipped")]
+    assert 8 in spikes and by_step[12]["loss"] < by_step[7]["loss"] * 1.5
+    ck = torch.load(tmp_path / "run" / "checkpoints" / "step_00000012" / "optim.pt", weights_only=True)
+    adam_steps = {float(st["step"]) for st in ck["state"].values()}
+    assert adam_steps == {12.0 - len(spikes)}, (adam_steps, spikes)  # a skipped step updates nothing
+    ts = torch.load(tmp_path / "run" / "checkpoints" / "step_00000012" / "trainer_state.pt", weights_only=True)
+    assert ts["spike"]["skipped"] == len(spikes) and len(ts["spike"]["loss"]) == 4
+    assert all(v < 10 for v in ts["spike"]["loss"]), "a spike must never enter the window"
