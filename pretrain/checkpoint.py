@@ -77,6 +77,8 @@ import numpy as np
 import torch
 import yaml
 
+from pretrain import guards
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -594,16 +596,17 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ collectives
 
-    def _all_ok(self, ok: bool) -> bool:
-        """True on every rank iff ``ok`` on every rank (an all-reduce; a no-op with one process)."""
+    def _all_ok(self, ok: bool, what: str = "checkpoint: every rank ok") -> bool:
+        """True on every rank iff ``ok`` on every rank (an all-reduce; a no-op with one process).
+        A rank that stops answering fails it with one line naming ``what`` (guards.collective)."""
         if self.world_size == 1 or not _dist_on():
             return ok
         flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=_collective_device())
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        guards.all_reduce(flag, what, op=torch.distributed.ReduceOp.MIN)
         return bool(flag.item())
 
     def _barrier(self) -> None:
-        self._all_ok(True)
+        self._all_ok(True, "checkpoint: barrier")
 
     # ------------------------------------------------------------------ save
 

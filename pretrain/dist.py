@@ -17,6 +17,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from pretrain.guards import collective
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -109,31 +111,36 @@ def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce (sum | max | avg) that is a no-op on a single process."""
+def all_reduce(t: torch.Tensor, op: str = "sum", what: str = "tensor") -> torch.Tensor:
+    """In-place all-reduce (sum | max | avg) that is a no-op on a single process. A peer that
+    stops answering fails it within the group's timeout with one line naming
+    ``all_reduce(what)`` (``guards.CollectiveError``) instead of a bare backend error."""
     if is_dist():
-        if op == "avg":
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-            t /= dist.get_world_size()
-        else:
-            dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+        with collective(f"all_reduce({what})"):
+            if op == "avg":
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+                t /= dist.get_world_size()
+            else:
+                dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return t
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
+def any_rank(flag: bool, device: torch.device, what: str = "flag") -> bool:
     """True on every rank when ``flag`` is true on any rank."""
     t = torch.tensor([1.0 if flag else 0.0], device=device)
-    return bool(all_reduce(t, "max").item() > 0)
+    return bool(all_reduce(t, "max", what).item() > 0)
 
 
-def barrier() -> None:
+def barrier(what: str = "barrier") -> None:
     if is_dist():
-        dist.barrier()
+        with collective(f"barrier({what})"):
+            dist.barrier()
 
 
-def broadcast_object(obj, src: int = 0):
+def broadcast_object(obj, src: int = 0, what: str = "object"):
     if not is_dist():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    with collective(f"broadcast({what})"):
+        dist.broadcast_object_list(box, src=src)
     return box[0]

@@ -40,7 +40,7 @@ import torch
 
 from pretrain import dist
 from pretrain.config import Config, ConfigError, Derived, validate
-from pretrain.guards import LossSpikeDetector
+from pretrain.guards import LossSpikeDetector, collective
 from pretrain.metrics import MetricsLogger, flops_per_token, memory_gb, mfu, peak_flops, startup_summary
 from pretrain.model import GPT
 from pretrain.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
@@ -185,12 +185,12 @@ class Trainer:
         elif c.resume == "none":
             path = None
             if has_checkpoints(self.ckpt_dir):  # checkpoint.overwrite=true (checked in build)
-                dist.barrier()
+                dist.barrier("before moving old checkpoints aside")
                 if self.info.is_main:
                     aside = self.ckpt_dir.with_name(f"checkpoints.old-{time.strftime('%Y%m%d-%H%M%S')}")
                     shutil.move(str(self.ckpt_dir), aside)
                     print(f"checkpoint.overwrite: moved the existing {self.ckpt_dir} to {aside}", flush=True)
-                dist.barrier()
+                dist.barrier("after moving old checkpoints aside")
         else:
             path = Path(c.resume)
         if path is None:
@@ -274,9 +274,12 @@ class Trainer:
                 # the global batch (DDP / FSDP average over ranks).
                 loss = loss / accum
                 loss_accum += loss.detach()
-                loss.backward()
+                # The last micro-step's backward carries DDP's / FSDP's gradient reduction.
+                with collective("gradient reduction (backward)"):
+                    loss.backward()
         loss_accum = self._inject_nan(loss_accum)
-        grad_norm = clip_grad_norm(self.params, cfg.optim.grad_clip)
+        with collective("gradient norm (clip_grad_norm)"):
+            grad_norm = clip_grad_norm(self.params, cfg.optim.grad_clip)
 
         # One collective for everything the ranks must agree on: [sum of losses, any non-finite, any stop].
         bad = (~torch.isfinite(loss_accum)) | (~torch.isfinite(grad_norm))
@@ -284,7 +287,7 @@ class Trainer:
             loss_accum.float(), bad.float(),
             torch.tensor(1.0 if self._stop_signal else 0.0, device=self.device),
         ])
-        dist.all_reduce(flags, "sum")
+        dist.all_reduce(flags, "sum", what="step flags: loss, non-finite, stop")
         loss_sum, n_bad, n_stop = flags.tolist()
         skipped = n_bad > 0
         # Fed the all-reduced loss and the (already global) grad norm, the detector takes the same

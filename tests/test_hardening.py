@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import math
+import re
 import subprocess
 import sys
 import time
@@ -167,11 +168,12 @@ def _rss_mb() -> tuple[float, float]:
     return rss, anon
 
 
-def test_loader_memory_stays_flat_over_many_shards(tmp_path):
-    """40 shards x 1M tokens (80 MB) streamed end to end: RSS must not grow with the data read
-    (shards are memory-mapped, a bounded number open at a time)."""
+def _stream_many_shards(data_dir: str) -> dict:
+    """Stream 40 shards x 1M tokens through the loader; RSS figures in MB. Runs in a fresh
+    interpreter (see the test) so that memory other tests left behind cannot blur the figure."""
     from data_pipeline.loader import DistributedTokenLoader
 
+    tmp_path = Path(data_dir)
     n_shards, n_tok = 40, 1_000_000
     g = np.random.default_rng(0)
     write_shard(tmp_path / "val_000000.bin", g.integers(0, 50257, 20_000, dtype=np.uint16))
@@ -191,10 +193,26 @@ def test_loader_memory_stays_flat_over_many_shards(tmp_path):
             peak = max(peak, _rss_mb()[0])
     gc.collect()
     rss1, anon1 = _rss_mb()
-    streamed_mb = n_shards * n_tok * 2 / 2**20
+    return dict(rss0=rss0, rss1=rss1, peak=peak, anon0=anon0, anon1=anon1,
+                streamed_mb=n_shards * n_tok * 2 / 2**20)
+
+
+def test_loader_memory_stays_flat_over_many_shards(tmp_path):
+    """40 shards x 1M tokens (80 MB) streamed end to end: RSS must not grow with the data read
+    (shards are memory-mapped, a bounded number open at a time). Measured in a fresh process."""
+    import json
+
+    code = ("import json, sys; sys.path[:0] = sys.argv[2:]; import test_hardening as t; "
+            "print(json.dumps(t._stream_many_shards(sys.argv[1])))")
+    here = str(Path(__file__).resolve().parent)
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path), here, str(Path(here) / "chaos")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    rss0, rss1, peak, anon0, anon1 = m["rss0"], m["rss1"], m["peak"], m["anon0"], m["anon1"]
     print(f"loader RSS {rss0:.1f} -> {rss1:.1f} MB (peak {peak:.1f}), anon {anon0:.1f} -> {anon1:.1f} MB, "
-          f"streamed {streamed_mb:.0f} MB")
-    assert peak - rss0 < 24, f"loader RSS grew {peak - rss0:.1f} MB while streaming {streamed_mb:.0f} MB"
+          f"streamed {m['streamed_mb']:.0f} MB")
+    assert peak - rss0 < 24, f"loader RSS grew {peak - rss0:.1f} MB while streaming {m['streamed_mb']:.0f} MB"
     if not math.isnan(anon0):
         assert anon1 - anon0 < 8, f"loader anonymous memory grew {anon1 - anon0:.1f} MB"
 
@@ -529,6 +547,10 @@ def test_training_fails_within_the_timeout_when_a_rank_stops_answering(tmp_path)
         noticed = time.monotonic() - stopped_at
         out = log_path.read_text()
         assert "gpt2-train: rank 0" in out and "timed out" in out.lower(), out[-3000:]
+        # The trainer routes its collectives through guards.collective: the error names the
+        # operation that hung (the step's all-reduce, the gradient reduction, ...), not a socket.
+        named = re.search(r"gpt2-train: rank 0.*CollectiveError: (all_reduce|barrier|broadcast|gradient)\S*", out)
+        assert named and "timed out after 5s" in out, out[-3000:]
         assert noticed < 60, f"the timeout fired {noticed:.0f}s after rank 1 froze (configured: 5 s)"
         # torchrun now SIGTERMs the frozen rank (and SIGKILLs it 30 s later); thaw it so the
         # pending SIGTERM ends it at once and the job exits.
