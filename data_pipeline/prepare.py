@@ -486,7 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the workers run (the output is identical either way)")
     p.add_argument("--chunk-chars", type=int, default=1_000_000,
                    help="characters of text per work item (speed only)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
+                   help="hide the progress bar (shown by default)")
     return p
 
 

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="HF GPT-2 directory, hub name, or native checkpoint directory")
+    p.add_argument("--model", required=True, default=argparse.SUPPRESS, help="HF GPT-2 directory, hub name, or native checkpoint directory")
     p.add_argument("--hellaswag", default=None, metavar="PATH",
                    help="local HellaSwag jsonl; default: download the canonical file once into the cache")
     p.add_argument("--hellaswag-split", default="validation", choices=["validation", "train"],
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory of token shards; its val split gives val/loss (skipped when not set)")
     p.add_argument("--val-tokens", type=int, default=10_485_760,
                    help="tokens of the val split to evaluate (the first ones; 0 = all)")
-    p.add_argument("--seq-len", type=int, default=None, help="val-loss sequence length; None = the model's block_size")
+    p.add_argument("--seq-len", type=int, default=None, help="val-loss sequence length (default: %(default)s = the model's block_size)")
     p.add_argument("--batch-size", type=int, default=32,
                    help="sequences per forward pass (HellaSwag candidates / val sequences)")
     p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")

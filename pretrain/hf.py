@@ -508,8 +508,8 @@ def main(argv: list[str] | None = None) -> int:
         help="native checkpoint (or HF dir) -> HF directory",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    exp.add_argument("--checkpoint", required=True, help="native checkpoint directory, HF directory or hub name")
-    exp.add_argument("--out", required=True, help="output directory for the HF model")
+    exp.add_argument("--checkpoint", required=True, default=argparse.SUPPRESS, help="native checkpoint directory, HF directory or hub name")
+    exp.add_argument("--out", required=True, default=argparse.SUPPRESS, help="output directory for the HF model")
     exp.add_argument(
         "--overwrite",
         action="store_true",
