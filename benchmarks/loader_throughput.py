@@ -29,27 +29,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
+from _common import machine  # noqa: E402
 
 from data_pipeline.loader import DistributedTokenLoader  # noqa: E402
 from data_pipeline.shards import write_shard  # noqa: E402
-
-
-def machine() -> str:
-    """CPU model, logical CPUs, OS, Python and the load average (the machine may be shared)."""
-    import platform
-
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}, load avg {os.getloadavg()[0]:.2f}")
 
 
 def _memcpy(q, nbytes: int) -> None:

@@ -27,7 +27,6 @@ import contextlib
 import io
 import multiprocessing as mp
 import os
-import platform
 import resource
 import shutil
 import sys
@@ -38,23 +37,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import machine  # noqa: E402
 
 from data_pipeline.prepare import PrepareConfig, run  # noqa: E402
 from data_pipeline.tokenizer import EOT_ID, gpt2_encoding  # noqa: E402
-
-
-def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
-    return (f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}, load avg {load[0]:.2f}")
 
 
 def make_corpus(out: Path, mb: float) -> list[str]:
