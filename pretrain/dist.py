@@ -125,22 +125,7 @@ def all_reduce(t: torch.Tensor, op: str = "sum", what: str = "tensor") -> torch.
     return t
 
 
-def any_rank(flag: bool, device: torch.device, what: str = "flag") -> bool:
-    """True on every rank when ``flag`` is true on any rank."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    return bool(all_reduce(t, "max", what).item() > 0)
-
-
 def barrier(what: str = "barrier") -> None:
     if is_dist():
         with collective(f"barrier({what})"):
             dist.barrier()
-
-
-def broadcast_object(obj, src: int = 0, what: str = "object"):
-    if not is_dist():
-        return obj
-    box = [obj]
-    with collective(f"broadcast({what})"):
-        dist.broadcast_object_list(box, src=src)
-    return box[0]

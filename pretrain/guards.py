@@ -9,7 +9,7 @@ handling on), but the backend's error names a socket, not the operation::
 
     [gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms for recv operation to complete
 
-:func:`all_reduce`, :func:`broadcast` and :func:`barrier` run the collective under
+:func:`all_reduce` and :func:`barrier` run the collective under
 :func:`collective`, which re-raises a backend failure as :class:`CollectiveError` with one line a
 person can act on::
 
@@ -125,15 +125,6 @@ def all_reduce(tensor: torch.Tensor, what: str, op: Any = None, group: Any = Non
         return tensor
     with collective(f"all_reduce({what})", group):
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=group)
-    return tensor
-
-
-def broadcast(tensor: torch.Tensor, src: int, what: str, group: Any = None) -> torch.Tensor:
-    """``dist.broadcast`` under :func:`collective`; a no-op without a process group."""
-    if not _dist_on():
-        return tensor
-    with collective(f"broadcast({what})", group):
-        dist.broadcast(tensor, src=src, group=group)
     return tensor
 
 
