@@ -9,7 +9,7 @@ import pytest
 import yaml
 from helpers import REPO, env
 
-from pretrain.config import ConfigError, Config, field_docs, from_dict, help_text, load_config
+from pretrain.config import Config, ConfigError, field_docs, from_dict, help_text, load_config
 from pretrain.train import main
 
 PRESET = str(REPO / "configs" / "gpt2_124m.yaml")
