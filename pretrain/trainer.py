@@ -290,10 +290,10 @@ class Trainer:
         dist.all_reduce(flags, "sum", what="step flags: loss, non-finite, stop")
         loss_sum, n_bad, n_stop = flags.tolist()
         skipped = n_bad > 0
+        loss_mean, gn = loss_sum / self.info.world_size, float(grad_norm)
         # Fed the all-reduced loss and the (already global) grad norm, the detector takes the same
         # decision on every rank; it all-reduces the decision too.
-        spike = (not skipped and self.spike is not None
-                 and self.spike.update(loss_sum / self.info.world_size, float(grad_norm)))
+        spike = not skipped and self.spike is not None and self.spike.update(loss_mean, gn)
         if skipped:
             self.nonfinite_total += 1
             self.nonfinite_in_a_row += 1
@@ -304,8 +304,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += self.derived.tokens_per_step
-        gn = float(grad_norm)
-        loss_mean = loss_sum / self.info.world_size
         return StepResult(
             loss=loss_mean if np.isfinite(loss_mean) else None,
             grad_norm=gn if np.isfinite(gn) else None,
