@@ -46,8 +46,8 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -225,26 +225,25 @@ def _ordered_map(cfg: PrepareConfig, chunks: Iterator[_Chunk]) -> Iterator[tuple
 
         ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
         with ctx.Pool(cfg.workers) as pool:
-            pending: deque = deque()
-            for c in chunks:
-                pending.append((c, pool.apply_async(encode_documents, (c.texts,))))
-                if len(pending) >= depth:
-                    c0, r = pending.popleft()
-                    yield c0, r.get()
-            while pending:
-                c0, r = pending.popleft()
-                yield c0, r.get()
+            yield from _in_order(chunks, lambda texts: pool.apply_async(encode_documents, (texts,)).get, depth)
         return
     with ThreadPoolExecutor(cfg.workers) as ex:
-        q: deque[tuple[_Chunk, Future]] = deque()
-        for c in chunks:
-            q.append((c, ex.submit(encode_documents, c.texts)))
-            if len(q) >= depth:
-                c0, fut = q.popleft()
-                yield c0, fut.result()
-        while q:
-            c0, fut = q.popleft()
-            yield c0, fut.result()
+        yield from _in_order(chunks, lambda texts: ex.submit(encode_documents, texts).result, depth)
+
+
+def _in_order(chunks: Iterator[_Chunk], submit: Callable[[list[str]], Callable[[], tuple]],
+              depth: int) -> Iterator[tuple[_Chunk, tuple]]:
+    """Submit each chunk's texts (``submit`` returns a callable that waits for the result) with at
+    most ``depth`` in flight; yield (chunk, result) in submission order."""
+    pending: deque[tuple[_Chunk, Callable[[], tuple]]] = deque()
+    for c in chunks:
+        pending.append((c, submit(c.texts)))
+        if len(pending) >= depth:
+            c0, result = pending.popleft()
+            yield c0, result()
+    while pending:
+        c0, result = pending.popleft()
+        yield c0, result()
 
 
 # ---- the shard writer ---------------------------------------------------------------------------
