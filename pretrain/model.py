@@ -316,8 +316,9 @@ class GPT(nn.Module):
                 f"sequence of {start + T} tokens is longer than the model's context "
                 f"(block_size={self.config.block_size}); shorten the input"
             )
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        # Positions start..start+T-1 are rows of wpe: a slice (a view) is the lookup, with no
+        # per-step arange. (B, T, C) + (T, C)
+        x = self.transformer.wte(idx) + self.transformer.wpe.weight[start : start + T]  # (B, T, C)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             layer_cache = (kv_cache.k[i], kv_cache.v[i], start) if kv_cache is not None else None

@@ -281,16 +281,17 @@ class Trainer:
         with collective("gradient norm (clip_grad_norm)"):
             grad_norm = clip_grad_norm(self.params, cfg.optim.grad_clip)
 
-        # One collective for everything the ranks must agree on: [sum of losses, any non-finite, any stop].
+        # One collective for everything the ranks must agree on: [sum of losses, any non-finite, any stop],
+        # and the step's one host sync: those three and the (already global) grad norm in one tolist().
         bad = (~torch.isfinite(loss_accum)) | (~torch.isfinite(grad_norm))
         flags = torch.stack([
             loss_accum.float(), bad.float(),
-            torch.tensor(1.0 if self._stop_signal else 0.0, device=self.device),
+            torch.full((), 1.0 if self._stop_signal else 0.0, device=self.device),  # a fill, not a copy
         ])
         dist.all_reduce(flags, "sum", what="step flags: loss, non-finite, stop")
-        loss_sum, n_bad, n_stop = flags.tolist()
+        loss_sum, n_bad, n_stop, gn = torch.cat([flags, grad_norm.detach().float().reshape(1)]).tolist()
         skipped = n_bad > 0
-        loss_mean, gn = loss_sum / self.info.world_size, float(grad_norm)
+        loss_mean = loss_sum / self.info.world_size
         # Fed the all-reduced loss and the (already global) grad norm, the detector takes the same
         # decision on every rank; it all-reduces the decision too.
         spike = not skipped and self.spike is not None and self.spike.update(loss_mean, gn)

@@ -1,0 +1,607 @@
+"""The GPU check: every CUDA path of the project, measured and checked in one command.
+
+    python benchmarks/gpu_check.py                      # on one GPU: every block, ~6 min on an H100/H200
+    python benchmarks/gpu_check.py --smoke              # the same blocks on CPU, tiny sizes (the test suite)
+    python benchmarks/gpu_check.py --blocks throughput --micro-batches 64 --steps 5
+
+Blocks (``--blocks``, comma-separated; default all):
+
+  tests        ``pytest -m gpu`` over the test files that hold GPU-marked tests: passed / failed / skipped.
+  throughput   The ``gpt2`` preset (124M, vocabulary padded to 50304, T=1024) training through the real
+               ``Trainer`` on synthetic shards, global batch 2**19 tokens as in configs/gpt2_124m.yaml:
+               bf16 + torch.compile at each ``--micro-batches`` (an out-of-memory is recorded, not fatal),
+               then at the best micro-batch: eager bf16, FSDP2 (one rank) and DDP (one rank, NCCL), all
+               compiled. Each: tokens/s, MFU, peak memory, first-step (compile) seconds, graph breaks
+               (``torch._dynamo`` counters), host syncs per optimizer step, and for the compiled single-
+               process cases a ``torch.profiler`` summary of one optimizer step (the top kernels).
+  correctness  On the 124M preset, eager: 20 steps in bf16 vs fp32 (true fp32: TF32 off) from the same
+               init, the losses within 2% of each other; resume on CUDA (10 steps, save, a new Trainer
+               resumes, steps 11-20) against two uninterrupted runs, with deterministic algorithms on;
+               one training step under a FLASH_ATTENTION-only SDPA context.
+  evals        HellaSwag examples/s on the 124M preset (1,000 synthetic examples, both scoring styles),
+               generation tokens/s with the KV cache at batch 1 and 16 (256 new tokens, top-k 50), and how
+               long an asynchronous 124M checkpoint save blocks training (vs a synchronous one).
+
+MFU = tokens/s x FLOPs per token / peak. FLOPs per token = 6N + 12 L H Q T (PaLM appendix B, as
+nanoGPT; N = parameters without the position embeddings, including the tied 50304 x 768 head;
+L=12, H=12, Q=64, T=1024): 855 MFLOP per token for the 124M preset. Peak: 989.5 TFLOP/s dense bf16
+for an H100 SXM, and the same for an H200 (the same chip; pretrain/metrics.py PEAK_FLOPS). The
+project's bar, 600k tokens/s on one H100, is 52% MFU by this count.
+
+Each case runs in its own Python process (a fresh CUDA context and compile state; an OOM or a crash
+stays in its row). The table is printed at the end and everything goes to ``--out`` as JSON.
+``--budget-s`` skips the cases still to run once that much wall time has passed, so one device call
+always returns its results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+BLOCKS = ("tests", "throughput", "correctness", "evals")
+FLOPS_NOTE = "6N + 12*L*H*Q*T per token (N without wpe); peak 989.5 TFLOP/s dense bf16 (H100 SXM / H200)"
+
+
+# --------------------------------------------------------------------------------------- sizes
+
+
+def sizes(smoke: bool) -> dict:
+    """The model and batch of every block: the real ones, or tiny ones for --smoke on CPU."""
+    if smoke:
+        return dict(config="smoke_cpu.yaml", model=["model.preset=tiny"], seq_len=64, global_tokens=512,
+                    corr_micro=4, corr_steps=6, hs_examples=16, gen_tokens=16, gen_batches=(1, 4), device="cpu")
+    return dict(config="gpt2_124m.yaml", model=[], seq_len=1024, global_tokens=524288,
+                corr_micro=8, corr_steps=20, hs_examples=1000, gen_tokens=256, gen_batches=(1, 16), device="cuda")
+
+
+def write_data(d: Path, tokens: int, vocab: int = 50257, period: int = 0) -> Path:
+    """Synthetic train/val shards. ``period`` > 0 tiles one random sequence of that length, so the
+    loss falls quickly (a correctness run can compare learning curves); 0 = uniform random tokens."""
+    import numpy as np
+
+    from data_pipeline.shards import write_shard
+
+    rng = np.random.default_rng(0)
+    d.mkdir(parents=True, exist_ok=True)
+    if period:
+        base = rng.integers(0, vocab, period)
+        train = np.tile(base, tokens // period + 1)[:tokens]
+    else:
+        train = rng.integers(0, vocab, tokens)
+    write_shard(d / "val_000000.bin", rng.integers(0, vocab, 70_000))
+    write_shard(d / "train_000000.bin", train)
+    return d
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------- cases
+# Each case runs in a child process: ``gpu_check.py --case JSON`` prints one JSON line.
+
+
+def build_trainer(spec: dict):
+    from pretrain.config import load_config
+    from pretrain.trainer import Trainer
+
+    cfg, _ = load_config(REPO / "configs" / spec["config"], spec["overrides"])
+    return Trainer(cfg).build()
+
+
+def _sync(t) -> None:
+    import torch
+
+    if t.device.type == "cuda":
+        torch.cuda.synchronize(t.device)
+
+
+def case_train(spec: dict) -> dict:
+    """Throughput of one configuration: first step, warm-up, timed steps, syncs, graph breaks, profile."""
+    import torch
+
+    from pretrain.metrics import mfu
+    from pretrain.profiling import HostSyncCounter, graph_breaks, profile_summary
+
+    t = build_trainer(spec)
+    try:
+        cuda = t.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(t.device)
+        t0 = time.perf_counter()
+        t.train_step()
+        _sync(t)
+        first = time.perf_counter() - t0
+        for _ in range(spec["warmup"]):
+            t.train_step()
+        _sync(t)
+        t0 = time.perf_counter()
+        for _ in range(spec["steps"]):
+            r = t.train_step()
+        _sync(t)
+        dt = time.perf_counter() - t0
+        tps = spec["steps"] * t.derived.tokens_per_step / dt
+        out = {
+            "tokens_per_s": round(tps), "ms_per_step": round(1000 * dt / spec["steps"], 2),
+            "mfu": mfu(tps, t.flops_token, t.peak, t.info.world_size),
+            "first_step_s": round(first, 2), "compile_s": round(max(first - dt / spec["steps"], 0.0), 2),
+            "peak_mem_gb": round(torch.cuda.max_memory_allocated(t.device) / 1e9, 2) if cuda else None,
+            "grad_accum": t.derived.grad_accum_steps, "loss": r.loss, "mode": t.wrapped.mode,
+        }
+        with HostSyncCounter(t.device) as c:
+            for _ in range(2):
+                t.train_step()
+            _sync(t)
+        out["host_syncs_per_step"] = c.count / 2
+        out["sync_sites"] = dict(c.calls)
+        out.update(graph_breaks())
+        if spec.get("profile"):
+            out["profile"] = profile_summary(t.train_step, t.device)
+        return out
+    finally:
+        t.logger.close()
+        t.close()
+
+
+def case_correctness(spec: dict) -> dict:
+    """bf16 vs fp32 losses; resumed vs uninterrupted (twice, to see run-to-run determinism); flash-only."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    n, half = spec["steps"], spec["steps"] // 2
+    run_root = Path(spec["run_root"])
+
+    def trainer(name: str, dtype: str, resume: str = "none"):
+        ov = spec["overrides"] + [f"train.run_dir={run_root / name}", f"train.dtype={dtype}",
+                                  f"checkpoint.resume={resume}"]
+        t = build_trainer({**spec, "overrides": ov})
+        if dtype == "fp32" and t.device.type == "cuda":  # a true fp32 reference: no TF32 matmuls
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+            torch.set_float32_matmul_precision("highest")
+        return t
+
+    def done(t) -> None:
+        t.logger.close()
+        t.close()
+
+    def run(t, steps: int) -> list[float]:
+        losses = [t.train_step().loss for _ in range(steps)]
+        _sync(t)
+        return losses
+
+    def params(t) -> dict:
+        return {k: v.detach().float().cpu().clone() for k, v in t.model.state_dict().items()}
+
+    out: dict = {}
+    t = trainer("fp32", "fp32")
+    fp32 = run(t, n)
+    done(t)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")
+
+    t = trainer("bf16-a", "bf16")
+    bf16 = run(t, n)
+    pa = params(t)
+    # One more step with only the flash kernel allowed: it raises if flash cannot run this step.
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            r = t.train_step()
+        _sync(t)
+        out["flash_only_step"] = {"ok": True, "loss": r.loss}
+    except Exception as e:  # recorded: the table shows it failed and why
+        out["flash_only_step"] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:300]}
+    done(t)
+
+    rel = [abs(a - b) / abs(b) for a, b in zip(bf16, fp32)]
+    out["bf16_vs_fp32"] = {"fp32": fp32, "bf16": bf16, "max_rel_diff": max(rel), "tolerance": 0.02,
+                           "ok": max(rel) <= 0.02}
+
+    t = trainer("bf16-b", "bf16")
+    again = run(t, n)
+    pb = params(t)
+    done(t)
+
+    t = trainer("bf16-r", "bf16")
+    first = run(t, half)
+    t.save()
+    t.checkpointer.wait()
+    done(t)
+    t = trainer("bf16-r", "bf16", resume="auto")
+    resumed_at = t.step
+    second = run(t, n - half)
+    pr = params(t)
+    done(t)
+
+    def diff(x: dict, y: dict) -> float:
+        return max(float((x[k] - y[k]).abs().max()) for k in x)
+
+    out["resume"] = {
+        "resumed_at_step": resumed_at,
+        "losses_uninterrupted": bf16, "losses_resumed": first + second,
+        "bitwise_equal_to_uninterrupted": (first + second) == bf16 and diff(pa, pr) == 0.0,
+        "max_param_diff_resumed": diff(pa, pr),
+        "two_uninterrupted_runs_bitwise_equal": again == bf16 and diff(pa, pb) == 0.0,
+        "max_param_diff_between_uninterrupted_runs": diff(pa, pb),
+    }
+    return out
+
+
+def synthetic_hellaswag(n: int, seed: int = 0) -> list[dict]:
+    """HellaSwag-shaped examples (contexts of ~30-60 words, four endings of ~10-25 words)."""
+    import random
+
+    rng = random.Random(seed)
+    words = ("the a man woman dog is was then and with on in to of person ball water car house runs walks "
+             "jumps takes puts holds looks turns opens closes starts stops shows camera kitchen garden "
+             "table chair window door hand face hair shoe paper knife bowl cup").split()
+
+    def text(lo: int, hi: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi)))
+
+    return [{"activity_label": text(1, 3), "ctx_a": text(15, 30), "ctx_b": text(10, 25),
+             "ctx": "", "endings": [text(10, 25) for _ in range(4)], "label": rng.randrange(4)}
+            for _ in range(n)]
+
+
+def case_evals(spec: dict) -> dict:
+    """HellaSwag examples/s, generation tokens/s, async checkpoint blocking time."""
+    import torch
+
+    from evals.hellaswag import evaluate, prepare
+    from pretrain.checkpoint import Checkpointer, capture_rng_state
+    from pretrain.generate import generate
+
+    t = build_trainer(spec)
+    out: dict = {}
+    try:
+        cuda = t.device.type == "cuda"
+        t.train_step()  # a full AdamW state for the checkpoint
+        model = t.model
+        model.eval()
+
+        examples = synthetic_hellaswag(spec["hs_examples"])
+        for ex in examples:
+            ex["ctx"] = ex["ctx_a"] + " " + ex["ctx_b"]
+        prep = prepare(examples)
+        warm = prepare(examples[:8])
+        with torch.no_grad():
+            evaluate(model, warm, batch_size=spec["hs_batch"], device=t.device)
+            _sync(t)
+            t0 = time.perf_counter()
+            res = evaluate(model, prep, batch_size=spec["hs_batch"], device=t.device)
+            _sync(t)
+        dt = time.perf_counter() - t0
+        out["hellaswag"] = {"examples": len(prep), "examples_per_s": round(len(prep) / dt, 1), "seconds": round(dt, 2),
+                            "acc_norm": res["hellaswag/acc_norm"]}
+
+        gen = {}
+        prompt = list(range(1000, 1016))  # 16 tokens
+        ac = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+        for b in spec["gen_batches"]:
+            with ac:
+                generate(model, [prompt] * b, max_new_tokens=8, top_k=50, seed=0, eot_id=None)  # warm-up
+                _sync(t)
+                t0 = time.perf_counter()
+                new = generate(model, [prompt] * b, max_new_tokens=spec["gen_tokens"], top_k=50, seed=0, eot_id=None)
+                _sync(t)
+            dt = time.perf_counter() - t0
+            gen[f"batch_{b}"] = {"new_tokens": sum(map(len, new)), "tokens_per_s": round(sum(map(len, new)) / dt, 1),
+                                 "ms_per_token_step": round(1000 * dt / spec["gen_tokens"], 2)}
+        out["generate_kv_cache"] = gen
+        model.train()
+
+        state = (t.step, t.model, t.optimizer, t.state_dict(), {"rng": capture_rng_state()}, t.cfg.to_dict())
+        ck = {}
+        for mode in ("async", "sync"):
+            cp = Checkpointer(Path(spec["run_root"]) / f"ckpt-{mode}", 1, async_save=mode == "async")
+            t0 = time.perf_counter()
+            cp.save(*state, fsdp=False)
+            blocked = time.perf_counter() - t0
+            cp.wait()
+            ck[mode] = {"blocked_s": round(blocked, 3), "total_s": round(time.perf_counter() - t0, 3)}
+        ck["state_gb"] = round(sum(p.numel() * 4 * 3 for p in t.model.parameters()) / 1e9, 2)
+        out["checkpoint"] = ck
+        return out
+    finally:
+        t.logger.close()
+        t.close()
+
+
+CASES = {"train": case_train, "correctness": case_correctness, "evals": case_evals}
+
+
+def child_main(raw: str) -> int:
+    spec = json.loads(raw)
+    if spec.get("compile_backend"):
+        # --smoke: dynamo traces exactly as on a GPU (graph breaks, recompiles), but AOTAutograd's
+        # graphs run eagerly instead of going through inductor's minutes of C++ compilation.
+        import functools
+
+        import torch
+
+        torch.compile = functools.partial(torch.compile, backend=spec["compile_backend"])
+    try:
+        res = CASES[spec["kind"]](spec)
+    except Exception as e:
+        import torch
+
+        oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+        res = {"error": f"{type(e).__name__}: {e}"[:500], "oom": oom}
+        if not oom:
+            traceback.print_exc()
+    print("GPU_CHECK_RESULT " + json.dumps(res, default=float), flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------------------- driver
+
+
+class Runner:
+    def __init__(self, args, out_dir: Path) -> None:
+        self.args, self.out_dir, self.t0 = args, out_dir, time.perf_counter()
+        self.results: dict = {}
+
+    def over_budget(self) -> bool:
+        return self.args.budget_s is not None and time.perf_counter() - self.t0 > self.args.budget_s
+
+    def child(self, spec: dict, env: dict | None = None, timeout: float = 240) -> dict:
+        if self.over_budget():
+            return {"skipped": f"over --budget-s {self.args.budget_s}"}
+        t0 = time.perf_counter()
+        try:
+            p = subprocess.run([sys.executable, __file__, "--case", json.dumps(spec)], cwd=REPO,
+                               env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout:.0f}s"}
+        line = next((ln for ln in reversed(p.stdout.splitlines()) if ln.startswith("GPU_CHECK_RESULT ")), None)
+        if line is None:
+            tail = (p.stderr or p.stdout)[-600:]
+            return {"error": f"child exited {p.returncode} without a result: {tail}"}
+        res = json.loads(line.split(" ", 1)[1])
+        if "error" in res and not res.get("oom"):
+            res["stderr_tail"] = p.stderr[-1500:]
+        res["wall_s"] = round(time.perf_counter() - t0, 1)
+        print(f"[gpu_check {time.perf_counter() - self.t0:6.1f}s] {spec.get('label', spec['kind'])}: "
+              f"{json.dumps({k: v for k, v in res.items() if k not in ('profile', 'stderr_tail')}, default=float)[:400]}",
+              flush=True)
+        return res
+
+
+def block_tests(r: Runner) -> dict:
+    files = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py")
+                   if "pytest.mark.gpu" in p.read_text())
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *files],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    summary = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else p.stderr[-300:]
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error|errors|deselected)", summary)}
+    res = {"files": files, "summary": summary, "passed": counts.get("passed", 0), "failed": counts.get("failed", 0),
+           "errors": counts.get("error", 0) + counts.get("errors", 0), "skipped": counts.get("skipped", 0),
+           "exit_code": p.returncode, "wall_s": round(time.perf_counter() - t0, 1)}
+    if p.returncode not in (0, 5):
+        res["output_tail"] = p.stdout[-3000:]
+    print(f"[gpu_check] tests: {summary}", flush=True)
+    return res
+
+
+def block_throughput(r: Runner, sz: dict, data: Path, tmp: Path) -> dict:
+    a = r.args
+    T = sz["seq_len"]
+    common = sz["model"] + [f"data.dir={data}", "eval.interval=0", "checkpoint.interval=0",
+                            "logging.wandb=disabled", "checkpoint.resume=none", f"train.device={sz['device']}",
+                            f"train.global_batch_tokens={sz['global_tokens']}", "train.dtype=bf16"]
+
+    def spec(label: str, mb: int, compile: bool, mode: str = "ddp", profile: bool = False) -> dict:
+        ov = common + [f"train.micro_batch_size={mb}", f"train.compile={str(compile).lower()}",
+                       f"distributed.mode={mode}", f"train.run_dir={tmp / label}"]
+        return {"kind": "train", "label": label, "config": sz["config"], "overrides": ov,
+                "warmup": a.warmup, "steps": a.steps, "profile": profile,
+                "compile_backend": "aot_eager" if a.smoke else None}
+
+    out: dict = {"seq_len": T, "global_batch_tokens": sz["global_tokens"], "flops": FLOPS_NOTE, "cases": {}}
+    cases = out["cases"]
+    for mb in sorted(a.micro_batches, reverse=True):  # the likely best first, should --budget-s cut the rest
+        cases[f"compiled_mb{mb}"] = r.child(spec(f"compiled_mb{mb}", mb, True, profile=True))
+    ok = {k: v for k, v in cases.items() if "tokens_per_s" in v}
+    if not ok:
+        return out
+    best_key = max(ok, key=lambda k: ok[k]["tokens_per_s"])
+    best_mb = int(best_key.removeprefix("compiled_mb"))
+    out["best_micro_batch"] = best_mb
+    cases[f"eager_mb{best_mb}"] = r.child(spec(f"eager_mb{best_mb}", best_mb, False))
+    cases[f"fsdp2_1rank_mb{best_mb}"] = r.child(spec(f"fsdp2_mb{best_mb}", best_mb, True, mode="fsdp"))
+    ddp_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0",
+               "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+    cases[f"ddp_1rank_mb{best_mb}"] = r.child(spec(f"ddp_mb{best_mb}", best_mb, True, mode="ddp"), env=ddp_env)
+    best = cases[best_key]
+    out["best_tokens_per_s"] = best["tokens_per_s"]
+    out["best_mfu"] = best["mfu"]
+    out["ratio_to_600k_target"] = round(best["tokens_per_s"] / 600_000, 3)
+    return out
+
+
+def block_correctness(r: Runner, sz: dict, data: Path, tmp: Path) -> dict:
+    ov = sz["model"] + [f"data.dir={data}", "eval.interval=0", "checkpoint.interval=0", "logging.wandb=disabled",
+                        f"train.device={sz['device']}", "train.compile=false", f"train.micro_batch_size={sz['corr_micro']}",
+                        f"train.global_batch_tokens={sz['corr_micro'] * sz['seq_len']}", "schedule.warmup_steps=5",
+                        f"schedule.max_steps={sz['corr_steps'] + 1}", "checkpoint.keep_last=1"]
+    spec = {"kind": "correctness", "label": "correctness", "config": sz["config"], "overrides": ov,
+            "steps": sz["corr_steps"], "run_root": str(tmp / "correctness")}
+    return r.child(spec, env={"CUBLAS_WORKSPACE_CONFIG": ":4096:8"})
+
+
+def block_evals(r: Runner, sz: dict, data: Path, tmp: Path) -> dict:
+    ov = sz["model"] + [f"data.dir={data}", "eval.interval=0", "checkpoint.interval=0", "logging.wandb=disabled",
+                        f"train.device={sz['device']}", "train.compile=false", "train.micro_batch_size=4",
+                        f"train.global_batch_tokens={4 * sz['seq_len']}", f"train.run_dir={tmp / 'evals'}",
+                        "checkpoint.resume=none"]
+    spec = {"kind": "evals", "label": "evals", "config": sz["config"], "overrides": ov, "hs_examples": sz["hs_examples"],
+            "hs_batch": 32, "gen_tokens": sz["gen_tokens"], "gen_batches": list(sz["gen_batches"]),
+            "run_root": str(tmp / "evals-ckpt")}
+    return r.child(spec)
+
+
+# --------------------------------------------------------------------------------------- report
+
+
+def fmt(v, nd: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{nd}f}" if abs(v) < 1000 else f"{v:,.0f}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    return str(v)
+
+
+def table(res: dict) -> str:
+    rows = [("block", "item", "value")]
+    env = res["environment"]
+    rows.append(("env", "device", f"{env['device']} (torch {env['torch']}, {env['python']})"))
+    if "tests" in res:
+        t = res["tests"]
+        rows.append(("tests", "pytest -m gpu", f"{t['passed']} passed, {t['failed']} failed, {t['errors']} errors, "
+                                               f"{t['skipped']} skipped ({t['wall_s']}s)"))
+    if "throughput" in res:
+        th = res["throughput"]
+        for name, c in th["cases"].items():
+            if "tokens_per_s" in c:
+                mfu = f"{100 * c['mfu']:.1f}% MFU" if c.get("mfu") else "MFU n/a"
+                rows.append(("throughput", name,
+                             f"{c['tokens_per_s']:,} tok/s, {mfu}, {c['ms_per_step']} ms/step (accum {c['grad_accum']}), "
+                             f"peak {fmt(c['peak_mem_gb'], 1)} GB, first step {c['first_step_s']}s, "
+                             f"graph breaks {c['graph_breaks']}, syncs/step {c['host_syncs_per_step']}"))
+            else:
+                rows.append(("throughput", name, "OOM" if c.get("oom") else c.get("skipped") or c.get("error", "?")[:160]))
+        if "best_tokens_per_s" in th:
+            rows.append(("throughput", "best vs 600k tok/s target", f"{th['ratio_to_600k_target']:.3f}x "
+                         f"(micro-batch {th['best_micro_batch']})"))
+            prof = th["cases"][f"compiled_mb{th['best_micro_batch']}"].get("profile")
+            if prof:
+                top = ", ".join(f"{e['name'][:40]} {100 * e['share']:.0f}%" for e in prof["top"][:5])
+                rows.append(("throughput", f"profile ({prof['by']}, 1 step)",
+                             f"wall {prof['wall_ms']} ms, busy {prof['total_ms']} ms; top: {top}"))
+    if "correctness" in res:
+        c = res["correctness"]
+        if "bf16_vs_fp32" in c:
+            b = c["bf16_vs_fp32"]
+            rows.append(("correctness", "bf16 vs fp32 losses", f"max rel diff {b['max_rel_diff']:.4f} "
+                         f"(tol {b['tolerance']}) {'ok' if b['ok'] else 'FAIL'}; loss {b['fp32'][0]:.3f} -> {b['fp32'][-1]:.3f}"))
+            rs = c["resume"]
+            rows.append(("correctness", "resume at step " + str(rs["resumed_at_step"]),
+                         f"bitwise={rs['bitwise_equal_to_uninterrupted']} (max param diff {rs['max_param_diff_resumed']:.3g}); "
+                         f"two uninterrupted runs bitwise={rs['two_uninterrupted_runs_bitwise_equal']} "
+                         f"(max diff {rs['max_param_diff_between_uninterrupted_runs']:.3g})"))
+            f = c["flash_only_step"]
+            rows.append(("correctness", "FLASH_ATTENTION-only step", "ok" if f["ok"] else f["error"][:160]))
+        else:
+            rows.append(("correctness", "error", c.get("skipped") or c.get("error", "?")[:200]))
+    if "evals" in res:
+        e = res["evals"]
+        if "hellaswag" in e:
+            rows.append(("evals", "HellaSwag", f"{e['hellaswag']['examples_per_s']} examples/s "
+                                               f"({e['hellaswag']['examples']} examples)"))
+            for k, g in e["generate_kv_cache"].items():
+                rows.append(("evals", f"generate {k}", f"{g['tokens_per_s']} tokens/s ({g['ms_per_token_step']} ms/step)"))
+            ck = e["checkpoint"]
+            rows.append(("evals", "checkpoint blocks training", f"async {ck['async']['blocked_s']}s "
+                         f"(done in {ck['async']['total_s']}s) vs sync {ck['sync']['blocked_s']}s; state {ck['state_gb']} GB"))
+        else:
+            rows.append(("evals", "error", e.get("skipped") or e.get("error", "?")[:200]))
+    rows.append(("total", "wall", f"{res['wall_s']}s"))
+    w = [max(len(r[i]) for r in rows) for i in range(2)]
+    lines = [f"| {r[0]:<{w[0]}} | {r[1]:<{w[1]}} | {r[2]} |" for r in rows]
+    lines.insert(1, f"|{'-' * (w[0] + 2)}|{'-' * (w[1] + 2)}|---|")
+    return "\n".join(lines)
+
+
+def environment(device: str) -> dict:
+    import torch
+
+    name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+    return {"device": name, "torch": torch.__version__, "python": platform.python_version(),
+            "cuda": torch.version.cuda, "host": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def parse_args(argv: list[str] | None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="run every block on CPU with tiny sizes")
+    p.add_argument("--blocks", default=",".join(BLOCKS), help=f"comma-separated subset of {','.join(BLOCKS)}")
+    p.add_argument("--micro-batches", default=None,
+                   help="micro-batches of the compiled throughput cases (default 16,32,64; --smoke: 2,4)")
+    p.add_argument("--warmup", type=int, default=None, help="steps after the first before timing (default 2; smoke 1)")
+    p.add_argument("--steps", type=int, default=None, help="timed optimizer steps per case (default 5; smoke 2)")
+    p.add_argument("--budget-s", type=float, default=420.0,
+                   help="skip the cases still to run after this many seconds (default 420)")
+    p.add_argument("--out", default="gpu_check.json", help="where to write the JSON (default gpu_check.json)")
+    p.add_argument("--case", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    blocks = [b.strip() for b in args.blocks.split(",") if b.strip()]
+    bad = [b for b in blocks if b not in BLOCKS]
+    if bad:
+        p.error(f"--blocks: unknown block(s) {bad}; choose from {','.join(BLOCKS)}")
+    args.blocks = blocks
+    mbs = args.micro_batches or ("2,4" if args.smoke else "16,32,64")
+    try:
+        args.micro_batches = [int(x) for x in mbs.split(",")]
+    except ValueError:
+        p.error(f"--micro-batches must be comma-separated integers, got {mbs!r}")
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 2)
+    args.steps = args.steps if args.steps is not None else (2 if args.smoke else 5)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.case:
+        return child_main(args.case)
+    import torch
+
+    if not args.smoke and not torch.cuda.is_available():
+        print("gpu_check: error: CUDA is not available; run on a GPU machine, or pass --smoke for the CPU dry run",
+              file=sys.stderr)
+        return 2
+    sz = sizes(args.smoke)
+    res: dict = {"environment": environment(sz["device"]), "smoke": args.smoke, "args": {
+        k: v for k, v in vars(args).items() if k != "case"}}
+    r = Runner(args, Path(args.out).parent)
+    with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
+        tmp = Path(tmp)
+        steps_total = (1 + args.warmup + args.steps + 6) * sz["global_tokens"] + sz["seq_len"] * 64
+        rand = write_data(tmp / "random", steps_total)
+        tiled = write_data(tmp / "tiled", 64 * sz["corr_micro"] * sz["seq_len"] * 2, period=4096)
+        if "tests" in args.blocks:
+            res["tests"] = block_tests(r)
+        if "throughput" in args.blocks:
+            res["throughput"] = block_throughput(r, sz, rand, tmp)
+        if "correctness" in args.blocks:
+            res["correctness"] = block_correctness(r, sz, tiled, tmp)
+        if "evals" in args.blocks:
+            res["evals"] = block_evals(r, sz, rand, tmp)
+    res["wall_s"] = round(time.perf_counter() - r.t0, 1)
+    Path(args.out).write_text(json.dumps(res, indent=1, default=float))
+    print(table(res))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
