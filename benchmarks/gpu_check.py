@@ -102,7 +102,12 @@ def build_trainer(spec: dict):
     from pretrain.trainer import Trainer
 
     cfg, _ = load_config(REPO / "configs" / spec["config"], spec["overrides"])
-    return Trainer(cfg).build()
+    t = Trainer(cfg).build()
+    for name, value in spec.get("model_attrs", {}).items():  # --model-attr: an A/B switch of the model's
+        if not hasattr(t.model, name):
+            raise AttributeError(f"--model-attr {name}: the model has no attribute {name!r}")
+        setattr(t.model, name, value)
+    return t
 
 
 def _sync(t) -> None:
@@ -161,11 +166,19 @@ def case_train(spec: dict) -> dict:
 
 def case_correctness(spec: dict) -> dict:
     """bf16 vs fp32 losses; resumed vs uninterrupted (twice, to see run-to-run determinism); flash-only."""
+    import warnings
+    from contextlib import nullcontext
+
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     torch.use_deterministic_algorithms(True, warn_only=True)
+    caught = warnings.catch_warnings(record=True)
+    seen = caught.__enter__()
+    warnings.simplefilter("always")
     n, half = spec["steps"], spec["steps"] // 2
+    attention = spec.get("attention", "default")
+    attn = (lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION])) if attention == "flash" else nullcontext
     run_root = Path(spec["run_root"])
 
     def trainer(name: str, dtype: str, resume: str = "none"):
@@ -183,7 +196,8 @@ def case_correctness(spec: dict) -> dict:
         t.close()
 
     def run(t, steps: int) -> list[float]:
-        losses = [t.train_step().loss for _ in range(steps)]
+        with attn() if t.cfg.train.dtype == "bf16" else nullcontext():  # flash: bf16 / fp16 only
+            losses = [t.train_step().loss for _ in range(steps)]
         _sync(t)
         return losses
 
@@ -233,7 +247,10 @@ def case_correctness(spec: dict) -> dict:
     def diff(x: dict, y: dict) -> float:
         return max(float((x[k] - y[k]).abs().max()) for k in x)
 
+    caught.__exit__(None, None, None)
+    nondet = sorted({str(w.message).split(".")[0][:160] for w in seen if "determinis" in str(w.message)})
     out["resume"] = {
+        "attention": attention, "nondeterministic_ops_warned": nondet,
         "resumed_at_step": resumed_at,
         "losses_uninterrupted": bf16, "losses_resumed": first + second,
         "bitwise_equal_to_uninterrupted": (first + second) == bf16 and diff(pa, pr) == 0.0,
@@ -413,7 +430,7 @@ def block_throughput(r: Runner, sz: dict, data: Path, tmp: Path) -> dict:
         ov = common + [f"train.micro_batch_size={mb}", f"train.compile={str(compile).lower()}",
                        f"distributed.mode={mode}", f"train.run_dir={tmp / label}"]
         return {"kind": "train", "label": label, "config": sz["config"], "overrides": ov,
-                "warmup": a.warmup, "steps": a.steps, "profile": profile,
+                "warmup": a.warmup, "steps": a.steps, "profile": profile, "model_attrs": a.model_attrs,
                 "compile_backend": "aot_eager" if a.smoke else None}
 
     out: dict = {"seq_len": T, "global_batch_tokens": sz["global_tokens"], "flops": FLOPS_NOTE, "cases": {}}
@@ -426,11 +443,12 @@ def block_throughput(r: Runner, sz: dict, data: Path, tmp: Path) -> dict:
     best_key = max(ok, key=lambda k: ok[k]["tokens_per_s"])
     best_mb = int(best_key.removeprefix("compiled_mb"))
     out["best_micro_batch"] = best_mb
-    cases[f"eager_mb{best_mb}"] = r.child(spec(f"eager_mb{best_mb}", best_mb, False))
-    cases[f"fsdp2_1rank_mb{best_mb}"] = r.child(spec(f"fsdp2_mb{best_mb}", best_mb, True, mode="fsdp"))
-    ddp_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0",
-               "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
-    cases[f"ddp_1rank_mb{best_mb}"] = r.child(spec(f"ddp_mb{best_mb}", best_mb, True, mode="ddp"), env=ddp_env)
+    if not a.compiled_only:
+        cases[f"eager_mb{best_mb}"] = r.child(spec(f"eager_mb{best_mb}", best_mb, False))
+        cases[f"fsdp2_1rank_mb{best_mb}"] = r.child(spec(f"fsdp2_mb{best_mb}", best_mb, True, mode="fsdp"))
+        ddp_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0",
+                   "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+        cases[f"ddp_1rank_mb{best_mb}"] = r.child(spec(f"ddp_mb{best_mb}", best_mb, True, mode="ddp"), env=ddp_env)
     best = cases[best_key]
     out["best_tokens_per_s"] = best["tokens_per_s"]
     out["best_mfu"] = best["mfu"]
@@ -444,7 +462,7 @@ def block_correctness(r: Runner, sz: dict, data: Path, tmp: Path) -> dict:
                         f"train.global_batch_tokens={sz['corr_micro'] * sz['seq_len']}", "schedule.warmup_steps=5",
                         f"schedule.max_steps={sz['corr_steps'] + 1}", "checkpoint.keep_last=1"]
     spec = {"kind": "correctness", "label": "correctness", "config": sz["config"], "overrides": ov,
-            "steps": sz["corr_steps"], "run_root": str(tmp / "correctness")}
+            "steps": sz["corr_steps"], "run_root": str(tmp / "correctness"), "attention": r.args.attention}
     return r.child(spec, env={"CUBLAS_WORKSPACE_CONFIG": ":4096:8"})
 
 
@@ -509,7 +527,8 @@ def table(res: dict) -> str:
             rows.append(("correctness", "resume at step " + str(rs["resumed_at_step"]),
                          f"bitwise={rs['bitwise_equal_to_uninterrupted']} (max param diff {rs['max_param_diff_resumed']:.3g}); "
                          f"two uninterrupted runs bitwise={rs['two_uninterrupted_runs_bitwise_equal']} "
-                         f"(max diff {rs['max_param_diff_between_uninterrupted_runs']:.3g})"))
+                         f"(max diff {rs['max_param_diff_between_uninterrupted_runs']:.3g}); attention "
+                         f"{rs['attention']}; nondeterministic ops warned: {len(rs['nondeterministic_ops_warned'])}"))
             f = c["flash_only_step"]
             rows.append(("correctness", "FLASH_ATTENTION-only step", "ok" if f["ok"] else f["error"][:160]))
         else:
@@ -552,6 +571,13 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="skip the cases still to run after this many seconds (default 420)")
     p.add_argument("--out", default="gpu_check.json", help="where to write the JSON (default gpu_check.json)")
+    p.add_argument("--compiled-only", action="store_true",
+                   help="throughput: only the compiled micro-batch cases (no eager / FSDP2 / DDP)")
+    p.add_argument("--model-attr", action="append", default=[], metavar="NAME=VALUE",
+                   help="throughput: set an attribute of the model before the first step (an A/B switch; "
+                        "VALUE is read as JSON, else as a string); repeatable")
+    p.add_argument("--attention", choices=["default", "flash"], default="default",
+                   help="correctness: the SDPA backends of the bf16 runs (flash = FLASH_ATTENTION only)")
     p.add_argument("--case", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     blocks = [b.strip() for b in args.blocks.split(",") if b.strip()]
@@ -564,6 +590,15 @@ def parse_args(argv: list[str] | None):
         args.micro_batches = [int(x) for x in mbs.split(",")]
     except ValueError:
         p.error(f"--micro-batches must be comma-separated integers, got {mbs!r}")
+    args.model_attrs = {}
+    for item in args.model_attr:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            p.error(f"--model-attr needs NAME=VALUE, got {item!r}")
+        try:
+            args.model_attrs[name] = json.loads(value)
+        except json.JSONDecodeError:
+            args.model_attrs[name] = value
     args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 2)
     args.steps = args.steps if args.steps is not None else (2 if args.smoke else 5)
     return args

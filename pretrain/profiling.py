@@ -85,9 +85,9 @@ class HostSyncCounter:
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
             torch.cuda.set_sync_debug_mode(0)
-            self.count = sum("synchroniz" in str(w.message) for w in self._caught)
-            self.calls = Counter(str(w.message).split("\n")[0][:80] for w in self._caught
-                                 if "synchroniz" in str(w.message))
+            hits = [str(w.message) for w in self._caught if "called a synchronizing CUDA operation" in str(w.message)]
+            self.count = len(hits)  # (not the one-time "sync debug mode is a prototype" notice)
+            self.calls = Counter(h.split("\n")[0][:120] for h in hits)
         else:
             self.calls = Counter(self._mode.calls)
             self.count = sum(self.calls.values())
@@ -113,8 +113,8 @@ def reset_dynamo_counters() -> Iterator[None]:
 
 def profile_summary(fn, device: torch.device, top: int = 15) -> dict:
     """Run ``fn()`` once under ``torch.profiler`` and summarise where the time went: the ``top``
-    operators / kernels by self time on the device (CUDA) or the CPU, each with its share, the
-    total, and the wall time (the gap between them is time the device sat idle)."""
+    kernels by device time (CUDA) or operators by self CPU time, each with its share, the total,
+    and the wall time (on CUDA the gap between them is time the GPU sat idle)."""
     import time
 
     from torch.profiler import ProfilerActivity, profile
@@ -134,6 +134,10 @@ def profile_summary(fn, device: torch.device, top: int = 15) -> dict:
             return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0))
         return float(e.self_cpu_time_total)
 
+    if cuda:  # kernels and copies only: an operator's device time is its kernels' time again
+        from torch.autograd import DeviceType
+
+        events = [e for e in events if e.device_type == DeviceType.CUDA]
     rows = sorted(events, key=self_time, reverse=True)
     total = sum(self_time(e) for e in events)
     return {
