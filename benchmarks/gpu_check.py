@@ -285,6 +285,7 @@ def case_evals(spec: dict) -> dict:
     from evals.hellaswag import evaluate, prepare
     from pretrain.checkpoint import Checkpointer, capture_rng_state
     from pretrain.generate import generate
+    from pretrain.profiling import profile_summary
 
     t = build_trainer(spec)
     out: dict = {}
@@ -322,6 +323,10 @@ def case_evals(spec: dict) -> dict:
             dt = time.perf_counter() - t0
             gen[f"batch_{b}"] = {"new_tokens": sum(map(len, new)), "tokens_per_s": round(sum(map(len, new)) / dt, 1),
                                  "ms_per_token_step": round(1000 * dt / spec["gen_tokens"], 2)}
+        with ac:  # where a generated token's time goes, on the host (the GPU is idle between tokens)
+            prof = profile_summary(lambda: generate(model, [prompt], max_new_tokens=16, top_k=50, seed=0, eot_id=None),
+                                   t.device, top=12, host=True)
+        gen["profile_batch_1_16_tokens"] = prof
         out["generate_kv_cache"] = gen
         model.train()
 
@@ -539,6 +544,8 @@ def table(res: dict) -> str:
             rows.append(("evals", "HellaSwag", f"{e['hellaswag']['examples_per_s']} examples/s "
                                                f"({e['hellaswag']['examples']} examples)"))
             for k, g in e["generate_kv_cache"].items():
+                if k.startswith("profile"):
+                    continue
                 rows.append(("evals", f"generate {k}", f"{g['tokens_per_s']} tokens/s ({g['ms_per_token_step']} ms/step)"))
             ck = e["checkpoint"]
             rows.append(("evals", "checkpoint blocks training", f"async {ck['async']['blocked_s']}s "

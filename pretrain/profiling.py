@@ -111,20 +111,22 @@ def reset_dynamo_counters() -> Iterator[None]:
     yield
 
 
-def profile_summary(fn, device: torch.device, top: int = 15) -> dict:
+def profile_summary(fn, device: torch.device, top: int = 15, host: bool = False) -> dict:
     """Run ``fn()`` once under ``torch.profiler`` and summarise where the time went: the ``top``
     kernels by device time (CUDA) or operators by self CPU time, each with its share, the total,
-    and the wall time (on CUDA the gap between them is time the GPU sat idle)."""
+    and the wall time (on CUDA the gap between them is time the GPU sat idle). ``host=True``
+    ranks operators by self CPU time on a GPU too: where the host's time goes."""
     import time
 
     from torch.profiler import ProfilerActivity, profile
 
-    cuda = device.type == "cuda"
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    on_gpu = device.type == "cuda"
+    cuda = on_gpu and not host  # host=True: rank by self CPU time even on a GPU (host overhead)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=acts) as prof:
         t0 = time.perf_counter()
         fn()
-        if cuda:
+        if on_gpu:
             torch.cuda.synchronize(device)
         wall = time.perf_counter() - t0
     events = prof.key_averages()
