@@ -131,7 +131,7 @@ class _ShardChecks:
             if self._stopped:
                 return
             if self._claim(i):
-                self._do(i)
+                self._do(i, lambda: self._stopped)
 
     def _claim(self, i: int) -> bool:
         with self._cv:
@@ -140,10 +140,10 @@ class _ShardChecks:
                 return True
             return False
 
-    def _do(self, i: int) -> None:
+    def _do(self, i: int, stop: Callable[[], bool]) -> None:
         err: BaseException | None = None
         try:
-            self._check(i, lambda: self._stopped)
+            self._check(i, stop)
         except InterruptedError:  # close(): leave it for whoever needs it
             with self._cv:
                 self._state[i] = "pending"
@@ -161,7 +161,7 @@ class _ShardChecks:
         """Return once shard ``i`` passed its check; raise its error if it failed."""
         while True:
             if self._claim(i):
-                self._do(i)
+                self._do(i, lambda: False)  # the caller needs it now: never abandoned
             with self._cv:
                 while self._state.get(i) == "running":
                     self._cv.wait()

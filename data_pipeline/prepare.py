@@ -601,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "| datasets:ID | owner/name (hub id) | local path, glob or directory of .parquet/"
                         ".jsonl[.gz|.zst]/.txt | fsspec URL (s3://, gs://, hf://, https://, file://, memory://)")
     p.add_argument("out_dir", metavar="OUT_DIR", nargs="?", help="output directory (local path or fsspec URL)")
-    p.add_argument("--verify", metavar="DIR", default=None,
+    p.add_argument("--verify", metavar="DIR", default=argparse.SUPPRESS,
                    help="check every shard of the prepared directory DIR against its manifest's sha256 and "
                         "exit (0: all intact; 2: one line per bad shard); writes nothing")
     p.add_argument("--text-field", default="text", help="field holding the document text")
@@ -630,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    target = vars(args).pop("verify")
+    target = vars(args).pop("verify", None)
     if target is not None:
         if args.source is not None:
             parser.error("--verify DIR takes no SOURCE / OUT_DIR")
