@@ -104,6 +104,18 @@ def hash_rate(path: Path, repeats: int) -> tuple[float, float]:
     return statistics.median(plain), statistics.median(both)
 
 
+def loader_first_batch(data: Path, verify: bool) -> float:
+    """Seconds to build the 124M run's loader (seq_len 1024, micro-batch 1) and get its first batch."""
+    from data_pipeline.loader import DistributedTokenLoader
+
+    t = time.perf_counter()
+    ld = DistributedTokenLoader(data, "train", 1024, 1, 1, vocab_size=50257, verify=verify)
+    ld.next_batch()
+    dt = time.perf_counter() - t
+    ld.close()
+    return dt
+
+
 def startup(root: Path, data: Path, run_dir: Path) -> tuple[float, str]:
     overrides = [f"data.dir={data}", f"train.run_dir={run_dir}", "train.device=cpu", "train.compile=false",
                  "train.dtype=fp32", "train.micro_batch_size=1", "train.global_batch_tokens=1024",
@@ -139,6 +151,13 @@ def main() -> None:
         for name, b in (("10B tokens (20.0 GB)", 20e9), (f"this directory ({total / 1e9:.2f} GB)", total)):
             print(f"projected full hash of {name} on one thread: {b / 1e6 / mbs_max:,.1f} s (in the background); "
                   f"step 1 waits for one 100M-token shard: {(HEADER_BYTES + 2 * SHARD_TOKENS) / 1e6 / mbs_max:.2f} s")
+        lt: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(args.repeats):
+            for v in (False, True):
+                lt[v].append(loader_first_batch(data, v))
+        lo_off, lo_on = statistics.median(lt[False]), statistics.median(lt[True])
+        print(f"loader build + first batch: verify=False {lo_off:.3f}s, verify=True {lo_on:.3f}s "
+              f"(+{lo_on - lo_off:.3f}s; runs {lt})")
         times: dict[str, list[float]] = {"before": [], "after": []}
         for i in range(args.repeats):
             for label, root in (("before", Path(args.before)), ("after", REPO)):
@@ -148,7 +167,8 @@ def main() -> None:
         b, a = statistics.median(times["before"]), statistics.median(times["after"])
         print(json.dumps({"sha256_MBps": round(mbs), "sha256_max_MBps": round(mbs_max),
                           "startup_before_s": round(b, 2), "startup_after_s": round(a, 2),
-                          "startup_delta_s": round(a - b, 2), "runs": times}))
+                          "startup_delta_s": round(a - b, 2), "runs": times,
+                          "loader_first_batch_s": {"verify_off": round(lo_off, 3), "verify_on": round(lo_on, 3)}}))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -482,7 +482,7 @@ class DistributedTokenLoader:
                     self._expected[i] = integrity.Expected(self.files[i], old, size)
                     self._checks.add(i)
             elif now.sha256 != old:
-                raise ValueError(
+                raise ShardError(
                     f"loader state: {self.files[i]} had sha256 {old} when the checkpoint was saved but "
                     f"{self.data_dir / 'manifest.json'} now records {now.sha256}: the data changed since; resume "
                     "with the data the run was trained on (or start a fresh run)"
