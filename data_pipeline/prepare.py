@@ -354,15 +354,12 @@ class _Writer:
 @contextlib.contextmanager
 def _sigint_deferred():
     """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block is done."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield  # not ours to manage (a worker thread; SIGINT ignored or handled by the embedding program)
         return
     got: list[int] = []
-    try:
-        prev = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
-    except ValueError:  # pragma: no cover - not the main interpreter
-        yield
-        return
+    prev = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
     try:
         yield
     finally:
@@ -427,6 +424,9 @@ def _repair(cfg: PrepareConfig, manifest: dict) -> dict:
     """Re-verify the shards already written; keep those before the first bad one and resume there."""
     if is_url(cfg.out_dir) or not manifest["shards"]:
         return manifest
+    size = sum(shard_bytes(s.get("tokens") or 0) for s in manifest["shards"])
+    print(f"prepare: {cfg.out_dir}: re-verifying the {len(manifest['shards'])} shards already written "
+          f"({size / 1e9:.2f} GB) against {MANIFEST_NAME}", flush=True)
     bad = verify_shards(cfg.out_dir, manifest)
     if not bad:
         return manifest

@@ -37,7 +37,7 @@ def _collective_device() -> torch.device:
 
 
 class Checkpointer:
-    """Saves, finds and loads checkpoints of one run (see the module docstring for the layout).
+    """Saves, finds and loads checkpoints of one run (the layout: ``pretrain/checkpoint/__init__.py``).
 
     Args:
         ckpt_dir: the run's checkpoint directory, shared by all ranks.
