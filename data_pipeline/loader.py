@@ -34,7 +34,9 @@ differ from the manifest raises :class:`ShardError` naming the file, both hashes
 shard, position and id: at construction from the manifest's ``max_token_id``, or, for shards
 without that record (llm.c's own), from a max taken in the same pass as the hash when first
 opened -- before any batch of that shard is returned. ``state_dict()`` records each shard's
-sha256, so a resume onto data whose content changed is refused.
+sha256, so a resume onto data whose content changed is refused. Every rank checks the shards it
+reads for itself (no collective): the files are the same, so the ranks reach the same verdict, and
+a rank that raises ends the job (torchrun stops the others).
 
 For validation loss, build a fresh loader with ``shuffle=False`` each time and take the first
 k batches: that is always the same fixed prefix of the val split.
