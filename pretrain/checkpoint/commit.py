@@ -1,6 +1,5 @@
 """The commit protocol: why a half-written checkpoint is never picked up.
 
-Commit protocol (why a half-written checkpoint is never picked up):
   1. every rank gathers its state; rank 0 removes what crashed saves left (``*.tmp`` dirs, step
      dirs without COMMITTED) and creates a fresh ``step_N.tmp/``; the ranks agree (all-reduce).
   2. every rank writes its files into it, each fsynced; the ranks agree (all-reduce) that all succeeded.
@@ -12,11 +11,6 @@ Commit protocol (why a half-written checkpoint is never picked up):
 valid manifest.json (or ``step_N.replaced``, if a re-save of step N was killed between its two
 renames). Deleting a checkpoint removes its COMMITTED marker first, so a half-deleted one is
 never loaded either.
-
-Failures: any error while saving (ENOSPC, permission, a bad ``rank_state``) removes the tmp dir and
-raises :class:`CheckpointError` on every rank, naming the directory and the last intact checkpoint.
-The trainer should catch it, log it and stop (exit non-zero): the previous checkpoint is intact,
-and training on without checkpoints would risk losing far more work than the stop costs.
 
 Failures: any error while saving (ENOSPC, permission, a bad ``rank_state``) removes the tmp dir and
 raises ``CheckpointError`` on every rank, naming the directory and the last intact checkpoint.
