@@ -24,6 +24,20 @@ maps (one fancy index per run of rows within a shard) and widens uint16 -> int64
 ``(2, B, T)`` tensor whose halves are ``x`` and ``y``. On CUDA the batch goes through pinned memory with a
 non-blocking copy.
 
+Integrity (each check once per shard, never a stall of step 1 for the whole dataset): when the
+manifest records a shard's sha256, the shard is hashed before its tokens are first used -- on a
+daemon thread that works ahead through the shards in the order the stream reaches them, or on
+the caller's thread if the loader needs a shard the thread has not reached. A shard whose bytes
+differ from the manifest raises :class:`ShardError` naming the file, both hashes and the
+``gpt2-prepare`` command that rebuilds it (a failure found ahead is raised by the next
+``next_batch()``). With ``vocab_size`` the loader refuses token ids ``>= vocab_size``, naming
+shard, position and id: at construction from the manifest's ``max_token_id``, or, for shards
+without that record (llm.c's own), from a max taken in the same pass as the hash when first
+opened -- before any batch of that shard is returned. ``state_dict()`` records each shard's
+sha256, so a resume onto data whose content changed is refused. Every rank checks the shards it
+reads for itself (no collective): the files are the same, so the ranks reach the same verdict, and
+a rank that raises ends the job (torchrun stops the others).
+
 For validation loss, build a fresh loader with ``shuffle=False`` each time and take the first
 k batches: that is always the same fixed prefix of the val split.
 """
@@ -31,16 +45,149 @@ k batches: that is always the same fixed prefix of the val split.
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from data_pipeline.shards import ShardError, list_shards, read_header, read_shard
+from data_pipeline import integrity
+from data_pipeline.shards import (
+    HEADER_BYTES,
+    TOKEN_DTYPE,
+    ShardError,
+    expected,
+    read_header,
+    read_manifest,
+    read_shard,
+    shard_entries,
+)
 
 _STATE_VERSION = 1
+
+
+def rebuild_hint(data_dir: Path) -> str:
+    """How to rebuild the shards of ``data_dir``: its manifest's exact ``gpt2-prepare`` command."""
+    try:
+        manifest = read_manifest(data_dir)
+    except ShardError:
+        manifest = None
+    if manifest and isinstance(manifest.get("settings"), dict):
+        from data_pipeline.prepare import command_line  # only on this error path: it imports the tokenizer
+
+        return f"rebuild it with: {command_line(manifest['settings'], str(data_dir))}"
+    return f"rebuild it with the `gpt2-prepare SOURCE {data_dir}` command that made it"
+
+
+def integrity_error(bad: integrity.Mismatch, data_dir: Path) -> ShardError:
+    """One line: the file, the expected and actual hash (or size), and the command that rebuilds it."""
+    return ShardError(
+        f"{bad.path}: content does not match {data_dir / 'manifest.json'} ({bad.describe()}); the shard is "
+        f"corrupt -- {rebuild_hint(data_dir)} (the rerun re-verifies and rewrites bad shards)"
+    )
+
+
+def token_range_error(path: Path, tokens: np.ndarray, vocab_size: int) -> ShardError:
+    """One line naming the first id ``>= vocab_size`` in ``tokens`` (the shard at ``path``) and where."""
+    pos = 0
+    for lo in range(0, len(tokens), 1 << 24):  # in slices: never a full-shard boolean array
+        hits = np.flatnonzero(np.asarray(tokens[lo:lo + (1 << 24)]) >= vocab_size)
+        if hits.size:
+            pos = lo + int(hits[0])
+            break
+    tok = int(tokens[pos])
+    return ShardError(
+        f"{path}: token id {tok} at position {pos} is >= the model's vocab_size {vocab_size} (ids in the "
+        f"padded rows have no trained embedding either); this data was tokenized for another vocabulary: "
+        f"re-prepare it with the model's tokenizer or use a model with vocab_size > {tok}"
+    )
+
+
+class _ShardChecks:
+    """Runs ``check(i, stop)`` once per shard in ``todo``: on a daemon thread, ahead of the loader,
+    in the order given to :meth:`start`; or on the caller's thread when :meth:`require` needs a
+    shard the thread has not claimed yet (a shard being checked by the thread is waited for)."""
+
+    def __init__(self, check: Callable[[int, Callable[[], bool]], None], todo: list[int]):
+        self._check = check
+        self._state = dict.fromkeys(todo, "pending")  # pending -> running -> done
+        self._errors: dict[int, BaseException] = {}
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    def start(self, order: list[int]) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, args=(order,), name="shard-verify", daemon=True)
+            self._thread.start()
+
+    def _run(self, order: list[int]) -> None:
+        for i in order:
+            if self._stopped:
+                return
+            if self._claim(i):
+                self._do(i, lambda: self._stopped)
+
+    def _claim(self, i: int) -> bool:
+        with self._cv:
+            if self._state.get(i) == "pending":
+                self._state[i] = "running"
+                return True
+            return False
+
+    def _do(self, i: int, stop: Callable[[], bool]) -> None:
+        err: BaseException | None = None
+        try:
+            self._check(i, stop)
+        except InterruptedError:  # close(): leave it for whoever needs it
+            with self._cv:
+                self._state[i] = "pending"
+                self._cv.notify_all()
+            return
+        except BaseException as e:  # noqa: BLE001 - re-raised on the loader's thread
+            err = e
+        with self._cv:
+            self._state[i] = "done"
+            if err is not None:
+                self._errors[i] = err
+            self._cv.notify_all()
+
+    def require(self, i: int) -> None:
+        """Return once shard ``i`` passed its check; raise its error if it failed."""
+        while True:
+            if self._claim(i):
+                self._do(i, lambda: False)  # the caller needs it now: never abandoned
+            with self._cv:
+                while self._state.get(i) == "running":
+                    self._cv.wait()
+                if self._state.get(i) != "pending":
+                    break
+        if i in self._errors:
+            raise self._errors[i]
+
+    def add(self, i: int) -> None:
+        """Check shard ``i`` too (before the thread starts)."""
+        with self._cv:
+            self._state.setdefault(i, "pending")
+
+    def failure(self) -> BaseException | None:
+        """A failure found so far (on any shard), or None."""
+        with self._cv:
+            return next(iter(self._errors.values()), None)
+
+    def pending(self) -> int:
+        with self._cv:
+            return sum(s != "done" for s in self._state.values())
+
+    def close(self) -> None:
+        self._stopped = True
 
 
 class DistributedTokenLoader:
@@ -58,6 +205,8 @@ class DistributedTokenLoader:
         seed: int = 0,
         shuffle: bool = True,
         device: str | torch.device = "cpu",
+        vocab_size: int | None = None,
+        verify: bool = True,
     ) -> None:
         for name, v in (("seq_len", seq_len), ("micro_batch_size", micro_batch_size),
                         ("global_batch_seqs", global_batch_seqs), ("world_size", world_size)):
@@ -82,8 +231,26 @@ class DistributedTokenLoader:
         self.device = torch.device(device)
         self._pin = self.device.type == "cuda" and torch.cuda.is_available()
 
-        self.files = list_shards(self.data_dir, split)
+        entries = shard_entries(self.data_dir, split)
+        self.files = [p for p, _ in entries]
         self.shard_tokens = np.array([read_header(f) for f in self.files], dtype=np.int64)
+        for (f, entry), n in zip(entries, self.shard_tokens):
+            if entry is not None and isinstance(entry.get("tokens"), int) and entry["tokens"] != n:
+                raise ShardError(
+                    f"{f}: holds {int(n)} tokens but {self.data_dir / 'manifest.json'} says {entry['tokens']}; "
+                    f"the shard was replaced or is corrupt -- {rebuild_hint(self.data_dir)}"
+                )
+        self.vocab_size = vocab_size
+        self._verify = bool(verify)
+        self._expected = [expected(f, e) if verify else None for f, e in entries]
+        self._max_id: list[int | None] = [
+            int(e["max_token_id"]) if e is not None and isinstance(e.get("max_token_id"), int) else None
+            for _, e in entries
+        ]
+        if vocab_size is not None:
+            for i, m in enumerate(self._max_id):
+                if m is not None and m >= vocab_size:  # the manifest says so: refuse before any step
+                    raise token_range_error(self.files[i], read_shard(self.files[i]), vocab_size)
         need = self.B * self.T + 1
         for f, n in zip(self.files, self.shard_tokens):
             if n < need:
@@ -104,6 +271,58 @@ class DistributedTokenLoader:
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
         self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
         self._perm_cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._checks = _ShardChecks(self._check_shard, [i for i in range(len(self.files)) if self._needs_check(i)])
+
+    # ---- integrity -----------------------------------------------------------------------------------
+    def _needs_check(self, i: int) -> bool:
+        return self._expected[i] is not None or (self.vocab_size is not None and self._max_id[i] is None)
+
+    def _check_shard(self, i: int, stop: Callable[[], bool]) -> None:
+        """Hash shard ``i`` against its record and/or take its max token id (one read of the file)."""
+        path, exp = self.files[i], self._expected[i]
+        need_max = self.vocab_size is not None and self._max_id[i] is None
+        top = [-1]
+
+        def on_chunk(offset: int, data: bytes) -> None:
+            skip = max(HEADER_BYTES - offset, 0)  # chunks are large and even: the header sits in the first
+            if skip < len(data):
+                top[0] = max(top[0], int(np.frombuffer(data, dtype=TOKEN_DTYPE, offset=skip).max()))
+
+        if exp is not None:
+            try:
+                actual = integrity.sha256_file(path, on_chunk=on_chunk if need_max else None, stop=stop)
+            except FileNotFoundError:
+                actual = None
+            bad = integrity.check(exp, actual)
+            if bad is not None:
+                raise integrity_error(bad, self.data_dir)
+        elif need_max:
+            tokens = read_shard(path)
+            top[0] = int(tokens.max()) if tokens.size else -1
+        if need_max:
+            self._max_id[i] = top[0]
+            if top[0] >= self.vocab_size:
+                raise token_range_error(path, read_shard(path), self.vocab_size)
+
+    def _start_checks(self) -> None:
+        """Start the background checks in the order the stream reaches the shards from here on."""
+        epoch, q = divmod(self._consumed, self.num_sequences)
+        order, cum = self._epoch_order(epoch)
+        j = int(np.searchsorted(cum, q, side="right"))
+        self._checks.start([int(s) for s in np.roll(order, -j)])
+
+    def verification_pending(self) -> int:
+        """Shards whose first-open checks have not finished yet."""
+        return self._checks.pending()
+
+    def wait_verified(self) -> None:
+        """Check every shard now (the ones not yet done, on this thread); raise the first failure."""
+        for i in range(len(self.files)):
+            self._checks.require(i)
+
+    def close(self) -> None:
+        """Stop the background checks (they resume on demand if the loader is used again)."""
+        self._checks.close()
 
     # ---- sizes -------------------------------------------------------------------------------------
     @property
@@ -150,6 +369,7 @@ class DistributedTokenLoader:
         if rows is not None:
             self._maps.move_to_end(shard)
         else:
+            self._checks.require(shard)  # verified (and range-checked) before its first use
             tokens = read_shard(self.files[shard]).view(np.ndarray)  # plain ndarray: cheaper to index
             n, item = int(self.shard_seqs[shard]), tokens.itemsize
             # row i = tokens[i*T : i*T + T + 1]: rows overlap by one token (y is x shifted by one)
@@ -180,6 +400,10 @@ class DistributedTokenLoader:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's next micro-batch: ``x, y`` int64 ``(B, T)``, ``y`` = ``x`` shifted by one."""
         B, T = self.B, self.T
+        if not self._checks.started:
+            self._start_checks()
+        elif (err := self._checks.failure()) is not None:  # found ahead, on the background thread
+            raise err
         runs = [self._rows(shard)[seqs] for shard, seqs in self._segments(self._consumed + self.rank * B, B)]
         rows = runs[0] if len(runs) == 1 else np.concatenate(runs)  # (B, T+1) uint16, gathered from the maps
         xy = torch.empty((2, B, T), dtype=torch.int64, pin_memory=self._pin)  # x and y in one allocation
@@ -209,7 +433,9 @@ class DistributedTokenLoader:
             "world_size": self.world_size,
             "seed": self.seed,
             "shuffle": self.shuffle,
-            "shards": [[f.name, int(n)] for f, n in zip(self.files, self.shard_tokens)],
+            # [name, tokens, sha256 or None]: a resume onto changed data is refused
+            "shards": [[f.name, int(n), e.sha256 if e is not None else None]
+                       for f, n, e in zip(self.files, self.shard_tokens, self._expected)],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -218,9 +444,12 @@ class DistributedTokenLoader:
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"loader state: version {state.get('version')!r}, expected {_STATE_VERSION}")
         mine = self.state_dict()
+        self._check_same_content(state.get("shards"))
         for key in ("split", "seq_len", "global_batch_seqs", "seed", "shuffle", "shards"):
-            if state.get(key) != mine[key]:
-                theirs = state.get(key)
+            theirs, now = state.get(key), mine[key]
+            if key == "shards" and isinstance(theirs, list):  # names and sizes; contents checked above
+                theirs, now = [list(s[:2]) for s in theirs], [s[:2] for s in now]
+            if theirs != now:
                 if key == "shards":
                     theirs, mine_v = f"{len(theirs or [])} shards", f"{len(mine[key])} shards in {self.data_dir}"
                 else:
@@ -238,3 +467,25 @@ class DistributedTokenLoader:
                 f"({self.world_size}, {self.B}) can resume only at a step boundary"
             )
         self._consumed = consumed
+
+    def _check_same_content(self, saved: Any) -> None:
+        """Refuse shards whose recorded sha256 differs from the checkpoint's; where only the
+        checkpoint has one (the manifest is gone), verify the file against it on first open."""
+        if not isinstance(saved, list) or len(saved) != len(self.files):
+            return  # a different shard list: the comparison of names and sizes reports it
+        for i, s in enumerate(saved):
+            old = s[2] if isinstance(s, (list, tuple)) and len(s) > 2 else None
+            if old is None:
+                continue
+            now = self._expected[i]
+            if now is None:
+                if self._verify:
+                    size = HEADER_BYTES + TOKEN_DTYPE.itemsize * int(self.shard_tokens[i])
+                    self._expected[i] = integrity.Expected(self.files[i], old, size)
+                    self._checks.add(i)
+            elif now.sha256 != old:
+                raise ShardError(
+                    f"loader state: {self.files[i]} had sha256 {old} when the checkpoint was saved but "
+                    f"{self.data_dir / 'manifest.json'} now records {now.sha256}: the data changed since; resume "
+                    "with the data the run was trained on (or start a fresh run)"
+                )

@@ -24,7 +24,9 @@ Text policy (never a crash; counts in the manifest's ``totals``):
 * a literal ``<|endoftext|>`` in the text: encoded as the ordinary text it is, never as the
   control token -- only the document separator is 50256;
 * token ids are checked to fit uint16 before the cast;
-* a missing text field, a non-text value in it, or a source with no documents: one clear error.
+* a missing text field, a non-text value in it, or a source with no documents: one clear error;
+* a text file that is binary (NUL bytes, or over 10% of it invalid UTF-8), an empty or unreadable
+  parquet file: one clear error naming the file.
 
 Parallelism: chunks of documents are encoded by ``--workers`` threads (tiktoken releases the
 GIL while it encodes) or processes (``--backend processes``); results are consumed in
@@ -36,14 +38,26 @@ the document that crossed the shard boundary and how many of its tokens are alre
 already consumed, re-encodes that one document, drops the tokens already written and goes on;
 the result is byte-identical to an uninterrupted run. Shards and the manifest are written
 under temporary names and renamed. A finished job reruns as a no-op; different arguments
-into the same directory are an error.
+into the same directory are an error. Ctrl-C stops at a safe point (never between a shard and
+its manifest entry) and prints the command that resumes (exit 130).
+
+Integrity: every shard's sha256 and largest token id are in the manifest. A rerun on an
+existing directory first re-verifies the shards already written (``data_pipeline.integrity``);
+if any is corrupt it says which and rebuilds from the first bad one (the resume point recorded
+after the shard before it), rewriting the shards after it byte-identically. ``gpt2-prepare
+--verify DIR`` checks a prepared directory without writing anything: one line per bad shard,
+exit 2 if there is any.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shlex
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -52,14 +66,18 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from data_pipeline import integrity
 from data_pipeline import tokenizer as tok
 from data_pipeline.shards import (
+    MANIFEST_NAME,
     MAX_TOKEN_ID,
     ShardError,
+    expected,
     is_url,
     join,
     local_path,
     read_manifest,
+    shard_bytes,
     shard_name,
     write_manifest,
     write_shard,
@@ -69,6 +87,7 @@ from data_pipeline.sources import Source, SourceError, check_protocol, open_sour
 MANIFEST_VERSION = 1
 # Test hook: seconds to sleep around each shard commit, so a test can SIGKILL a run mid-way.
 _SLOW_ENV = "GPT2_PREPARE_TEST_SLEEP"
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C'd command
 
 
 class PrepareError(RuntimeError):
@@ -114,6 +133,28 @@ class PrepareConfig:
             raise PrepareError(f"--backend must be 'threads' or 'processes', got {self.backend!r}")
         if is_url(self.out_dir):
             check_protocol(self.out_dir)  # the same allowlist as sources
+
+
+_FLAGS = {"text_field": "--text-field", "hf_config": "--hf-config", "hf_split": "--hf-split",
+          "shard_tokens": "--shard-tokens", "val_tokens": "--val-tokens", "max_tokens": "--max-tokens"}
+
+
+def command_line(settings: dict, out_dir: str) -> str:
+    """The ``gpt2-prepare`` command that makes ``out_dir`` with a manifest's ``settings`` (the
+    same command resumes it, and rebuilds shards that fail their check)."""
+    defaults = PrepareConfig(source="", out_dir="").settings()
+    args = ["gpt2-prepare", str(settings.get("source", "SOURCE")), str(out_dir)]
+    for key, flag in _FLAGS.items():
+        v = settings.get(key)
+        if v is not None and v != defaults[key]:
+            args += [flag, str(v)]
+    for f in settings.get("filters") or []:
+        args += ["--filter", str(f)]
+    for f in settings.get("data_files") or []:
+        args += ["--data-files", str(f)]
+    if settings.get("txt_per_line"):
+        args.append("--txt-per-line")
+    return shlex.join(args)
 
 
 def tokenizer_info() -> dict:
@@ -224,7 +265,7 @@ def _ordered_map(cfg: PrepareConfig, chunks: Iterator[_Chunk]) -> Iterator[tuple
         import multiprocessing as mp
 
         ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-        with ctx.Pool(cfg.workers) as pool:
+        with ctx.Pool(cfg.workers, initializer=_ignore_sigint) as pool:
             yield from _in_order(chunks, lambda texts: pool.apply_async(encode_documents, (texts,)).get, depth)
         return
     with ThreadPoolExecutor(cfg.workers) as ex:
@@ -287,17 +328,18 @@ class _Writer:
         starts, ends, rows, empty, filtered = meta
         documents = int(np.count_nonzero((starts >= self.pos) & (starts < end)))
         entry = {"file": shard_name(split, self.counts[split]), "split": split, "tokens": int(n),
-                 "documents": documents}
+                 "documents": documents, "max_token_id": int(shard.max()) if n else -1}
         if not final:
             j = int(np.searchsorted(ends, end, side="left"))  # the document the boundary falls in
             entry["resume"] = {"row": int(rows[j]), "skip_tokens": int(end - starts[j]),
                                "skipped_empty": int(empty[j]), "filtered": int(filtered[j])}
             self.meta = [meta[:, j:]]
-        entry["sha256"] = write_shard(join(self.cfg.out_dir, entry["file"]), shard)
-        if self.sleep:
-            time.sleep(self.sleep)
-        self.manifest["shards"].append(entry)
-        write_manifest(self.cfg.out_dir, self.manifest)
+        with _sigint_deferred():  # a Ctrl-C lands after the manifest lists the shard, never between
+            entry["sha256"] = write_shard(join(self.cfg.out_dir, entry["file"]), shard)
+            if self.sleep:
+                time.sleep(self.sleep)
+            self.manifest["shards"].append(entry)
+            write_manifest(self.cfg.out_dir, self.manifest)
         if self.sleep:
             time.sleep(self.sleep)
         self.counts[split] += 1
@@ -307,6 +349,96 @@ class _Writer:
         if self.buf_len:
             split, _ = self.next_boundary()
             self._emit(split, self.pos + self.buf_len, final=True)
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block is done."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield  # not ours to manage (a worker thread; SIGINT ignored or handled by the embedding program)
+        return
+    got: list[int] = []
+    prev = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, prev)
+        if got:
+            raise KeyboardInterrupt
+
+
+def _ignore_sigint() -> None:
+    """Pool workers leave Ctrl-C to the parent, which stops them (no traceback per worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# ---- integrity ----------------------------------------------------------------------------------
+def verify_shards(out_dir: str, manifest: dict) -> list[integrity.Mismatch]:
+    """Re-hash every shard the manifest lists; the ones that differ from their record, in order."""
+    d = local_path(out_dir)
+    records = []
+    for s in manifest["shards"]:
+        name = str(s.get("file", ""))
+        exp = expected(d / name, s) if name and "/" not in name and "\\" not in name else None
+        if exp is None:
+            raise ShardError(f"{d / MANIFEST_NAME}: shard entry {name!r} has no file name or sha256; "
+                             "delete the directory and re-run prepare")
+        records.append(exp)
+    return integrity.verify_files(records)
+
+
+def verify(out_dir: str) -> int:
+    """``gpt2-prepare --verify DIR``: one line per bad shard on stderr; 0 if all are intact, else 2."""
+    d = local_path(out_dir)
+    if is_url(out_dir) or not d.is_dir():
+        print(f"gpt2-prepare: error: {out_dir}: not a local directory; --verify checks a prepared directory "
+              "on this machine", file=sys.stderr)
+        return 2
+    try:
+        manifest = read_manifest(d)
+        if manifest is None:
+            raise ShardError(f"{d}: no {MANIFEST_NAME}, so nothing to verify against (shards written by other "
+                             "tools carry no hashes); prepare the directory with gpt2-prepare")
+        t0 = time.perf_counter()
+        bad = verify_shards(out_dir, manifest)
+    except ShardError as e:
+        print(f"gpt2-prepare: error: {e}", file=sys.stderr)
+        return 2
+    n = len(manifest["shards"])
+    size = sum(shard_bytes(s.get("tokens") or 0) for s in manifest["shards"])
+    dt = time.perf_counter() - t0
+    for b in bad:
+        print(f"gpt2-prepare: bad shard {b.path}: {b.describe()}", file=sys.stderr)
+    state = "complete" if manifest.get("complete") else "incomplete (rerun its command to finish it)"
+    if bad:
+        cmd = command_line(manifest.get("settings") or {}, out_dir)
+        print(f"gpt2-prepare: {d}: {len(bad)} of {n} shards are bad; rebuild them with: {cmd}", file=sys.stderr)
+        return 2
+    print(f"prepare: {d}: all {n} shards match {MANIFEST_NAME} ({size / 1e6:,.0f} MB in {dt:.1f}s); "
+          f"the directory is {state}")
+    return 0
+
+
+def _repair(cfg: PrepareConfig, manifest: dict) -> dict:
+    """Re-verify the shards already written; keep those before the first bad one and resume there."""
+    if is_url(cfg.out_dir) or not manifest["shards"]:
+        return manifest
+    size = sum(shard_bytes(s.get("tokens") or 0) for s in manifest["shards"])
+    print(f"prepare: {cfg.out_dir}: re-verifying the {len(manifest['shards'])} shards already written "
+          f"({size / 1e9:.2f} GB) against {MANIFEST_NAME}", flush=True)
+    bad = verify_shards(cfg.out_dir, manifest)
+    if not bad:
+        return manifest
+    names = [b.path.name for b in bad]
+    first = next(i for i, s in enumerate(manifest["shards"]) if s["file"] == names[0])
+    print(f"prepare: {cfg.out_dir}: {len(bad)} shard(s) do not match {MANIFEST_NAME} "
+          f"({'; '.join(f'{b.path.name}: {b.describe()}' for b in bad[:3])}{' ...' if len(bad) > 3 else ''}); "
+          f"rebuilding from {names[0]} (the shards after it are rewritten identically)", flush=True)
+    manifest = dict(manifest, shards=manifest["shards"][:first], complete=False)
+    manifest.pop("totals", None)
+    write_manifest(cfg.out_dir, manifest)
+    return manifest
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -352,6 +484,8 @@ def run(cfg: PrepareConfig) -> dict:
     cfg.validate()
     manifest = read_manifest(cfg.out_dir)
     _check_existing(cfg, manifest)
+    if manifest is not None:
+        manifest = _repair(cfg, manifest)  # never trust a shard already written: re-verify it
     if manifest is not None and manifest.get("complete"):
         t = manifest["totals"]
         print(f"prepare: {cfg.out_dir} is already complete ({len(manifest['shards'])} shards, "
@@ -462,11 +596,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "llm.c-format GPT-2 token shards with a manifest; parallel and resumable.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("source", metavar="SOURCE",
+    p.add_argument("source", metavar="SOURCE", nargs="?",
                    help="fineweb-edu-10B | fineweb-edu-100B | fineweb-10B | fineweb-100B | builtin:python-docs "
                         "| datasets:ID | owner/name (hub id) | local path, glob or directory of .parquet/"
                         ".jsonl[.gz|.zst]/.txt | fsspec URL (s3://, gs://, hf://, https://, file://, memory://)")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="output directory (local path or fsspec URL)")
+    p.add_argument("out_dir", metavar="OUT_DIR", nargs="?", help="output directory (local path or fsspec URL)")
+    p.add_argument("--verify", metavar="DIR", default=argparse.SUPPRESS,
+                   help="check every shard of the prepared directory DIR against its manifest's sha256 and "
+                        "exit (0: all intact; 2: one line per bad shard); writes nothing")
     p.add_argument("--text-field", default="text", help="field holding the document text")
     p.add_argument("--filter", dest="filters", action="append", default=[], metavar="EXPR",
                    help="keep rows where FIELD OP LITERAL holds, e.g. 'int_score>=3' (repeatable: all must hold)")
@@ -491,10 +628,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    target = vars(args).pop("verify", None)
+    if target is not None:
+        if args.source is not None:
+            parser.error("--verify DIR takes no SOURCE / OUT_DIR")
+        return verify(target)
+    if args.source is None or args.out_dir is None:
+        parser.error("SOURCE and OUT_DIR are required (or --verify DIR)")
     cfg = PrepareConfig(**vars(args))
     try:
         run(cfg)
+    except KeyboardInterrupt:
+        return _interrupted(cfg, argv)
     except (PrepareError, SourceError, ShardError) as e:
         print(f"gpt2-prepare: error: {e}", file=sys.stderr)
         return 2
@@ -504,6 +651,20 @@ def main(argv: list[str] | None = None) -> int:
               "then rerun the same command to resume after the last complete shard", file=sys.stderr)
         return 1
     return 0
+
+
+def _interrupted(cfg: PrepareConfig, argv: list[str] | None) -> int:
+    """Ctrl-C: every shard the manifest lists is complete; say so and how to go on."""
+    try:
+        manifest = read_manifest(cfg.out_dir)
+    except (ShardError, OSError):
+        manifest = None
+    done = len(manifest["shards"]) if manifest else 0
+    tokens = sum(s.get("tokens", 0) for s in manifest["shards"]) if manifest else 0
+    args = sys.argv[1:] if argv is None else argv
+    print(f"\ngpt2-prepare: interrupted; {cfg.out_dir} keeps {done} complete shards ({tokens:,} tokens); "
+          f"resume with: {shlex.join(['gpt2-prepare', *args])}", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

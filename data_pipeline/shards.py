@@ -9,8 +9,13 @@ A shard is what llm.c's ``dev/data/data_common.py::write_datafile`` writes and i
 Files are ``{split}_{index:06d}.bin`` (``val_000000.bin`` first, then ``train_000000.bin``, ...)
 next to ``manifest.json``::
 
-    {"shards": [{"file", "split", "tokens", "documents", "sha256"}, ...],
+    {"shards": [{"file", "split", "tokens", "documents", "sha256", "max_token_id"}, ...],
      "source": ..., "tokenizer": ..., "settings": {...}, ...}
+
+``sha256`` covers the whole file (header and tokens); ``max_token_id`` (written since the
+integrity checks; older manifests and llm.c's own shards lack it) lets a reader refuse ids the
+model cannot embed without reading the shard. :func:`shard_entries` gives each shard with its
+manifest entry; :func:`expected` turns an entry into what ``data_pipeline.integrity`` checks.
 
 Everything written here is atomic: a temporary name in the same directory, fsync, then a
 rename, so a reader (or a resumed ``prepare``) never sees half a file under the final name.
@@ -20,7 +25,6 @@ needs a local file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -29,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from data_pipeline import integrity
 
 MAGIC = 20240520
 VERSION = 1
@@ -128,6 +134,8 @@ def _atomic_write_bytes(path: str | os.PathLike, chunks: list[bytes | memoryview
 
 def write_shard(path: str | os.PathLike, tokens: Any) -> str:
     """Write ``tokens`` as one llm.c shard at ``path`` (atomically); return the file's sha256."""
+    import hashlib
+
     body = np.ascontiguousarray(as_uint16(tokens, what=str(path)))
     header = make_header(int(body.size))
     h = hashlib.sha256()
@@ -180,18 +188,30 @@ def read_shard(path: str | os.PathLike) -> np.memmap:
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
     if is_url(path):
+        import hashlib
+
         import fsspec
 
+        h = hashlib.sha256()
         with fsspec.open(str(path), "rb") as f:
             while b := f.read(chunk):
                 h.update(b)
         return h.hexdigest()
-    with open(local_path(path), "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
+    return integrity.sha256_file(local_path(path), chunk)[0]
+
+
+def shard_bytes(tokens: int) -> int:
+    """File size of a shard holding ``tokens`` tokens."""
+    return HEADER_BYTES + int(tokens) * TOKEN_DTYPE.itemsize
+
+
+def expected(path: Path, entry: dict | None) -> integrity.Expected | None:
+    """What the manifest ``entry`` of the shard at ``path`` says it holds (None: no sha256 recorded)."""
+    if not entry or not isinstance(entry.get("sha256"), str):
+        return None
+    tokens = entry.get("tokens")
+    return integrity.Expected(path, entry["sha256"], shard_bytes(tokens) if isinstance(tokens, int) else None)
 
 
 def read_manifest(data_dir: str | os.PathLike) -> dict | None:
@@ -225,17 +245,18 @@ def write_manifest(data_dir: str | os.PathLike, manifest: dict) -> None:
     _atomic_write_bytes(join(data_dir, MANIFEST_NAME), [text.encode()])
 
 
-def list_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
-    """The shard files of ``split`` in ``data_dir``: manifest order when there is a manifest,
-    else the sorted ``{split}_*.bin`` files (e.g. shards written by llm.c's own scripts)."""
+def shard_entries(data_dir: str | os.PathLike, split: str) -> list[tuple[Path, dict | None]]:
+    """The shard files of ``split`` in ``data_dir`` with their manifest entries: manifest order
+    when there is a manifest, else the sorted ``{split}_*.bin`` files (e.g. shards written by
+    llm.c's own scripts), whose entries are None."""
     d = local_path(data_dir)
     if not d.is_dir():
         raise ShardError(f"{d}: data directory not found; run `gpt2-prepare SOURCE {d}` first")
     manifest = read_manifest(d)
+    out: list[tuple[Path, dict | None]] = []
     if manifest is not None:
-        files = []
         for s in manifest["shards"]:
-            if s.get("split") != split:
+            if not isinstance(s, dict) or s.get("split") != split:
                 continue
             name = str(s.get("file", ""))
             # A manifest names plain files next to it; never follow it elsewhere ('..', absolute, subdirs).
@@ -244,10 +265,15 @@ def list_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
                     f"{d / MANIFEST_NAME}: shard entry {name!r} points outside {d}; a manifest may only list "
                     "plain file names in its own directory (re-run prepare)"
                 )
-            files.append(d / name)
+            out.append((d / name, s))
     else:
-        files = sorted(p for p in d.glob(f"{split}_*.bin") if _SHARD_RE.match(p.name))
-    if not files:
+        out = [(p, None) for p in sorted(p for p in d.glob(f"{split}_*.bin") if _SHARD_RE.match(p.name))]
+    if not out:
         where = f"{d / MANIFEST_NAME}" if manifest is not None else f"{d}/{split}_*.bin"
         raise ShardError(f"{where}: no '{split}' shards; run `gpt2-prepare SOURCE {d}` (or check the split name)")
-    return files
+    return out
+
+
+def list_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
+    """The shard files of ``split`` in ``data_dir`` (see :func:`shard_entries`)."""
+    return [p for p, _ in shard_entries(data_dir, split)]

@@ -240,20 +240,29 @@ class FileSource(Source):
         self._parquet_rows: dict[str, list[int]] = {}
 
     # -- per format ----------------------------------------------------------------------------------
+    @staticmethod
+    def _parquet_file(f, path: str):
+        """``pq.ParquetFile`` of the open file ``f``; an unreadable one is one line naming ``path``."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(f)
+        except (pa.ArrowInvalid, pa.ArrowException, OSError) as e:
+            size = getattr(f, "size", None)
+            what = "empty (0 bytes)" if size == 0 else f"not a readable parquet file ({str(e).splitlines()[0]})"
+            raise SourceError(f"{path}: {what}; remove or replace it (a partial download?) and rerun") from None
+
     def _row_groups(self, path: str) -> list[int]:
         if path not in self._parquet_rows:
-            import pyarrow.parquet as pq
-
             with self.fs.open(path, "rb") as f:
-                md = pq.ParquetFile(f).metadata
+                md = self._parquet_file(f, path).metadata
                 self._parquet_rows[path] = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
         return self._parquet_rows[path]
 
     def _parquet(self, path: str, skip: int) -> Iterator[dict]:
-        import pyarrow.parquet as pq
-
         with self.fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
+            pf = self._parquet_file(f, path)
             names = pf.schema_arrow.names
             cols = None
             if self.columns:
@@ -314,6 +323,7 @@ class FileSource(Source):
         with self._open_text(path) as f:
             data = f.read()
         text = data.decode("utf-8", errors="replace")
+        check_text(path, data, text)
         if not self.txt_per_line:
             if skip == 0:
                 yield {"text": text, "file": path}
@@ -368,6 +378,25 @@ class FileSource(Source):
     def describe(self) -> dict:
         return {"spec": self.spec, "kind": "files", "files": len(self.files),
                 "first": self.files[0], "last": self.files[-1], "txt_per_line": self.txt_per_line}
+
+
+# A few stray bytes are replaced (U+FFFD) as the text policy says; over 10% of it is not text at all.
+_MAX_BAD_FRACTION = 0.10
+
+
+def check_text(path: str, data: bytes, text: str) -> None:
+    """Refuse binary data read as text: NUL bytes, or more than 10% of characters undecodable."""
+    if b"\x00" in data[: 1 << 20]:
+        why = "holds NUL bytes"
+    else:
+        bad = text.count("\ufffd") - data.count("\ufffd".encode())  # replacements made by decoding
+        if not text or bad <= _MAX_BAD_FRACTION * len(text):
+            return
+        why = f"is {bad / len(text):.0%} invalid UTF-8"
+    raise SourceError(
+        f"{path}: {why}, so it is binary data, not UTF-8 text; pass text (.txt, .jsonl) or .parquet files, "
+        "or fix the glob so it does not match it"
+    )
 
 
 # ---- resolution --------------------------------------------------------------------------------

@@ -112,7 +112,7 @@ def _run(args, rank: int, world: int, device: torch.device) -> int:
         if args.val_data is not None:
             seq_len = args.seq_len or model.config.block_size
             evaluators.append(ValLossEvaluator(args.val_data, seq_len, args.batch_size, args.val_tokens or None,
-                                               rank, world, device))
+                                               rank, world, device, vocab_size=model.config.vocab_size))
     except (HellaSwagError, CheckpointError, ValueError, OSError) as e:
         print(f"gpt2-eval: error: {e}", file=sys.stderr)
         return 2

@@ -187,7 +187,7 @@ class EvalSection:
 
 @dataclass
 class CheckpointSection:
-    """Checkpoints (pretrain/checkpoint.py)."""
+    """Checkpoints (pretrain/checkpoint/)."""
 
     interval: int = 1000
     """Save every N steps (and at the end); 0 = only at the end."""

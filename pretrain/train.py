@@ -66,7 +66,8 @@ def build_evaluators(cfg, info) -> list:
             print(f"[train] val loss skipped: evals.val_loss unavailable ({err})", file=sys.stderr)
         else:
             evaluators.append(ValLossEvaluator(cfg.data.dir, cfg.data.seq_len, batch, e.val_tokens,
-                                               info.rank, info.world_size, info.device))
+                                               info.rank, info.world_size, info.device,
+                                               vocab_size=cfg.gpt_config.vocab_size))
     if e.hellaswag:
         try:
             from evals.hellaswag import HellaSwagEvaluator
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpt2-train: error: {e}", file=sys.stderr)
         return EXIT_CONFIG
 
+    from data_pipeline.shards import ShardError
     from pretrain.checkpoint import CheckpointError
     from pretrain.guards import LossSpikeError
     from pretrain.trainer import NonFiniteError, Trainer
@@ -114,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     except (NonFiniteError, CheckpointError, LossSpikeError) as e:
         print(f"gpt2-train: rank {os.environ.get('RANK', '0')}: error: {e}", file=sys.stderr)
         return 1
+    except ShardError as e:  # bad data (corrupt shard, ids the model cannot take): one line, exit 2
+        print(f"gpt2-train: rank {os.environ.get('RANK', '0')}: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     except Exception as e:
         rank = os.environ.get("RANK", "0")
         print(f"gpt2-train: rank {rank}: {type(e).__name__}: {e}", file=sys.stderr)

@@ -141,7 +141,7 @@ class Trainer:
         self.loader = DistributedTokenLoader(
             cfg.data.dir, "train", cfg.data.seq_len, cfg.train.micro_batch_size, self.derived.global_batch_seqs,
             rank=self.info.rank, world_size=self.info.world_size, seed=cfg.data.seed, shuffle=cfg.data.shuffle,
-            device=self.device,
+            device=self.device, vocab_size=gpt_cfg.vocab_size,  # ids >= vocab_size are refused at the data
         )
         from pretrain.checkpoint import Checkpointer
 

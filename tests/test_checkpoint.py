@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-import pretrain.checkpoint as ckpt_mod
+import pretrain.checkpoint.layout as ckpt_layout
 from pretrain.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -75,7 +75,7 @@ def save(ck: Checkpointer, step: int, model, opt, **kw):
 def rewrite_manifest(path: Path, name: str, target: Path | None = None) -> None:
     """Re-hash one file into the manifest, as a tamperer would (so only the content check is left)."""
     manifest = json.loads((path / "manifest.json").read_text())
-    digest, size = ckpt_mod._sha256(target or path / name)
+    digest, size = ckpt_layout._sha256(target or path / name)
     manifest["files"][name] = {"sha256": digest, "size": size}
     (path / "manifest.json").write_text(json.dumps(manifest))
 
@@ -269,7 +269,7 @@ def test_manifest_path_traversal_refused(tmp_path):
     for name in ("../../secret.txt", str(outside)):
         bad = json.loads((path / "manifest.json").read_text())
         good_text = (path / "manifest.json").read_text()
-        digest, size = ckpt_mod._sha256(outside)
+        digest, size = ckpt_layout._sha256(outside)
         bad["files"][name] = {"sha256": digest, "size": size}
         (path / "manifest.json").write_text(json.dumps(bad))
         with pytest.raises(CheckpointError, match="refused"):
@@ -316,7 +316,7 @@ def test_failing_delete_keeps_newest_and_does_not_raise(tmp_path, monkeypatch, c
     def refuse(path, *a, **k):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-    monkeypatch.setattr(ckpt_mod.shutil, "rmtree", refuse)
+    monkeypatch.setattr(shutil, "rmtree", refuse)
     with caplog.at_level(logging.WARNING, logger="pretrain.checkpoint"):
         save(ck, 2, model, opt)
         save(ck, 3, model, opt)
@@ -385,7 +385,7 @@ def test_async_one_save_in_flight_and_errors_reraised(tmp_path, monkeypatch):
         step = int(Path(f.name).parent.name[5:13])
         with lock:
             active[0] += 1
-            seen.append((step, active[0], sorted(s for s, _ in ckpt_mod._complete_checkpoints(tmp_path))))
+            seen.append((step, active[0], sorted(s for s, _ in ckpt_layout._complete_checkpoints(tmp_path))))
         time.sleep(0.02)
         try:
             return real_save(obj, f, *a, **k)

@@ -85,14 +85,16 @@ def _install_markers() -> None:
     DistributedTokenLoader.next_batch = next_batch
 
     if slow_io:
-        real_save = ck._torch_save
+        import pretrain.checkpoint.writing as ck_writing  # where a save's torch.save files are written
+
+        real_save = ck_writing._torch_save
 
         @functools.wraps(real_save)
         def slow_save(obj, p):
             real_save(obj, p)
             time.sleep(slow_io)
 
-        ck._torch_save = slow_save
+        ck_writing._torch_save = slow_save
 
 
 def main() -> None:
