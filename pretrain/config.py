@@ -433,6 +433,9 @@ def read_yaml(path: str | os.PathLike) -> dict:
         text = p.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{p}: config file not found; pass --config configs/<name>.yaml") from None
+    except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, not text
+        why = "is a directory" if p.is_dir() else (getattr(e, "strerror", None) or "is not UTF-8 text")
+        raise ConfigError(f"{p}: cannot read the config file ({why}); pass --config configs/<name>.yaml") from None
     try:
         data = yaml.safe_load(text)
     except yaml.constructor.ConstructorError as e:
