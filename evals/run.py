@@ -90,9 +90,6 @@ def check_args(args) -> str | None:
         return f"--batch-size {args.batch_size}: must be >= 1"
     if args.val_tokens < 0:
         return f"--val-tokens {args.val_tokens}: must be >= 0 (0 = the whole val split)"
-    if args.hellaswag is not None and not args.no_hellaswag and not Path(args.hellaswag).is_file():
-        return (f"--hellaswag {args.hellaswag}: no such file; pass a HellaSwag jsonl, leave --hellaswag out to "
-                "download it, or pass --no-hellaswag")
     if args.val_data is not None and not Path(args.val_data).is_dir():
         return f"--val-data {args.val_data}: no such directory; pass a directory of token shards (gpt2-prepare)"
     if args.out is not None:
