@@ -110,7 +110,8 @@ def test_overwrite_moves_the_whole_previous_run_aside(data, tmp_path, capsys):
 
 
 def test_resume_auto_may_be_followed_by_more_overrides(data, tmp_path, capsys):
-    argv = ["--resume", "auto", *tiny_overrides(data, tmp_path), "optim.lr=0.0123", "--print-config"]
+    # overrides, then --resume, then more overrides (what launchers append to a user's command)
+    argv = [*tiny_overrides(data, tmp_path), "--resume", "auto", "optim.lr=0.0123", "--print-config"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "lr: 0.0123" in out and "resume: auto" in out
