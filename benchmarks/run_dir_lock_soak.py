@@ -92,16 +92,31 @@ def main(argv: list[str] | None = None) -> int:
         starts = {}
         procs = {}
         starts["A"] = time.perf_counter()
-        procs["A"] = subprocess.Popen(cmd(run), cwd=REPO, env=h.env(), stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True)
+        logs = {n: (work / f"trial_{i:02d}_{n}.out", work / f"trial_{i:02d}_{n}.err") for n in "AB"}
+
+        def launch(name: str, logs=logs, run=run) -> subprocess.Popen:
+            out, err = logs[name]
+            with open(out, "w") as fo, open(err, "w") as fe:  # files, not pipes: nothing can block
+                return subprocess.Popen(cmd(run), cwd=REPO, env=h.env(), stdout=fo, stderr=fe)
+
+        procs["A"] = launch("A")
         time.sleep(offset)
         starts["B"] = time.perf_counter()
-        procs["B"] = subprocess.Popen(cmd(run), cwd=REPO, env=h.env(), stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True)
+        procs["B"] = launch("B")
+        ended: dict[str, float] = {}
+        deadline = time.perf_counter() + 300
+        while len(ended) < 2 and time.perf_counter() < deadline:  # each one's own exit time
+            for name, pr in procs.items():
+                if name not in ended and pr.poll() is not None:
+                    ended[name] = time.perf_counter()
+            time.sleep(0.05)
         res = {}
         for name, pr in procs.items():
-            out, err = pr.communicate(timeout=300)
-            res[name] = (pr.returncode, out, err, time.perf_counter() - starts[name])
+            if pr.poll() is None:
+                pr.kill()
+            pr.wait()
+            out, err = (f.read_text() for f in logs[name])
+            res[name] = (pr.returncode, out, err, ended.get(name, float("nan")) - starts[name])
         codes = sorted(r[0] for r in res.values())
         problems = []
         if codes != [0, 2]:

@@ -13,7 +13,8 @@
 
 Preemption: SIGTERM / SIGUSR1 set a flag; the step's all-reduce makes every rank see it at
 the same step; they finish that step, save it, and ``train()`` returns ``EXIT_PREEMPTED``
-(75, EX_TEMPFAIL) for launchers to requeue on. A non-finite loss or gradient norm on any rank
+(75, EX_TEMPFAIL) for launchers to requeue on. Ctrl-C (SIGINT) does the same and returns
+``EXIT_INTERRUPTED`` (130); a second Ctrl-C raises ``KeyboardInterrupt`` at once. A non-finite loss or gradient norm on any rank
 skips the optimizer step on every rank; ``train.max_nonfinite_in_a_row`` in a row raise
 ``NonFiniteError`` (the newest checkpoint, made before the trouble, is kept).
 
@@ -51,6 +52,9 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): "try again later" -- a requeue-
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C'd command
 PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
 INTERRUPT_SIGNALS = ("SIGINT",)  # Ctrl-C: the same graceful stop, exit 130; a second one aborts at once
+# A terminal's Ctrl-C reaches a torchrun worker twice within milliseconds (from the tty, and
+# forwarded by torchrun): only a repeat this much later is a person's second Ctrl-C.
+INTERRUPT_REPEAT_S = 1.0
 
 
 class Evaluator(Protocol):
@@ -92,6 +96,7 @@ class Trainer:
             LossSpikeDetector(window=t.spike_window, threshold=t.spike_threshold) if t.spike_detection else None)
         self.resumed_from: Path | None = None
         self._stop_signal: str | None = None
+        self._stop_time = 0.0
         self._last_saved_step: int | None = None
         self._prev_handlers: dict[int, Any] = {}
 
@@ -369,13 +374,14 @@ class Trainer:
 
     def _on_signal(self, signum, frame) -> None:
         name = signal.Signals(signum).name
-        if name in INTERRUPT_SIGNALS and self._stop_signal in INTERRUPT_SIGNALS:
+        if (name in INTERRUPT_SIGNALS and self._stop_signal in INTERRUPT_SIGNALS
+                and time.monotonic() - self._stop_time > INTERRUPT_REPEAT_S):
             raise KeyboardInterrupt  # a second Ctrl-C: abort at once (the newest checkpoint stays)
         if self._stop_signal is None:
             again = " (Ctrl-C again to abort at once)" if name in INTERRUPT_SIGNALS else ""
             print(f"[rank {self.info.rank}] {name}: finishing step {self.step + 1}, then checkpoint and exit "
                   f"{self._stop_code(name)}{again}", file=sys.stderr, flush=True)
-            self._stop_signal = name
+            self._stop_signal, self._stop_time = name, time.monotonic()
 
     @staticmethod
     def _stop_code(name: str | None) -> int:

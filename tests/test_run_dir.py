@@ -127,6 +127,9 @@ def test_ctrl_c_finishes_the_step_checkpoints_and_exits_130(data, tmp_path):
     run = tmp_path / "run"
     p = _start_slow_run(data, run, 0.2)
     wait_for(lambda: len(metrics(run)) >= 2, 120, p, "two logged steps")
+    # Twice within milliseconds, as a torchrun worker gets it (the tty's and torchrun's): one Ctrl-C.
+    os.kill(p.pid, signal.SIGINT)
+    time.sleep(0.05)
     os.kill(p.pid, signal.SIGINT)
     rc, out = finish(p, 60)
     assert rc == 130, out
@@ -140,10 +143,10 @@ def test_ctrl_c_finishes_the_step_checkpoints_and_exits_130(data, tmp_path):
 
 def test_a_second_ctrl_c_aborts_at_once(data, tmp_path):
     run = tmp_path / "run"
-    p = _start_slow_run(data, run, 3.0)  # each step then sleeps 3 s
+    p = _start_slow_run(data, run, 5.0)  # each step then sleeps 5 s: a graceful stop takes >= 5 s
     wait_for(lambda: len(metrics(run)) >= 1, 120, p, "one logged step")
     os.kill(p.pid, signal.SIGINT)
-    time.sleep(0.3)
+    time.sleep(1.3)
     t0 = time.perf_counter()
     os.kill(p.pid, signal.SIGINT)
     rc, out = finish(p, 60)
