@@ -85,13 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     ref_metrics, ref_ckpts = run_metrics(ref), checkpoints(ref)
 
     rng = random.Random(args.seed)
-    passed, loser_s, log = 0, [], []
+    passed, loser_s, startup_s, log = 0, [], [], []
     for i in range(args.trials):
         run = work / f"trial_{i:02d}"
         offset = rng.uniform(0, args.max_offset)
         starts = {}
         procs = {}
-        starts["A"] = time.perf_counter()
+        starts["A"], wall_a = time.perf_counter(), time.time()
         logs = {n: (work / f"trial_{i:02d}_{n}.out", work / f"trial_{i:02d}_{n}.err") for n in "AB"}
 
         def launch(name: str, logs=logs, run=run) -> subprocess.Popen:
@@ -127,8 +127,12 @@ def main(argv: list[str] | None = None) -> int:
             err_lines = res[loser][2].strip().splitlines()
             if len(err_lines) != 1 or "is in use by another trainer" not in err_lines[0]:
                 problems.append(f"loser's stderr is not one lock line: {res[loser][2][-500:]!r}")
-            # The loser's wall time includes its own Python/torch start-up.
+            # The loser's wall time is mostly its own Python/torch start-up and checks: compare
+            # with the winner's start-up, from spawn to the end of its first step.
             loser_s.append(res[loser][3])
+            first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["time"]
+            start_s = first - (wall_a if winner == "A" else wall_a + (starts["B"] - starts["A"]))
+            startup_s.append(start_s)
             if run_metrics(run) != ref_metrics:
                 problems.append("metrics differ from the reference")
             if not same_checkpoints(checkpoints(run), ref_ckpts):
@@ -136,13 +140,15 @@ def main(argv: list[str] | None = None) -> int:
         ok = not problems
         passed += ok
         entry = {"trial": i, "offset_s": round(offset, 3), "codes": {n: r[0] for n, r in res.items()},
+                 "winner_first_step_s": round(startup_s[-1], 2) if startup_s and ok else None,
                  "seconds": {n: round(r[3], 2) for n, r in res.items()}, "ok": ok, "problems": problems}
         log.append(entry)
         print(json.dumps(entry), flush=True)
     (work / "lock_soak_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
     if loser_s:
         print(f"refused trainer's wall time (spawn to exit 2): median {statistics.median(loser_s):.2f}s, "
-              f"max {max(loser_s):.2f}s")
+              f"max {max(loser_s):.2f}s; the winner's spawn to end of its first step: median "
+              f"{statistics.median(startup_s):.2f}s, max {max(startup_s):.2f}s")
     print(f"{passed}/{args.trials} trials passed (log: {work / 'lock_soak_log.jsonl'})")
     return 0 if passed == args.trials else 1
 

@@ -86,6 +86,8 @@ def check_args(args) -> str | None:
     if args.limit is not None and args.limit < 1:
         return (f"--limit {args.limit}: nothing to score; pass --limit N with N >= 1 (or leave it out to score "
                 "every example, or pass --no-hellaswag)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        return f"--device {args.device}: CUDA is not available here; pass --device cpu (or auto)"
     if args.batch_size < 1:
         return f"--batch-size {args.batch_size}: must be >= 1"
     if args.val_tokens < 0:

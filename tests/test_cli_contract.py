@@ -120,6 +120,12 @@ CASES = [
     ("generate: not a model", "pretrain.generate", lambda r: ["--model", str(r / "empty_dir")], "empty_dir"),
     ("generate: --num-samples 0", "pretrain.generate",
      lambda r: ["--model", str(r / "run" / "checkpoints"), "--num-samples", "0"], "--num-samples"),
+    ("generate: --device cuda without CUDA", "pretrain.generate",
+     lambda r: ["--model", str(r / "run" / "checkpoints"), "--device", "cuda"], "--device cuda"),
+    ("eval: --device cuda without CUDA", "evals.run",
+     lambda r: ["--model", str(r / "run"), "--no-hellaswag", "--device", "cuda"], "--device cuda"),
+    ("plot: --out under a file", "pretrain.plot",
+     lambda r: [str(r / "run"), "--out", str(r / "a_file" / "loss.png")], "a_file"),
     ("plot: no metrics", "pretrain.plot", lambda r: [str(r / "empty_dir")], "empty_dir"),
 ]
 
@@ -129,6 +135,11 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(world, case, capsys
     import importlib
 
     name, module, argv, needle = case
+    if "without CUDA" in name:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("CUDA is available here")
     if name.endswith("other shards"):  # the run's data, one shard fewer (same names otherwise)
         d = world / "data_missing_ok"
         if not d.exists():

@@ -160,6 +160,6 @@ def test_lock_soak_short(tmp_path):
     """Two trainers on one run directory, twice: one trains, the other exits 2 (the full soak,
     20 trials, is benchmarks/run_dir_lock_soak.py)."""
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run_dir_lock_soak.py"), "--trials", "2",
-                        "--steps", "8", "--workdir", str(tmp_path)], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+                        "--workdir", str(tmp_path)], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "2/2 trials" in r.stdout
