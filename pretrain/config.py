@@ -198,7 +198,8 @@ class CheckpointSection:
     resume: str = "auto"
     """auto (newest complete checkpoint in run_dir, else fresh) | none (fresh) | a checkpoint PATH."""
     overwrite: bool = False
-    """With resume=none: move an existing checkpoints/ aside instead of refusing to start."""
+    """With resume=none: move the previous run in train.run_dir (checkpoints/, metrics.jsonl,
+    config.yaml, eval files) aside into one run_dir/overwritten-<date>/ instead of refusing to start."""
 
 
 @dataclass
