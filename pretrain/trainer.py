@@ -14,8 +14,8 @@
 Preemption: SIGTERM / SIGUSR1 set a flag; the step's all-reduce makes every rank see it at
 the same step; they finish that step, save it, and ``train()`` returns ``EXIT_PREEMPTED``
 (75, EX_TEMPFAIL) for launchers to requeue on. Ctrl-C (SIGINT) does the same and returns
-``EXIT_INTERRUPTED`` (130); a second Ctrl-C raises ``KeyboardInterrupt`` at once. A non-finite loss or gradient norm on any rank
-skips the optimizer step on every rank; ``train.max_nonfinite_in_a_row`` in a row raise
+``EXIT_INTERRUPTED`` (130); a second Ctrl-C raises ``KeyboardInterrupt`` at once.
+A non-finite loss or gradient norm on any rank skips the optimizer step on every rank; ``train.max_nonfinite_in_a_row`` in a row raise
 ``NonFiniteError`` (the newest checkpoint, made before the trouble, is kept).
 
 ``self.step`` counts optimizer steps taken (or skipped): step s (0-based) uses ``lr_at(s)``;
