@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         return _error(str(e))
     except (ShardError, ValueError, OSError) as e:  # evaluator inputs: val shards, the HellaSwag file
         return _error(str(e))
+    except KeyboardInterrupt:
+        print("gpt2-train: interrupted (Ctrl-C) during the start-up checks; nothing was written", file=sys.stderr)
+        return 130
 
     from pretrain.checkpoint import CheckpointError
     from pretrain.guards import LossSpikeError
