@@ -61,7 +61,7 @@ def test_lock_names_the_holder_and_frees_itself_when_the_holder_dies(tmp_path):
     assert (tmp_path / "run" / LOCK_NAME).read_text() == ""  # released: no stale holder name
 
 
-def test_trainer_holds_the_lock_while_it_runs_and_releases_it_on_every_exit(data, tmp_path, capsys):
+def test_trainer_holds_the_lock_while_it_runs_and_releases_it_on_every_exit(data, tmp_path, monkeypatch):
     run = tmp_path / "run"
     seen = []
 
@@ -72,14 +72,8 @@ def test_trainer_holds_the_lock_while_it_runs_and_releases_it_on_every_exit(data
             seen.append(can_lock_elsewhere(run))
             return {}
 
-    import pretrain.train as train_mod
-
-    orig = train_mod.build_evaluators
-    train_mod.build_evaluators = lambda cfg, info: [Probe()]
-    try:
-        assert main(tiny_overrides(data, run, **{"schedule.max_steps": 2, "eval.interval": 2})) == 0
-    finally:
-        train_mod.build_evaluators = orig
+    monkeypatch.setattr("pretrain.train.build_evaluators", lambda cfg, info: [Probe()])
+    assert main(tiny_overrides(data, run, **{"schedule.max_steps": 2, "eval.interval": 2})) == 0
     assert seen == [False]
     assert can_lock_elsewhere(run)  # released after a clean run
     # ... and after a failure inside training (a non-finite run: exit 1)
