@@ -201,13 +201,20 @@ def load_examples(path: str | os.PathLike, limit: int | None = None) -> list[dic
             f"{p}: HellaSwag file not found; pass --hellaswag PATH (eval.hellaswag_path) to a copy of "
             f"{HELLASWAG_URLS['validation']}, or leave it unset to download it"
         )
-    if limit is not None and limit < 0:
-        raise HellaSwagError(f"limit must be >= 0, got {limit}")
+    if limit is not None and limit < 1:
+        raise HellaSwagError(f"limit must be >= 1 (the number of examples to score), got {limit}; "
+                             "leave it unset to score them all")
     examples = []
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(p, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
             if limit is not None and len(examples) >= limit:
                 break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise HellaSwagError(
+                    f"{p}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); HellaSwag "
+                    "files are UTF-8 jsonl: re-download or re-encode the file") from None
             if not line.strip():
                 continue
             try:

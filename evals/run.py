@@ -81,8 +81,37 @@ def format_table(results: dict[str, float]) -> str:
     return "\n".join(f"{a:<{w0}}  {b:>{w1}}  {c}".rstrip() for a, b, c in rows)
 
 
+def check_args(args) -> str | None:
+    """Before any work: the arguments that can be checked without the model; one line, or None."""
+    if args.limit is not None and args.limit < 1:
+        return (f"--limit {args.limit}: nothing to score; pass --limit N with N >= 1 (or leave it out to score "
+                "every example, or pass --no-hellaswag)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        return f"--device {args.device}: CUDA is not available here; pass --device cpu (or auto)"
+    if args.batch_size < 1:
+        return f"--batch-size {args.batch_size}: must be >= 1"
+    if args.val_tokens < 0:
+        return f"--val-tokens {args.val_tokens}: must be >= 0 (0 = the whole val split)"
+    if args.val_data is not None and not Path(args.val_data).is_dir():
+        return f"--val-data {args.val_data}: no such directory; pass a directory of token shards (gpt2-prepare)"
+    if args.out is not None:
+        out = Path(args.out)
+        if out.is_dir():
+            return f"--out {out}: is a directory; pass a file path such as {out / 'results.json'}"
+        p = out.parent
+        while not p.exists() and p != p.parent:
+            p = p.parent
+        if not p.is_dir():
+            return f"--out {out}: {p} is not a directory; choose another --out"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    problem = check_args(args)
+    if problem is not None:
+        print(f"gpt2-eval: error: {problem}", file=sys.stderr)
+        return 2
     rank, world, device = _setup_distributed(args.device)
     try:
         return _run(args, rank, world, device)

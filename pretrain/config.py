@@ -198,7 +198,8 @@ class CheckpointSection:
     resume: str = "auto"
     """auto (newest complete checkpoint in run_dir, else fresh) | none (fresh) | a checkpoint PATH."""
     overwrite: bool = False
-    """With resume=none: move an existing checkpoints/ aside instead of refusing to start."""
+    """With resume=none: move the previous run in train.run_dir (checkpoints/, metrics.jsonl,
+    config.yaml, eval files) aside into one run_dir/overwritten-<date>/ instead of refusing to start."""
 
 
 @dataclass
@@ -433,6 +434,9 @@ def read_yaml(path: str | os.PathLike) -> dict:
         text = p.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{p}: config file not found; pass --config configs/<name>.yaml") from None
+    except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, not text
+        why = "is a directory" if p.is_dir() else (getattr(e, "strerror", None) or "is not UTF-8 text")
+        raise ConfigError(f"{p}: cannot read the config file ({why}); pass --config configs/<name>.yaml") from None
     try:
         data = yaml.safe_load(text)
     except yaml.constructor.ConstructorError as e:

@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.num_samples < 1:
             raise GenerationError(f"--num-samples must be >= 1, got {args.num_samples}")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise GenerationError(f"--device {args.device}: CUDA is not available here; pass --device cpu")
         model = load_model(args.model).to(device=device, dtype=getattr(torch, args.dtype))
         tok = get_tokenizer()
         ids = tok.encode(args.prompt) or [tok.eot_id]

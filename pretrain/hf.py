@@ -68,8 +68,12 @@ WEIGHT_MAP: tuple[WeightRule, ...] = (
 _HF_IGNORED = re.compile(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
 _VOCAB_ROWS = ("transformer.wte.weight", "lm_head.weight")  # padded rows live here
 
-# The files of an export; a directory holding only these may be overwritten by a new export.
+# Written first by every export: a directory holding it is one gpt2-export wrote before, whose
+# files a new export may replace. File names alone cannot tell (a user's own config.json).
+EXPORT_MARKER = "gpt2_export.json"
+# The files of an export (the marker included).
 EXPORT_FILES = (
+    EXPORT_MARKER,
     "config.json",
     "model.safetensors",
     "generation_config.json",
@@ -434,13 +438,15 @@ def state_dict_to_hf(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def _check_out_dir(out: Path, overwrite: bool) -> None:
+    """An export goes only into a new or empty directory, one it wrote before (``EXPORT_MARKER``),
+    or anywhere with ``overwrite`` (files of the export's names replaced, others kept)."""
     if out.exists() and not out.is_dir():
         raise HFConversionError(f"{out} exists and is not a directory; choose another --out")
-    if out.is_dir() and not overwrite:
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES)
-        if foreign:
+    if out.is_dir() and not overwrite and not (out / EXPORT_MARKER).is_file():
+        held = sorted(p.name for p in out.iterdir())
+        if held:
             raise HFConversionError(
-                f"{out} is not empty and not a previous export (holds {foreign[:3]}); "
+                f"{out} is not empty and not a previous export (holds {held[:3]}, no {EXPORT_MARKER}); "
                 "choose an empty directory or pass overwrite=True (--overwrite)"
             )
 
@@ -467,6 +473,8 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, overwrite: bool = False) -
     out = Path(out_dir).expanduser()
     _check_out_dir(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / EXPORT_MARKER, {"written_by": "gpt2-export (pretrain.hf.export_hf)",
+                                      "note": "marks a directory a new export may replace"})
     tensors = state_dict_to_hf(model)
     dtype = next(iter(tensors.values())).dtype
     tmp = out / "model.safetensors.tmp"
@@ -520,11 +528,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
+        _check_out_dir(Path(args.out).expanduser(), args.overwrite)  # before loading: paths first
         model = load_model(args.checkpoint)
         model.to(getattr(torch, args.dtype))
         out = export_hf(model, args.out, overwrite=args.overwrite)
     except HFConversionError as e:
         print(f"gpt2-export: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an --out that cannot be created or written
+        print(f"gpt2-export: error: {e.filename or args.out}: {e.strerror or e}; choose a writable --out",
+              file=sys.stderr)
         return 2
     print(f"exported {model.num_params():,} parameters to {out}")
     return 0

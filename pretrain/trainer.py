@@ -13,8 +13,9 @@
 
 Preemption: SIGTERM / SIGUSR1 set a flag; the step's all-reduce makes every rank see it at
 the same step; they finish that step, save it, and ``train()`` returns ``EXIT_PREEMPTED``
-(75, EX_TEMPFAIL) for launchers to requeue on. A non-finite loss or gradient norm on any rank
-skips the optimizer step on every rank; ``train.max_nonfinite_in_a_row`` in a row raise
+(75, EX_TEMPFAIL) for launchers to requeue on. Ctrl-C (SIGINT) does the same and returns
+``EXIT_INTERRUPTED`` (130); a second Ctrl-C raises ``KeyboardInterrupt`` at once.
+A non-finite loss or gradient norm on any rank skips the optimizer step on every rank; ``train.max_nonfinite_in_a_row`` in a row raise
 ``NonFiniteError`` (the newest checkpoint, made before the trouble, is kept).
 
 ``self.step`` counts optimizer steps taken (or skipped): step s (0-based) uses ``lr_at(s)``;
@@ -27,7 +28,6 @@ import dataclasses
 import os
 import random
 import re
-import shutil
 import signal
 import sys
 import time
@@ -45,10 +45,16 @@ from pretrain.metrics import MetricsLogger, flops_per_token, memory_gb, mfu, pea
 from pretrain.model import GPT
 from pretrain.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 from pretrain.parallel import Wrapped, wrap_model
+from pretrain.rundir import move_run_aside, previous_run_entries
 
 EXIT_OK = 0
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): "try again later" -- a requeue-able stop
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C'd command
 PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
+INTERRUPT_SIGNALS = ("SIGINT",)  # Ctrl-C: the same graceful stop, exit 130; a second one aborts at once
+# A terminal's Ctrl-C reaches a torchrun worker twice within milliseconds (from the tty, and
+# forwarded by torchrun): only a repeat this much later is a person's second Ctrl-C.
+INTERRUPT_REPEAT_S = 1.0
 
 
 class Evaluator(Protocol):
@@ -90,6 +96,7 @@ class Trainer:
             LossSpikeDetector(window=t.spike_window, threshold=t.spike_threshold) if t.spike_detection else None)
         self.resumed_from: Path | None = None
         self._stop_signal: str | None = None
+        self._stop_time = 0.0
         self._last_saved_step: int | None = None
         self._prev_handlers: dict[int, Any] = {}
 
@@ -184,13 +191,14 @@ class Trainer:
             path = self.checkpointer.latest()
         elif c.resume == "none":
             path = None
-            if has_checkpoints(self.ckpt_dir):  # checkpoint.overwrite=true (checked in build)
-                dist.barrier("before moving old checkpoints aside")
+            if c.overwrite and previous_run_entries(self.run_dir):
+                # The whole previous run (checkpoints, metrics.jsonl, config.yaml, eval files) goes
+                # into one dated folder together, so the run that was kept stays readable.
+                dist.barrier("before moving the previous run aside")
                 if self.info.is_main:
-                    aside = self.ckpt_dir.with_name(f"checkpoints.old-{time.strftime('%Y%m%d-%H%M%S')}")
-                    shutil.move(str(self.ckpt_dir), aside)
-                    print(f"checkpoint.overwrite: moved the existing {self.ckpt_dir} to {aside}", flush=True)
-                dist.barrier("after moving old checkpoints aside")
+                    aside = move_run_aside(self.run_dir)
+                    print(f"checkpoint.overwrite: moved the previous run in {self.run_dir} to {aside}", flush=True)
+                dist.barrier("after moving the previous run aside")
         else:
             path = Path(c.resume)
         if path is None:
@@ -367,13 +375,21 @@ class Trainer:
 
     def _on_signal(self, signum, frame) -> None:
         name = signal.Signals(signum).name
+        if (name in INTERRUPT_SIGNALS and self._stop_signal in INTERRUPT_SIGNALS
+                and time.monotonic() - self._stop_time > INTERRUPT_REPEAT_S):
+            raise KeyboardInterrupt  # a second Ctrl-C: abort at once (the newest checkpoint stays)
         if self._stop_signal is None:
+            again = " (Ctrl-C again to abort at once)" if name in INTERRUPT_SIGNALS else ""
             print(f"[rank {self.info.rank}] {name}: finishing step {self.step + 1}, then checkpoint and exit "
-                  f"{EXIT_PREEMPTED}", file=sys.stderr, flush=True)
-        self._stop_signal = name
+                  f"{self._stop_code(name)}{again}", file=sys.stderr, flush=True)
+            self._stop_signal, self._stop_time = name, time.monotonic()
+
+    @staticmethod
+    def _stop_code(name: str | None) -> int:
+        return EXIT_INTERRUPTED if name in INTERRUPT_SIGNALS else EXIT_PREEMPTED
 
     def _install_signals(self) -> None:
-        for name in PREEMPT_SIGNALS:
+        for name in PREEMPT_SIGNALS + INTERRUPT_SIGNALS:
             sig = getattr(signal, name, None)
             if sig is not None:
                 self._prev_handlers[sig] = signal.signal(sig, self._on_signal)
@@ -398,7 +414,8 @@ class Trainer:
         return interval > 0 and self.step % interval == 0
 
     def train(self) -> int:
-        """Train to schedule.max_steps; returns the process exit code (0, or 75 after preemption)."""
+        """Train to schedule.max_steps; returns the process exit code (0, 75 after preemption, 130
+        after Ctrl-C)."""
         cfg = self.cfg
         max_steps = cfg.schedule.max_steps
         sleep = self._fault("sleep")
@@ -442,9 +459,10 @@ class Trainer:
                     self.save()
                 if r.stop:
                     self.checkpointer.wait()
+                    code = self._stop_code(self._stop_signal)
                     self.logger.print(f"preempted ({self._stop_signal or 'signal on another rank'}): "
-                                      f"checkpoint at step {self.step}; exiting {EXIT_PREEMPTED}")
-                    return EXIT_PREEMPTED
+                                      f"checkpoint at step {self.step}; exiting {code}")
+                    return code
             self.checkpointer.wait()
             self.logger.print(f"done: {self.step} steps, {self.tokens_seen:,} tokens")
             return EXIT_OK

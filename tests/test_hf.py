@@ -378,3 +378,12 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
     assert "neither a Hugging Face directory" in r.stderr
+
+
+def test_export_refuses_a_directory_holding_the_users_own_config_json(tmp_path):
+    """A config.json the user wrote is not a previous export: only the export's marker file says so."""
+    (tmp_path / "config.json").write_text('{"mine": true}\n')
+    with pytest.raises(HFConversionError, match="not a previous export"):
+        export_hf(_our_model(), tmp_path)
+    assert (tmp_path / "config.json").read_text() == '{"mine": true}\n'
+    assert main(["export", "--checkpoint", str(tmp_path / "config.json"), "--out", str(tmp_path)]) == 2

@@ -107,7 +107,7 @@ def test_fresh_start_refuses_existing_checkpoints(data, tmp_path, capsys):
     # Told to: the old checkpoints are moved aside (never deleted), and the run starts over.
     over = tiny_overrides(data, tmp_path, **{"schedule.max_steps": 4, "checkpoint.overwrite": "true"})
     assert main(over + ["--resume", "none"]) == 0
-    assert len(list(tmp_path.glob("checkpoints.old-*/step_00000004"))) == 1
+    assert len(list(tmp_path.glob("overwritten-*/checkpoints/step_00000004"))) == 1
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4]
     # resume auto on a finished run: nothing to do.
     assert main(tiny_overrides(data, tmp_path, **{"schedule.max_steps": 4})) == 0
