@@ -109,6 +109,10 @@ def test_resume_ignores_init_from(tmp_path, hf_dir, capsys):
         assert_params_equal(resumed.model.state_dict(), final_params(run_dir, STEPS))
     finally:
         finish(resumed)
+    # The saved config records init_from; the checkpoint still loads as a model (evals, export).
+    from pretrain.hf import load_model
+
+    assert load_model(ckpt).config.block_size == 64
 
     from pretrain.config import ConfigError
 
@@ -191,6 +195,14 @@ def test_fsdp2_init_from_equals_single_process(tmp_path_factory, tmp_path, hf_di
     assert "model.init_from: weights of" in out.stdout
     assert losses(sharded) == pytest.approx(losses(single), abs=1e-5)
     assert_params_equal(final_params(sharded, STEPS), final_params(single, STEPS), atol=1e-5)
+    # The FSDP run's checkpoints/ (DCP shards) as the source of a new single-process run.
+    again = build(tiny_overrides(data, tmp_path / "again", **{"model.init_from": str(sharded / "checkpoints"),
+                                                              "model.block_size": 64}))
+    try:
+        assert again.step == 0
+        assert_params_equal(again.model.state_dict(), final_params(sharded, STEPS))
+    finally:
+        finish(again)
     # Loading into an already sharded model gives the same weights as loading before sharding.
     script = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}",
