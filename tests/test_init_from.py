@@ -25,6 +25,7 @@ from tests.helpers import (
     free_port,
     losses,
     make_synthetic_shards,
+    memo,
     python_cmd,
     run,
     shared_data,
@@ -183,15 +184,34 @@ def test_padded_vocab_rows_added_then_dropped(tmp_path, hf_dir):
         torch.testing.assert_close(plain.eval()(x)[0], ref, atol=1e-5, rtol=0)
 
 
+# lr 3e-4: Adam turns the last-bit differences of two reduction orders into updates of about lr
+# on near-zero gradients; at the default 3e-3 they reach 3e-5 after 4 steps.
+_PARITY = {"model.block_size": 64, "schedule.max_steps": STEPS, "checkpoint.interval": STEPS, "optim.lr": 3e-4}
+
+
+def single_process_init_from(tmp_path_factory, hf_dir: Path) -> Path:
+    def go():
+        run_dir = tmp_path_factory.mktemp("init-from-single")
+        run(python_cmd(tiny_overrides(shared_data(tmp_path_factory), run_dir,
+                                      **{"model.init_from": str(hf_dir)}, **_PARITY)))
+        return run_dir
+
+    return memo("init-from-single", go)
+
+
+def test_ddp_init_from_equals_single_process(tmp_path_factory, tmp_path, hf_dir):
+    single = single_process_init_from(tmp_path_factory, hf_dir)
+    run(torchrun_cmd(tiny_overrides(shared_data(tmp_path_factory), tmp_path,
+                                    **{"model.init_from": str(hf_dir)}, **_PARITY)), timeout=240)
+    assert losses(tmp_path) == pytest.approx(losses(single), abs=1e-5)
+    assert_params_equal(final_params(tmp_path, STEPS), final_params(single, STEPS), atol=1e-5)
+
+
 def test_fsdp2_init_from_equals_single_process(tmp_path_factory, tmp_path, hf_dir):
     data = shared_data(tmp_path_factory)
-    # lr 3e-4: Adam turns the last-bit differences of the two reduction orders into updates of
-    # about lr on near-zero gradients; at the default 3e-3 they reach 3e-5 after 4 steps.
-    extra = {"model.init_from": str(hf_dir), "model.block_size": 64, "schedule.max_steps": STEPS,
-             "checkpoint.interval": STEPS, "optim.lr": 3e-4}
-    single, sharded = tmp_path / "single", tmp_path / "fsdp"
-    run(python_cmd(tiny_overrides(data, single, **extra)))
-    out = run(torchrun_cmd(tiny_overrides(data, sharded, **extra, **{"distributed.mode": "fsdp"})), timeout=240)
+    single, sharded = single_process_init_from(tmp_path_factory, hf_dir), tmp_path / "fsdp"
+    out = run(torchrun_cmd(tiny_overrides(data, sharded, **{"model.init_from": str(hf_dir),
+                                                            "distributed.mode": "fsdp"}, **_PARITY)), timeout=240)
     assert "model.init_from: weights of" in out.stdout
     assert losses(sharded) == pytest.approx(losses(single), abs=1e-5)
     assert_params_equal(final_params(sharded, STEPS), final_params(single, STEPS), atol=1e-5)
