@@ -69,12 +69,19 @@ class ModelSection:
     """LayerNorm epsilon; None = the preset's."""
     tie_embeddings: bool | None = None
     """Tie the LM head to the token embedding; None = the preset's (True)."""
+    init_from: str | None = None
+    """Start from existing weights (pretrain/init_from.py): null (random init) | a hub name (gpt2,
+    gpt2-medium, gpt2-large, gpt2-xl, owner/name; needs the network) | a local Hugging Face GPT-2
+    directory | a native checkpoint step_XXXXXXXX | a run's checkpoints/ folder (its newest). Weights
+    only: fresh optimizer, step 0, this config's schedule. The architecture fields above must match
+    the source's (a mismatch is refused, naming the fields); padded vocabulary rows are added or
+    dropped and a smaller block_size crops the positions. A resumed run ignores it (the checkpoint wins)."""
 
     def gpt_config(self) -> GPTConfig:
         overrides = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name != "preset" and getattr(self, f.name) is not None
+            if f.name not in ("preset", "init_from") and getattr(self, f.name) is not None
         }
         return GPTConfig.from_preset(self.preset, **overrides)
 
@@ -212,6 +219,10 @@ class LoggingSection:
     """W&B project."""
     wandb_name: str | None = None
     """W&B run name; None = the run directory's name."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to run_dir/tensorboard (rank 0): the scalars of
+    metrics.jsonl against the step (train/*, val/*, ...) and against tokens seen (by_tokens/*), the
+    eval sample as text. Needs the tensorboard package: pip install -e '.[tensorboard]'."""
 
 
 @dataclass
@@ -576,6 +587,16 @@ def validate(cfg: Config, world_size: int) -> Derived:
         raise ConfigError(
             f"train.fault_inject={t.fault_inject!r} must be crash:STEP, nan:STEP, nan_from:STEP or sleep:SECONDS"
         )
+    if cfg.model.init_from is not None and not cfg.model.init_from.strip():
+        raise ConfigError("model.init_from is empty; pass null (random init), a hub name or a path")
+    if cfg.logging.tensorboard:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError(
+                "logging.tensorboard=true needs the tensorboard package, which is not installed; "
+                "pip install -e '.[tensorboard]' (or pip install tensorboard), or set logging.tensorboard=false"
+            )
     r = cfg.checkpoint.resume
     if r not in ("auto", "none") and not r:
         raise ConfigError("checkpoint.resume must be auto, none or a checkpoint path")

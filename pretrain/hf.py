@@ -387,7 +387,8 @@ def model_from_state(state_dict: dict, config_dict: dict, source: str) -> GPT:
         raise HFConversionError(f"{source}: the checkpoint's config has no 'model' section")
     try:
         if "preset" in model_cfg:
-            overrides = {k: v for k, v in model_cfg.items() if k != "preset" and v is not None}
+            # init_from: where the run's first weights came from, not an architecture field.
+            overrides = {k: v for k, v in model_cfg.items() if k not in ("preset", "init_from") and v is not None}
             config = GPTConfig.from_preset(model_cfg["preset"], **overrides)
         else:
             config = GPTConfig(**model_cfg)

@@ -88,15 +88,21 @@ class MetricsLogger:
 
     def __init__(self, run_dir: str | os.PathLike, enabled: bool, wandb_mode: str = "disabled",
                  wandb_project: str = "gpt2-pretrain", wandb_name: str | None = None,
-                 config: dict | None = None, resume_step: int | None = None):
+                 config: dict | None = None, resume_step: int | None = None, tensorboard: bool = False,
+                 resume_tokens: int | None = None):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self._wandb = None
+        self._tb = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._truncate_after(resume_step)
         self._file = open(self.path, "a", buffering=1)
+        if tensorboard:  # rank 0 only, like the rest (pretrain/tb_logger.py)
+            from pretrain.tb_logger import TensorBoardLogger
+
+            self._tb = TensorBoardLogger(run_dir, resume_step, resume_tokens)
         if wandb_mode != "disabled":
             self._wandb = self._init_wandb(wandb_mode, wandb_project, wandb_name or Path(run_dir).name, config, run_dir)
 
@@ -144,6 +150,8 @@ class MetricsLogger:
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                   for k, v in record.items()}
         self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        if self._tb is not None:
+            self._tb.log(record)
         if self._wandb is not None:
             try:
                 self._wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"},
@@ -156,6 +164,8 @@ class MetricsLogger:
         if not self.enabled:
             return
         self._file.close()
+        if self._tb is not None:
+            self._tb.close()
         if self._wandb is not None:
             try:
                 self._wandb.finish()

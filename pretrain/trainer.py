@@ -129,6 +129,7 @@ class Trainer:
         gpt_cfg = cfg.gpt_config
         torch.manual_seed(cfg.train.seed)
         model = GPT(gpt_cfg)
+        self.init_note = self.init_weights_from(model)
         self.n_params = model.num_params()
         self.flops_token = flops_per_token(model.num_params(exclude_embeddings=True), gpt_cfg.n_layer,
                                            gpt_cfg.n_head, gpt_cfg.n_embd // gpt_cfg.n_head, cfg.data.seq_len)
@@ -159,6 +160,7 @@ class Trainer:
             self.run_dir, enabled=self.info.is_main, wandb_mode=cfg.logging.wandb,
             wandb_project=cfg.logging.wandb_project, wandb_name=cfg.logging.wandb_name,
             config=cfg.to_dict(), resume_step=self.step if self.resumed_from else None,
+            tensorboard=cfg.logging.tensorboard, resume_tokens=self.tokens_seen if self.resumed_from else None,
         )
         if self.info.is_main:
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
@@ -174,7 +176,25 @@ class Trainer:
         if self.resumed_from:
             self.logger.print(f"resumed from {self.resumed_from} at step {self.step} "
                               f"({self.tokens_seen:,} tokens seen)")
+        if self.init_note:
+            self.logger.print(self.init_note)
         return self
+
+    def init_weights_from(self, model: GPT) -> str | None:
+        """``model.init_from`` into the plain model (before wrapping), unless a checkpoint will be
+        resumed: then the checkpoint wins. Returns the line to log, or None."""
+        spec, resume = self.cfg.model.init_from, self.cfg.checkpoint.resume
+        if spec is None:
+            return None
+        if resume != "none":
+            from pretrain.checkpoint import Checkpointer
+
+            found = Checkpointer(self.ckpt_dir, keep_last=1).latest() if resume == "auto" else Path(resume)
+            if found is not None:
+                return f"model.init_from={spec} ignored: resuming checkpoint {found} (the checkpoint wins)"
+        from pretrain.init_from import init_from
+
+        return init_from(model, spec, model.config)
 
     def seed_rank_rngs(self) -> None:
         """Per-rank Python / NumPy / torch RNG streams (dropout, sampling), from train.seed and the rank."""

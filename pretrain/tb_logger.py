@@ -1,0 +1,125 @@
+"""TensorBoard event files for a run (``logging.tensorboard: true``), written by rank 0 into
+``run_dir/tensorboard``: ``tensorboard --logdir runs/`` shows every run.
+
+What is written, per ``metrics.jsonl`` record (the same numbers, no others):
+
+- every numeric value against the optimizer step: ``train/loss``, ``train/lr``, ``train/grad_norm``,
+  ``train/tokens_per_s``, ``train/mfu``, ``train/dt_ms``, ``train/mem_gb``, ... (a key without a
+  ``/`` goes under ``train/``), and eval keys as they are (``val/loss``, ``hellaswag/acc_norm``,
+  ``time/val_loss_s``);
+- the same values against tokens seen, under ``by_tokens/`` (TensorBoard has one x-axis per
+  point, so the second axis is a second tag family);
+- the eval sample (``sample/text``) to the text plugin.
+
+Resume: a run killed after its last checkpoint (step N) has written points past N that the
+resumed run writes again. Event files are append-only, so on start every existing file is read
+back and, when it holds points past N (or a torn last record from the kill), rewritten without
+them (a temporary file, then an atomic ``os.replace``) -- the files then read as one run with
+each step once, for TensorBoard and for any other reader. A fresh start (no checkpoint) keeps
+nothing, as ``metrics.jsonl`` does. Every ``log`` flushes, so what a later resume keeps is on
+disk: the cost is measured in ``benchmarks/RESULTS.md`` (TensorBoard logging).
+
+``tensorboard`` is an optional dependency (``pip install -e '.[tensorboard]'``); the config's
+validation refuses ``logging.tensorboard=true`` in one line when it is missing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+TOKENS_PREFIX = "by_tokens/"
+_NOT_SCALARS = ("step", "tokens_seen", "time")
+
+
+def tag(key: str) -> str:
+    """The TensorBoard tag of a metrics.jsonl key (step axis)."""
+    return key if "/" in key else f"train/{key}"
+
+
+def _records(path: Path) -> tuple[list[bytes], bool]:
+    """The serialized events of an event file, and whether the file ends in a torn record."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+
+    raws = list(RawEventFileLoader(str(path)).Load())
+    # A record is 8 (length) + 4 (crc) + data + 4 (crc) bytes: anything else at the end is torn.
+    torn = sum(16 + len(r) for r in raws) != path.stat().st_size
+    return raws, torn
+
+
+def compact(directory: Path, max_step: int, max_tokens: int) -> int:
+    """Drop from every event file in ``directory`` the points after ``max_step`` (step-axis tags)
+    or after ``max_tokens`` (``by_tokens/`` tags) and any torn last record; returns the number of
+    points dropped. Each file is replaced atomically; files left without points are removed."""
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    dropped = 0
+    for path in sorted(directory.glob("*tfevents*")):
+        if path.name.endswith(".tmp"):  # a rewrite interrupted before its os.replace
+            path.unlink()
+            continue
+        raws, torn = _records(path)
+        keep, points = [], 0
+        for raw in raws:
+            ev = Event.FromString(raw)
+            if ev.HasField("summary") and ev.summary.value:
+                tokens_axis = all(v.tag.startswith(TOKENS_PREFIX) for v in ev.summary.value)
+                if ev.step > (max_tokens if tokens_axis else max_step):
+                    dropped += 1
+                    continue
+                points += 1
+            keep.append(raw)
+        if points == 0:
+            path.unlink()
+        elif len(keep) != len(raws) or torn:
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "wb") as f:
+                w = RecordWriter(f)
+                for raw in keep:
+                    w.write(raw)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    return dropped
+
+
+class TensorBoardLogger:
+    """Rank 0's TensorBoard writer; ``MetricsLogger`` calls ``log`` with each metrics record."""
+
+    def __init__(self, run_dir: str | os.PathLike, resume_step: int | None = None, resume_tokens: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.dir = Path(run_dir) / "tensorboard"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dropped = compact(self.dir, resume_step or 0, resume_tokens or 0)
+        # Every log() flushes itself; the queue and timer only matter between flushes.
+        self.writer = SummaryWriter(log_dir=str(self.dir), max_queue=1000, flush_secs=3600)
+
+    def log(self, record: dict[str, Any]) -> None:
+        step, tokens = int(record["step"]), record.get("tokens_seen")
+        for key, value in record.items():
+            if key in _NOT_SCALARS or value is None:
+                continue
+            if key == "sample/text":
+                self.writer.add_text("sample", str(value), step)
+            elif isinstance(value, (int, float)):  # bools too (skipped, spike_skipped): 1
+                self.writer.add_scalar(tag(key), float(value), step)
+                if tokens is not None:
+                    self.writer.add_scalar(TOKENS_PREFIX + tag(key), float(value), int(tokens))
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def read_scalars(directory: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} of a TensorBoard directory, through TensorBoard's own reader
+    (``EventAccumulator``; what the UI shows)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(directory), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+
