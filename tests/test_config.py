@@ -66,6 +66,17 @@ def test_precedence_defaults_yaml_cli(tmp_path):
         ("", ["optim.betas=[0.9]"], r"optim.betas=\[0.9\] must be two numbers"),
         ("", ["model.n_head=5"], r"n_embd \(768\) must be divisible by model.n_head \(5\)"),
         ("", ["optim.lr"], r"write section.key=value"),
+        ("", ["optim.name=sgd"], r"optim.name='sgd' must be one of adamw, muon"),
+        ("", ["optim.name=muon", "distributed.mode=fsdp"],
+         r"optim.name=muon needs whole weight matrices .* distributed.mode=fsdp shards them .* use distributed.mode=ddp"),
+        ("", ["optim.name=muon", "optim.muon_lr=0"], r"optim.muon_lr=0.0 must be a finite number > 0"),
+        ("", ["schedule.name=wsd", "schedule.cooldown=sqrt"], r"schedule.cooldown='sqrt' must be one of linear, 1-sqrt"),
+        ("", ["schedule.name=wsd", "schedule.cooldown_frac=0"], r"schedule.cooldown_frac=0.0 must be in \(0, 1\]"),
+        ("", ["schedule.name=wsd", "schedule.cooldown_frac=0.99"], r"starts the cool-down at step 191, inside the warmup"),
+        ("", ["schedule.batch_warmup_steps=10", "schedule.batch_warmup_start_tokens=100000"],
+         r"batch_warmup_start_tokens=100000 must be > 0 and divide train.global_batch_tokens=524288"),
+        ("", ["schedule.batch_warmup_steps=10", "schedule.batch_warmup_start_tokens=32768"],
+         r"batch_warmup_start_tokens=32768 is not a multiple of micro_batch_size\*seq_len\*world_size = 65536"),
     ],
 )
 def test_bad_configs_give_one_clear_error(tmp_path, yaml_text, overrides, match):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from helpers import (
     PY,
+    RECIPES,
     REPO,
     STEPS,
     TRAIN,
@@ -27,8 +28,9 @@ from helpers import (
 )
 
 
-def test_ddp_matches_single_process(tmp_path_factory):
-    single, ddp = reference_single(tmp_path_factory), reference_ddp(tmp_path_factory)
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_ddp_matches_single_process(tmp_path_factory, recipe):
+    single, ddp = reference_single(tmp_path_factory, recipe), reference_ddp(tmp_path_factory, recipe)
     assert len(losses(single)) == STEPS
     assert losses(ddp) == pytest.approx(losses(single), abs=1e-5)
     assert_params_equal(final_params(ddp, STEPS), final_params(single, STEPS), atol=1e-5)
