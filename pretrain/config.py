@@ -128,6 +128,9 @@ class OptimSection:
     muon_adjust_lr: str = "original"
     """Muon's per-matrix learning-rate scale: original (sqrt(max(1, rows/cols)), Keller Jordan) |
     match_rms_adamw (0.2*sqrt(max(rows, cols)), Moonshot: reuse AdamW's lr and decay)."""
+    muon_ns_dtype: str = "bf16"
+    """Dtype of Muon's Newton-Schulz iteration: bf16 (torch.optim.Muon's, fast on GPUs) | fp32
+    (the same algorithm in fp32: DDP then matches one process to fp32 rounding, not bf16's)."""
 
 
 @dataclass
@@ -286,6 +289,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "distributed.backend": ("auto", "nccl", "gloo"),
     "optim.name": ("adamw", "muon"),
     "optim.muon_adjust_lr": ("original", "match_rms_adamw"),
+    "optim.muon_ns_dtype": ("bf16", "fp32"),
     "schedule.name": ("cosine", "wsd"),
     "schedule.cooldown": ("linear", "1-sqrt"),
     "model.preset": tuple(sorted(PRESETS)),

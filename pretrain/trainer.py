@@ -135,7 +135,8 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         o = cfg.optim
         muon = dict(lr=o.muon_lr, momentum=o.muon_momentum, nesterov=o.muon_nesterov, ns_steps=o.muon_ns_steps,
-                    weight_decay=o.muon_weight_decay, adjust_lr_fn=o.muon_adjust_lr)
+                    weight_decay=o.muon_weight_decay, adjust_lr_fn=o.muon_adjust_lr,
+                    ns_dtype={"bf16": "bfloat16", "fp32": "float32"}[o.muon_ns_dtype])
         self.optimizer = build_optimizer(self.model, o.lr, o.betas, o.eps, o.weight_decay, o.fused, self.device,
                                          name=o.name, muon=muon)
 

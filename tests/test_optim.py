@@ -122,3 +122,47 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
         assert torch.equal(v["momentum_buffer"], sd["muon"]["state"][k]["momentum_buffer"])
     with pytest.raises(ValueError, match="optimizer state holds"):
         opt2.load_state_dict(torch.optim.AdamW(model.parameters()).state_dict())
+
+
+def test_muon_fp32_path_is_torch_muon_step_for_step():
+    """pretrain.optim.Muon's own step, run in bf16, equals torch.optim.Muon's bit for bit (so the
+    fp32 path is the same algorithm in another dtype); fp32 stays within bf16's rounding of it."""
+    from pretrain.optim import Muon
+
+    torch.manual_seed(0)
+    ws = [torch.randn(48, 16), torch.randn(16, 40)]  # tall and wide
+    grads = [[torch.randn_like(w) for w in ws] for _ in range(3)]
+    kw = dict(lr=0.02, weight_decay=0.01, momentum=0.95)
+    runs = {}
+    for name, make in (
+        ("torch", lambda ps: torch.optim.Muon(ps, **kw)),
+        ("ours-bf16", lambda ps: _ForcedManual(ps, ns_dtype=torch.bfloat16, **kw)),
+        ("ours-fp32", lambda ps: Muon(ps, ns_dtype=torch.float32, **kw)),
+        ("ours-match", lambda ps: _ForcedManual(ps, ns_dtype=torch.bfloat16, adjust_lr_fn="match_rms_adamw", **kw)),
+        ("torch-match", lambda ps: torch.optim.Muon(ps, adjust_lr_fn="match_rms_adamw", **kw)),
+    ):
+        ps = [torch.nn.Parameter(w.clone()) for w in ws]
+        opt = make(ps)
+        for gs in grads:
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            opt.step()
+        runs[name] = ps
+    for a, b in zip(runs["torch"], runs["ours-bf16"]):
+        assert torch.equal(a, b)
+    for a, b in zip(runs["torch-match"], runs["ours-match"]):
+        assert torch.equal(a, b)
+    for a, b in zip(runs["torch"], runs["ours-fp32"]):
+        assert not torch.equal(a, b) and (a - b).abs().max() < 0.02 * 3 * 0.05
+
+
+class _ForcedManual:
+    """pretrain.optim.Muon with its own step forced (even in bf16), for the comparison above."""
+
+    def __new__(cls, params, ns_dtype, **kw):
+        from pretrain.optim import Muon
+
+        opt = Muon(params, ns_dtype=torch.float32, **kw)
+        opt.ns_dtype = ns_dtype
+        opt.step = lambda: Muon.step(opt, closure=lambda: None)  # a closure takes the manual path
+        return opt
