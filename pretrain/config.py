@@ -64,7 +64,11 @@ class ModelSection:
     bias: bool | None = None
     """Biases in Linear/LayerNorm; None = the preset's (True)."""
     activation: str | None = None
-    """MLP nonlinearity gelu_tanh | relu; None = the preset's."""
+    """MLP nonlinearity gelu_tanh | relu | relu2 (research option, not GPT-2); None = the preset's."""
+    rotary: bool | None = None
+    """Research option (not GPT-2, not exportable): rotary positions instead of learned ones; None = off."""
+    qk_norm: bool | None = None
+    """Research option (not GPT-2, not exportable): RMS-normalised q and k per head; None = off."""
     layer_norm_epsilon: float | None = None
     """LayerNorm epsilon; None = the preset's."""
     tie_embeddings: bool | None = None

@@ -378,3 +378,29 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
     assert "neither a Hugging Face directory" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [({"rotary": True}, "model.rotary=true"), ({"qk_norm": True}, "model.qk_norm=true"),
+     ({"activation": "relu2"}, "model.activation=relu2")],
+    ids=["rotary", "qk_norm", "relu2"],
+)
+def test_export_refuses_research_options_in_one_line(tmp_path, capsys, overrides, named):
+    """A research option makes the model something GPT2LMHeadModel does not compute: refused
+    before anything is written, by the function and by the CLI (exit 2, one line naming it)."""
+    model = _our_model(**overrides)
+    with pytest.raises(HFConversionError) as e:
+        export_hf(model, tmp_path / "out")
+    assert str(e.value).startswith(f"{named} is a research option, not GPT-2") and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+    # Through the CLI, from a native checkpoint of that model.
+    from pretrain.checkpoint import Checkpointer
+
+    ckpts = tmp_path / "checkpoints"
+    Checkpointer(ckpts, keep_last=1, rank=0, world_size=1).save(
+        1, model, None, {"step": 1}, {}, {"model": {"preset": "tiny", **overrides}})
+    assert main(["export", "--checkpoint", str(ckpts), "--out", str(tmp_path / "cli")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gpt2-export: error: {named} is a research option") and err.count("\n") == 1
+    assert not (tmp_path / "cli").exists()
