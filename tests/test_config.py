@@ -32,6 +32,15 @@ def test_gpt2_124m_preset_resolves_to_the_reproduction():
     assert cfg.data.dir == "data/fineweb-edu-10B"
 
 
+def test_fast_config_keeps_the_architecture_and_changes_only_the_recipe():
+    fast, _ = load_config(REPO / "configs" / "gpt2_124m_fast.yaml", world_size=8)
+    ref, _ = load_config(PRESET, world_size=8)
+    assert fast.gpt_config == ref.gpt_config and fast.model == ref.model  # GPT-2 124M, exportable
+    assert (fast.optim.name, fast.schedule.name, fast.schedule.cooldown) == ("muon", "wsd", "1-sqrt")
+    assert fast.data == ref.data and fast.train.global_batch_tokens == ref.train.global_batch_tokens
+    assert fast.derived(8).total_tokens < 0.6 * ref.derived(8).total_tokens
+
+
 def test_precedence_defaults_yaml_cli(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("optim:\n  lr: 1e-3\n  weight_decay: 0.05\ntrain:\n  micro_batch_size: 16\n")

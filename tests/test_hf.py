@@ -404,3 +404,21 @@ def test_export_refuses_research_options_in_one_line(tmp_path, capsys, overrides
     err = capsys.readouterr().err
     assert err.startswith(f"gpt2-export: error: {named} is a research option") and err.count("\n") == 1
     assert not (tmp_path / "cli").exists()
+
+
+def test_fast_recipe_checkpoint_exports_with_equal_logits(tmp_path):
+    """A model trained by the real trainer with the fast recipe's optimizer and schedule (Muon +
+    AdamW, wsd) is still GPT-2: its checkpoint exports through the unchanged path and loads in
+    transformers with equal logits."""
+    from helpers import make_synthetic_shards, python_cmd, run, tiny_overrides
+
+    from pretrain.hf import load_model
+
+    data = make_synthetic_shards(tmp_path / "data", train_tokens=8_000, val_tokens=2_000)
+    run(python_cmd(tiny_overrides(data, tmp_path / "run", **{
+        "model.preset": "tiny", "schedule.max_steps": 3, "schedule.warmup_steps": 1, "checkpoint.interval": 3,
+        "optim.name": "muon", "schedule.name": "wsd", "schedule.cooldown": "1-sqrt", "schedule.cooldown_frac": 0.4})))
+    assert main(["export", "--checkpoint", str(tmp_path / "run" / "checkpoints"), "--out", str(tmp_path / "hf")]) == 0
+    ours = load_model(str(tmp_path / "run" / "checkpoints"))
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert (_logits_hf(ref, IDX) - _logits_ours(ours, IDX)).abs().max().item() < 1e-5
