@@ -150,7 +150,7 @@ class Muon(torch.optim.Muon):
                 buf.lerp_(p.grad, 1 - mu)
                 update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
                 update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
-                                       self.ns_dtype)
+                                       self.ns_dtype, group.get("use_addmm", True))
                 rows, cols = p.shape
                 ratio = (math.sqrt(max(1, rows / cols)) if group["adjust_lr_fn"] in (None, "original")
                          else 0.2 * math.sqrt(max(rows, cols)))
@@ -159,8 +159,11 @@ class Muon(torch.optim.Muon):
         return loss
 
 
-def newton_schulz(g: torch.Tensor, coefficients, steps: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
-    """torch.optim.Muon's quintic Newton-Schulz orthogonalisation of ``g`` (rows, cols), in ``dtype``."""
+def newton_schulz(g: torch.Tensor, coefficients, steps: int, eps: float, dtype: torch.dtype,
+                  use_addmm: bool = True) -> torch.Tensor:
+    """torch.optim.Muon's quintic Newton-Schulz orthogonalisation of ``g`` (rows, cols), in ``dtype``.
+    ``use_addmm``: the fused form (torch 2.13 always; some versions make it the group's
+    ``use_addmm`` option, whose unfused form is the other branch)."""
     a, b, c = coefficients
     x = g.to(dtype)
     tall = g.size(0) > g.size(1)
@@ -169,7 +172,10 @@ def newton_schulz(g: torch.Tensor, coefficients, steps: int, eps: float, dtype: 
     x = x / x.norm().clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
         gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        if use_addmm:
+            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        else:
+            x = a * x + (b * gram + c * gram @ gram) @ x
     return x.T if tall else x
 
 
