@@ -64,7 +64,11 @@ class ModelSection:
     bias: bool | None = None
     """Biases in Linear/LayerNorm; None = the preset's (True)."""
     activation: str | None = None
-    """MLP nonlinearity gelu_tanh | relu; None = the preset's."""
+    """MLP nonlinearity gelu_tanh | relu | relu2 (research option, not GPT-2); None = the preset's."""
+    rotary: bool | None = None
+    """Research option (not GPT-2, not exportable): rotary positions instead of learned ones; None = off."""
+    qk_norm: bool | None = None
+    """Research option (not GPT-2, not exportable): RMS-normalised q and k per head; None = off."""
     layer_norm_epsilon: float | None = None
     """LayerNorm epsilon; None = the preset's."""
     tie_embeddings: bool | None = None
@@ -118,11 +122,32 @@ class OptimSection:
     """Clip the global gradient norm to this value; 0 = no clipping (the norm is still logged)."""
     fused: bool | None = None
     """Fused AdamW kernel; None = on CUDA only."""
+    name: str = "adamw"
+    """adamw (every parameter) | muon (torch.optim.Muon for the 2-D matrices inside the blocks,
+    AdamW with the settings above for embeddings, LM head, biases and LayerNorm gains; DDP only,
+    see docs/DESIGN.md)."""
+    muon_lr: float = 0.02
+    """Muon's peak learning rate (the hidden matrices); scheduled like optim.lr."""
+    muon_momentum: float = 0.95
+    """Muon's momentum."""
+    muon_nesterov: bool = True
+    """Nesterov momentum in Muon."""
+    muon_ns_steps: int = 5
+    """Newton-Schulz iterations per Muon update."""
+    muon_weight_decay: float = 0.0
+    """Muon's decoupled weight decay (multiplied by its scheduled learning rate)."""
+    muon_adjust_lr: str = "original"
+    """Muon's per-matrix learning-rate scale: original (sqrt(max(1, rows/cols)), Keller Jordan) |
+    match_rms_adamw (0.2*sqrt(max(rows, cols)), Moonshot: reuse AdamW's lr and decay)."""
+    muon_ns_dtype: str = "bf16"
+    """Dtype of Muon's Newton-Schulz iteration: bf16 (torch.optim.Muon's, fast on GPUs) | fp32
+    (the same algorithm in fp32: DDP then matches one process to fp32 rounding, not bf16's)."""
 
 
 @dataclass
 class ScheduleSection:
-    """Learning rate: linear warmup, then cosine decay to min_lr_ratio * lr."""
+    """Learning rate: linear warmup, then cosine (or warmup-stable-decay) down to min_lr_ratio * lr;
+    optionally a batch-size warmup. Both are pure functions of the step (pretrain/optim.py)."""
 
     warmup_steps: int = 715
     """Steps of linear warmup from lr/warmup_steps to lr."""
@@ -130,6 +155,18 @@ class ScheduleSection:
     """Total optimizer steps of the run (the cosine ends here)."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of optim.lr."""
+    name: str = "cosine"
+    """cosine (decay over every step after the warmup) | wsd (warmup-stable-decay: the peak until
+    the last schedule.cooldown_frac of the steps, then the cool-down)."""
+    cooldown_frac: float = 0.2
+    """wsd: fraction of schedule.max_steps spent cooling down (0 < f <= 1, after the warmup)."""
+    cooldown: str = "linear"
+    """wsd cool-down shape: linear | 1-sqrt (1 - sqrt(progress))."""
+    batch_warmup_steps: int = 0
+    """Batch-size warmup: over the first N steps the global batch grows from
+    schedule.batch_warmup_start_tokens to train.global_batch_tokens in multiples of the start; 0 = off."""
+    batch_warmup_start_tokens: int = 0
+    """First global batch (tokens) of the batch-size warmup; train.global_batch_tokens must be a multiple of it."""
 
 
 @dataclass
@@ -266,6 +303,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "logging.wandb": ("online", "offline", "disabled"),
     "distributed.mode": ("ddp", "fsdp"),
     "distributed.backend": ("auto", "nccl", "gloo"),
+    "optim.name": ("adamw", "muon"),
+    "optim.muon_adjust_lr": ("original", "match_rms_adamw"),
+    "optim.muon_ns_dtype": ("bf16", "fp32"),
+    "schedule.name": ("cosine", "wsd"),
+    "schedule.cooldown": ("linear", "1-sqrt"),
     "model.preset": tuple(sorted(PRESETS)),
 }
 
@@ -294,14 +336,17 @@ class Config:
         return self.model.gpt_config()
 
     def derived(self, world_size: int) -> Derived:
-        t = self.train
+        from pretrain.optim import tokens_before
+
+        t, s = self.train, self.schedule
         per_micro = t.micro_batch_size * self.data.seq_len * world_size
         return Derived(
             world_size=world_size,
             grad_accum_steps=t.global_batch_tokens // per_micro,
             tokens_per_step=t.global_batch_tokens,
             global_batch_seqs=t.global_batch_tokens // self.data.seq_len,
-            total_tokens=t.global_batch_tokens * self.schedule.max_steps,
+            total_tokens=tokens_before(s.max_steps, t.global_batch_tokens, s.batch_warmup_start_tokens,
+                                       s.batch_warmup_steps),
         )
 
 
@@ -597,10 +642,53 @@ def validate(cfg: Config, world_size: int) -> Derived:
                 "logging.tensorboard=true needs the tensorboard package, which is not installed; "
                 "pip install -e '.[tensorboard]' (or pip install tensorboard), or set logging.tensorboard=false"
             )
+    validate_optim_schedule(cfg, per_micro)
     r = cfg.checkpoint.resume
     if r not in ("auto", "none") and not r:
         raise ConfigError("checkpoint.resume must be auto, none or a checkpoint path")
     return cfg.derived(world_size)
+
+
+def validate_optim_schedule(cfg: Config, per_micro: int) -> None:
+    """The optimizer / schedule choices (optim.name, schedule.name, batch-size warmup)."""
+    o, s, t = cfg.optim, cfg.schedule, cfg.train
+    if o.name == "muon":
+        if cfg.distributed.mode == "fsdp":
+            raise ConfigError(
+                "optim.name=muon needs whole weight matrices (Newton-Schulz orthogonalises each one) but "
+                "distributed.mode=fsdp shards them across ranks; use distributed.mode=ddp with Muon"
+            )
+        for key, v in (("optim.muon_lr", o.muon_lr), ("optim.muon_momentum", o.muon_momentum),
+                       ("optim.muon_weight_decay", o.muon_weight_decay)):
+            if not math.isfinite(v) or v < 0 or (key == "optim.muon_lr" and v == 0):
+                raise ConfigError(f"{key}={v!r} must be a finite number {'> 0' if key == 'optim.muon_lr' else '>= 0'}")
+        if not 1 <= o.muon_ns_steps < 100:
+            raise ConfigError(f"optim.muon_ns_steps={o.muon_ns_steps!r} must be in [1, 100)")
+    if s.name == "wsd":
+        from pretrain.optim import cooldown_start
+
+        if not (math.isfinite(s.cooldown_frac) and 0.0 < s.cooldown_frac <= 1.0):
+            raise ConfigError(f"schedule.cooldown_frac={s.cooldown_frac!r} must be in (0, 1]")
+        if cooldown_start(s.max_steps, s.cooldown_frac) < s.warmup_steps:
+            raise ConfigError(
+                f"schedule.cooldown_frac={s.cooldown_frac} starts the cool-down at step "
+                f"{cooldown_start(s.max_steps, s.cooldown_frac)}, inside the warmup (schedule.warmup_steps="
+                f"{s.warmup_steps}); lower the cool-down fraction or the warmup"
+            )
+    if s.batch_warmup_steps < 0:
+        raise ConfigError(f"schedule.batch_warmup_steps={s.batch_warmup_steps!r} must be >= 0")
+    if s.batch_warmup_steps > 0:
+        start = s.batch_warmup_start_tokens
+        if start <= 0 or start > t.global_batch_tokens or t.global_batch_tokens % start:
+            raise ConfigError(
+                f"schedule.batch_warmup_start_tokens={start!r} must be > 0 and divide "
+                f"train.global_batch_tokens={t.global_batch_tokens}"
+            )
+        if start % per_micro:
+            raise ConfigError(
+                f"schedule.batch_warmup_start_tokens={start} is not a multiple of micro_batch_size*seq_len*"
+                f"world_size = {per_micro}; every step of the batch warmup must be whole micro-steps"
+            )
 
 
 def load_config(

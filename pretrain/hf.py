@@ -467,6 +467,13 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, overwrite: bool = False) -
     from data_pipeline.tokenizer import EOT_TOKEN, bpe_files
 
     config = model.config
+    research = [f"model.{k}=true" for k in ("rotary", "qk_norm") if getattr(config, k)]
+    research += ["model.activation=relu2"] if config.activation == "relu2" else []
+    if research:
+        raise HFConversionError(
+            f"{research[0]} is a research option, not GPT-2: GPT2LMHeadModel cannot run it, so it is not "
+            "exported; export a model trained without it"
+        )
     if config.vocab_size != GPT2_VOCAB_SIZE:
         raise HFConversionError(
             f"model.vocab_size is {config.vocab_size}; a HF GPT-2 export needs the GPT-2 tokenizer's {GPT2_VOCAB_SIZE}"

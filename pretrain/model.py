@@ -53,11 +53,23 @@ class GPTConfig:
     bias: bool = True
     """Biases in Linear layers and LayerNorms (GPT-2 has them)."""
     activation: str = "gelu_tanh"
-    """MLP nonlinearity: 'gelu_tanh' (GPT-2's 'gelu_new') or 'relu'."""
+    """MLP nonlinearity: 'gelu_tanh' (GPT-2's 'gelu_new'), 'relu', or the research option 'relu2'
+    (ReLU squared, So et al. 2021 "Primer"; modded-nanogpt): not GPT-2, so not exported."""
     layer_norm_epsilon: float = 1e-5
     """LayerNorm epsilon (GPT-2: 1e-5)."""
     tie_embeddings: bool = True
-    """The LM head shares its weight with the token embedding (GPT-2 does)."""
+    """The LM head shares its weight with the token embedding (GPT-2 does). False = an untied
+    head, its own (vocab_rows, n_embd) matrix; Hugging Face's GPT2LMHeadModel runs that too
+    (tie_word_embeddings=false), so it still exports."""
+    rotary: bool = False
+    """Research option: rotary position embeddings (RoPE, Su et al. 2021) rotate each head's q and
+    k by their absolute position, instead of adding learned positions (no wpe is built). Not
+    GPT-2: gpt2-export refuses it."""
+    rotary_base: float = 10000.0
+    """RoPE base: pair i of a head turns by position * rotary_base**(-2i/head_size)."""
+    qk_norm: bool = False
+    """Research option: RMS-normalise each head's q and k (no gain) before the dot product
+    (QK-norm, Henry et al. 2020; modded-nanogpt). Not GPT-2: gpt2-export refuses it."""
 
     def __post_init__(self) -> None:
         errors = []
@@ -99,6 +111,7 @@ ACTIVATIONS = {
     # GPT-2 uses the tanh approximation of GELU ("gelu_new" in Hugging Face).
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
+    "relu2": lambda x: F.relu(x).square(),  # research option (not GPT-2)
 }
 
 PRESETS: dict[str, GPTConfig] = {
@@ -156,6 +169,8 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.is_residual_proj = True
         self.resid_dropout = nn.Dropout(config.dropout)
         self.use_reference = False  # tests flip this to compare against the explicit path
+        self.qk_norm = config.qk_norm
+        self.rotary_base = config.rotary_base if config.rotary else None
 
     def forward(self, x: torch.Tensor, layer_cache: tuple[torch.Tensor, torch.Tensor, int] | None = None):
         B, T, C = x.size()
@@ -164,6 +179,11 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if self.qk_norm:  # research option: unit-RMS queries and keys per head
+            q, k = F.rms_norm(q, (hs,)), F.rms_norm(k, (hs,))
+        if self.rotary_base is not None:  # research option: rotate q, k by absolute position
+            start = layer_cache[2] if layer_cache is not None else 0
+            q, k = apply_rotary(q, start, self.rotary_base), apply_rotary(k, start, self.rotary_base)
 
         if layer_cache is not None:
             # Incremental decoding: write this chunk's k, v at [pos, pos+T) and attend over
@@ -184,6 +204,19 @@ class CausalSelfAttention(nn.Module):
             )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
         return self.resid_dropout(self.c_proj(y))
+
+
+def apply_rotary(x: torch.Tensor, start: int, base: float) -> torch.Tensor:
+    """Rotary position embedding of x (B, nh, T, hs) at positions start .. start+T-1, in the
+    "rotate half" layout: channel i pairs with channel i + hs/2 and the pair turns by angle
+    position * base**(-2i/hs). Scores q·k then depend on positions only through their difference."""
+    T, hs = x.size(-2), x.size(-1)
+    inv_freq = base ** (-torch.arange(0, hs, 2, device=x.device, dtype=torch.float32) / hs)  # (hs/2,)
+    pos = torch.arange(start, start + T, device=x.device, dtype=torch.float32)  # (T,)
+    angle = torch.outer(pos, inv_freq)  # (T, hs/2)
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    x1, x2 = x[..., : hs // 2], x[..., hs // 2 :]  # (B, nh, T, hs/2) each
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, nh, T, hs)
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -237,7 +270,8 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_rows, config.n_embd),  # token embedding
-                wpe=nn.Embedding(config.block_size, config.n_embd),  # learned positions
+                # learned positions (none with rotary: positions enter through q and k)
+                **({} if config.rotary else {"wpe": nn.Embedding(config.block_size, config.n_embd)}),
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
@@ -292,7 +326,7 @@ class GPT(nn.Module):
         ``exclude_embeddings``, position embeddings are left out (as in the Kaplan
         FLOPs count); the token embedding stays in because the head uses it."""
         n = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings:
+        if exclude_embeddings and not self.config.rotary:
             n -= self.transformer.wpe.weight.numel()
         return n
 
@@ -316,9 +350,11 @@ class GPT(nn.Module):
                 f"sequence of {start + T} tokens is longer than the model's context "
                 f"(block_size={self.config.block_size}); shorten the input"
             )
-        # Positions start..start+T-1 are rows of wpe: a slice (a view) is the lookup, with no
-        # per-step arange. (B, T, C) + (T, C)
-        x = self.transformer.wte(idx) + self.transformer.wpe.weight[start : start + T]  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if not self.config.rotary:
+            # Positions start..start+T-1 are rows of wpe: a slice (a view) is the lookup, with no
+            # per-step arange. (B, T, C) + (T, C)
+            x = x + self.transformer.wpe.weight[start : start + T]
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             layer_cache = (kv_cache.k[i], kv_cache.v[i], start) if kv_cache is not None else None

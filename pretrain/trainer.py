@@ -43,7 +43,7 @@ from pretrain.config import Config, ConfigError, Derived, validate
 from pretrain.guards import LossSpikeDetector, collective
 from pretrain.metrics import MetricsLogger, flops_per_token, memory_gb, mfu, peak_flops, startup_summary
 from pretrain.model import GPT
-from pretrain.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
+from pretrain.optim import batch_tokens_at, build_optimizer, clip_grad_norm, lr_at, set_lr
 from pretrain.parallel import Wrapped, wrap_model
 from pretrain.rundir import move_run_aside, previous_run_entries
 
@@ -142,12 +142,21 @@ class Trainer:
         self.model = self.wrapped.module
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         o = cfg.optim
-        self.optimizer = build_optimizer(self.model, o.lr, o.betas, o.eps, o.weight_decay, o.fused, self.device)
+        muon = dict(lr=o.muon_lr, momentum=o.muon_momentum, nesterov=o.muon_nesterov, ns_steps=o.muon_ns_steps,
+                    weight_decay=o.muon_weight_decay, adjust_lr_fn=o.muon_adjust_lr,
+                    ns_dtype={"bf16": "bfloat16", "fp32": "float32"}[o.muon_ns_dtype])
+        self.optimizer = build_optimizer(self.model, o.lr, o.betas, o.eps, o.weight_decay, o.fused, self.device,
+                                         name=o.name, muon=muon)
 
         from data_pipeline.loader import DistributedTokenLoader
 
+        # With a batch-size warmup every step's batch is a multiple of the first one, so the loader's
+        # unit (and its step-boundary check on resume) is that first batch.
+        s = cfg.schedule
+        loader_seqs = (s.batch_warmup_start_tokens // cfg.data.seq_len if s.batch_warmup_steps > 0
+                       else self.derived.global_batch_seqs)
         self.loader = DistributedTokenLoader(
-            cfg.data.dir, "train", cfg.data.seq_len, cfg.train.micro_batch_size, self.derived.global_batch_seqs,
+            cfg.data.dir, "train", cfg.data.seq_len, cfg.train.micro_batch_size, loader_seqs,
             rank=self.info.rank, world_size=self.info.world_size, seed=cfg.data.seed, shuffle=cfg.data.shuffle,
             device=self.device, vocab_size=gpt_cfg.vocab_size,  # ids >= vocab_size are refused at the data
         )
@@ -287,9 +296,11 @@ class Trainer:
         """One optimizer step: grad_accum micro-steps, clip, agree across ranks, step (or skip)."""
         cfg = self.cfg
         model = self.wrapped.train_model
-        accum = self.derived.grad_accum_steps
         s = cfg.schedule
-        lr = lr_at(self.step, cfg.optim.lr, s.warmup_steps, s.max_steps, s.min_lr_ratio)
+        step_tokens = self.batch_tokens()
+        accum = self.derived.grad_accum_steps * step_tokens // self.derived.tokens_per_step
+        lr = lr_at(self.step, cfg.optim.lr, s.warmup_steps, s.max_steps, s.min_lr_ratio,
+                   name=s.name, cooldown_frac=s.cooldown_frac, cooldown=s.cooldown)
         set_lr(self.optimizer, lr)
 
         loss_accum = torch.zeros((), device=self.device)
@@ -332,12 +343,18 @@ class Trainer:
             self.nonfinite_in_a_row = 0
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens_seen += self.derived.tokens_per_step
+        self.tokens_seen += step_tokens
         return StepResult(
             loss=loss_mean if np.isfinite(loss_mean) else None,
             grad_norm=gn if np.isfinite(gn) else None,
             lr=lr, skipped=skipped, stop=n_stop > 0, spike=spike,
         )
+
+    def batch_tokens(self, step: int | None = None) -> int:
+        """Global batch (tokens) of ``step`` (default: the next one); see schedule.batch_warmup_steps."""
+        s = self.cfg.schedule
+        return batch_tokens_at(self.step if step is None else step, self.cfg.train.global_batch_tokens,
+                               s.batch_warmup_start_tokens, s.batch_warmup_steps)
 
     def _inject_nan(self, loss_accum: torch.Tensor) -> torch.Tensor:
         at, start = self._fault("nan"), self._fault("nan_from")
@@ -449,7 +466,7 @@ class Trainer:
                     time.sleep(sleep)
                 self._maybe_crash()
                 last = self.step == max_steps
-                tps = self.derived.tokens_per_step / dt
+                tps = self.batch_tokens(self.step - 1) / dt
                 record: dict[str, Any] = {
                     "step": self.step, "tokens_seen": self.tokens_seen, "loss": r.loss, "lr": r.lr,
                     "grad_norm": r.grad_norm, "tokens_per_s": tps,

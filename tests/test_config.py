@@ -32,6 +32,15 @@ def test_gpt2_124m_preset_resolves_to_the_reproduction():
     assert cfg.data.dir == "data/fineweb-edu-10B"
 
 
+def test_fast_config_keeps_the_architecture_and_changes_only_the_recipe():
+    fast, _ = load_config(REPO / "configs" / "gpt2_124m_fast.yaml", world_size=8)
+    ref, _ = load_config(PRESET, world_size=8)
+    assert fast.gpt_config == ref.gpt_config and fast.model == ref.model  # GPT-2 124M, exportable
+    assert (fast.optim.name, fast.schedule.name, fast.schedule.cooldown) == ("muon", "wsd", "1-sqrt")
+    assert fast.data == ref.data and fast.train.global_batch_tokens == ref.train.global_batch_tokens
+    assert fast.derived(8).total_tokens < 0.6 * ref.derived(8).total_tokens
+
+
 def test_precedence_defaults_yaml_cli(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("optim:\n  lr: 1e-3\n  weight_decay: 0.05\ntrain:\n  micro_batch_size: 16\n")
@@ -66,6 +75,17 @@ def test_precedence_defaults_yaml_cli(tmp_path):
         ("", ["optim.betas=[0.9]"], r"optim.betas=\[0.9\] must be two numbers"),
         ("", ["model.n_head=5"], r"n_embd \(768\) must be divisible by model.n_head \(5\)"),
         ("", ["optim.lr"], r"write section.key=value"),
+        ("", ["optim.name=sgd"], r"optim.name='sgd' must be one of adamw, muon"),
+        ("", ["optim.name=muon", "distributed.mode=fsdp"],
+         r"optim.name=muon needs whole weight matrices .* distributed.mode=fsdp shards them .* use distributed.mode=ddp"),
+        ("", ["optim.name=muon", "optim.muon_lr=0"], r"optim.muon_lr=0.0 must be a finite number > 0"),
+        ("", ["schedule.name=wsd", "schedule.cooldown=sqrt"], r"schedule.cooldown='sqrt' must be one of linear, 1-sqrt"),
+        ("", ["schedule.name=wsd", "schedule.cooldown_frac=0"], r"schedule.cooldown_frac=0.0 must be in \(0, 1\]"),
+        ("", ["schedule.name=wsd", "schedule.cooldown_frac=0.99"], r"starts the cool-down at step 191, inside the warmup"),
+        ("", ["schedule.batch_warmup_steps=10", "schedule.batch_warmup_start_tokens=100000"],
+         r"batch_warmup_start_tokens=100000 must be > 0 and divide train.global_batch_tokens=524288"),
+        ("", ["schedule.batch_warmup_steps=10", "schedule.batch_warmup_start_tokens=32768"],
+         r"batch_warmup_start_tokens=32768 is not a multiple of micro_batch_size\*seq_len\*world_size = 65536"),
     ],
 )
 def test_bad_configs_give_one_clear_error(tmp_path, yaml_text, overrides, match):

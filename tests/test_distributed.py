@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from helpers import (
     PY,
+    RECIPES,
     REPO,
     STEPS,
     TRAIN,
@@ -27,12 +28,18 @@ from helpers import (
 )
 
 
-def test_ddp_matches_single_process(tmp_path_factory):
-    single, ddp = reference_single(tmp_path_factory), reference_ddp(tmp_path_factory)
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_ddp_matches_single_process(tmp_path_factory, recipe):
+    single, ddp = reference_single(tmp_path_factory, recipe), reference_ddp(tmp_path_factory, recipe)
     assert len(losses(single)) == STEPS
     assert losses(ddp) == pytest.approx(losses(single), abs=1e-5)
     assert_params_equal(final_params(ddp, STEPS), final_params(single, STEPS), atol=1e-5)
     assert losses(single)[-1] < losses(single)[0]
+    if recipe == "muon-wsd":  # the batch-size warmup: 128 tokens for steps 0-2, then 256, on 1 or 2 ranks
+        seen = [128, 256, 384, 640, 896, 1152, 1408, 1664]
+        assert [r["tokens_seen"] for r in metrics(single)] == seen == [r["tokens_seen"] for r in metrics(ddp)]
+        lrs = [r["lr"] for r in metrics(single)]
+        assert lrs[1:4] == [3e-3] * 3 and lrs[4] > lrs[5] > lrs[6] > lrs[7] > 0  # stable, then the cool-down
 
 
 def test_fsdp2_matches_single_process(tmp_path_factory, tmp_path):

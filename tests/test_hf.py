@@ -387,3 +387,47 @@ def test_export_refuses_a_directory_holding_the_users_own_config_json(tmp_path):
         export_hf(_our_model(), tmp_path)
     assert (tmp_path / "config.json").read_text() == '{"mine": true}\n'
     assert main(["export", "--checkpoint", str(tmp_path / "config.json"), "--out", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [({"rotary": True}, "model.rotary=true"), ({"qk_norm": True}, "model.qk_norm=true"),
+     ({"activation": "relu2"}, "model.activation=relu2")],
+    ids=["rotary", "qk_norm", "relu2"],
+)
+def test_export_refuses_research_options_in_one_line(tmp_path, capsys, overrides, named):
+    """A research option makes the model something GPT2LMHeadModel does not compute: refused
+    before anything is written, by the function and by the CLI (exit 2, one line naming it)."""
+    model = _our_model(**overrides)
+    with pytest.raises(HFConversionError) as e:
+        export_hf(model, tmp_path / "out")
+    assert str(e.value).startswith(f"{named} is a research option, not GPT-2") and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+    # Through the CLI, from a native checkpoint of that model.
+    from pretrain.checkpoint import Checkpointer
+
+    ckpts = tmp_path / "checkpoints"
+    Checkpointer(ckpts, keep_last=1, rank=0, world_size=1).save(
+        1, model, None, {"step": 1}, {}, {"model": {"preset": "tiny", **overrides}})
+    assert main(["export", "--checkpoint", str(ckpts), "--out", str(tmp_path / "cli")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gpt2-export: error: {named} is a research option") and err.count("\n") == 1
+    assert not (tmp_path / "cli").exists()
+
+
+def test_fast_recipe_checkpoint_exports_with_equal_logits(tmp_path):
+    """A model trained by the real trainer with the fast recipe's optimizer and schedule (Muon +
+    AdamW, wsd) is still GPT-2: its checkpoint exports through the unchanged path and loads in
+    transformers with equal logits."""
+    from helpers import make_synthetic_shards, python_cmd, run, tiny_overrides
+
+    from pretrain.hf import load_model
+
+    data = make_synthetic_shards(tmp_path / "data", train_tokens=8_000, val_tokens=2_000)
+    run(python_cmd(tiny_overrides(data, tmp_path / "run", **{
+        "model.preset": "tiny", "schedule.max_steps": 3, "schedule.warmup_steps": 1, "checkpoint.interval": 3,
+        "optim.name": "muon", "schedule.name": "wsd", "schedule.cooldown": "1-sqrt", "schedule.cooldown_frac": 0.4})))
+    assert main(["export", "--checkpoint", str(tmp_path / "run" / "checkpoints"), "--out", str(tmp_path / "hf")]) == 0
+    ours = load_model(str(tmp_path / "run" / "checkpoints"))
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert (_logits_hf(ref, IDX) - _logits_ours(ours, IDX)).abs().max().item() < 1e-5

@@ -199,3 +199,86 @@ def test_bad_config_values_are_named(overrides, message):
         GPTConfig.from_preset("tiny-vocab", **overrides)
     with pytest.raises(ValueError, match="unknown model preset"):
         GPTConfig.from_preset("gpt5")
+
+
+# ---------------------------------------------------------------------------------------------
+# Research options (off by default; not GPT-2): rotary, QK-norm, ReLU², untied head
+
+
+def test_rotary_replaces_learned_positions_and_depends_on_relative_position_only():
+    from pretrain.model import apply_rotary
+
+    model = GPT(GPTConfig.from_preset("tiny-vocab", rotary=True))
+    assert "transformer.wpe.weight" not in model.state_dict()  # no learned positions
+    base = GPT(GPTConfig.from_preset("tiny-vocab"))
+    assert model.num_params() == base.num_params() - 32 * 32
+    assert model.num_params(exclude_embeddings=True) == model.num_params()
+    # q·k after rotation depends on the two positions only through their difference.
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+    dots = [(apply_rotary(q, m, 1e4) * apply_rotary(k, n, 1e4)).sum().item() for m, n in [(5, 2), (9, 6), (30, 27)]]
+    assert dots[0] == pytest.approx(dots[1], abs=1e-5) and dots[0] == pytest.approx(dots[2], abs=1e-5)
+    assert dots[0] != pytest.approx((q * k).sum().item(), abs=1e-3)  # but it does rotate
+    assert torch.equal(apply_rotary(q, 0, 1e4), q)  # position 0 is the identity
+    # Causality still holds in the model (positions come only through the rotation).
+    _randomize(model)
+    idx = torch.randint(0, 512, (2, 20))
+    with torch.no_grad():
+        full = model(idx)[0]
+        assert torch.allclose(model(idx[:, :12])[0], full[:, :12], atol=1e-5)
+
+
+@pytest.mark.parametrize("flags", [{"rotary": True}, {"qk_norm": True}, {"rotary": True, "qk_norm": True}])
+def test_research_attention_flags_keep_the_kv_cache_exact(flags):
+    torch.manual_seed(0)
+    model = _randomize(GPT(GPTConfig.from_preset("tiny", **flags))).eval()
+    idx = torch.randint(0, 50257, (2, 30))
+    with torch.no_grad():
+        full = model(idx)[0]
+        cache = KVCache.empty(model.config, 2, 30, "cpu", torch.float32)
+        parts = [model(idx[:, a:b], kv_cache=cache)[0] for a, b in [(0, 11), (11, 12), (12, 25), (25, 30)]]
+    assert (torch.cat(parts, dim=1) - full).abs().max().item() < 1e-4
+    plain = _randomize(GPT(GPTConfig.from_preset("tiny"))).eval()
+    if "rotary" in flags:  # same weights but wpe: different logits
+        plain.load_state_dict(model.state_dict(), strict=False)
+    else:
+        plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert (plain(idx)[0] - full).abs().max().item() > 1e-2  # the flag changes the computation
+
+
+def test_qk_norm_makes_attention_invariant_to_the_scale_of_q_and_k():
+    """QK-norm divides each head's q and k by their RMS: scaling the q/k projection changes
+    nothing with it on, and changes the output with it off."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 64)
+    outs = {}
+    for on in (True, False):
+        model = _randomize(GPT(GPTConfig.from_preset("tiny", qk_norm=on)), seed=1).eval()
+        attn = model.transformer.h[0].attn
+        with torch.no_grad():
+            a = attn(x)
+            attn.c_attn.weight[: 2 * 64] *= 3.0  # q and k rows (v untouched)
+            attn.c_attn.bias[: 2 * 64] *= 3.0
+            outs[on] = (a - attn(x)).abs().max().item()
+    assert outs[True] < 1e-5 and outs[False] > 1e-3
+
+
+def test_relu2_mlp_is_relu_squared():
+    torch.manual_seed(0)
+    model = _randomize(GPT(GPTConfig.from_preset("tiny", activation="relu2")))
+    mlp, x = model.transformer.h[0].mlp, torch.randn(2, 5, 64)
+    with torch.no_grad():
+        expected = mlp.c_proj(torch.relu(mlp.c_fc(x)) ** 2)
+        assert torch.allclose(mlp(x), expected, atol=1e-6)
+        assert not torch.allclose(mlp(x), mlp.c_proj(torch.relu(mlp.c_fc(x))), atol=1e-3)
+
+
+def test_untied_head_learns_separately_from_the_embedding():
+    model = GPT(GPTConfig.from_preset("tiny-vocab", tie_embeddings=False))
+    idx = torch.randint(0, 512, (2, 16))
+    model(idx, idx)[1].backward()
+    # Only the tokens in idx get embedding gradient; the head gets gradient in every row.
+    rows_wte = (model.transformer.wte.weight.grad.abs().sum(1) > 0).sum().item()
+    rows_head = (model.lm_head.weight.grad.abs().sum(1) > 0).sum().item()
+    assert rows_wte <= idx.unique().numel() < rows_head == 512

@@ -12,6 +12,7 @@ import textwrap
 import pytest
 from helpers import (
     PY,
+    RECIPES,
     REPO,
     STEPS,
     assert_params_equal,
@@ -39,10 +40,11 @@ from pretrain.train import main
 SLOW = {"train.fault_inject": "sleep:0.3"}  # time to signal a run between two steps
 
 
-def test_single_process_sigkill_then_resume_is_bitwise(tmp_path_factory):
-    ref = reference_single(tmp_path_factory)
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_single_process_sigkill_then_resume_is_bitwise(tmp_path_factory, recipe):
+    ref = reference_single(tmp_path_factory, recipe)
     run_dir = tmp_path_factory.mktemp("killed-single")
-    args = tiny_overrides(shared_data(tmp_path_factory), run_dir, **SLOW)
+    args = tiny_overrides(shared_data(tmp_path_factory), run_dir, **SLOW, **RECIPES[recipe])
     p = start(python_cmd(args))
     wait_for(lambda: committed(run_dir, 4), 120, p, "the step-4 checkpoint")
     kill_tree(p, signal.SIGKILL)
@@ -54,11 +56,14 @@ def test_single_process_sigkill_then_resume_is_bitwise(tmp_path_factory):
     assert_params_equal(final_params(run_dir, STEPS), final_params(ref, STEPS))
 
 
-def test_resume_on_two_ranks_from_a_one_rank_checkpoint(tmp_path_factory, tmp_path):
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_resume_on_two_ranks_from_a_one_rank_checkpoint(tmp_path_factory, tmp_path, recipe):
     """The 1-process checkpoint of step 4, continued by 2 DDP ranks: same token stream, so the
-    same losses and weights as the 1-process run (up to reduction order)."""
-    ref = reference_single(tmp_path_factory)
-    args = tiny_overrides(shared_data(tmp_path_factory), tmp_path) + ["--resume", str(checkpoint(ref, 4))]
+    same losses and weights as the 1-process run (up to reduction order). With ``muon-wsd`` the
+    checkpoint follows a batch-size warmup (steps 0-2 at half the batch) and holds Muon's state."""
+    ref = reference_single(tmp_path_factory, recipe)
+    args = tiny_overrides(shared_data(tmp_path_factory), tmp_path, **RECIPES[recipe]) + [
+        "--resume", str(checkpoint(ref, 4))]
     out = run(torchrun_cmd(args))
     assert "resumed from" in out.stdout and "world size 2" in out.stdout
     assert [r["step"] for r in metrics(tmp_path)] == [5, 6, 7, 8]
