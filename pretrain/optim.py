@@ -44,8 +44,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(
     model: nn.Module, lr: float, betas, eps: float, weight_decay: float, fused: bool | None, device: torch.device
 ) -> torch.optim.AdamW:
-    if fused is None:
-        fused = device.type == "cuda"
+    if fused is None:  # the fused kernel (one pass over each tensor) exists for CUDA and CPU
+        fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(
         param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, fused=fused
     )
