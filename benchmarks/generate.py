@@ -1,7 +1,17 @@
-"""Generation throughput with and without the KV cache.
+"""Generation throughput with and without the KV cache, against nanoGPT's sampler and the
+memory-bandwidth bound.
 
     python benchmarks/generate.py                       # 6 x 384 model, 256 new tokens, batch 1 and 8
+    python benchmarks/generate.py --w1 --repeats 3      # issue 13: W1 model, batch 1, 240 new tokens
     python benchmarks/generate.py --device cuda --dtype bfloat16
+
+``--w1``: the 4-layer x 256-wide model (4 heads, 256 positions, vocabulary padded to 50,304),
+batch 1, 16-token prompt, 240 new tokens, top-k 50; ``pretrain.generate.generate`` (KV cache) and
+nanoGPT's ``generate`` loop (no cache: the whole context through the body every token, the head
+at the last position only, ``torch.multinomial``), interleaved ``--repeats`` times, medians. The
+bound: weights read per token (every parameter once, the position table one row, plus the KV
+cache read so far on average) over the measured copy bandwidth of a 256 MB tensor
+(``dst.copy_(src)``, bytes copied per second).
 
 A randomly initialised GPT-2-style model (GPT-2 init; the weights do not change the cost),
 a random prompt, ``--new-tokens`` tokens with no early stop at <|endoftext|>. tokens/s =
@@ -14,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 
 import torch
@@ -52,6 +63,76 @@ def run(model: GPT, batch: int, prompt_len: int, new_tokens: int, use_kv_cache: 
     return batch * new_tokens / dt, batch * new_tokens / dc
 
 
+@torch.inference_mode()
+def nanogpt_generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, top_k: int, generator) -> torch.Tensor:
+    """nanoGPT's ``GPT.generate`` over our model's modules: no KV cache, the whole (cropped) context
+    through the body for every new token, the LM head at the last position only."""
+    t = model.transformer
+    for _ in range(max_new_tokens):
+        ctx = idx[:, -model.config.block_size:]  # (B, T)
+        x = t.wte(ctx) + t.wpe(torch.arange(ctx.size(1)))  # (B, T, C)
+        for block in t.h:
+            x = block(x)
+        logits = model.lm_head(t.ln_f(x[:, [-1], :]))[:, -1, : model.config.vocab_size]  # (B, V)
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+        nxt = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1, generator=generator)  # (B, 1)
+        idx = torch.cat((idx, nxt), dim=1)
+    return idx
+
+
+def copy_bandwidth(mb: int = 256, repeats: int = 5) -> float:
+    """Bytes copied per second by ``dst.copy_(src)`` of an ``mb`` MB fp32 tensor (median)."""
+    src = torch.randn(mb * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return src.numel() * 4 / sorted(times)[repeats // 2]
+
+
+def main_w1(args) -> None:
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=4, n_head=4, n_embd=256, block_size=256, padded_vocab_size=50304)
+    model = GPT(cfg).eval()
+    B, T0, n = 1, 16, 240
+    prompts = torch.randint(0, cfg.vocab_size, (B, T0), generator=torch.Generator().manual_seed(0))
+    print(machine("cpu"))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights -= model.transformer.wpe.weight.numel() * 4 - cfg.n_embd * 4  # one position row per token
+    kv = 2 * cfg.n_layer * cfg.n_embd * 4 * (T0 + n / 2)  # keys + values read, on average
+    per_token = weights + kv
+    print(f"model W1: {model.num_params() / 1e6:.1f}M params; batch {B}, prompt {T0}, {n} new tokens, top-k 50; "
+          f"{per_token / 1e6:.1f} MB read per token with the cache")
+    modes = {
+        "kv cache": lambda: generate(model, prompts, max_new_tokens=n, temperature=1.0, top_k=50, seed=0, eot_id=None),
+        "nanoGPT (no cache)": lambda: nanogpt_generate(model, prompts, n, 50, torch.Generator().manual_seed(0)),
+    }
+    for f in modes.values():  # warm-up
+        f()
+    res: dict[str, list[tuple[float, float]]] = {k: [] for k in modes}
+    bws = []
+    for _ in range(args.repeats):
+        bws.append(copy_bandwidth())
+        for k, f in modes.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            f()
+            res[k].append((B * n / (time.perf_counter() - t0), B * n / (time.process_time() - c0)))
+    med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in res.items()}
+    bw = statistics.median(bws)
+    bound = bw / per_token
+    print(f"copy bandwidth {bw / 1e9:.2f} GB/s -> bound {bound:.0f} tokens/s (medians of {args.repeats})")
+    print(f"{'mode':<20} {'tokens/s':>9} {'tokens/CPU-s':>13}  runs (tokens/s)")
+    for k, (w, c) in med.items():
+        print(f"{k:<20} {w:>9.1f} {c:>13.1f}  {[round(x, 1) for x, _ in res[k]]}")
+    kv_w, nc_w = med["kv cache"][0], med["nanoGPT (no cache)"][0]
+    print(f"KV cache vs nanoGPT: {kv_w / nc_w:.1f}x wall, {med['kv cache'][1] / med['nanoGPT (no cache)'][1]:.1f}x CPU; "
+          f"{kv_w / bound:.0%} of the bandwidth bound")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--n-layer", type=int, default=6)
@@ -64,9 +145,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; default = torch's choice")
+    p.add_argument("--w1", action="store_true", help="issue 13's comparison (see the module docstring)")
+    p.add_argument("--repeats", type=int, default=3, help="--w1: interleaved repeats")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.w1:
+        main_w1(args)
+        return
     torch.manual_seed(0)
     cfg = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     model = GPT(cfg).to(device=args.device, dtype=getattr(torch, args.dtype)).eval()

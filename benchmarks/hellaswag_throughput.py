@@ -76,6 +76,32 @@ def one_example_per_forward(model: GPT, prep: hs.Prepared) -> dict[str, float]:
     return {k: float(v.mean()) for k, v in right.items()}
 
 
+@torch.inference_mode()
+def build_nanogpt_in_training(model: GPT, prep: hs.Prepared) -> float:
+    """build-nanogpt's in-training evaluation as written: one style only (the completion style,
+    4 rows per example, padded to the longest), full logits, cross-entropy over every position,
+    the prediction by the mean loss over the ending (acc_norm). Returns that accuracy (not
+    comparable with the five metrics: it is the cost that is compared)."""
+    V = model.config.vocab_size
+    correct = 0
+    for i in range(len(prep)):
+        rows = range((2 * i + 1) * 4, (2 * i + 2) * 4)  # style 1 (completion) of example i
+        seqs = [(prep.context[r] + prep.continuation[r])[-model.config.block_size:] for r in rows]
+        L = max(len(q) for q in seqs)
+        tokens = torch.zeros(4, L, dtype=torch.long)
+        mask = torch.zeros(4, L)
+        for j, (r, q) in enumerate(zip(rows, seqs)):
+            tokens[j, : len(q)] = torch.tensor(q)
+            mask[j, len(q) - len(prep.continuation[r]): len(q)] = 1
+        logits, _ = model(tokens)  # (4, L, V_rows)
+        losses = F.cross_entropy(logits[:, :-1, :V].reshape(-1, V), tokens[:, 1:].reshape(-1),
+                                 reduction="none").view(4, -1)  # (4, L-1)
+        m = mask[:, 1:]
+        avg = (losses * m).sum(1) / m.sum(1)
+        correct += int(avg.argmin().item() == prep.labels[i])
+    return correct / len(prep)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -87,10 +113,13 @@ def main() -> None:
     p.add_argument("--pad-multiple", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2, help="best of N timings")
+    p.add_argument("--w1", action="store_true",
+                   help="issue 13's W1 model: 256 positions, vocabulary padded to 50,304 (with --layers 4 --width 256)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=args.layers, n_head=max(1, args.width // 64), n_embd=args.width)).eval()
+    extra = dict(block_size=256, padded_vocab_size=50304) if args.w1 else {}
+    model = GPT(GPTConfig(n_layer=args.layers, n_head=max(1, args.width // 64), n_embd=args.width, **extra)).eval()
     examples = (hs.load_examples(args.hellaswag, args.examples) if args.hellaswag
                 else synthetic_examples(args.examples))
     prep = hs.prepare(examples)
@@ -107,8 +136,10 @@ def main() -> None:
             times.append(time.process_time() - t0)
         return min(times), out
 
-    t_base, base = best(lambda: one_example_per_forward(model, prep))
     n = len(examples)
+    t_nano, _ = best(lambda: build_nanogpt_in_training(model, prep))
+    print(f"{'build-nanogpt in-training loop (1 style, 4 rows)':60s} {n / t_nano:7.2f} examples/s  {t_nano:7.2f} CPU s")
+    t_base, base = best(lambda: one_example_per_forward(model, prep))
     print(f"{'one example per forward (8 rows)':60s} {n / t_base:7.2f} examples/s  {t_base:7.2f} CPU s  1.00x")
     modes = [  # (name, evaluate() options)
         (f"packed, {args.batch_size} rows/forward", {"head_positions_only": False, "share_prefix": False}),
@@ -121,7 +152,8 @@ def main() -> None:
                                                  pad_multiple=args.pad_multiple, **o))
         out = {k.removeprefix("hellaswag/"): v for k, v in out.items() if k.removeprefix("hellaswag/") in base}
         assert all(abs(out[k] - base[k]) < 1e-9 for k in base), (out, base)  # the same answers
-        print(f"{name:60s} {n / t:7.2f} examples/s  {t:7.2f} CPU s  {t_base / t:.2f}x")
+        print(f"{name:60s} {n / t:7.2f} examples/s  {t:7.2f} CPU s  {t_base / t:.2f}x "
+              f"({t_nano / t:.2f}x build-nanogpt's 1-style loop)")
 
 
 if __name__ == "__main__":

@@ -281,21 +281,16 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             # One Parameter, two uses: the input embedding and the output projection.
             self.lm_head.weight = self.transformer.wte.weight
-        # Padded vocabulary rows get -inf logits so they never receive probability mass.
-        # (B, T, V) + (V,): 0 for real tokens, -inf for padding. Not saved: derived from config.
-        if config.vocab_rows > config.vocab_size:
-            self.register_buffer("logit_pad_mask", torch.empty(config.vocab_rows), persistent=False)
-        else:
-            self.logit_pad_mask = None
+        # Rows of (B*T) per chunk of the fused LM head + cross-entropy (see ``forward``);
+        # 0 = the full-logits path (for A/B comparisons), None = automatic. Not a GPTConfig field:
+        # it changes how the loss is computed, not the architecture.
+        self.loss_chunk_size: int | None = None
         self.init_weights()
 
     def init_buffers(self) -> None:
-        """Fill the non-persistent buffers (the padded-vocab logit mask). ``init_weights`` calls
-        it; call it yourself after ``to_empty()`` when loading weights into a meta-device model."""
-        if self.logit_pad_mask is not None:
-            with torch.no_grad():
-                self.logit_pad_mask.zero_()
-                self.logit_pad_mask[self.config.vocab_size :] = float("-inf")
+        """Fill the non-persistent buffers. ``init_weights`` calls it; call it yourself after
+        ``to_empty()`` when loading weights into a meta-device model. (GPT-2 has none: padded
+        vocabulary rows are sliced off or filled with -inf in ``forward``, no mask buffer.)"""
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """GPT-2 initialisation: every Linear and Embedding weight ~ N(0, 0.02), biases 0,
@@ -336,11 +331,18 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         reduction: str = "mean",
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return_logits: bool | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx: (B, T) token ids. targets: (B, T) ids, -100 = ignored.
 
-        Returns logits (B, T, padded V) and, with targets, the cross-entropy loss
-        (``reduction``: 'mean' over non-ignored tokens, 'sum', or 'none' -> (B, T)).
+        Returns ``(logits, loss)``. Without targets: logits (B, T, padded V) (padded columns
+        -inf) and None. With targets: the cross-entropy loss (``reduction``: 'mean' over
+        non-ignored tokens, 'sum', or 'none' -> (B, T)) and, by default, **no logits** (None):
+        the LM head and the loss run fused over chunks of ``loss_chunk_size`` rows of B*T
+        (:func:`linear_cross_entropy`), so the (B, T, V) logits and their gradient never exist.
+        ``return_logits=True`` asks for both (the full-logits path). Setting the attribute
+        ``model.loss_chunk_size = 0`` selects the full-logits path for every call (A/B
+        benchmarks); None (default) = 8192 rows on CUDA, 512 elsewhere.
         With ``kv_cache``, idx holds positions [kv_cache.pos, kv_cache.pos + T) and the
         cache is advanced by T."""
         B, T = idx.size()
@@ -362,22 +364,152 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.pos = start + T
         x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, V)
-        if self.logit_pad_mask is not None:
-            logits = logits + self.logit_pad_mask.to(logits.dtype)
+        V = self.config.vocab_size
+        if return_logits is None:
+            return_logits = targets is None
+        chunk = self.loss_chunk_size
+        if chunk is None:
+            chunk = 8192 if x.device.type == "cuda" else 512
+        grad_none = reduction == "none" and torch.is_grad_enabled() and x.requires_grad
+        if targets is not None and not return_logits and chunk > 0 and not grad_none:
+            # The fused head: the padded rows of the weight are sliced off, not masked.
+            loss = linear_cross_entropy(
+                x.view(B * T, -1),  # (B*T, C)
+                self.lm_head.weight,
+                targets.reshape(-1),  # (B*T,); reshape: targets may be a non-contiguous slice
+                vocab_size=V,
+                chunk_size=chunk,
+                reduction=reduction,
+            )
+            return None, (loss.view(B, T) if reduction == "none" else loss)
+        logits = self.lm_head(x)  # (B, T, V_rows)
+        if V < logits.size(-1):
+            # Padded vocabulary rows never receive probability mass. In place: no mask tensor,
+            # and Linear's backward does not need its output.
+            logits[..., V:] = float("-inf")
         loss = None
         if targets is not None:
             loss = F.cross_entropy(
-                logits.float().view(-1, logits.size(-1)),  # (B*T, V)
+                logits.float().view(-1, logits.size(-1)),  # (B*T, V_rows)
                 targets.reshape(-1),  # (B*T,); reshape: targets may be a non-contiguous slice
                 ignore_index=-100,
                 reduction=reduction,
             )
             if reduction == "none":
                 loss = loss.view(B, T)
-        return logits, loss
+        return (logits if return_logits else None), loss
 
     def set_reference_attention(self, on: bool = True) -> None:
         """Route attention through ``reference_attention`` (tests compare it with SDPA)."""
         for block in self.transformer.h:
             block.attn.use_reference = on
+
+
+# ---------------------------------------------------------------------------------------------
+# The LM head fused with the cross-entropy
+
+
+def _head_ce_chunks(h, weight, targets, vocab_size, chunk_size, compute_dtype, reduction, with_grad):
+    """The loop behind :func:`linear_cross_entropy`, over chunks of ``chunk_size`` rows.
+
+    h: (N, C); weight: (V_rows, C), only the first ``vocab_size`` rows are used; targets: (N,).
+    Returns (loss, grad_h, grad_w): loss is the sum / mean (0-dim) or (N,) for 'none'; with
+    ``with_grad`` the gradients of that loss w.r.t. h (N, C) and weight (V_rows, C), computed
+    chunk by chunk from the chunk's softmax (so the backward pass has nothing left to do but
+    scale them). No host sync: the ignored-token count stays a tensor."""
+    N = h.size(0)
+    w = weight[:vocab_size].to(compute_dtype)  # (V, C): padded rows sliced off
+    valid = targets != -100  # (N,)
+    safe_t = torch.where(valid, targets, 0)  # (N,) an in-range index for ignored rows
+    # d loss / d logit_ij = scale_i * (softmax_ij - [j == t_i]); scale 0 on ignored rows.
+    scale = valid.float()
+    if reduction == "mean":
+        scale = scale / valid.sum()  # 0-dim tensor: nan when every target is ignored, as F.cross_entropy
+    grad_h = torch.empty_like(h) if with_grad else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if with_grad else None
+    losses = []
+    for lo in range(0, N, chunk_size):
+        hi = min(lo + chunk_size, N)
+        hc = h[lo:hi].to(compute_dtype)  # (R, C)
+        t = safe_t[lo:hi]  # (R,)
+        sc = scale[lo:hi]  # (R,)
+        # The chunk's logits, transposed: (V, R) = w @ hc^T. The only (vocabulary x rows)
+        # tensor, one chunk at a time; vocabulary-major because on CPUs that matmul is ~1.5x
+        # faster than (R, V) = hc @ w^T (the output is written in long contiguous rows).
+        logits = (w @ hc.t()).float()  # (V, R)
+        tgt = logits.gather(0, t[None, :]).squeeze(0)  # (R,)
+        # log-sum-exp by hand, in place (no second (V, R) tensor); the exponentials are reused
+        # for the gradient: softmax = exp(logit - max) / sum.
+        m = logits.amax(dim=0, keepdim=True)  # (1, R)
+        e = logits.sub_(m).exp_()  # (V, R)
+        s = e.sum(dim=0, keepdim=True)  # (1, R)
+        lse = (m + s.log()).squeeze(0)  # (R,)
+        losses.append(torch.where(valid[lo:hi], lse - tgt, 0.0))  # (R,)
+        if with_grad:
+            g = e.mul_(sc[None, :] / s)  # (V, R) scale * softmax
+            g.scatter_add_(0, t[None, :], -sc[None, :])  # - scale * one-hot
+            g = g.to(compute_dtype)  # (V, R)
+            grad_h[lo:hi] = g.t() @ w  # (R, C)
+            if compute_dtype == torch.float32:
+                grad_w[:vocab_size].addmm_(g, hc)  # (V, C)
+            else:
+                grad_w[:vocab_size] += (g @ hc).float()  # (V, C), accumulated in fp32
+    per_row = torch.cat(losses)  # (N,)
+    if reduction == "none":
+        loss = per_row
+    else:
+        loss = per_row.sum()
+        if reduction == "mean":
+            loss = loss / valid.sum()
+    return loss, grad_h, grad_w
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Liger-style: the gradients are computed in the forward pass, chunk by chunk, so no
+    chunk's logits are kept for (or recomputed in) the backward pass, which only scales them
+    by the incoming gradient (1/accumulation, DDP's hooks, ...)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, vocab_size, chunk_size, compute_dtype, reduction):
+        loss, grad_h, grad_w = _head_ce_chunks(h, weight, targets, vocab_size, chunk_size, compute_dtype,
+                                               reduction, with_grad=True)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        # In place: the buffers are this call's own, and a second backward is not supported.
+        return grad_h.mul_(grad_loss), grad_w.mul_(grad_loss).to(ctx.weight_dtype), None, None, None, None, None
+
+
+def linear_cross_entropy(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_size: int | None = None,
+    chunk_size: int = 512,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """``F.cross_entropy(h @ weight[:vocab_size].T, targets, ignore_index=-100)`` without the
+    (N, V) logits: rows are processed ``chunk_size`` at a time, and at most one chunk's
+    (chunk_size, V) fp32 logits exist at once, in the forward and the backward pass alike.
+
+    h: (N, C); weight: (V_rows, C) (rows >= ``vocab_size`` are padding: sliced off, and their
+    gradient is 0); targets: (N,) long, -100 = ignored. ``reduction``: 'mean' (over the
+    non-ignored targets), 'sum' or 'none' (N,) ('none' carries no gradient). Under autocast
+    the matmuls run in the autocast dtype and the log-sum-exp in fp32, as the unfused
+    ``F.cross_entropy(logits.float())`` does. A plain loop of tensor ops: ``torch.compile``
+    traces it without graph breaks and it never syncs with the device."""
+    V = weight.size(0) if vocab_size is None else vocab_size
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    dev = h.device.type
+    compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    with_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    if with_grad and reduction == "none":
+        raise ValueError("linear_cross_entropy: reduction='none' has no gradient; use 'mean' or 'sum'")
+    if with_grad:
+        return _LinearCrossEntropy.apply(h, weight, targets, V, chunk_size, compute_dtype, reduction)
+    return _head_ce_chunks(h, weight, targets, V, chunk_size, compute_dtype, reduction, with_grad=False)[0]

@@ -221,8 +221,8 @@ def build_optimizer(
     """``adamw``: AdamW over ``param_groups``. ``muon``: ``Muon`` (torch.optim.Muon) over the hidden
     matrices (``muon`` = its settings: lr, momentum, nesterov, ns_steps, weight_decay,
     adjust_lr_fn, ns_dtype 'bfloat16' | 'float32') and AdamW over the rest, behind ``Optimizers``."""
-    if fused is None:
-        fused = device.type == "cuda"
+    if fused is None:  # the fused kernel (one pass over each tensor) exists for CUDA and CPU
+        fused = device.type in ("cuda", "cpu")
     if name == "adamw":
         return torch.optim.AdamW(
             param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, fused=fused

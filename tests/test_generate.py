@@ -117,6 +117,21 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert draws == {0, 1}
 
 
+def test_draw_follows_the_distribution_and_never_picks_a_zero_probability_token():
+    from pretrain.generate import draw
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.15, 0.05, 0.0], [0.0] * 6 + [1.0]])
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    counts = torch.zeros(2, 7)
+    for _ in range(n // 1000):
+        toks = draw(probs.repeat_interleave(1000, 0), g).view(2, 1000)  # (2, 1000)
+        counts += torch.nn.functional.one_hot(toks, 7).sum(1)
+    assert counts[1, 6] == n and (counts[:, [0, 2]] == 0).all() and counts[0, 6] == 0
+    freq = counts[0] / n  # binomial std <= 0.0036 per entry: 5 sigma is 0.018
+    assert (freq - probs[0]).abs().max() < 0.018, freq
+
+
 def test_padded_vocab_ids_are_never_generated():
     model = _model(padded_vocab_size=50304)
     out = generate(model, PROMPTS, max_new_tokens=20, temperature=3.0, seed=0, eot_id=None)

@@ -87,7 +87,7 @@ def test_padded_vocab_logits_are_minus_inf_and_never_win():
     torch.manual_seed(0)
     model = _randomize(GPT(GPTConfig.from_preset("tiny-vocab", padded_vocab_size=640))).eval()
     idx = torch.randint(0, 512, (2, 16))
-    logits, loss = model(idx, targets=idx)
+    logits, loss = model(idx, targets=idx, return_logits=True)
     assert logits.shape == (2, 16, 640)
     assert torch.isneginf(logits[..., 512:]).all()
     assert torch.isfinite(logits[..., :512]).all()
@@ -97,19 +97,19 @@ def test_padded_vocab_logits_are_minus_inf_and_never_win():
     plain = GPT(GPTConfig.from_preset("tiny-vocab"))
     sd = {k: (v[:512] if k in ("transformer.wte.weight", "lm_head.weight") else v) for k, v in model.state_dict().items()}
     plain.load_state_dict(sd)
-    logits2, loss2 = plain.eval()(idx, targets=idx)
+    logits2, loss2 = plain.eval()(idx, targets=idx, return_logits=True)
     torch.testing.assert_close(logits2, logits[..., :512], rtol=0, atol=1e-5)
     torch.testing.assert_close(loss2, loss, rtol=0, atol=1e-5)
 
 
-def test_meta_device_init_then_to_empty_rebuilds_the_pad_mask():
+def test_meta_device_init_then_to_empty_gives_minus_inf_padded_logits():
     # The FSDP2 path: build on meta, materialise with to_empty, then init_weights.
     cfg = GPTConfig.from_preset("tiny-vocab", padded_vocab_size=640)
     with torch.device("meta"):
         model = GPT(cfg)
     model.to_empty(device="cpu")
     model.lm_head.weight = model.transformer.wte.weight
-    model.logit_pad_mask.fill_(float("nan"))  # garbage, as uninitialised memory may be
+    assert not list(model.buffers())  # no pad-mask buffer to rebuild: forward fills -inf itself
     model.init_weights()
     logits, _ = model(torch.zeros(1, 4, dtype=torch.long))
     assert torch.isneginf(logits[..., 512:]).all() and torch.isfinite(logits[..., :512]).all()
@@ -172,7 +172,7 @@ def test_loss_reductions_and_ignore_index():
     idx = torch.randint(0, 512, (2, 8))
     targets = torch.randint(0, 512, (2, 8))
     targets[0, :3] = -100
-    logits, mean = model(idx, targets)
+    logits, mean = model(idx, targets, return_logits=True)
     _, total = model(idx, targets, reduction="sum")
     _, per_tok = model(idx, targets, reduction="none")
     assert per_tok.shape == (2, 8) and (per_tok[0, :3] == 0).all()
@@ -282,3 +282,115 @@ def test_untied_head_learns_separately_from_the_embedding():
     rows_wte = (model.transformer.wte.weight.grad.abs().sum(1) > 0).sum().item()
     rows_head = (model.lm_head.weight.grad.abs().sum(1) > 0).sum().item()
     assert rows_wte <= idx.unique().numel() < rows_head == 512
+
+
+# The fused, chunked LM head + cross-entropy (GPT.loss_chunk_size; 0 = the full-logits path)
+
+
+def _loss_and_grads(model: GPT, idx, targets, chunk: int, **kw):
+    model.zero_grad(set_to_none=True)
+    model.loss_chunk_size = chunk
+    logits, loss = model(idx, targets, **kw)
+    loss.backward()
+    return logits, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 32, 1000])
+def test_fused_loss_and_gradients_equal_the_full_logits_path(chunk):
+    torch.manual_seed(0)
+    model = _randomize(GPT(GPTConfig.from_preset("tiny-vocab", padded_vocab_size=640)))
+    idx = torch.randint(0, 512, (3, 16))
+    targets = torch.randint(0, 512, (3, 16))
+    targets[0, :5] = -100
+    targets[2, -1] = -100
+    logits, ref, ref_g = _loss_and_grads(model, idx, targets, 0)
+    assert logits is None  # targets given: no logits unless asked for, on either path
+    none, got, got_g = _loss_and_grads(model, idx, targets, chunk)
+    assert none is None
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+    for n in ref_g:
+        torch.testing.assert_close(got_g[n], ref_g[n], rtol=0, atol=1e-6, msg=n)
+    assert (got_g["transformer.wte.weight"][512:] == 0).all()  # padded rows: sliced off, no gradient
+    # accumulation scales the gradient as the unfused path does (a scalar times the loss)
+    model.zero_grad(set_to_none=True)
+    (model(idx, targets)[1] / 4).backward()
+    torch.testing.assert_close(model.lm_head.weight.grad, ref_g["transformer.wte.weight"] / 4, rtol=0, atol=1e-7)
+
+
+def test_fused_sum_and_none_reductions_without_grad_equal_the_full_path():
+    torch.manual_seed(0)
+    model = _randomize(GPT(GPTConfig.from_preset("tiny-vocab", padded_vocab_size=640))).eval()
+    idx, targets = torch.randint(0, 512, (2, 12)), torch.randint(0, 512, (2, 12))
+    targets[1, 3:] = -100
+    with torch.no_grad():
+        for reduction in ("sum", "none", "mean"):
+            model.loss_chunk_size = 0
+            ref = model(idx, targets, reduction=reduction)[1]
+            model.loss_chunk_size = 5
+            got = model(idx, targets, reduction=reduction)[1]
+            assert got.shape == ref.shape, reduction
+            torch.testing.assert_close(got, ref, rtol=0, atol=2e-6, msg=reduction)
+    # reduction='none' with a gradient takes the full path (correct, not memory-lean)
+    model.loss_chunk_size = 5
+    per_tok = model(idx, targets, reduction="none")[1]
+    per_tok.sum().backward()
+    assert model.lm_head.weight.grad is not None
+
+
+def test_fused_loss_never_builds_a_rows_by_vocabulary_tensor():
+    """Every tensor any op creates in forward + backward, recorded: none is as large as the
+    (B*T, V) logits on the fused path; the full path does build them (so the probe bites)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.numel = max(self.numel, t.numel())
+            return out
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny-vocab", padded_vocab_size=640))
+    idx, targets = torch.randint(0, 512, (4, 32)), torch.randint(0, 512, (4, 32))
+    sizes = {}
+    for chunk in (0, 16):
+        model.loss_chunk_size = chunk
+        with Largest() as probe:
+            model(idx, targets)[1].backward()
+        sizes[chunk] = probe.numel
+    assert sizes[0] >= 4 * 32 * 512
+    assert sizes[16] <= 640 * 32  # the (V_rows, C) head gradient is the largest: one chunk's logits are 16 x 512
+
+
+def test_fused_loss_compiles_without_graph_breaks_and_matches_eager():
+    torch.manual_seed(0)
+    model = _randomize(GPT(GPTConfig.from_preset("tiny-vocab", padded_vocab_size=640)))
+    idx, targets = torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16))
+    targets[0, :4] = -100
+    _, ref, ref_g = _loss_and_grads(model, idx, targets, 8)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break raises
+    compiled.zero_grad(set_to_none=True)
+    _, loss = compiled(idx, targets)
+    loss.backward()
+    torch.testing.assert_close(loss, ref, rtol=0, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_g[n], rtol=0, atol=1e-6, msg=n)
+
+
+def test_fused_loss_under_bf16_autocast_matches_the_full_path():
+    torch.manual_seed(0)
+    model = _randomize(GPT(GPTConfig.from_preset("tiny-vocab", padded_vocab_size=640)), std=0.05)
+    idx, targets = torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, ref, ref_g = _loss_and_grads(model, idx, targets, 0)
+        _, got, got_g = _loss_and_grads(model, idx, targets, 8)
+    assert got.dtype == torch.float32  # the log-sum-exp in fp32, as the full path's .float()
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+    for n in ref_g:  # bf16 matmuls; the fused head accumulates its weight gradient in fp32
+        assert got_g[n].dtype == ref_g[n].dtype == torch.float32
+        torch.testing.assert_close(got_g[n], ref_g[n], rtol=0.05, atol=2e-3, msg=n)
