@@ -175,3 +175,36 @@ def test_gpu_check_smoke(tmp_path):
     assert ev["hellaswag"]["examples"] == 16 and ev["hellaswag"]["examples_per_s"] > 0
     assert ev["generate_kv_cache"]["batch_4"]["new_tokens"] == 64
     assert ev["checkpoint"]["async"]["blocked_s"] > 0 and ev["checkpoint"]["sync"]["total_s"] > 0
+
+
+@pytest.mark.gpu
+def test_cuda_decoding_never_uses_cudnn_attention():
+    """cuDNN's SDPA plans a graph per new key length: generate() keeps it out of decoding."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from pretrain.generate import generate
+    from pretrain.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig.from_preset("tiny")).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16), profile(activities=[ProfilerActivity.CPU]) as prof:
+        generate(model, [[1, 2, 3, 4]], max_new_tokens=8, top_k=50, seed=0, eot_id=None)
+    names = {e.key for e in prof.key_averages()}
+    assert not any("cudnn_attention" in n for n in names), sorted(n for n in names if "attention" in n)
+
+
+@pytest.mark.gpu
+def test_cuda_loss_path_full_when_compiled_chunked_when_eager(monkeypatch):
+    """GPT.loss_chunk_size=None on CUDA: the full-logits path inside torch.compile (inductor fuses
+    it; measured faster), the chunked fused head in eager mode (no fp32 (B, T, V) logits)."""
+    import pretrain.model as model_mod
+
+    calls = []
+    real = model_mod.linear_cross_entropy
+    monkeypatch.setattr(model_mod, "linear_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = model_mod.GPT(model_mod.GPTConfig.from_preset("tiny")).cuda()
+    x = torch.randint(0, 50257, (2, 64), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(x, x)[1].backward()
+        assert len(calls) == 1
+        torch.compile(model)(x, x)[1].backward()  # traced once: a call here would show at trace time
+    assert len(calls) == 1
