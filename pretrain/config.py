@@ -283,6 +283,9 @@ class Derived:
     tokens_per_step: int
     global_batch_seqs: int
     total_tokens: int
+    loader_batch_seqs: int
+    """The loader's unit: the global batch in sequences, or with a batch-size warmup its first
+    (smallest) batch, of which every later step's batch is a multiple."""
 
 
 SECTIONS: dict[str, type] = {
@@ -347,6 +350,8 @@ class Config:
             global_batch_seqs=t.global_batch_tokens // self.data.seq_len,
             total_tokens=tokens_before(s.max_steps, t.global_batch_tokens, s.batch_warmup_start_tokens,
                                        s.batch_warmup_steps),
+            loader_batch_seqs=(s.batch_warmup_start_tokens if s.batch_warmup_steps > 0
+                               else t.global_batch_tokens) // self.data.seq_len,
         )
 
 

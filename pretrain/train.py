@@ -66,7 +66,7 @@ def check_data(cfg, derived):
         ) from None
     try:
         return DistributedTokenLoader(
-            cfg.data.dir, "train", cfg.data.seq_len, cfg.train.micro_batch_size, derived.global_batch_seqs,
+            cfg.data.dir, "train", cfg.data.seq_len, cfg.train.micro_batch_size, derived.loader_batch_seqs,
             rank=0, world_size=derived.world_size, seed=cfg.data.seed, shuffle=cfg.data.shuffle, device="cpu",
             vocab_size=cfg.gpt_config.vocab_size)  # token range from the manifest; no hashing until a batch
     except (ShardError, ValueError) as e:

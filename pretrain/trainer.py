@@ -151,12 +151,9 @@ class Trainer:
         from data_pipeline.loader import DistributedTokenLoader
 
         # With a batch-size warmup every step's batch is a multiple of the first one, so the loader's
-        # unit (and its step-boundary check on resume) is that first batch.
-        s = cfg.schedule
-        loader_seqs = (s.batch_warmup_start_tokens // cfg.data.seq_len if s.batch_warmup_steps > 0
-                       else self.derived.global_batch_seqs)
+        # unit (and its step-boundary check on resume) is that first batch (Derived.loader_batch_seqs).
         self.loader = DistributedTokenLoader(
-            cfg.data.dir, "train", cfg.data.seq_len, cfg.train.micro_batch_size, loader_seqs,
+            cfg.data.dir, "train", cfg.data.seq_len, cfg.train.micro_batch_size, self.derived.loader_batch_seqs,
             rank=self.info.rank, world_size=self.info.world_size, seed=cfg.data.seed, shuffle=cfg.data.shuffle,
             device=self.device, vocab_size=gpt_cfg.vocab_size,  # ids >= vocab_size are refused at the data
         )
@@ -307,7 +304,9 @@ class Trainer:
         for micro in range(accum):
             x, y = self.loader.next_batch()  # (B, T) each
             with self.wrapped.sync_context(last_micro_step=micro == accum - 1):
-                with self.autocast():
+                # The forward holds collectives too (DDP's one-time bucket rebuild broadcast,
+                # FSDP's parameter all-gathers): a rank that stopped answering fails it in one line.
+                with self.autocast(), collective("broadcast / all-gather in the forward (DDP buckets, FSDP)"):
                     _, loss = model(x, y)
                 # Equal-sized micro-batches: the mean of means is the mean over every token of
                 # the global batch (DDP / FSDP average over ranks).
