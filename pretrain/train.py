@@ -90,16 +90,12 @@ def check_resume(cfg, loader) -> None:
     schedule.max_steps, and its loader state fits this data, sequence length and global batch."""
     import torch
 
-    from pretrain.checkpoint import Checkpointer
     from pretrain.config import ConfigError
     from pretrain.trainer import Trainer
 
     trainer = Trainer(cfg)
     trainer.check_resume_target()
-    c = cfg.checkpoint
-    if c.resume == "none":
-        return
-    path = Checkpointer(trainer.ckpt_dir, 1).latest() if c.resume == "auto" else Path(c.resume)
+    path = trainer.resume_path()
     if path is None:
         return
     state_file = path / "trainer_state.pt"

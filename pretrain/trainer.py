@@ -189,15 +189,12 @@ class Trainer:
     def init_weights_from(self, model: GPT) -> str | None:
         """``model.init_from`` into the plain model (before wrapping), unless a checkpoint will be
         resumed: then the checkpoint wins. Returns the line to log, or None."""
-        spec, resume = self.cfg.model.init_from, self.cfg.checkpoint.resume
+        spec = self.cfg.model.init_from
         if spec is None:
             return None
-        if resume != "none":
-            from pretrain.checkpoint import Checkpointer
-
-            found = Checkpointer(self.ckpt_dir, keep_last=1).latest() if resume == "auto" else Path(resume)
-            if found is not None:
-                return f"model.init_from={spec} ignored: resuming checkpoint {found} (the checkpoint wins)"
+        found = self.resume_path()
+        if found is not None:
+            return f"model.init_from={spec} ignored: resuming checkpoint {found} (the checkpoint wins)"
         from pretrain.init_from import init_from
 
         return init_from(model, spec, model.config)
@@ -211,22 +208,27 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
+    def resume_path(self) -> Path | None:
+        """The checkpoint this run resumes from: the newest complete one in the run directory
+        (checkpoint.resume=auto; None if there is none), None (none), or the given path."""
+        from pretrain.checkpoint import Checkpointer
+
+        resume = self.cfg.checkpoint.resume
+        if resume == "none":
+            return None
+        return Checkpointer(self.ckpt_dir, keep_last=1).latest() if resume == "auto" else Path(resume)
+
     def resume(self) -> None:
         c = self.cfg.checkpoint
-        if c.resume == "auto":
-            path = self.checkpointer.latest()
-        elif c.resume == "none":
-            path = None
-            if c.overwrite and previous_run_entries(self.run_dir):
-                # The whole previous run (checkpoints, metrics.jsonl, config.yaml, eval files) goes
-                # into one dated folder together, so the run that was kept stays readable.
-                dist.barrier("before moving the previous run aside")
-                if self.info.is_main:
-                    aside = move_run_aside(self.run_dir)
-                    print(f"checkpoint.overwrite: moved the previous run in {self.run_dir} to {aside}", flush=True)
-                dist.barrier("after moving the previous run aside")
-        else:
-            path = Path(c.resume)
+        if c.resume == "none" and c.overwrite and previous_run_entries(self.run_dir):
+            # The whole previous run (checkpoints, metrics.jsonl, config.yaml, eval files) goes
+            # into one dated folder together, so the run that was kept stays readable.
+            dist.barrier("before moving the previous run aside")
+            if self.info.is_main:
+                aside = move_run_aside(self.run_dir)
+                print(f"checkpoint.overwrite: moved the previous run in {self.run_dir} to {aside}", flush=True)
+            dist.barrier("after moving the previous run aside")
+        path = self.resume_path()
         if path is None:
             return
         trainer_state, rank_state = self.checkpointer.load(path, self.model, self.optimizer,
