@@ -20,3 +20,23 @@ def machine() -> str:
     load = f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "?"
     return (f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}, "
             f"Python {platform.python_version()}, load avg {load}")
+
+
+def synthetic_shards(d: Path, train_tokens: int, val_tokens: int = 100_000, vocab: int = 50257,
+                     period: int = 0) -> Path:
+    """A val and a train shard of random token ids in ``d`` (throughput does not depend on what the
+    tokens say). ``period`` > 0 tiles one random sequence of that length through the train shard,
+    so the loss falls quickly (runs can compare learning curves); 0 = uniform random tokens."""
+    import numpy as np
+
+    from data_pipeline.shards import write_shard
+
+    rng = np.random.default_rng(0)
+    d.mkdir(parents=True, exist_ok=True)
+    if period:
+        train = np.tile(rng.integers(0, vocab, period), train_tokens // period + 1)[:train_tokens]
+    else:
+        train = rng.integers(0, vocab, train_tokens)
+    write_shard(d / "val_000000.bin", rng.integers(0, vocab, val_tokens))
+    write_shard(d / "train_000000.bin", train)
+    return d

@@ -52,6 +52,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _common import synthetic_shards  # noqa: E402
+
 BLOCKS = ("tests", "throughput", "correctness", "evals")
 FLOPS_NOTE = "6N + 12*L*H*Q*T per token (N without wpe); peak 989.5 TFLOP/s dense bf16 (H100 SXM / H200)"
 
@@ -66,25 +68,6 @@ def sizes(smoke: bool) -> dict:
                     corr_micro=4, corr_steps=6, hs_examples=16, gen_tokens=16, gen_batches=(1, 4), device="cpu")
     return dict(config="gpt2_124m.yaml", model=[], seq_len=1024, global_tokens=524288,
                 corr_micro=8, corr_steps=20, hs_examples=1000, gen_tokens=256, gen_batches=(1, 16), device="cuda")
-
-
-def write_data(d: Path, tokens: int, vocab: int = 50257, period: int = 0) -> Path:
-    """Synthetic train/val shards. ``period`` > 0 tiles one random sequence of that length, so the
-    loss falls quickly (a correctness run can compare learning curves); 0 = uniform random tokens."""
-    import numpy as np
-
-    from data_pipeline.shards import write_shard
-
-    rng = np.random.default_rng(0)
-    d.mkdir(parents=True, exist_ok=True)
-    if period:
-        base = rng.integers(0, vocab, period)
-        train = np.tile(base, tokens // period + 1)[:tokens]
-    else:
-        train = rng.integers(0, vocab, tokens)
-    write_shard(d / "val_000000.bin", rng.integers(0, vocab, 70_000))
-    write_shard(d / "train_000000.bin", train)
-    return d
 
 
 def free_port() -> int:
@@ -628,8 +611,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
         tmp = Path(tmp)
         steps_total = (1 + args.warmup + args.steps + 6) * sz["global_tokens"] + sz["seq_len"] * 64
-        rand = write_data(tmp / "random", steps_total)
-        tiled = write_data(tmp / "tiled", 64 * sz["corr_micro"] * sz["seq_len"] * 2, period=4096)
+        rand = synthetic_shards(tmp / "random", steps_total, val_tokens=70_000)
+        tiled = synthetic_shards(tmp / "tiled", 64 * sz["corr_micro"] * sz["seq_len"] * 2, val_tokens=70_000, period=4096)
         if "tests" in args.blocks:
             res["tests"] = block_tests(r)
         if "throughput" in args.blocks:

@@ -53,6 +53,19 @@ def synthetic_examples(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
+def padded_rows(prep: hs.Prepared, rows: range, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate rows ``rows`` as context + continuation (the last ``keep`` tokens of each), right-
+    padded with 0 to the longest: tokens (R, L) long and a mask (R, L) of the continuation tokens."""
+    seqs = [(prep.context[r] + prep.continuation[r])[-keep:] for r in rows]
+    L = max(len(q) for q in seqs)
+    tokens = torch.zeros(len(seqs), L, dtype=torch.long)
+    mask = torch.zeros(len(seqs), L)
+    for j, (r, q) in enumerate(zip(rows, seqs)):
+        tokens[j, : len(q)] = torch.tensor(q)
+        mask[j, len(q) - len(prep.continuation[r]): len(q)] = 1
+    return tokens, mask
+
+
 @torch.inference_mode()
 def one_example_per_forward(model: GPT, prep: hs.Prepared) -> dict[str, float]:
     """build-nanogpt's loop, generalised to both styles: 8 rows per forward."""
@@ -60,13 +73,7 @@ def one_example_per_forward(model: GPT, prep: hs.Prepared) -> dict[str, float]:
     sums, counts = np.zeros(len(prep.context)), np.zeros(len(prep.context), dtype=np.int64)
     for i in range(len(prep)):
         rows = range(8 * i, 8 * i + 8)
-        seqs = [(prep.context[r] + prep.continuation[r])[-(Tmax + 1):] for r in rows]
-        L = max(len(s) for s in seqs)
-        tokens = torch.zeros(8, L, dtype=torch.long)
-        mask = torch.zeros(8, L)
-        for j, (r, s) in enumerate(zip(rows, seqs)):
-            tokens[j, : len(s)] = torch.tensor(s)
-            mask[j, len(s) - len(prep.continuation[r]): len(s)] = 1
+        tokens, mask = padded_rows(prep, rows, Tmax + 1)
         logits, _ = model(tokens[:, :-1])  # (8, L-1, V_rows)
         losses = F.cross_entropy(logits[..., :V].reshape(-1, V).float(), tokens[:, 1:].reshape(-1),
                                  reduction="none").view(8, -1)  # (8, L-1)
@@ -86,13 +93,7 @@ def build_nanogpt_in_training(model: GPT, prep: hs.Prepared) -> float:
     correct = 0
     for i in range(len(prep)):
         rows = range((2 * i + 1) * 4, (2 * i + 2) * 4)  # style 1 (completion) of example i
-        seqs = [(prep.context[r] + prep.continuation[r])[-model.config.block_size:] for r in rows]
-        L = max(len(q) for q in seqs)
-        tokens = torch.zeros(4, L, dtype=torch.long)
-        mask = torch.zeros(4, L)
-        for j, (r, q) in enumerate(zip(rows, seqs)):
-            tokens[j, : len(q)] = torch.tensor(q)
-            mask[j, len(q) - len(prep.continuation[r]): len(q)] = 1
+        tokens, mask = padded_rows(prep, rows, model.config.block_size)
         logits, _ = model(tokens)  # (4, L, V_rows)
         losses = F.cross_entropy(logits[:, :-1, :V].reshape(-1, V), tokens[:, 1:].reshape(-1),
                                  reduction="none").view(4, -1)  # (4, L-1)

@@ -36,20 +36,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def make_data(d: Path, tokens: int, vocab: int = 50257) -> Path:
-    from data_pipeline.shards import write_shard
-
-    rng = np.random.default_rng(0)
-    d.mkdir(parents=True, exist_ok=True)
-    write_shard(d / "val_000000.bin", rng.integers(0, vocab, 100_000))
-    write_shard(d / "train_000000.bin", rng.integers(0, vocab, tokens))
-    return d
+from _common import synthetic_shards  # noqa: E402
 
 
 def measure(config: str, overrides: list[str], warmup: int, steps: int) -> dict:
@@ -240,7 +231,7 @@ def spawn(args, case: str, compile: bool, data: Path, run_dir: Path, extra: list
 
 def compare_w1(args, tmp: Path) -> None:
     """bare vs trainer, interleaved, ``--repeats`` times each, eager and/or compiled."""
-    data = make_data(tmp / "w1-data", (args.warmup + args.steps + 2) * args.micro_batch * args.seq_len * 2)
+    data = synthetic_shards(tmp / "w1-data", (args.warmup + args.steps + 2) * args.micro_batch * args.seq_len * 2)
     modes = {"eager": [False], "compiled": [True], "both": [False, True]}[args.compile]
     rows = {}
     for rep in range(args.repeats):
@@ -268,7 +259,7 @@ def memory_124m(args, tmp: Path) -> None:
     """Peak RSS of one 124M training step (micro-batch 8 x 1024, fp32, eager) with the full-logits
     head (loss_chunk_size=0) and the fused one."""
     B, T = 8, 1024
-    data = make_data(tmp / "m-data", 4 * B * T + 1)
+    data = synthetic_shards(tmp / "m-data", 4 * B * T + 1)
     a = argparse.Namespace(**{**vars(args), "preset": "gpt2", "n_layer": 12, "n_head": 12, "n_embd": 768,
                               "seq_len": T, "micro_batch": B, "vocab_rows": 50304, "warmup": 0, "steps": 1})
     for chunk in ("0", None):
@@ -303,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--run-dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.only == "w1" and args.steps < 2:  # w1 times from the first timed step's start to the last's
+        p.error(f"--only w1 needs --steps >= 2 (the timing spans the steps between the first and the last), "
+                f"got {args.steps}")
     if args.worker:
         args.case, args.compile = args.worker, args.compile_worker
         worker(args)
@@ -324,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         common = ["eval.interval=0", "checkpoint.interval=0", "logging.wandb=disabled"]
         if args.only == "cpu":
-            data = make_data(tmp / "cpu-data", 2_000_000)
+            data = synthetic_shards(tmp / "cpu-data", 2_000_000)
             for compile in (False, True):
                 ov = common + [f"data.dir={data}", f"train.run_dir={tmp / f'cpu-{compile}'}", "train.device=cpu",
                                f"train.compile={str(compile).lower()}", "train.global_batch_tokens=512",
@@ -338,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("CUDA not available: skipping the 124M (gpt2_124m.yaml) case", file=sys.stderr)
             else:
                 B, T = args.micro_batch, 1024
-                data = make_data(tmp / "gpu-data", (args.warmup + args.steps + 2) * B * T + 1)
+                data = synthetic_shards(tmp / "gpu-data", (args.warmup + args.steps + 2) * B * T + 1)
                 ov = common + [f"data.dir={data}", f"train.run_dir={tmp / 'gpu'}", f"train.micro_batch_size={B}",
                                f"train.global_batch_tokens={B * T}", "checkpoint.resume=none"]
                 res = measure("gpt2_124m.yaml", ov, args.warmup, args.steps)
