@@ -20,17 +20,21 @@ def dist_world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+def all_reduce(t: torch.Tensor, op: str = "sum", what: str = "eval") -> torch.Tensor:
     """``t`` reduced over the process group (``op`` 'sum' or 'max'); ``t`` itself without one.
-    gloo reduces on CPU, nccl on the current CUDA device; the result is on ``t``'s device."""
+    gloo reduces on CPU, nccl on the current CUDA device; the result is on ``t``'s device.
+    Runs under ``pretrain.guards.collective``: a rank that stops answering during an eval gives
+    one ``CollectiveError`` naming ``all_reduce(<what>)`` after the process group's timeout."""
     if dist_world() == 1:
         return t
+    from pretrain.guards import collective
     reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
     if dist.get_backend() == "nccl":
         buf = t.to(torch.device("cuda", torch.cuda.current_device()))
     else:
         buf = t.cpu().clone()
-    dist.all_reduce(buf, op=reduce_op)
+    with collective(f"all_reduce({what})"):
+        dist.all_reduce(buf, op=reduce_op)
     return buf.to(t.device)
 
 

@@ -587,7 +587,7 @@ def score_sequences(model, context: Sequence[list[int]], continuation: Sequence[
     batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
     num_batches = len(batches)
     if sync_batches:
-        num_batches = int(all_reduce(torch.tensor([num_batches], dtype=torch.int64), "max").item())
+        num_batches = int(all_reduce(torch.tensor([num_batches], dtype=torch.int64), "max", what="hellaswag batch count").item())
 
     sums = torch.zeros(n, dtype=torch.float32, device=device)
     for b in range(num_batches):
@@ -667,7 +667,7 @@ def evaluate(model, prep: Prepared, *, batch_size: int = 32, device: str | torch
     )
     right = example_predictions(prep, sums, counts) if len(prep) else {k: np.zeros(0) for k in METRICS}
     totals = torch.tensor([len(prep)] + [float(right[k].sum()) for k in METRICS], dtype=torch.float64)
-    totals = all_reduce(totals, "sum")
+    totals = all_reduce(totals, "sum", what="hellaswag totals")
     n = int(totals[0].item())
     return summarize({k: float(totals[1 + j].item()) for j, k in enumerate(METRICS)}, n, prefix)
 

@@ -109,7 +109,7 @@ class ValLossEvaluator:
                 _, loss = model(x, y, reduction="sum")
             total[0] += loss.double()
             total[1] += (y != -100).sum()
-        total = all_reduce(total, "sum")
+        total = all_reduce(total, "sum", what="val loss")
         loss_sum, tokens = total.tolist()
         mean = loss_sum / tokens
         return {"val/loss": mean, "val/ppl": math.exp(min(mean, 700.0)), "val/tokens": tokens}

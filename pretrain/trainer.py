@@ -382,7 +382,10 @@ class Trainer:
             try:
                 for ev in self.evaluators:
                     t0 = time.perf_counter()
-                    results.update(ev(model, self.step))  # evaluators pick their own precision
+                    # The evaluators' own reductions name themselves; the collectives inside
+                    # the forward (FSDP's all-gathers) are named here.
+                    with collective(f"{ev.name} eval (all-gathers in the forward)"):
+                        results.update(ev(model, self.step))  # evaluators pick their own precision
                     results[f"time/{ev.name}_s"] = round(time.perf_counter() - t0, 3)
                 text = self.sample()
                 if text is not None:

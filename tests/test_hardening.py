@@ -138,15 +138,17 @@ def test_spike_decision_is_identical_on_every_rank():
     assert "rank 0 skip=True skipped=1" in out and "rank 1 skip=True skipped=1" in out, out[-3000:]
 
 
-def test_a_rank_that_stops_answering_fails_the_others_within_the_timeout():
-    """Rank 1 sleeps forever before all_reduce(loss); rank 0 must raise a CollectiveError naming
-    the operation within the 3 s process-group timeout (not the 30 min default, not forever)."""
-    rc, out, wall = _torchrun("hang", "3", timeout=150, PRETRAIN_FAULT_HANG="1:all_reduce(loss)")
-    assert "rank 1 hangs before all_reduce(loss)" in out, out[-3000:]
+@pytest.mark.parametrize("mode, op", [("hang", "all_reduce(loss)"), ("evalhang", "all_reduce(val loss)")])
+def test_a_rank_that_stops_answering_fails_the_others_within_the_timeout(mode, op):
+    """Rank 1 sleeps forever before the trainer's all_reduce(loss) (or the val-loss evaluator's
+    reduction); rank 0 must raise a CollectiveError naming the operation within the 3 s
+    process-group timeout (not the 30 min default, not forever)."""
+    rc, out, wall = _torchrun(mode, "3", timeout=150, PRETRAIN_FAULT_HANG=f"1:{op}")
+    assert f"rank 1 hangs before {op}" in out, out[-3000:]
     assert rc != 0, out[-3000:]
     line = next((ln for ln in out.splitlines() if "CollectiveError after" in ln), None)
     assert line is not None, out[-3000:]
-    assert "all_reduce(loss) timed out after 3s on rank 0 of 2; a rank stopped responding" in line
+    assert f"{op} timed out after 3s on rank 0 of 2; a rank stopped responding" in line
     waited = float(line.split("CollectiveError after ")[1].split("s:")[0])
     assert 2.5 <= waited < 15, line
 
@@ -549,7 +551,7 @@ def test_training_fails_within_the_timeout_when_a_rank_stops_answering(tmp_path)
         assert "gpt2-train: rank 0" in out and "timed out" in out.lower(), out[-3000:]
         # The trainer routes its collectives through guards.collective: the error names the
         # operation that hung (the step's all-reduce, the gradient reduction, ...), not a socket.
-        named = re.search(r"gpt2-train: rank 0.*CollectiveError: (all_reduce|barrier|broadcast|gradient)\S*", out)
+        named = re.search(r"gpt2-train: rank 0.*CollectiveError: (all_reduce|barrier|broadcast|gradient|\w+ eval)\S*", out)
         assert named and "timed out after 5s" in out, out[-3000:]
         assert noticed < 60, f"the timeout fired {noticed:.0f}s after rank 1 froze (configured: 5 s)"
         # torchrun now SIGTERMs the frozen rank (and SIGKILLs it 30 s later); thaw it so the

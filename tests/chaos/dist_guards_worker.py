@@ -6,6 +6,9 @@ Modes (argv[1]):
   hang   rank 1 stops answering before all_reduce(loss) (PRETRAIN_FAULT_HANG=1:all_reduce(loss),
          set by the test); rank 0 must fail within the process-group timeout (argv[2] seconds)
          with a CollectiveError naming the operation instead of waiting forever.
+  evalhang  the same through the evaluators' reduction (evals.common.all_reduce, the val-loss sum;
+         PRETRAIN_FAULT_HANG=1:all_reduce(val loss)): a rank frozen during an eval fails the
+         others just as clearly.
 """
 
 import datetime
@@ -30,16 +33,21 @@ def main() -> None:
         skip = det.update(30.0 if rank == 0 else 3.0)  # a (deliberately) rank-local spike
         print(f"rank {rank} skip={skip} skipped={det.skipped}", flush=True)
         guards.barrier("end")
-    elif mode == "hang":
+    elif mode in ("hang", "evalhang"):
+        from evals.common import all_reduce as eval_all_reduce
+
         t0 = time.monotonic()
         try:
-            guards.all_reduce(torch.ones(1), "loss")
+            if mode == "hang":
+                guards.all_reduce(torch.ones(1), "loss")
+            else:
+                eval_all_reduce(torch.ones(1), "sum", what="val loss")
         except guards.CollectiveError as e:
             print(f"rank {rank} CollectiveError after {time.monotonic() - t0:.1f}s: {e}", flush=True)
             sys.exit(17)
         print(f"rank {rank} all_reduce returned", flush=True)
     else:
-        raise SystemExit(f"unknown mode {mode!r}; use spike or hang")
+        raise SystemExit(f"unknown mode {mode!r}; use spike, hang or evalhang")
     dist.destroy_process_group()
 
 
