@@ -188,13 +188,15 @@ class CausalSelfAttention(nn.Module):
         if layer_cache is not None:
             # Incremental decoding: write this chunk's k, v at [pos, pos+T) and attend over
             # everything written so far. A query at absolute position pos+i may see keys
-            # 0..pos+i, so the mask is causal with an offset of pos.
+            # 0..pos+i, so the mask is causal with an offset of pos. One new token (T == 1, every
+            # step of sampling) sees every key: no mask at all (none to build per layer and
+            # token, and unmasked SDPA is the fastest kernel on every device).
             k_all, v_all, pos = layer_cache
             k_all[:, :, pos : pos + T] = k
             v_all[:, :, pos : pos + T] = v
             k = k_all[:, :, : pos + T]  # (B, nh, pos+T, hs)
             v = v_all[:, :, : pos + T]  # (B, nh, pos+T, hs)
-            mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+            mask = None if T == 1 else torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
         elif self.use_reference:
             y = reference_attention(q, k, v)  # (B, nh, T, hs)
@@ -325,6 +327,31 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
+    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """The trunk without the LM head: idx (B, T) -> the final hidden states (B, T, C), after
+        ``ln_f``. ``forward`` applies the head to them; samplers that need one position's logits
+        apply it to that position only. With ``kv_cache``: as in :meth:`forward`."""
+        B, T = idx.size()
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {start + T} tokens is longer than the model's context "
+                f"(block_size={self.config.block_size}); shorten the input"
+            )
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if not self.config.rotary:
+            # Positions start..start+T-1 are rows of wpe: a slice (a view) is the lookup, with no
+            # per-step arange. (B, T, C) + (T, C)
+            x = x + self.transformer.wpe.weight[start : start + T]
+        x = self.transformer.drop(x)
+        for i, block in enumerate(self.transformer.h):
+            layer_cache = (kv_cache.k[i], kv_cache.v[i], start) if kv_cache is not None else None
+            x = block(x, layer_cache)
+        if kv_cache is not None:
+            kv_cache.pos = start + T
+        x = self.transformer.ln_f(x)
+        return x  # (B, T, C)
+
     def forward(
         self,
         idx: torch.Tensor,
@@ -350,24 +377,7 @@ class GPT(nn.Module):
         With ``kv_cache``, idx holds positions [kv_cache.pos, kv_cache.pos + T) and the
         cache is advanced by T."""
         B, T = idx.size()
-        start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(
-                f"sequence of {start + T} tokens is longer than the model's context "
-                f"(block_size={self.config.block_size}); shorten the input"
-            )
-        x = self.transformer.wte(idx)  # (B, T, C)
-        if not self.config.rotary:
-            # Positions start..start+T-1 are rows of wpe: a slice (a view) is the lookup, with no
-            # per-step arange. (B, T, C) + (T, C)
-            x = x + self.transformer.wpe.weight[start : start + T]
-        x = self.transformer.drop(x)
-        for i, block in enumerate(self.transformer.h):
-            layer_cache = (kv_cache.k[i], kv_cache.v[i], start) if kv_cache is not None else None
-            x = block(x, layer_cache)
-        if kv_cache is not None:
-            kv_cache.pos = start + T
-        x = self.transformer.ln_f(x)
+        x = self.hidden_states(idx, kv_cache)  # (B, T, C)
         V = self.config.vocab_size
         if return_logits is None:
             return_logits = targets is None

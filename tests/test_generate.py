@@ -266,3 +266,48 @@ def test_cli_bad_model_is_one_line_exit_2(tmp_path, capsys):
     assert main(["--model", str(tmp_path / "missing"), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("gpt2-generate: error: ") and err.count("\n") == 1
+
+
+def test_top_k_on_the_candidates_draws_what_the_full_row_draws():
+    """On a CPU, top-k sampling works on the k candidates alone (pretrain.generate._sample_top_k):
+    with the same generator it picks the token the full-row path (mask, softmax over V, draw)
+    picks, with and without top-p; rows with ties at the k-th value go to the full path."""
+    from pretrain.generate import _sample_top_k, draw
+
+    logits = torch.randn(400, 1000, generator=torch.Generator().manual_seed(1)) * 3  # (B, V)
+    for top_p in (None, 0.8):
+        fast = _sample_top_k(logits, 50, top_p, torch.Generator().manual_seed(2))
+        full = draw(filter_logits(logits, 50, top_p).softmax(-1), torch.Generator().manual_seed(2))
+        assert fast is not None and (fast == full).float().mean() > 0.99, (fast != full).sum()
+        kth = logits.topk(50).values[:, -1:]
+        assert (logits.gather(1, fast[:, None]) >= kth).all()
+    tied = torch.zeros(2, 100)
+    tied[:, :10] = 1.0  # 10 tokens tie for the top: top-k 5 keeps all 10
+    assert _sample_top_k(tied, 5, None, None) is None
+    picks = torch.stack([sample_next(tied, top_k=5, generator=torch.Generator().manual_seed(s)) for s in range(200)])
+    assert picks.max() < 10 and len(picks.unique()) > 5  # the tied 10, not just the first 5
+
+
+def test_generate_leaves_the_weights_exactly_as_they_were():
+    """generate() gives the CPU model's Linear weights a column-major copy while it decodes
+    (pretrain.generate.decode_layout) and each parameter its very tensor back afterwards: same
+    storage, strides and version, so an optimizer, DDP's bucket views or a compiled graph holding
+    them see nothing. Also when generation fails half-way."""
+    model = _model()
+
+    def state():
+        return [(n, p.data_ptr(), p.stride(), p._version) for n, p in model.named_parameters()]
+
+    before = state()
+    generate(model, PROMPTS, max_new_tokens=5, seed=0, top_k=5)
+    assert state() == before
+    from pretrain import generate as gen_mod
+
+    real = gen_mod.sample_next
+    try:
+        gen_mod.sample_next = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+        with pytest.raises(RuntimeError, match="boom"):
+            generate(model, PROMPTS, max_new_tokens=5, seed=0)
+    finally:
+        gen_mod.sample_next = real
+    assert state() == before
