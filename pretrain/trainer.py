@@ -41,6 +41,7 @@ import torch
 from pretrain import dist
 from pretrain.config import Config, ConfigError, Derived, validate
 from pretrain.guards import LossSpikeDetector, collective
+from pretrain.host_memory import keep_freed_memory
 from pretrain.metrics import MetricsLogger, flops_per_token, memory_gb, mfu, peak_flops, startup_summary
 from pretrain.model import GPT
 from pretrain.optim import batch_tokens_at, build_optimizer, clip_grad_norm, lr_at, set_lr
@@ -116,6 +117,8 @@ class Trainer:
     def build(self) -> Trainer:
         cfg = self.cfg
         self.check_resume_target()
+        if cfg.train.reuse_host_memory:
+            keep_freed_memory()  # before the model and the first step allocate
         self.info = dist.setup(cfg.train.device, cfg.distributed.backend, cfg.distributed.timeout_s,
                                need_group=cfg.distributed.mode == "fsdp")
         self.device = self.info.device
