@@ -23,8 +23,9 @@ reading every weight once (W1: 65 MB, 51.5 of them the head). ``F.linear`` compu
 short dot product per output: 7 GB/s on the project's 2-core EPYC (7.2 ms for the 50,257 x 256
 fp32 head). With ``W`` stored column-major (``W^T`` contiguous), the same product streams the
 matrix at the memory's read bandwidth: 22 GB/s (2.3 ms). So ``generate`` gives every
-nn.Linear weight of a plain CPU model a column-major copy for the call (one extra copy of those
-weights while it runs; ~50 ms for W1's 65 MB) and its original tensor back afterwards. Same fp32
+nn.Linear weight with more outputs than inputs (the head, the qkv and MLP expansions) of a plain
+CPU model a column-major copy for the call (one extra copy of those weights while it runs; ~50 ms
+for W1's) and its original tensor back afterwards. Same fp32
 arithmetic; only the summation order differs.
 
 Stopping: a row stops at its first ``<|endoftext|>`` (not included in the output; later
@@ -107,11 +108,13 @@ def _sample_top_k(logits: torch.Tensor, top_k: int, top_p: float | None,
     (B, k) instead of (B, V) -- the same distribution as masking the full row. The candidates
     are put back in vocabulary order before the draw, so the inversion walks the same cumulative
     distribution as over the full row (the masked entries add 0). None when a row has ties with
-    its k-th value beyond the k (they are kept by the full path; the caller falls back to it).
-    On CPU only: the tie check reads a value on the host (a device sync on a GPU)."""
-    vals, ids = torch.topk(logits, top_k, dim=-1)  # (B, k) each, values descending
-    if bool(((logits >= vals[:, -1:]).sum(dim=-1) > top_k).any()):
+    its k-th value beyond the k (they are kept by the full path; the caller falls back to it):
+    top-k takes k + 1 values, and a tie exists exactly when the (k+1)-th equals the k-th. On CPU
+    only: the tie check reads a value on the host (a device sync on a GPU)."""
+    vals, ids = torch.topk(logits, top_k + 1, dim=-1)  # (B, k+1) each, values descending
+    if bool((vals[:, top_k] == vals[:, top_k - 1]).any()):  # the (k+1)-th ties with the k-th
         return None
+    vals, ids = vals[:, :top_k], ids[:, :top_k]  # (B, k)
     if top_p is not None and top_p < 1.0:
         probs = vals.softmax(dim=-1)  # (B, k), descending
         drop = (probs.cumsum(dim=-1) - probs) >= top_p  # as filter_logits
@@ -150,20 +153,28 @@ class DecodeHead:
 
 @contextmanager
 def decode_layout(model: torch.nn.Module) -> Iterator[None]:
-    """While active, every 2-D nn.Linear weight of a CPU model is a column-major copy (same
-    values and shape; ``W.t()`` is contiguous), which is how a CPU BLAS reads it fastest when
-    one token goes through (see the module docstring). Afterwards each parameter gets back the
-    very tensor it had (same storage, strides and version: the optimizer, DDP's bucket views
-    and compiled graphs see nothing). Costs one extra copy of those weights while active.
-    Weights on other devices, and tied weights seen twice, are left alone."""
+    """While active, every 2-D nn.Linear weight of a CPU model with more outputs than inputs is
+    a column-major copy (same values and shape; ``W.t()`` is contiguous), which is how a CPU BLAS
+    reads such a matrix fastest when one token goes through (see the module docstring). Weights
+    with as many outputs as inputs or fewer (attention's and the MLP's output projections) stay
+    row-major: there one dot product per output is long and is the faster order (the MLP's
+    (256, 1024) projection, cold cache, 1 thread: 99-121 us row-major vs 160-184 us column-major;
+    its (1024, 256) expansion 100-107 vs 185-203 us the other way round). Afterwards each
+    parameter gets back the very tensor it had (same storage, strides and version: the
+    optimizer, DDP's bucket views and compiled graphs see nothing). Costs one extra copy of those weights while active.
+    Weights on other devices, weights shared with an Embedding (the tied head: DecodeHead copies
+    it) and tied weights seen twice are left alone."""
     changed: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
-    seen: set[int] = set()
+    # A weight an Embedding also uses (GPT-2's tied head) stays row-major: a token's lookup reads
+    # one contiguous row of it; column-major it would be C scattered reads. DecodeHead copies it.
+    seen: set[int] = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     try:
         with torch.no_grad():
             for module in model.modules():
                 w = getattr(module, "weight", None)
                 if (not isinstance(module, torch.nn.Linear) or w is None or w.device.type != "cpu"
-                        or w.dim() != 2 or id(w) in seen or not w.is_contiguous()):
+                        or w.dim() != 2 or id(w) in seen or not w.is_contiguous()
+                        or w.size(0) <= w.size(1)):
                     continue
                 seen.add(id(w))
                 changed.append((w, w.data))
