@@ -23,10 +23,11 @@ reading every weight once (W1: 65 MB, 51.5 of them the head). ``F.linear`` compu
 short dot product per output: 7 GB/s on the project's 2-core EPYC (7.2 ms for the 50,257 x 256
 fp32 head). With ``W`` stored column-major (``W^T`` contiguous), the same product streams the
 matrix at the memory's read bandwidth: 22 GB/s (2.3 ms). So ``generate`` gives every
-nn.Linear weight with more outputs than inputs (the head, the qkv and MLP expansions) of a plain
-CPU model a column-major copy for the call (one extra copy of those weights while it runs; ~50 ms
-for W1's) and its original tensor back afterwards. Same fp32
-arithmetic; only the summation order differs.
+nn.Linear weight with more outputs than inputs (the qkv and MLP expansions) of a plain CPU model
+a column-major copy for the call and its original tensor back afterwards; the tied head, which
+the token embedding reads by rows, is copied transposed by :class:`DecodeHead` instead (one
+extra copy of those weights while sampling runs; ~50 ms for W1's). Same fp32 arithmetic; only
+the summation order differs.
 
 Stopping: a row stops at its first ``<|endoftext|>`` (not included in the output; later
 steps of a finished row are ignored); the batch stops when every row has or after
