@@ -358,16 +358,13 @@ def _prefix_sharing_ok(model) -> bool:
     to run the same forwards; its blocks are no longer plain ``Block``s), no activation
     checkpointing wrappers."""
     from pretrain.model import GPT, Block
+    from pretrain.parallel import is_fsdp
 
     if not isinstance(model, GPT) or any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()):
         return False
     if any(type(block) is not Block for block in model.transformer.h):
         return False
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without FSDP2
-        return True
-    return not isinstance(model, FSDPModule)
+    return not is_fsdp(model)
 
 
 @contextmanager

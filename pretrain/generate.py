@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pretrain.model import GPT, KVCache
+from pretrain.parallel import is_fsdp
 
 # Attention backends while decoding. Not cuDNN's: it builds (and caches) a graph per shape, and
 # every decoded token is a new key length -- on an H200 the 124M model spent 599 of 759 ms of host
@@ -162,8 +163,8 @@ def decode_layout(model: torch.nn.Module) -> Iterator[None]:
     (256, 1024) projection, cold cache, 1 thread: 99-121 us row-major vs 160-184 us column-major;
     its (1024, 256) expansion 100-107 vs 185-203 us the other way round). Afterwards each
     parameter gets back the very tensor it had (same storage, strides and version: the
-    optimizer, DDP's bucket views and compiled graphs see nothing). Costs one extra copy of those weights while active.
-    Weights on other devices, weights shared with an Embedding (the tied head: DecodeHead copies
+    optimizer, DDP's bucket views and compiled graphs see nothing). Costs one extra copy of
+    those weights while active. Weights on other devices, weights shared with an Embedding (the tied head: DecodeHead copies
     it) and tied weights seen twice are left alone."""
     changed: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
     # A weight an Embedding also uses (GPT-2's tied head) stays row-major: a token's lookup reads
@@ -211,21 +212,13 @@ def _check_settings(max_new_tokens, temperature, top_k, top_p) -> None:
         raise GenerationError(f"top_p must be in (0, 1] (or None), got {top_p!r}")
 
 
-def _is_fsdp(model: torch.nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without FSDP2
-        return False
-    return isinstance(model, FSDPModule)
-
-
 def _next_logits_fn(model: GPT):
     """``f(idx (B, T), cache) -> logits (B, V)`` at the last position, real vocabulary only (padded
     ids can never be produced). A plain GPT: the trunk, then :class:`DecodeHead` at that
     position. An FSDP-sharded one goes through ``forward`` (its hooks gather the parameters, and
     the head weight outside the forward is a shard)."""
     V = model.config.vocab_size
-    if _is_fsdp(model):
+    if is_fsdp(model):
         return lambda idx, cache: model(idx, kv_cache=cache)[0][:, -1, :V]
     head = DecodeHead(model)
     return lambda idx, cache: head(model.hidden_states(idx, kv_cache=cache)[:, -1])
@@ -322,7 +315,7 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        with nullcontext() if _is_fsdp(model) else decode_layout(model):
+        with nullcontext() if is_fsdp(model) else decode_layout(model):
             for length in sorted(by_length):
                 members = by_length[length]
                 idx = torch.tensor([rows[i] for i in members], dtype=torch.long, device=device)  # (B, T0)
