@@ -12,7 +12,7 @@ step, 240k and 0.46 s per compiled step.
 only above 2 GB of free space (``mallopt(M_MMAP_MAX, 0)``, ``mallopt(M_TRIM_THRESHOLD,
 2**31 - 1)``): freed buffers stay mapped and the next step reuses them. The Trainer on W1
 (30 steps, 2 threads): 0 faults per step after the first steps, eager
-and compiled, resident memory flat from step 10 on (eager 1.09 GB, peak 1.11 GB vs 0.92 GB
+and compiled (now and then a step still grows the heap once: ~6k faults, about 1 step in 10), resident memory flat from step 10 on (eager 1.09 GB, peak 1.11 GB vs 0.92 GB
 without; compiled 2.11 GB); ``benchmarks/train_throughput.py --only w1`` went from 1.23x to
 1.50x the bare loop eager and from 1.12x to 1.20x compiled. The cost: resident memory no
 longer shrinks after its peak, and is somewhat higher (freed blocks are kept, and a freed block

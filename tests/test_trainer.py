@@ -184,13 +184,13 @@ model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=128, block_size=128, padded_vo
 opt = torch.optim.AdamW(model.parameters(), fused=True)
 x = torch.randint(0, 50257, (4, 128))
 faults = []
-for step in range(5):  # the chunked head's (V, 512) slices are 103 MB: above glibc's mmap threshold
+for step in range(8):  # the chunked head's (V, 512) slices are 103 MB: above glibc's mmap threshold
     r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     model(x, x)[1].backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
-print(max(faults[2:]))
+print(sorted(faults[2:])[3])  # the median step after the first two (an odd step can still grow the heap)
 """
 
 
@@ -198,7 +198,9 @@ print(max(faults[2:]))
 def test_freed_host_memory_is_reused_not_faulted_in_again():
     """pretrain/host_memory.py (train.reuse_host_memory, on by default): after the first steps,
     a CPU training step's large buffers come from memory freed by the previous step, without
-    page faults; glibc's default maps them afresh (and faults every page in) every step."""
+    page faults; glibc's default maps them afresh (and faults every page in) every step. The
+    median of steps 3-8: with reuse, an occasional step still faults ~6k pages in (seen 1 step in
+    ~10: the heap grows once more), so the maximum is not a stable measure."""
 
     def faults(mode):
         return int(run([PY, "-c", _FAULTS_SCRIPT, mode]).stdout.strip())
