@@ -11,7 +11,9 @@ nanoGPT's ``generate`` loop (no cache: the whole context through the body every 
 at the last position only, ``torch.multinomial``), interleaved ``--repeats`` times, medians. The
 bound: weights read per token (every parameter once, the position table one row, plus the KV
 cache read so far on average) over the measured read bandwidth of a 256 MB tensor (a streaming
-``amax``, bytes read per second; the copy rate is printed too, but a copy also writes).
+``amax``, bytes read per second; the copy rate is printed too, but a copy also writes). Printed
+twice: for the fp32 weights, and for what is read with the head screened in int8 (the int8 head,
+its scales and the candidates' fp32 rows instead of the fp32 head; ``ScreenedHead``).
 
 A randomly initialised GPT-2-style model (GPT-2 init; the weights do not change the cost),
 a random prompt, ``--new-tokens`` tokens with no early stop at <|endoftext|>. tokens/s =
@@ -108,6 +110,31 @@ def read_bandwidth(mb: int = 256, repeats: int = 5) -> float:
     return src.numel() * 4 / sorted(times)[repeats // 2]
 
 
+def screened_bytes_per_token(model: GPT, prompts: torch.Tensor, n: int, per_token: float) -> float:
+    """Bytes read per token when the head is screened: ``per_token`` (fp32 weights + cache) with the
+    fp32 head replaced by its int8 copy and bf16 scales plus the fp32 rows of the candidates it
+    rescores (their mean count over one top-k 50 run of ``n`` tokens, counted here)."""
+    import pretrain.generate as gen
+
+    counts = []
+    real = gen.ScreenedHead.candidates
+
+    def counting(self, h, k):
+        found = real(self, h, k)
+        counts.append(found[0].numel() if found is not None else self.q.size(0))
+        return found
+
+    gen.ScreenedHead.candidates = counting
+    try:
+        generate(model, prompts, max_new_tokens=n, temperature=1.0, top_k=50, seed=0, eot_id=None)
+    finally:
+        gen.ScreenedHead.candidates = real
+    if not counts:  # the screen does not apply here (another dtype, a width not a multiple of 16)
+        return per_token
+    V, C = model.config.vocab_size, model.config.n_embd
+    return per_token - V * C * 4 + V * C + V * 2 + statistics.mean(counts) * C * 4
+
+
 def main_w1(args) -> None:
     torch.manual_seed(0)
     cfg = GPTConfig(n_layer=4, n_head=4, n_embd=256, block_size=256, padded_vocab_size=50304)
@@ -119,8 +146,10 @@ def main_w1(args) -> None:
     weights -= model.transformer.wpe.weight.numel() * 4 - cfg.n_embd * 4  # one position row per token
     kv = 2 * cfg.n_layer * cfg.n_embd * 4 * (T0 + n / 2)  # keys + values read, on average
     per_token = weights + kv
+    screened = screened_bytes_per_token(model, prompts, n, per_token)
     print(f"model W1: {model.num_params() / 1e6:.1f}M params; batch {B}, prompt {T0}, {n} new tokens, top-k 50; "
-          f"{per_token / 1e6:.1f} MB read per token with the cache")
+          f"{per_token / 1e6:.1f} MB of fp32 weights and cache per token; read with the int8 screen of the head "
+          f"(pretrain.generate.ScreenedHead): {screened / 1e6:.1f} MB")
     modes = {
         "kv cache": lambda: generate(model, prompts, max_new_tokens=n, temperature=1.0, top_k=50, seed=0, eot_id=None),
         "nanoGPT (no cache)": lambda: nanogpt_generate(model, prompts, n, 50, torch.Generator().manual_seed(0)),
@@ -140,13 +169,14 @@ def main_w1(args) -> None:
     bw = statistics.median(bws)
     bound = bw / per_token
     print(f"read bandwidth {bw / 1e9:.2f} GB/s (copy: {statistics.median(copies) / 1e9:.2f} GB/s copied) -> "
-          f"bound {bound:.0f} tokens/s (medians of {args.repeats})")
+          f"bound {bound:.0f} tokens/s reading the fp32 weights, {bw / screened:.0f} tokens/s reading what the "
+          f"screened head reads (medians of {args.repeats})")
     print(f"{'mode':<20} {'tokens/s':>9} {'tokens/CPU-s':>13}  runs (tokens/s)")
     for k, (w, c) in med.items():
         print(f"{k:<20} {w:>9.1f} {c:>13.1f}  {[round(x, 1) for x, _ in res[k]]}")
     kv_w, nc_w = med["kv cache"][0], med["nanoGPT (no cache)"][0]
     print(f"KV cache vs nanoGPT: {kv_w / nc_w:.1f}x wall, {med['kv cache'][1] / med['nanoGPT (no cache)'][1]:.1f}x CPU; "
-          f"{kv_w / bound:.0%} of the bandwidth bound")
+          f"{kv_w / bound:.0%} of the fp32-weights bound, {kv_w / (bw / screened):.0%} of the screened bound")
 
 
 def main(argv: list[str] | None = None) -> None:

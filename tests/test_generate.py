@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pretrain.generate import (
     EOT_ID,
@@ -311,3 +312,60 @@ def test_generate_leaves_the_weights_exactly_as_they_were():
     finally:
         gen_mod.sample_next = real
     assert state() == before
+
+
+def _screen_cases():
+    """(name, model) pairs whose LM heads stress the int8 screen differently: GPT-2's init (small
+    logits, many near the k-th), the tests' peaked model, rows with one large outlier each (coarse
+    int8 steps for the rest of the row), all-zero rows and duplicated rows (exact ties)."""
+    gpt2_init = GPT(GPTConfig.from_preset("tiny")).eval()
+    outliers = _model()
+    with torch.no_grad():
+        W = outliers.lm_head.weight
+        W[torch.arange(W.size(0)), torch.randint(0, W.size(1), (W.size(0),), generator=torch.Generator().manual_seed(3))] *= 40
+        W[100:200] = 0
+        W[300:400] = W[200:300]
+    return [("gpt2-init", gpt2_init), ("peaked", _model()), ("outliers-zeros-duplicates", outliers)]
+
+
+def test_screened_head_bound_holds_and_its_top_n_is_the_exact_top_n():
+    """pretrain.generate.ScreenedHead: for every token the int8 screen's logit is within the
+    derived bound of the fp32 logit, and the candidates it keeps hold every token of the exact
+    top n (ties with the n-th included), with their fp32 logits -- while being a small fraction
+    of the vocabulary."""
+    from pretrain.generate import ScreenedHead
+
+    g = torch.Generator().manual_seed(7)
+    for name, model in _screen_cases():
+        screen = ScreenedHead.build(model)
+        assert screen is not None, name
+        W = model.lm_head.weight[: model.config.vocab_size].detach()  # (V, C)
+        for scale in (0.3, 1.0, 8.0):
+            h = F.layer_norm(torch.randn(3, W.size(1), generator=g), (W.size(1),)) * scale  # (B, C)
+            exact = h @ W.t()  # (B, V)
+            a = screen.approximate(h)
+            assert ((a - exact).abs() <= screen.bound(h, a)).all(), (name, scale)
+            for n in (1, 2, 51, 300):
+                cand, r = screen.candidates(h, n)
+                assert torch.equal(cand, cand.sort().values)
+                torch.testing.assert_close(r, exact[:, cand], rtol=1e-5, atol=1e-5)
+                nth = exact.topk(n, dim=-1).values[:, -1:]  # (B, 1)
+                must = (exact >= nth).any(dim=0).nonzero().squeeze(1)  # the top n of each row and its ties
+                assert torch.isin(must, cand).all(), (name, scale, n)
+                if name == "gpt2-init" and n <= 51:
+                    assert cand.numel() < model.config.vocab_size // 20, (scale, n, cand.numel())
+
+
+def test_screened_sampling_draws_what_the_full_head_draws(monkeypatch):
+    """Top-k sampling and greedy decoding on a CPU go through the screen; with the same seed they
+    give the tokens the fp32 head over the whole vocabulary gives."""
+    from pretrain import generate as gen_mod
+
+    for name, model in _screen_cases():
+        settings = [dict(temperature=0), dict(temperature=0.8, top_k=50), dict(temperature=1.0, top_k=5, top_p=0.9)]
+        for kw in settings:
+            screened = generate(model, PROMPTS, max_new_tokens=24, seed=3, eot_id=None, **kw)
+            with monkeypatch.context() as m:
+                m.setattr(gen_mod.ScreenedHead, "build", classmethod(lambda cls, model: None))
+                full = generate(model, PROMPTS, max_new_tokens=24, seed=3, eot_id=None, **kw)
+            assert screened == full, (name, kw)
