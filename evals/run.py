@@ -65,6 +65,9 @@ def _setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        from pretrain.dist import note_group
+
+        note_group()
     return rank, world, device
 
 
@@ -182,5 +185,12 @@ def _run(args, rank: int, world: int, device: torch.device) -> int:
     return 0
 
 
+def cli() -> None:
+    """The ``gpt2-eval`` command: :func:`main`, then ``pretrain.dist.exit_process``."""
+    from pretrain.dist import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

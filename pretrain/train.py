@@ -257,5 +257,13 @@ def main(argv: list[str] | None = None) -> int:
             lock.release()
 
 
+def cli() -> None:
+    """The ``gpt2-train`` command (and ``python pretrain/train.py``): :func:`main`, then an exit
+    that gloo's threads cannot turn into an abort (``pretrain.dist.exit_process``)."""
+    from pretrain.dist import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -236,10 +236,12 @@ def _check_load_after_sharding(src: str) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
+    from pretrain.dist import note_group
     from pretrain.init_from import adapt_state_dict, init_from, load_into, read_source
     from pretrain.model import GPT, GPTConfig
 
     dist.init_process_group("gloo")
+    note_group()
     cfg = GPTConfig.from_preset("tiny-vocab", block_size=64, padded_vocab_size=640)
     torch.manual_seed(0)
     before = GPT(cfg)
@@ -262,3 +264,6 @@ def _check_load_after_sharding(src: str) -> None:
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _check_load_after_sharding(sys.argv[1])
+    from pretrain.dist import exit_process
+
+    exit_process(0)  # not sys.exit: gloo's threads can abort the interpreter's finalisation

@@ -19,11 +19,13 @@ import torch
 import torch.distributed as dist
 
 from pretrain import guards
+from pretrain.dist import exit_process, note_group
 
 
 def main() -> None:
     mode, timeout_s = sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 30.0
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    note_group()
     rank = dist.get_rank()
     torch.set_num_threads(1)
     if mode == "spike":
@@ -53,3 +55,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # not a plain return: gloo's threads can abort the interpreter's finalisation
