@@ -230,7 +230,12 @@ class ScreenedHead:
         c = cls.SAFETY * (E * (1 + u) + N * u + gamma * ((N + E) * (1 + u) + N))  # ||w~|| <= N + E
         if not (c == c and c < float("inf")):  # NaN or inf weights
             return None
-        return cls(weight, q, scale, c, cls.SAFETY * u / (1 - u))
+        head = cls(weight, q, scale, c, cls.SAFETY * u / (1 - u))
+        try:  # a private op: if this torch's kernel refuses these shapes, the full head it is
+            head.approximate(torch.zeros(1, C))
+        except RuntimeError:
+            return None
+        return head
 
     def approximate(self, h: torch.Tensor) -> torch.Tensor:
         """The screen: approximate logits (B, V) fp32 of h (B, C), within ``bound(h)`` of the exact."""
@@ -344,7 +349,8 @@ def _next_token_fn(model: GPT, temperature: float, top_k: int | None, top_p: flo
     if is_fsdp(model):
         return lambda idx, cache: pick(model(idx, kv_cache=cache)[0][:, -1, :V])
     greedy = temperature == 0
-    screened = ScreenedHead.build(model) if greedy or (top_k is not None and top_k < V) else None
+    wanted = (greedy or (top_k is not None and top_k < V)) and not torch.is_autocast_enabled("cpu")
+    screened = ScreenedHead.build(model) if wanted else None  # under autocast the logits are not fp32
     if screened is None:
         head = DecodeHead(model)
         return lambda idx, cache: pick(head(model.hidden_states(idx, kv_cache=cache)[:, -1]))
