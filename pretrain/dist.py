@@ -76,7 +76,7 @@ def exit_process(rc: int) -> None:
     ``os._exit(rc)``, skipping the interpreter's finalisation. In it, gloo's background threads
     (torch 2.13, CPU) can abort the process *after* ``destroy_process_group`` and after the
     program is done ("terminate called without an active exception", SIGABRT, no Python frame):
-    seen in 2 of 8 two-rank runs on a loaded 2-core machine, a finished run that torchrun (and
+    seen in 3 of 16 two-rank runs on a loaded 2-core machine (0 of 18 with this exit), a finished run that torchrun (and
     SLURM after it) reports as failed. Call it only after a normal return: every file the
     program wrote is closed by then (the Trainer closes its logs and waits for its checkpoint)."""
     if not _made_group:

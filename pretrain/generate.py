@@ -241,9 +241,13 @@ class ScreenedHead:
         """The screen: approximate logits (B, V) fp32 of h (B, C), within ``bound(h)`` of the exact."""
         return torch._weight_int8pack_mm(h.to(torch.bfloat16).contiguous(), self.q, self.scale).float()
 
+    def _offset(self, norm):
+        """D of the bound for hidden states of this norm (a float, or a tensor of norms)."""
+        return self.c * norm + 1e-6
+
     def bound(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """(B, V): the bound on ``|a - exact|`` that the candidate threshold uses (for tests)."""
-        return self.c * h.norm(dim=1, keepdim=True) + 1e-6 + self.rho * a.abs()
+        return self._offset(h.norm(dim=1, keepdim=True)) + self.rho * a.abs()
 
     def candidates(self, h: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """h: (B, C) fp32 hidden states (after ``ln_f``). Returns ``cand`` (U,) ascending token ids,
@@ -260,7 +264,7 @@ class ScreenedHead:
         g = torch.topk(g, n, dim=-1).values[:, -1]  # (B,): <= the n-th largest approximate logit
         thresholds = []
         for g_b, norm_b in torch.stack([g, h.norm(dim=1)], dim=1).tolist():
-            D = self.c * norm_b + 1e-6
+            D = self._offset(norm_b)
             y = g_b - D - self.rho * abs(g_b) - D  # lower bound of the n-th exact logit, minus D
             t = y / (1 + self.rho) if y >= 0 else y / (1 - self.rho)  # a_j >= t  <=>  a_j + D + rho|a_j| >= y + D
             thresholds.append(t - 1e-6 * (1 + abs(t)))  # margin for this arithmetic itself
