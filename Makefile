@@ -11,7 +11,7 @@ test: setup
 	@bash scripts/test.sh
 
 test-all: setup
-	@.venv/bin/python -m pytest -q tests -m "slow or not slow"
+	@OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q -n "$${TEST_WORKERS:-2}" tests -m "slow or not slow"
 
 lint: setup
 	@.venv/bin/ruff check .

@@ -8,7 +8,7 @@
 #     python3 -m venv /tmp/lmeval-venv && /tmp/lmeval-venv/bin/pip install torch==2.13.0 lm-eval transformers
 # - MODEL: a HF GPT-2 directory to compare on; default: a tiny random GPT-2 (2 layers x 64,
 #   block_size 64, so long examples also exercise the harness's left truncation), exported
-#   with pretrain.hf.export_hf.
+#   with pretrain.model.hf.export_hf.
 # - Without HELLASWAG_JSONL, N synthetic HellaSwag-format lines are written (WikiHow ones with
 #   [header]/[title]/[step]/[substeps] markers, ActivityNet ones with ctx_b, non-ASCII endings).
 # - The task is evals/lm_eval_task/hellaswag_local.yaml (the harness's hellaswag.yaml with a
@@ -29,7 +29,7 @@ MODEL_DIR=${MODEL:-$WORK/hf}
 if [ -z "${MODEL:-}" ]; then
   "$PY" - "$MODEL_DIR" <<'EOF'
 import sys, torch
-from pretrain.hf import export_hf
+from pretrain.model.hf import export_hf
 from pretrain.model import GPT, GPTConfig
 torch.manual_seed(0)
 model = GPT(GPTConfig.from_preset("tiny", block_size=64))
@@ -85,7 +85,7 @@ echo "== gpt2-eval"
 import glob, json, sys
 import numpy as np
 from evals import hellaswag as hs
-from pretrain.hf import load_model
+from pretrain.model.weights import load_model
 work, model_dir, data, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 theirs = json.load(open(sorted(glob.glob(f"{work}/lm_eval_out/**/results_*.json", recursive=True))[-1]))
 t = theirs["results"]["hellaswag_local"]

@@ -6,7 +6,7 @@ memory-bandwidth bound.
     python benchmarks/generate.py --device cuda --dtype bfloat16
 
 ``--w1``: the 4-layer x 256-wide model (4 heads, 256 positions, vocabulary padded to 50,304),
-batch 1, 16-token prompt, 240 new tokens, top-k 50; ``pretrain.generate.generate`` (KV cache) and
+batch 1, 16-token prompt, 240 new tokens, top-k 50; ``pretrain.model.generate.generate`` (KV cache) and
 nanoGPT's ``generate`` loop (no cache: the whole context through the body every token, the head
 at the last position only, ``torch.multinomial``), interleaved ``--repeats`` times, medians. The
 bound: weights read per token (every parameter once, the position table one row, plus the KV
@@ -31,8 +31,8 @@ import time
 
 import torch
 
-from pretrain.generate import generate
 from pretrain.model import GPT, GPTConfig
+from pretrain.model.generate import generate
 
 
 def machine(device: str) -> str:
@@ -114,7 +114,7 @@ def screened_bytes_per_token(model: GPT, prompts: torch.Tensor, n: int, per_toke
     """Bytes read per token when the head is screened: ``per_token`` (fp32 weights + cache) with the
     fp32 head replaced by its int8 copy and bf16 scales plus the fp32 rows of the candidates it
     rescores (their mean count over one top-k 50 run of ``n`` tokens, counted here)."""
-    import pretrain.generate as gen
+    import pretrain.model.generate as gen
 
     counts = []
     real = gen.ScreenedHead.candidates
@@ -149,7 +149,7 @@ def main_w1(args) -> None:
     screened = screened_bytes_per_token(model, prompts, n, per_token)
     print(f"model W1: {model.num_params() / 1e6:.1f}M params; batch {B}, prompt {T0}, {n} new tokens, top-k 50; "
           f"{per_token / 1e6:.1f} MB of fp32 weights and cache per token; read with the int8 screen of the head "
-          f"(pretrain.generate.ScreenedHead): {screened / 1e6:.1f} MB")
+          f"(pretrain.model.generate.ScreenedHead): {screened / 1e6:.1f} MB")
     modes = {
         "kv cache": lambda: generate(model, prompts, max_new_tokens=n, temperature=1.0, top_k=50, seed=0, eot_id=None),
         "nanoGPT (no cache)": lambda: nanogpt_generate(model, prompts, n, 50, torch.Generator().manual_seed(0)),

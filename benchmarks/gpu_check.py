@@ -25,7 +25,7 @@ Blocks (``--blocks``, comma-separated; default all):
 MFU = tokens/s x FLOPs per token / peak. FLOPs per token = 6N + 12 L H Q T (PaLM appendix B, as
 nanoGPT; N = parameters without the position embeddings, including the tied 50304 x 768 head;
 L=12, H=12, Q=64, T=1024): 855 MFLOP per token for the 124M preset. Peak: 989.5 TFLOP/s dense bf16
-for an H100 SXM, and the same for an H200 (the same chip; pretrain/metrics.py PEAK_FLOPS). The
+for an H100 SXM, and the same for an H200 (the same chip; pretrain/training/metrics.py PEAK_FLOPS). The
 project's bar, 600k tokens/s on one H100, is 52% MFU by this count.
 
 Each case runs in its own Python process (a fresh CUDA context and compile state; an OOM or a crash
@@ -81,11 +81,12 @@ def free_port() -> int:
 
 
 def build_trainer(spec: dict):
-    from pretrain.config import load_config
-    from pretrain.trainer import Trainer
+    from pretrain.config import load_config, world_size_from_env
+    from pretrain.plan import make_plan
+    from pretrain.training.build import build_trainer as build
 
-    cfg, _ = load_config(REPO / "configs" / spec["config"], spec["overrides"])
-    t = Trainer(cfg).build()
+    cfg = load_config(REPO / "configs" / spec["config"], spec["overrides"])
+    t = build(make_plan(cfg, world_size_from_env()))
     for name, value in spec.get("model_attrs", {}).items():  # --model-attr: an A/B switch of the model's
         if not hasattr(t.model, name):
             raise AttributeError(f"--model-attr {name}: the model has no attribute {name!r}")
@@ -104,8 +105,8 @@ def case_train(spec: dict) -> dict:
     """Throughput of one configuration: first step, warm-up, timed steps, syncs, graph breaks, profile."""
     import torch
 
-    from pretrain.metrics import mfu
-    from pretrain.profiling import HostSyncCounter, graph_breaks, profile_summary
+    from pretrain.training.metrics import mfu
+    from pretrain.training.profiling import HostSyncCounter, graph_breaks, profile_summary
 
     t = build_trainer(spec)
     try:
@@ -124,13 +125,13 @@ def case_train(spec: dict) -> dict:
             r = t.train_step()
         _sync(t)
         dt = time.perf_counter() - t0
-        tps = spec["steps"] * t.derived.tokens_per_step / dt
+        tps = spec["steps"] * t.plan.batch.tokens_per_step / dt
         out = {
             "tokens_per_s": round(tps), "ms_per_step": round(1000 * dt / spec["steps"], 2),
             "mfu": mfu(tps, t.flops_token, t.peak, t.info.world_size),
             "first_step_s": round(first, 2), "compile_s": round(max(first - dt / spec["steps"], 0.0), 2),
             "peak_mem_gb": round(torch.cuda.max_memory_allocated(t.device) / 1e9, 2) if cuda else None,
-            "grad_accum": t.derived.grad_accum_steps, "loss": r.loss, "mode": t.wrapped.mode,
+            "grad_accum": t.plan.batch.grad_accum_steps, "loss": r.loss, "mode": t.wrapped.mode,
         }
         with HostSyncCounter(t.device) as c:
             for _ in range(2):
@@ -267,8 +268,8 @@ def case_evals(spec: dict) -> dict:
 
     from evals.hellaswag import evaluate, prepare
     from pretrain.checkpoint import Checkpointer, capture_rng_state
-    from pretrain.generate import generate
-    from pretrain.profiling import profile_summary
+    from pretrain.model.generate import generate
+    from pretrain.training.profiling import profile_summary
 
     t = build_trainer(spec)
     out: dict = {}

@@ -1,4 +1,4 @@
-"""What ``logging.tensorboard: true`` costs per logged step (pretrain/tb_logger.py).
+"""What ``logging.tensorboard: true`` costs per logged step (pretrain/training/tb_logger.py).
 
 Times ``MetricsLogger.log`` (metrics.jsonl line + stdout line, plus the TensorBoard points and
 the flush when on) on a record shaped like a training step's, with and without TensorBoard,
@@ -21,7 +21,7 @@ import time
 
 def time_logger(tensorboard: bool, calls: int, start_step: int) -> float:
     """Seconds per ``log`` call."""
-    from pretrain.metrics import MetricsLogger
+    from pretrain.training.metrics import MetricsLogger
 
     with tempfile.TemporaryDirectory() as d:
         logger = MetricsLogger(d, enabled=True, tensorboard=tensorboard)

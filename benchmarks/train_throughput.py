@@ -9,7 +9,7 @@ tokens/s against a bare nanoGPT-style loop, peak RSS, and MFU on GPUs.
 
 W1 (issue 13): GPT-2 architecture at 4 layers x 4 heads x 256 wide, 256 positions, vocabulary padded
 to 50,304, micro-batch 8 x 256, AdamW (0.9, 0.95), weight decay 0.1 on 2-D weights, clip 1.0, no
-accumulation, random tokens, fp32. "trainer" is ``Trainer.build()`` + ``Trainer.train()`` (the loop
+accumulation, random tokens, fp32. "trainer" is ``build_trainer()`` + ``Trainer.train()`` (the loop
 of ``pretrain/train.py``: step, metrics record, logging); "bare" is the ~80-line plain-PyTorch
 loop below (``bare_gpt`` / ``bare_loop``: no project code). Every measurement is its own
 process (so peak RSS = that process's ``ru_maxrss``), and the cases are interleaved
@@ -44,12 +44,13 @@ from _common import synthetic_shards  # noqa: E402
 
 
 def measure(config: str, overrides: list[str], warmup: int, steps: int) -> dict:
-    from pretrain.config import load_config
-    from pretrain.metrics import mfu
-    from pretrain.trainer import Trainer
+    from pretrain.config import load_config, world_size_from_env
+    from pretrain.plan import make_plan
+    from pretrain.training.build import build_trainer
+    from pretrain.training.metrics import mfu
 
-    cfg, _ = load_config(REPO / "configs" / config, overrides)
-    t = Trainer(cfg).build()
+    cfg = load_config(REPO / "configs" / config, overrides)
+    t = build_trainer(make_plan(cfg, world_size_from_env()))
     try:
         sync = torch.cuda.synchronize if t.device.type == "cuda" else (lambda: None)
         t0 = time.perf_counter()
@@ -62,11 +63,11 @@ def measure(config: str, overrides: list[str], warmup: int, steps: int) -> dict:
             r = t.train_step()
         sync()
         dt = time.perf_counter() - t0
-        tps = steps * t.derived.tokens_per_step / dt
+        tps = steps * t.plan.batch.tokens_per_step / dt
         m = mfu(tps, t.flops_token, t.peak, t.info.world_size)
         return {
             "config": config, "compile": cfg.train.compile, "dtype": cfg.train.dtype, "device": str(t.device),
-            "params": t.n_params, "tokens_per_step": t.derived.tokens_per_step, "steps": steps,
+            "params": t.n_params, "tokens_per_step": t.plan.batch.tokens_per_step, "steps": steps,
             "tokens_per_s": round(tps, 1), "ms_per_step": round(1000 * dt / steps, 1),
             "mfu": None if m is None else round(m, 4), "warmup_s": round(warm_s, 1), "final_loss": r.loss,
         }
@@ -155,9 +156,10 @@ def bare_loop(args) -> dict:
 
 
 def trainer_loop(args) -> dict:
-    """``Trainer.build()`` + ``Trainer.train()`` (the loop of pretrain/train.py) on W1."""
+    """``build_trainer()`` + ``Trainer.train()`` (the loop of pretrain/train.py) on W1."""
     from pretrain.config import load_config
-    from pretrain.trainer import Trainer
+    from pretrain.plan import make_plan
+    from pretrain.training.build import build_trainer
 
     B, T = args.micro_batch, args.seq_len
     ov = [f"data.dir={args.data}", f"train.run_dir={args.run_dir}", "train.device=cpu", "train.dtype=fp32",
@@ -168,8 +170,8 @@ def trainer_loop(args) -> dict:
           f"model.preset={args.preset}", f"model.n_layer={args.n_layer}", f"model.n_head={args.n_head}",
           f"model.n_embd={args.n_embd}", f"model.block_size={T}", f"model.padded_vocab_size={args.vocab_rows}",
           "train.log_interval=10"]
-    cfg, _ = load_config(REPO / "configs" / "smoke_cpu.yaml", ov)
-    t = Trainer(cfg).build()
+    cfg = load_config(REPO / "configs" / "smoke_cpu.yaml", ov)
+    t = build_trainer(make_plan(cfg, 1))
     if args.loss_chunk is not None:
         t.model.loss_chunk_size = args.loss_chunk  # 0 = the full (B, T, V) logits path
     stamps = []

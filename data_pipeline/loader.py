@@ -48,6 +48,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,111 @@ def token_range_error(path: Path, tokens: np.ndarray, vocab_size: int) -> ShardE
         f"padded rows have no trained embedding either); this data was tokenized for another vocabulary: "
         f"re-prepare it with the model's tokenizer or use a model with vocab_size > {tok}"
     )
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """One split of a prepared directory, checked (:func:`inspect_split`): its shards in stream
+    order with their token counts, manifest records (None without a manifest) and recorded
+    maximum token ids (None when not recorded)."""
+
+    data_dir: Path
+    split: str
+    files: list[Path]
+    shard_tokens: np.ndarray
+    expected: list[integrity.Expected | None]
+    max_ids: list[int | None]
+
+    def record(self) -> list[list]:
+        """``[[name, tokens, sha256 | None], ...]``: what a loader state records of the data."""
+        return [[f.name, int(n), e.sha256 if e is not None else None]
+                for f, n, e in zip(self.files, self.shard_tokens, self.expected)]
+
+
+def inspect_split(data_dir: str | os.PathLike, split: str, seq_len: int, micro_batch_size: int,
+                  global_batch_seqs: int, vocab_size: int | None = None, verify: bool = True) -> SplitInfo:
+    """Check a split without reading its tokens: every shard's header and size, its token count
+    against the manifest, the manifest's recorded token range against ``vocab_size``, each shard
+    holding a micro-batch and the split holding a global batch. Raises :class:`ShardError` naming
+    the file (or the directory) and the fix. The run plan calls it before anything is built; the
+    loader calls it when built."""
+    data_dir = Path(data_dir)
+    entries = shard_entries(data_dir, split)
+    files = [p for p, _ in entries]
+    shard_tokens = np.array([read_header(f) for f in files], dtype=np.int64)
+    for (f, entry), n in zip(entries, shard_tokens):
+        if entry is not None and isinstance(entry.get("tokens"), int) and entry["tokens"] != n:
+            raise ShardError(
+                f"{f}: holds {int(n)} tokens but {data_dir / 'manifest.json'} says {entry['tokens']}; "
+                f"the shard was replaced or is corrupt -- {rebuild_hint(data_dir)}"
+            )
+    max_ids = [int(e["max_token_id"]) if e is not None and isinstance(e.get("max_token_id"), int) else None
+               for _, e in entries]
+    if vocab_size is not None:
+        for f, m in zip(files, max_ids):
+            if m is not None and m >= vocab_size:  # the manifest says so: refuse before any step
+                raise token_range_error(f, read_shard(f), vocab_size)
+    need = micro_batch_size * seq_len + 1
+    for f, n in zip(files, shard_tokens):
+        if n < need:
+            raise ShardError(
+                f"{f}: shard holds {int(n)} tokens, fewer than one micro-batch "
+                f"(micro_batch_size*seq_len+1 = {need}); re-run prepare with a larger --shard-tokens "
+                "or lower the batch size / sequence length"
+            )
+    num_sequences = int(((shard_tokens - 1) // seq_len).sum())
+    if num_sequences < global_batch_seqs:
+        raise ShardError(
+            f"{data_dir}: split '{split}' holds {num_sequences} sequences of {seq_len} tokens, "
+            f"fewer than one global batch ({global_batch_seqs}); prepare more tokens "
+            "(--val-tokens / --max-tokens) or lower the batch size"
+        )
+    exp = [expected(f, e) if verify else None for f, e in entries]
+    return SplitInfo(data_dir, split, files, shard_tokens, exp, max_ids)
+
+
+def check_resume_state(state: Any, info: SplitInfo, seq_len: int, global_batch_seqs: int, micro_batch_size: int,
+                       world_size: int, seed: int, shuffle: bool) -> int:
+    """Whether a loader state (``DistributedTokenLoader.state_dict()``) can continue on this data
+    and these settings; returns its consumed-sequence count, or raises ``ValueError`` (settings,
+    shard list) / :class:`ShardError` (a shard's recorded sha256 changed) in one line. The data,
+    seed, shuffle, seq_len and global batch must match; world size and micro-batch may change,
+    but only at a step boundary."""
+    if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+        found = state.get("version") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"loader state: version {found!r}, expected {_STATE_VERSION}")
+    mine = {"split": info.split, "seq_len": seq_len, "global_batch_seqs": global_batch_seqs, "seed": int(seed),
+            "shuffle": bool(shuffle), "shards": info.record()}
+    saved = state.get("shards")
+    if isinstance(saved, list) and len(saved) == len(info.files):  # else: the comparison below reports it
+        for f, s, now in zip(info.files, saved, info.expected):
+            old = s[2] if isinstance(s, (list, tuple)) and len(s) > 2 else None
+            if old is not None and now is not None and now.sha256 != old:
+                raise ShardError(
+                    f"loader state: {f} had sha256 {old} when the checkpoint was saved but "
+                    f"{info.data_dir / 'manifest.json'} now records {now.sha256}: the data changed since; resume "
+                    "with the data the run was trained on (or start a fresh run)"
+                )
+    for key, now in mine.items():
+        theirs = state.get(key)
+        if key == "shards" and isinstance(theirs, list):  # names and sizes; contents checked above
+            theirs, now = [list(s[:2]) for s in theirs], [s[:2] for s in now]
+        if theirs != now:
+            if key == "shards":
+                theirs, now = f"{len(theirs or [])} shards", f"{len(now)} shards in {info.data_dir}"
+            raise ValueError(
+                f"loader state: '{key}' was {theirs} at save time but is {now} now; resume with the "
+                "same data and settings (or start a fresh run)"
+            )
+    consumed = int(state["consumed_sequences"])
+    same_layout = (state["world_size"], state["micro_batch_size"]) == (world_size, micro_batch_size)
+    if not same_layout and consumed % global_batch_seqs:
+        raise ValueError(
+            f"loader state: saved mid-step (sequence {consumed}) with world_size={state['world_size']}, "
+            f"micro_batch_size={state['micro_batch_size']}; a different layout "
+            f"({world_size}, {micro_batch_size}) can resume only at a step boundary"
+        )
+    return consumed
 
 
 class _ShardChecks:
@@ -231,42 +337,15 @@ class DistributedTokenLoader:
         self.device = torch.device(device)
         self._pin = self.device.type == "cuda" and torch.cuda.is_available()
 
-        entries = shard_entries(self.data_dir, split)
-        self.files = [p for p, _ in entries]
-        self.shard_tokens = np.array([read_header(f) for f in self.files], dtype=np.int64)
-        for (f, entry), n in zip(entries, self.shard_tokens):
-            if entry is not None and isinstance(entry.get("tokens"), int) and entry["tokens"] != n:
-                raise ShardError(
-                    f"{f}: holds {int(n)} tokens but {self.data_dir / 'manifest.json'} says {entry['tokens']}; "
-                    f"the shard was replaced or is corrupt -- {rebuild_hint(self.data_dir)}"
-                )
         self.vocab_size = vocab_size
         self._verify = bool(verify)
-        self._expected = [expected(f, e) if verify else None for f, e in entries]
-        self._max_id: list[int | None] = [
-            int(e["max_token_id"]) if e is not None and isinstance(e.get("max_token_id"), int) else None
-            for _, e in entries
-        ]
-        if vocab_size is not None:
-            for i, m in enumerate(self._max_id):
-                if m is not None and m >= vocab_size:  # the manifest says so: refuse before any step
-                    raise token_range_error(self.files[i], read_shard(self.files[i]), vocab_size)
-        need = self.B * self.T + 1
-        for f, n in zip(self.files, self.shard_tokens):
-            if n < need:
-                raise ShardError(
-                    f"{f}: shard holds {int(n)} tokens, fewer than one micro-batch "
-                    f"(micro_batch_size*seq_len+1 = {need}); re-run prepare with a larger --shard-tokens "
-                    "or lower the batch size / sequence length"
-                )
+        self.info = inspect_split(self.data_dir, split, seq_len, micro_batch_size, global_batch_seqs, vocab_size,
+                                  verify)
+        self.files, self.shard_tokens = self.info.files, self.info.shard_tokens
+        self._expected = list(self.info.expected)  # a checkpoint may add records (load_state_dict)
+        self._max_id: list[int | None] = list(self.info.max_ids)  # filled in by the first-open checks
         self.shard_seqs = (self.shard_tokens - 1) // self.T
         self.num_sequences = int(self.shard_seqs.sum())
-        if self.num_sequences < self.global_batch_seqs:
-            raise ShardError(
-                f"{self.data_dir}: split '{split}' holds {self.num_sequences} sequences of {self.T} tokens, "
-                f"fewer than one global batch ({self.global_batch_seqs}); prepare more tokens "
-                "(--val-tokens / --max-tokens) or lower the batch size"
-            )
         self._consumed = 0  # stream position of the next micro-step's rank-0 row
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
         self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
@@ -325,11 +404,6 @@ class DistributedTokenLoader:
         self._checks.close()
 
     # ---- sizes -------------------------------------------------------------------------------------
-    @property
-    def grad_accum_steps(self) -> int:
-        """Micro-steps per optimizer step on each rank."""
-        return self.global_batch_seqs // (self.B * self.world_size)
-
     @property
     def steps_per_epoch(self) -> int:
         """Full optimizer steps in one pass over the split."""
@@ -439,53 +513,14 @@ class DistributedTokenLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where ``state`` was taken. The data, seed, shuffle, seq_len and global
-        batch must match; world size and micro-batch may change, but only at a step boundary."""
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"loader state: version {state.get('version')!r}, expected {_STATE_VERSION}")
-        mine = self.state_dict()
-        self._check_same_content(state.get("shards"))
-        for key in ("split", "seq_len", "global_batch_seqs", "seed", "shuffle", "shards"):
-            theirs, now = state.get(key), mine[key]
-            if key == "shards" and isinstance(theirs, list):  # names and sizes; contents checked above
-                theirs, now = [list(s[:2]) for s in theirs], [s[:2] for s in now]
-            if theirs != now:
-                if key == "shards":
-                    theirs, mine_v = f"{len(theirs or [])} shards", f"{len(mine[key])} shards in {self.data_dir}"
-                else:
-                    mine_v = mine[key]
-                raise ValueError(
-                    f"loader state: '{key}' was {theirs} at save time but is {mine_v} now; resume with the "
-                    "same data and settings (or start a fresh run)"
-                )
-        consumed = int(state["consumed_sequences"])
-        same_layout = (state["world_size"], state["micro_batch_size"]) == (self.world_size, self.B)
-        if not same_layout and consumed % self.global_batch_seqs:
-            raise ValueError(
-                f"loader state: saved mid-step (sequence {consumed}) with world_size={state['world_size']}, "
-                f"micro_batch_size={state['micro_batch_size']}; a different layout "
-                f"({self.world_size}, {self.B}) can resume only at a step boundary"
-            )
-        self._consumed = consumed
-
-    def _check_same_content(self, saved: Any) -> None:
-        """Refuse shards whose recorded sha256 differs from the checkpoint's; where only the
-        checkpoint has one (the manifest is gone), verify the file against it on first open."""
-        if not isinstance(saved, list) or len(saved) != len(self.files):
-            return  # a different shard list: the comparison of names and sizes reports it
-        for i, s in enumerate(saved):
-            old = s[2] if isinstance(s, (list, tuple)) and len(s) > 2 else None
-            if old is None:
-                continue
-            now = self._expected[i]
-            if now is None:
-                if self._verify:
-                    size = HEADER_BYTES + TOKEN_DTYPE.itemsize * int(self.shard_tokens[i])
-                    self._expected[i] = integrity.Expected(self.files[i], old, size)
-                    self._checks.add(i)
-            elif now.sha256 != old:
-                raise ShardError(
-                    f"loader state: {self.files[i]} had sha256 {old} when the checkpoint was saved but "
-                    f"{self.data_dir / 'manifest.json'} now records {now.sha256}: the data changed since; resume "
-                    "with the data the run was trained on (or start a fresh run)"
-                )
+        """Continue exactly where ``state`` was taken (:func:`check_resume_state` says whether it
+        can). Where only the checkpoint records a shard's sha256 (the manifest is gone), the shard
+        is verified against it on first open."""
+        self._consumed = check_resume_state(state, self.info, self.T, self.global_batch_seqs, self.B,
+                                            self.world_size, self.seed, self.shuffle)
+        for i, s in enumerate(state["shards"]):
+            old = s[2] if len(s) > 2 else None
+            if old is not None and self._expected[i] is None and self._verify:
+                size = HEADER_BYTES + TOKEN_DTYPE.itemsize * int(self.shard_tokens[i])
+                self._expected[i] = integrity.Expected(self.files[i], old, size)
+                self._checks.add(i)

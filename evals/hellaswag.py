@@ -63,8 +63,7 @@ import shutil
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,7 +72,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from evals.common import all_reduce, autocast_for, eval_mode, target_logprobs
+from evals.common import autocast_for, eval_mode
+from pretrain import dist
 
 # The canonical files of the HellaSwag repository (github.com/rowanz/hellaswag, data/).
 HELLASWAG_URLS = {
@@ -322,34 +322,12 @@ def model_vocab_size(model) -> int | None:
 
 
 def _head_trick_ok(model) -> bool:
-    """An eager (not compiled) native GPT, whose ``ln_f`` output feeds only ``lm_head``."""
-    from pretrain.model import GPT
+    """An eager (not compiled) native GPT: its forward can apply the head at the scored positions
+    only (``GPT.forward(at=(rows, pos))``). A compiled model would recompile for every new count
+    of scored positions, so it takes the full logits."""
+    from pretrain.model.gpt import GPT
 
     return isinstance(model, GPT) and getattr(model, "_compiled_call_impl", None) is None
-
-
-@contextmanager
-def _head_only_at(model, rows: torch.Tensor, pos: torch.Tensor) -> Iterator[None]:
-    """While active, ``GPT.forward`` projects to the vocabulary only at ``(rows, pos)``.
-
-    The LM head is most of a small model's cost (50,257 × C per position) and HellaSwag
-    scores about a third of the positions, so a forward hook on ``transformer.ln_f`` keeps just
-    the scored hidden states, (B, T, C) -> (1, S, C), and the logits come back as
-    (1, S, V_rows), in ``(rows, pos)`` order. The result is the same computation on fewer
-    rows (tests compare it with the plain path). Compiled models ignore hooks added after
-    compilation, so they take the plain path (the caller also checks the returned shape)."""
-    if model is None:
-        yield
-        return
-
-    def keep_scored(module, args, out):  # out: (B, T, C)
-        return out[rows, pos].unsqueeze(0)  # (1, S, C)
-
-    handle = model.transformer.ln_f.register_forward_hook(keep_scored)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def _prefix_sharing_ok(model) -> bool:
@@ -357,39 +335,21 @@ def _prefix_sharing_ok(model) -> bool:
     recompile for the varying shapes below), not FSDP-sharded or wrapped (FSDP needs every rank
     to run the same forwards; its blocks are no longer plain ``Block``s), no activation
     checkpointing wrappers."""
-    from pretrain.model import GPT, Block
-    from pretrain.parallel import is_fsdp
+    from pretrain.model.gpt import GPT, Block
 
     if not isinstance(model, GPT) or any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()):
         return False
     if any(type(block) is not Block for block in model.transformer.h):
         return False
-    return not is_fsdp(model)
-
-
-@contextmanager
-def _capture_hidden(model, rows: torch.Tensor, pos: torch.Tensor, sink: list) -> Iterator[None]:
-    """While active, ``GPT.forward`` appends the final hidden states (``ln_f``'s output) at
-    ``(rows, pos)`` to ``sink``, (S, C), and skips the LM head (it gets zero positions)."""
-
-    def capture(module, args, out):  # out: (B, T, C)
-        sink.append(out[rows, pos])  # (S, C)
-        return out[:, :0]  # (B, 0, C): the head has nothing to do
-
-    handle = model.transformer.ln_f.register_forward_hook(capture)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return not dist.is_fsdp(model)
 
 
 class _ScoredTokens:
     """Hidden states waiting for the LM head, and which (sequence, target token) each scores;
     :meth:`flush` adds the log-probabilities into ``sums``."""
 
-    def __init__(self, model, sums: torch.Tensor, vocab_size: int | None) -> None:
-        self.weight, self.bias = model.lm_head.weight, model.lm_head.bias
-        self.vocab_size, self.sums = vocab_size or model.config.vocab_size, sums
+    def __init__(self, model, sums: torch.Tensor) -> None:
+        self.model, self.sums = model, sums
         self.hidden: list[torch.Tensor] = []
         self.num_hidden = 0
         self.rows: list[int] = []
@@ -412,9 +372,8 @@ class _ScoredTokens:
             return
         dev = self.sums.device
         with autocast_for(dev):  # the head in bf16 on CUDA, as in the model's own forward
-            lp = target_logprobs(torch.cat(self.hidden), self.weight, torch.tensor(self.rows, device=dev),
-                                 torch.tensor(self.targets, device=dev), vocab_size=self.vocab_size,
-                                 bias=self.bias)  # (S,)
+            lp = self.model.token_logprobs(torch.cat(self.hidden), torch.tensor(self.rows, device=dev),
+                                           torch.tensor(self.targets, device=dev))  # (S,)
         self.sums.index_add_(0, torch.tensor(self.seqs, device=dev), lp)
         self.hidden, self.num_hidden, self.rows, self.targets, self.seqs = [], 0, [], [], []
 
@@ -439,8 +398,49 @@ def _split_sorted(lengths: list[int], cost: int, max_rows: int | None = None) ->
     return out[::-1]
 
 
+def _score_continuations(model, inputs: list[list[int]], cont_lens: list[int], P: int, chunk: list[list[int]],
+                         cache, scored: _ScoredTokens, *, split_cost: int, batch_size: int,
+                         device: torch.device) -> None:
+    """The continuations of ``chunk`` (groups of rows sharing a prefix of length ``P``, whose
+    keys and values are in ``cache``, one row per group) through the trunk; every hidden state of
+    a new (prefix, continuation-so-far) is queued in ``scored`` once, with the targets it scores."""
+    from pretrain.model import KVCache
+
+    # Continuations, longest first, cut into forwards of similar length (less padding).
+    feed = sorted(((cont_lens[i] - 1, g, i) for g, grp in enumerate(chunk) for i in grp if cont_lens[i] > 1),
+                  reverse=True)
+    trie: dict[tuple[int, int], int] = {}  # (node, token) -> buffer index of its hidden state
+    for seg in _split_sorted([length for length, _, _ in feed], split_cost, max_rows=batch_size):
+        part = feed[seg[0]:seg[1]]
+        Tc_part = part[0][0]
+        idx = torch.zeros(len(part), Tc_part, dtype=torch.long)  # (R, Tc), right-padded
+        sel_row, sel_pos, pending = [], [], []
+        base = scored.num_hidden  # the buffer index this forward's first hidden state gets
+        for r, (_, g, i) in enumerate(part):
+            cont = inputs[i][P:]
+            idx[r, : len(cont) - 1] = torch.tensor(cont[:-1])
+            node = -1 - g  # the group's prefix
+            for t in range(len(cont) - 1):  # hidden at local t predicts cont[t + 1]
+                u = trie.setdefault((node, cont[t]), base + len(sel_row))
+                if u == base + len(sel_row):  # a new (prefix, continuation-so-far)
+                    sel_row.append(r)
+                    sel_pos.append(t)
+                pending.append((u, cont[t + 1], i))
+                node = u
+        rg = torch.tensor([g for _, g, _ in part], dtype=torch.long, device=device)
+        cont_cache = KVCache(k=[k.index_select(0, rg) for k in cache.k],  # (R, nh, P+Tc, hs)
+                             v=[v.index_select(0, rg) for v in cache.v], pos=P)
+        if sel_row:
+            with autocast_for(device):
+                h = model.hidden_states(idx.to(device, non_blocking=True), kv_cache=cont_cache)  # (R, Tc, C)
+            scored.add_hidden(h[torch.tensor(sel_row, device=device),
+                                torch.tensor(sel_pos, device=device)])  # (U, C): indices base, base + 1, ...
+        for u, tgt, i in pending:
+            scored.add_token(u, tgt, i)
+
+
 def _score_shared_prefix(model, inputs: list[list[int]], cont_lens: list[int], *, batch_size: int,
-                         vocab_size: int | None, device: torch.device, head_rows: int = 1024,
+                         device: torch.device, head_rows: int = 1024,
                          split_cost: int | None = None) -> torch.Tensor:
     """Sums of continuation log-probabilities, running each distinct prefix once.
 
@@ -453,14 +453,14 @@ def _score_shared_prefix(model, inputs: list[list[int]], cont_lens: list[int], *
     keeps them exact) attend to it. The hidden state at the prefix's last position predicts the first token of all its
     candidates; it and any position whose (prefix, continuation-so-far) was already seen go
     through the LM head once. The head runs in batches of ``head_rows`` hidden states
-    (:func:`evals.common.target_logprobs`). The continuations of a batch are cut into forwards
+    (``GPT.token_logprobs``). The continuations of a batch are cut into forwards
     of similar length where the padding saved outweighs ``split_cost`` positions per extra
     forward (default 16 on CPU, where a small forward's overhead is about that; 256 elsewhere)."""
     from pretrain.model import KVCache
 
     n = len(inputs)
     sums = torch.zeros(n, dtype=torch.float32, device=device)
-    scored = _ScoredTokens(model, sums, vocab_size)
+    scored = _ScoredTokens(model, sums)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, toks in enumerate(inputs):
         groups.setdefault(tuple(toks[: len(toks) - cont_lens[i]]), []).append(i)
@@ -486,49 +486,62 @@ def _score_shared_prefix(model, inputs: list[list[int]], cont_lens: list[int], *
             Tc = max(cont_lens[i] for i in rows) - 1  # continuation tokens fed to the model
             prefixes = torch.tensor([inputs[grp[0]][:P] for grp in chunk], dtype=torch.long)  # (G, P)
             cache = KVCache.empty(model.config, G, P + Tc, device, cache_dtype)
-            got: list[torch.Tensor] = []
-            last = torch.full((G,), P - 1, dtype=torch.long, device=device)
-            with autocast_for(device), _capture_hidden(model, torch.arange(G, device=device), last, got):
-                model(prefixes.to(device, non_blocking=True), kv_cache=cache)
-            base = scored.add_hidden(got[0])  # (G, C): the prefixes' last positions
+            with autocast_for(device):
+                h = model.hidden_states(prefixes.to(device, non_blocking=True), kv_cache=cache)  # (G, P, C)
+            base = scored.add_hidden(h[:, -1])  # (G, C): the prefixes' last positions
             for g, grp in enumerate(chunk):
                 for i in grp:
                     scored.add_token(base + g, inputs[i][P], i)
-            # Continuations, longest first, cut into forwards of similar length (less padding).
-            feed = sorted(((cont_lens[i] - 1, g, i) for g, grp in enumerate(chunk) for i in grp if cont_lens[i] > 1),
-                          reverse=True)
-            trie: dict[tuple[int, int], int] = {}  # (node, token) -> buffer index of its hidden state
-            for seg in _split_sorted([length for length, _, _ in feed], split_cost, max_rows=batch_size):
-                part = feed[seg[0]:seg[1]]
-                Tc_part = part[0][0]
-                idx = torch.zeros(len(part), Tc_part, dtype=torch.long)  # (R, Tc), right-padded
-                sel_row, sel_pos, pending = [], [], []
-                base = scored.num_hidden  # the buffer index this forward's first hidden state gets
-                for r, (_, g, i) in enumerate(part):
-                    cont = inputs[i][P:]
-                    idx[r, : len(cont) - 1] = torch.tensor(cont[:-1])
-                    node = -1 - g  # the group's prefix
-                    for t in range(len(cont) - 1):  # hidden at local t predicts cont[t + 1]
-                        u = trie.setdefault((node, cont[t]), base + len(sel_row))
-                        if u == base + len(sel_row):  # a new (prefix, continuation-so-far)
-                            sel_row.append(r)
-                            sel_pos.append(t)
-                        pending.append((u, cont[t + 1], i))
-                        node = u
-                rg = torch.tensor([g for _, g, _ in part], dtype=torch.long, device=device)
-                cont_cache = KVCache(k=[k.index_select(0, rg) for k in cache.k],  # (R, nh, P+Tc, hs)
-                                     v=[v.index_select(0, rg) for v in cache.v], pos=P)
-                got = []
-                if sel_row:
-                    with autocast_for(device), _capture_hidden(model, torch.tensor(sel_row, device=device),
-                                                               torch.tensor(sel_pos, device=device), got):
-                        model(idx.to(device, non_blocking=True), kv_cache=cont_cache)
-                    scored.add_hidden(got[0])  # (U, C), at buffer indices base, base + 1, ...
-                for u, tgt, i in pending:
-                    scored.add_token(u, tgt, i)
+            _score_continuations(model, inputs, cont_lens, P, chunk, cache, scored, split_cost=split_cost,
+                                 batch_size=batch_size, device=device)
             if scored.num_hidden >= head_rows:
                 scored.flush()
     scored.flush()
+    return sums
+
+
+def _score_packed(model, inputs: list[list[int]], cont_lens: list[int], *, block_size: int, batch_size: int,
+                  pad_multiple: int, vocab_size: int | None, device: torch.device, sync_batches: bool,
+                  head_trick: bool) -> torch.Tensor:
+    """The packed path of :func:`score_sequences`: every row, sorted by length, ``batch_size`` per
+    forward, right-padded to a multiple of ``pad_multiple``."""
+    n = len(inputs)
+    order = sorted(range(n), key=lambda i: -len(inputs[i]))
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    num_batches = len(batches)
+    if sync_batches:
+        num_batches = int(dist.all_reduce(torch.tensor([num_batches]), "hellaswag batch count", op="max").item())
+
+    sums = torch.zeros(n, dtype=torch.float32, device=device)
+    for b in range(num_batches):
+        rows = batches[b] if b < len(batches) else []
+        max_in = max((len(inputs[i]) - 1 for i in rows), default=1)
+        T = min(block_size, -(-max_in // pad_multiple) * pad_multiple)  # bucketed length
+        idx = torch.zeros(batch_size, T, dtype=torch.long)
+        sel_row, sel_pos, sel_tgt, sel_seq = [], [], [], []
+        for r, i in enumerate(rows):
+            toks = inputs[i]
+            L = len(toks) - 1  # model input is toks[:-1]; targets are toks[1:]
+            idx[r, :L] = torch.tensor(toks[:-1])
+            c = cont_lens[i]
+            sel_row.extend([r] * c)
+            sel_pos.extend(range(L - c, L))
+            sel_tgt.extend(toks[L - c + 1: L + 1])
+            sel_seq.extend([i] * c)
+        rows_t = torch.tensor(sel_row, dtype=torch.long, device=device)
+        pos_t = torch.tensor(sel_pos, dtype=torch.long, device=device)
+        with autocast_for(device):
+            if head_trick:  # the LM head at the scored positions only: (S, V_rows)
+                picked = model(idx.to(device, non_blocking=True), at=(rows_t, pos_t))[0]
+            else:
+                picked = _logits_of(model(idx.to(device, non_blocking=True)))[rows_t, pos_t]  # (S, V_rows)
+        if not rows:
+            continue  # a padding forward: this rank is done, others are not
+        if vocab_size is not None:
+            picked = picked[:, :vocab_size]  # padded vocab rows carry -inf anyway
+        logp = F.log_softmax(picked.float(), dim=-1)  # (S, V)
+        tok_lp = logp.gather(1, torch.tensor(sel_tgt, device=device)[:, None]).squeeze(1)  # (S,)
+        sums.index_add_(0, torch.tensor(sel_seq, device=device), tok_lp)
     return sums
 
 
@@ -554,8 +567,8 @@ def score_sequences(model, context: Sequence[list[int]], continuation: Sequence[
       ``pad_multiple`` (padded rows and positions are never scored), so a compiled model sees
       a handful of shapes. With ``sync_batches`` and a process group up, every rank runs as
       many forwards as the busiest rank. ``head_positions_only`` (default: on for an eager
-      native ``GPT``) applies the LM head at the scored positions only; see
-      :func:`_head_only_at`."""
+      native ``GPT``) applies the LM head at the scored positions only
+      (``GPT.forward(at=(rows, pos))``); the others' logits are taken there from the full ones."""
     device = torch.device(device)
     if share_prefix is None:
         share_prefix = head_positions_only is None and _prefix_sharing_ok(model)
@@ -563,7 +576,6 @@ def score_sequences(model, context: Sequence[list[int]], continuation: Sequence[
         raise ValueError("share_prefix=True needs an eager native GPT with plain blocks (not compiled, FSDP or "
                          "wrapped); leave share_prefix=None to pick the packed path automatically")
     head_trick = _head_trick_ok(model) if head_positions_only is None else head_positions_only
-    n = len(context)
     inputs, cont_lens = [], []
     for ctx, cont in zip(context, continuation):
         if not cont:
@@ -577,46 +589,11 @@ def score_sequences(model, context: Sequence[list[int]], continuation: Sequence[
         inputs.append(toks)
         cont_lens.append(len(cont))
     if share_prefix:
-        sums = _score_shared_prefix(model, inputs, cont_lens, batch_size=batch_size, vocab_size=vocab_size,
-                                    device=device)
-        return sums.double().cpu().numpy(), np.asarray(cont_lens, dtype=np.int64)
-    order = sorted(range(n), key=lambda i: -len(inputs[i]))
-    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    num_batches = len(batches)
-    if sync_batches:
-        num_batches = int(all_reduce(torch.tensor([num_batches], dtype=torch.int64), "max", what="hellaswag batch count").item())
-
-    sums = torch.zeros(n, dtype=torch.float32, device=device)
-    for b in range(num_batches):
-        rows = batches[b] if b < len(batches) else []
-        max_in = max((len(inputs[i]) - 1 for i in rows), default=1)
-        T = min(block_size, -(-max_in // pad_multiple) * pad_multiple)  # bucketed length
-        idx = torch.zeros(batch_size, T, dtype=torch.long)
-        sel_row, sel_pos, sel_tgt, sel_seq = [], [], [], []
-        for r, i in enumerate(rows):
-            toks = inputs[i]
-            L = len(toks) - 1  # model input is toks[:-1]; targets are toks[1:]
-            idx[r, :L] = torch.tensor(toks[:-1])
-            c = cont_lens[i]
-            sel_row.extend([r] * c)
-            sel_pos.extend(range(L - c, L))
-            sel_tgt.extend(toks[L - c + 1: L + 1])
-            sel_seq.extend([i] * c)
-        rows_t = torch.tensor(sel_row, dtype=torch.long, device=device)
-        pos_t = torch.tensor(sel_pos, dtype=torch.long, device=device)
-        with autocast_for(device), _head_only_at(model if head_trick and rows else None, rows_t, pos_t):
-            logits = _logits_of(model(idx.to(device, non_blocking=True)))  # (B, T, V_rows) or (1, S, V_rows)
-        if not rows:
-            continue  # a padding forward: this rank is done, others are not
-        if head_trick and logits.shape[:2] == (1, len(sel_row)):
-            picked = logits[0]  # the head ran at the scored positions only
-        else:
-            picked = logits[rows_t, pos_t]  # (S, V_rows): only the scored positions
-        if vocab_size is not None:
-            picked = picked[:, :vocab_size]  # padded vocab rows carry -inf anyway
-        logp = F.log_softmax(picked.float(), dim=-1)  # (S, V)
-        tok_lp = logp.gather(1, torch.tensor(sel_tgt, device=device)[:, None]).squeeze(1)  # (S,)
-        sums.index_add_(0, torch.tensor(sel_seq, device=device), tok_lp)
+        sums = _score_shared_prefix(model, inputs, cont_lens, batch_size=batch_size, device=device)
+    else:
+        sums = _score_packed(model, inputs, cont_lens, block_size=block_size, batch_size=batch_size,
+                             pad_multiple=pad_multiple, vocab_size=vocab_size, device=device,
+                             sync_batches=sync_batches, head_trick=head_trick)
     return sums.double().cpu().numpy(), np.asarray(cont_lens, dtype=np.int64)
 
 
@@ -664,7 +641,7 @@ def evaluate(model, prep: Prepared, *, batch_size: int = 32, device: str | torch
     )
     right = example_predictions(prep, sums, counts) if len(prep) else {k: np.zeros(0) for k in METRICS}
     totals = torch.tensor([len(prep)] + [float(right[k].sum()) for k in METRICS], dtype=torch.float64)
-    totals = all_reduce(totals, "sum", what="hellaswag totals")
+    dist.all_reduce(totals, "hellaswag totals")
     n = int(totals[0].item())
     return summarize({k: float(totals[1 + j].item()) for j, k in enumerate(METRICS)}, n, prefix)
 

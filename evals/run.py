@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 8 -m evals.run --model ... # examples split over ranks, counts all-reduced
 
 ``--model`` is a Hugging Face GPT-2 directory (``gpt2-export`` writes one), a hub name, or a
-native checkpoint directory written by the trainer (``pretrain.hf.load_model``). Without
+native checkpoint directory written by the trainer (``pretrain.model.weights.load_model``). Without
 ``--hellaswag`` the canonical validation file is downloaded once into
 ``~/.cache/gpt2-pretrain/hellaswag``. Rank 0 prints a table and writes the JSON.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -46,29 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the model first")
     p.add_argument("--out", default=None, metavar="PATH", help="write the results as JSON here")
     return p
-
-
-def _setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
-    """Rank, world size and device; a process group is started from the torchrun environment
-    when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_arg)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank if world > 1 else 0)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        from pretrain.dist import note_group
-
-        note_group()
-    return rank, world, device
 
 
 def format_table(results: dict[str, float]) -> str:
@@ -115,21 +91,21 @@ def main(argv: list[str] | None = None) -> int:
     if problem is not None:
         print(f"gpt2-eval: error: {problem}", file=sys.stderr)
         return 2
-    rank, world, device = _setup_distributed(args.device)
-    try:
-        return _run(args, rank, world, device)
-    finally:
-        import torch.distributed as dist
+    from pretrain import dist
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    # torchrun: one process group (nccl on CUDA, gloo on CPU); alone: none.
+    info = dist.setup(args.device)
+    try:
+        return _run(args, info.rank, info.world_size, info.device)
+    finally:
+        dist.teardown(clean=False)
 
 
 def _run(args, rank: int, world: int, device: torch.device) -> int:
     from evals.hellaswag import HellaSwagError, HellaSwagEvaluator
     from evals.val_loss import ValLossEvaluator
     from pretrain.checkpoint import CheckpointError
-    from pretrain.hf import load_model
+    from pretrain.model.weights import load_model, resolve
 
     def log(msg: str) -> None:
         if rank == 0:
@@ -140,7 +116,8 @@ def _run(args, rank: int, world: int, device: torch.device) -> int:
         if not args.no_hellaswag:
             evaluators.append(HellaSwagEvaluator(args.hellaswag, args.limit, args.batch_size, rank, world, device,
                                                  split=args.hellaswag_split))
-        model = load_model(args.model).to(device).eval()
+        source = resolve(args.model)
+        model = load_model(source).to(device).eval()
         if args.val_data is not None:
             seq_len = args.seq_len or model.config.block_size
             evaluators.append(ValLossEvaluator(args.val_data, seq_len, args.batch_size, args.val_tokens or None,
@@ -152,6 +129,8 @@ def _run(args, rank: int, world: int, device: torch.device) -> int:
         print("gpt2-eval: error: nothing to evaluate; drop --no-hellaswag or pass --val-data DIR", file=sys.stderr)
         return 2
     scored = torch.compile(model) if args.compile else model
+    if source.note:
+        log(source.note)
     log(f"model {args.model}: {model.num_params() / 1e6:.1f}M parameters, block_size {model.config.block_size}, "
         f"device {device}, world size {world}")
 

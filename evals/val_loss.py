@@ -24,7 +24,8 @@ import torch
 from data_pipeline import integrity
 from data_pipeline.loader import integrity_error, token_range_error
 from data_pipeline.shards import expected, read_shard, shard_entries
-from evals.common import all_reduce, autocast_for, eval_mode
+from evals.common import autocast_for, eval_mode
+from pretrain import dist
 
 
 class ValLossEvaluator:
@@ -109,7 +110,7 @@ class ValLossEvaluator:
                 _, loss = model(x, y, reduction="sum")
             total[0] += loss.double()
             total[1] += (y != -100).sum()
-        total = all_reduce(total, "sum", what="val loss")
+        dist.all_reduce(total, "val loss")
         loss_sum, tokens = total.tolist()
         mean = loss_sum / tokens
         return {"val/loss": mean, "val/ppl": math.exp(min(mean, 700.0)), "val/tokens": tokens}

@@ -7,8 +7,9 @@ A run is described by defaults < a YAML file < dotted command-line overrides::
 Every field carries an attribute docstring; those docstrings are the ``--help`` text
 (``python pretrain/train.py --help``). ``load_config`` rejects unknown keys (with a
 did-you-mean), wrong types and impossible values with one line naming the key, the value and
-the fix, and computes the derived numbers (accumulation steps, tokens per step, total tokens)
-once, in ``Derived``. YAML is read with ``yaml.safe_load`` only.
+the fix. YAML is read with ``yaml.safe_load`` only. The numbers derived from a config and the
+world size (accumulation steps, tokens per step, total tokens), the resume path and the data
+check are resolved once, by the run plan (``pretrain/plan.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 import yaml
 
 from pretrain.model import PRESETS, GPTConfig
+from pretrain.training.optim import COOLDOWNS, MUON_ADJUST_LR, NS_DTYPES, OPTIMIZERS, SCHEDULES
 
 
 class ConfigError(ValueError):
@@ -74,7 +76,7 @@ class ModelSection:
     tie_embeddings: bool | None = None
     """Tie the LM head to the token embedding; None = the preset's (True)."""
     init_from: str | None = None
-    """Start from existing weights (pretrain/init_from.py): null (random init) | a hub name (gpt2,
+    """Start from existing weights (pretrain/training/init_from.py): null (random init) | a hub name (gpt2,
     gpt2-medium, gpt2-large, gpt2-xl, owner/name; needs the network) | a local Hugging Face GPT-2
     directory | a native checkpoint step_XXXXXXXX | a run's checkpoints/ folder (its newest). Weights
     only: fresh optimizer, step 0, this config's schedule. The architecture fields above must match
@@ -82,12 +84,8 @@ class ModelSection:
     dropped and a smaller block_size crops the positions. A resumed run ignores it (the checkpoint wins)."""
 
     def gpt_config(self) -> GPTConfig:
-        overrides = {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if f.name not in ("preset", "init_from") and getattr(self, f.name) is not None
-        }
-        return GPTConfig.from_preset(self.preset, **overrides)
+        """The architecture: the preset with the fields set here (``GPTConfig.from_dict``)."""
+        return GPTConfig.from_dict(dataclasses.asdict(self))
 
 
 @dataclass
@@ -147,7 +145,7 @@ class OptimSection:
 @dataclass
 class ScheduleSection:
     """Learning rate: linear warmup, then cosine (or warmup-stable-decay) down to min_lr_ratio * lr;
-    optionally a batch-size warmup. Both are pure functions of the step (pretrain/optim.py)."""
+    optionally a batch-size warmup. Both are pure functions of the step (pretrain/training/optim.py)."""
 
     warmup_steps: int = 715
     """Steps of linear warmup from lr/warmup_steps to lr."""
@@ -193,12 +191,12 @@ class TrainSection:
     """Keep freed host memory mapped for the next step instead of returning it to the OS
     (glibc mallopt; a no-op without glibc): a CPU step's large buffers are not page-faulted in
     again every step (W1 eager: 1.81 -> 1.39 s per step). RSS then stays at its peak.
-    See pretrain/host_memory.py."""
+    See pretrain/training/host_memory.py."""
     max_nonfinite_in_a_row: int = 5
     """Abort after this many consecutive steps with a non-finite loss or grad norm (each is skipped)."""
     spike_detection: bool = False
     """Skip the optimizer step when the loss or grad norm spikes above its recent history
-    (pretrain/guards.py LossSpikeDetector; the same decision on every rank, saved in checkpoints)."""
+    (pretrain/training/spikes.py LossSpikeDetector; the same decision on every rank, saved in checkpoints)."""
     spike_window: int = 100
     """Accepted steps the spike detector compares against; it is armed once the window is full."""
     spike_threshold: float = 6.0
@@ -279,20 +277,6 @@ class DistributedSection:
     """Collective timeout in seconds (a hung rank fails the job after this long)."""
 
 
-@dataclass
-class Derived:
-    """Numbers computed once from the config and the world size."""
-
-    world_size: int
-    grad_accum_steps: int
-    tokens_per_step: int
-    global_batch_seqs: int
-    total_tokens: int
-    loader_batch_seqs: int
-    """The loader's unit: the global batch in sequences, or with a batch-size warmup its first
-    (smallest) batch, of which every later step's batch is a multiple."""
-
-
 SECTIONS: dict[str, type] = {
     "model": ModelSection,
     "data": DataSection,
@@ -311,11 +295,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "logging.wandb": ("online", "offline", "disabled"),
     "distributed.mode": ("ddp", "fsdp"),
     "distributed.backend": ("auto", "nccl", "gloo"),
-    "optim.name": ("adamw", "muon"),
-    "optim.muon_adjust_lr": ("original", "match_rms_adamw"),
-    "optim.muon_ns_dtype": ("bf16", "fp32"),
-    "schedule.name": ("cosine", "wsd"),
-    "schedule.cooldown": ("linear", "1-sqrt"),
+    "optim.name": OPTIMIZERS,
+    "optim.muon_adjust_lr": MUON_ADJUST_LR,
+    "optim.muon_ns_dtype": tuple(NS_DTYPES),
+    "schedule.name": SCHEDULES,
+    "schedule.cooldown": COOLDOWNS,
     "model.preset": tuple(sorted(PRESETS)),
 }
 
@@ -342,22 +326,6 @@ class Config:
     @property
     def gpt_config(self) -> GPTConfig:
         return self.model.gpt_config()
-
-    def derived(self, world_size: int) -> Derived:
-        from pretrain.optim import tokens_before
-
-        t, s = self.train, self.schedule
-        per_micro = t.micro_batch_size * self.data.seq_len * world_size
-        return Derived(
-            world_size=world_size,
-            grad_accum_steps=t.global_batch_tokens // per_micro,
-            tokens_per_step=t.global_batch_tokens,
-            global_batch_seqs=t.global_batch_tokens // self.data.seq_len,
-            total_tokens=tokens_before(s.max_steps, t.global_batch_tokens, s.batch_warmup_start_tokens,
-                                       s.batch_warmup_steps),
-            loader_batch_seqs=(s.batch_warmup_start_tokens if s.batch_warmup_steps > 0
-                               else t.global_batch_tokens) // self.data.seq_len,
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,67 +529,52 @@ def world_size_from_env() -> int:
         raise ConfigError(f"environment: WORLD_SIZE={raw!r} is not an integer") from None
 
 
-def validate(cfg: Config, world_size: int) -> Derived:
-    """Reject impossible values; return the derived numbers."""
-    errors: list[str] = []
+# Numeric bounds, by key (null is allowed where the field allows it: "unset").
+POSITIVE = ("data.seq_len", "train.global_batch_tokens", "train.micro_batch_size", "train.log_interval",
+            "train.max_nonfinite_in_a_row", "train.spike_threshold", "optim.lr", "optim.eps", "schedule.max_steps",
+            "distributed.timeout_s", "checkpoint.keep_last", "eval.sample_top_k", "eval.batch_size",
+            "eval.hellaswag_limit")
+NONNEGATIVE = ("optim.weight_decay", "optim.grad_clip", "schedule.warmup_steps", "eval.interval", "eval.val_tokens",
+               "eval.sample_tokens", "checkpoint.interval")
+
+
+def _get(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible values, each in one line naming the key (what depends on the world size
+    is checked by the run plan: ``pretrain.plan.batching``)."""
     for key, choices in CHOICES.items():
-        section, name = key.split(".")
-        v = getattr(getattr(cfg, section), name)
+        v = _get(cfg, key)
         if v not in choices:
             close = difflib.get_close_matches(str(v), choices, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            errors.append(f"{key}={v!r} must be one of {', '.join(choices)}{hint}")
-    if errors:
-        raise ConfigError(errors[0])
+            raise ConfigError(f"{key}={v!r} must be one of {', '.join(choices)}{hint}")
+    for section, cls in SECTIONS.items():  # every float: finite (a NaN passes every comparison below)
+        for f in dataclasses.fields(cls):
+            v = getattr(getattr(cfg, section), f.name)
+            floats = [v] if isinstance(v, float) else [x for x in v if isinstance(x, float)] if isinstance(v, list) else []
+            if any(not math.isfinite(x) for x in floats):
+                raise ConfigError(f"{section}.{f.name}={v!r} must be a finite number")
     try:
         gpt = cfg.gpt_config
     except ValueError as e:
         raise ConfigError(str(e)) from None
-
+    for key in POSITIVE:
+        if _get(cfg, key) is not None and _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be > 0")
+    for key in NONNEGATIVE:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
     t, d, o, s = cfg.train, cfg.data, cfg.optim, cfg.schedule
-
-    def positive(key: str, v: Any) -> None:
-        if v is None or v <= 0:
-            errors.append(f"{key}={v!r} must be > 0")
-
-    def nonneg(key: str, v: Any) -> None:
-        if v is None or v < 0:
-            errors.append(f"{key}={v!r} must be >= 0")
-
-    positive("data.seq_len", d.seq_len)
-    positive("train.global_batch_tokens", t.global_batch_tokens)
-    positive("train.micro_batch_size", t.micro_batch_size)
-    positive("train.log_interval", t.log_interval)
-    positive("train.max_nonfinite_in_a_row", t.max_nonfinite_in_a_row)
-    positive("train.spike_threshold", t.spike_threshold)
-    if t.spike_window is None or t.spike_window < 2:
-        errors.append(f"train.spike_window={t.spike_window!r} must be >= 2")
-    positive("optim.lr", o.lr)
-    positive("optim.eps", o.eps)
-    positive("schedule.max_steps", s.max_steps)
-    positive("distributed.timeout_s", cfg.distributed.timeout_s)
-    positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
-    nonneg("optim.weight_decay", o.weight_decay)
-    nonneg("optim.grad_clip", o.grad_clip)
-    nonneg("schedule.warmup_steps", s.warmup_steps)
-    nonneg("eval.interval", cfg.eval.interval)
-    nonneg("eval.val_tokens", cfg.eval.val_tokens)
-    nonneg("eval.sample_tokens", cfg.eval.sample_tokens)
-    positive("eval.sample_top_k", cfg.eval.sample_top_k)
-    nonneg("checkpoint.interval", cfg.checkpoint.interval)
-    if cfg.eval.batch_size is not None:
-        positive("eval.batch_size", cfg.eval.batch_size)
-    if cfg.eval.hellaswag_limit is not None:
-        positive("eval.hellaswag_limit", cfg.eval.hellaswag_limit)
+    if t.spike_window < 2:
+        raise ConfigError(f"train.spike_window={t.spike_window!r} must be >= 2")
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
-        errors.append(f"optim.betas={o.betas!r} must be two numbers in [0, 1)")
+        raise ConfigError(f"optim.betas={o.betas!r} must be two numbers in [0, 1)")
     if not 0.0 <= s.min_lr_ratio <= 1.0:
-        errors.append(f"schedule.min_lr_ratio={s.min_lr_ratio!r} must be in [0, 1]")
-    if errors:
-        raise ConfigError(errors[0])
-    for v in (o.lr, o.eps, o.weight_decay, o.grad_clip, s.min_lr_ratio):
-        if not math.isfinite(v):
-            raise ConfigError(f"optim/schedule values must be finite, got {v!r}")
+        raise ConfigError(f"schedule.min_lr_ratio={s.min_lr_ratio!r} must be in [0, 1]")
     if d.seq_len > gpt.block_size:
         raise ConfigError(
             f"data.seq_len={d.seq_len} exceeds the model's context model.block_size={gpt.block_size}; "
@@ -631,13 +584,13 @@ def validate(cfg: Config, world_size: int) -> Derived:
         raise ConfigError(
             f"train.global_batch_tokens={t.global_batch_tokens} is not a multiple of data.seq_len={d.seq_len}"
         )
-    per_micro = t.micro_batch_size * d.seq_len * world_size
-    if t.global_batch_tokens % per_micro:
-        raise ConfigError(
-            f"train.global_batch_tokens={t.global_batch_tokens} is not divisible by micro_batch_size*seq_len*"
-            f"world_size = {t.micro_batch_size}*{d.seq_len}*{world_size} = {per_micro}; "
-            f"choose a global batch that is a multiple of {per_micro} or change train.micro_batch_size"
-        )
+    validate_run(cfg)
+    validate_optim_schedule(cfg)
+
+
+def validate_run(cfg: Config) -> None:
+    """The run's settings that name other things: starting weights, logging extras, resume, faults."""
+    t = cfg.train
     if t.fault_inject and not re.fullmatch(r"(crash|nan|nan_from):\d+|sleep:[0-9.]+", t.fault_inject):
         raise ConfigError(
             f"train.fault_inject={t.fault_inject!r} must be crash:STEP, nan:STEP, nan_from:STEP or sleep:SECONDS"
@@ -652,14 +605,12 @@ def validate(cfg: Config, world_size: int) -> Derived:
                 "logging.tensorboard=true needs the tensorboard package, which is not installed; "
                 "pip install -e '.[tensorboard]' (or pip install tensorboard), or set logging.tensorboard=false"
             )
-    validate_optim_schedule(cfg, per_micro)
     r = cfg.checkpoint.resume
     if r not in ("auto", "none") and not r:
         raise ConfigError("checkpoint.resume must be auto, none or a checkpoint path")
-    return cfg.derived(world_size)
 
 
-def validate_optim_schedule(cfg: Config, per_micro: int) -> None:
+def validate_optim_schedule(cfg: Config) -> None:
     """The optimizer / schedule choices (optim.name, schedule.name, batch-size warmup)."""
     o, s, t = cfg.optim, cfg.schedule, cfg.train
     if o.name == "muon":
@@ -675,7 +626,7 @@ def validate_optim_schedule(cfg: Config, per_micro: int) -> None:
         if not 1 <= o.muon_ns_steps < 100:
             raise ConfigError(f"optim.muon_ns_steps={o.muon_ns_steps!r} must be in [1, 100)")
     if s.name == "wsd":
-        from pretrain.optim import cooldown_start
+        from pretrain.training.optim import cooldown_start
 
         if not (math.isfinite(s.cooldown_frac) and 0.0 < s.cooldown_frac <= 1.0):
             raise ConfigError(f"schedule.cooldown_frac={s.cooldown_frac!r} must be in (0, 1]")
@@ -694,20 +645,14 @@ def validate_optim_schedule(cfg: Config, per_micro: int) -> None:
                 f"schedule.batch_warmup_start_tokens={start!r} must be > 0 and divide "
                 f"train.global_batch_tokens={t.global_batch_tokens}"
             )
-        if start % per_micro:
-            raise ConfigError(
-                f"schedule.batch_warmup_start_tokens={start} is not a multiple of micro_batch_size*seq_len*"
-                f"world_size = {per_micro}; every step of the batch warmup must be whole micro-steps"
-            )
 
 
-def load_config(
-    path: str | os.PathLike | None, overrides: list[str] | None = None, world_size: int | None = None
-) -> tuple[Config, Derived]:
-    """defaults < YAML at ``path`` < ``overrides``; validated; with the derived numbers."""
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    """defaults < YAML at ``path`` < ``overrides``; validated. The numbers derived from it (and
+    the world size) are the run plan's: ``pretrain.plan.make_plan``."""
     cfg = Config()
     if path is not None:
         apply_dict(cfg, read_yaml(path), str(path))
     parse_overrides(cfg, overrides or [])
-    derived = validate(cfg, world_size if world_size is not None else world_size_from_env())
-    return cfg, derived
+    validate(cfg)
+    return cfg

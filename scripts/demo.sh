@@ -4,9 +4,9 @@
 #   prepare   builtin:python-docs (CPython's own documentation) -> GPT-2 token shards
 #   train     a small GPT-2 (configs/demo.yaml) with the real trainer, pretrain/train.py
 #   evaluate  validation loss (and HellaSwag when HELLASWAG=path/to/hellaswag_val.jsonl) via evals.run
-#   export    the checkpoint to Hugging Face format (pretrain.hf export)
+#   export    the checkpoint to Hugging Face format (pretrain.model.export)
 #   generate  load the export with transformers (offline) and continue a prompt
-#   plot      loss / lr / tokens/s / HellaSwag curves (pretrain.plot)
+#   plot      loss / lr / tokens/s / HellaSwag curves (pretrain.training.plot)
 #
 # Every run gets its own directory, DEMO_DIR/run-YYYYmmdd-HHMMSS, so a rerun never touches an
 # earlier result; DEMO_DIR/latest points at the newest and DEMO_DIR/loss.png overlays all runs.
@@ -153,7 +153,7 @@ fi
 
 # ---------------------------------------------------------------------------------------------
 stage 4 "export: Hugging Face format -> $EXPORT"
-"$PY" -m pretrain.hf export --checkpoint "$CKPT" --out "$EXPORT" --overwrite
+"$PY" -m pretrain.model.export export --checkpoint "$CKPT" --out "$EXPORT" --overwrite
 
 # ---------------------------------------------------------------------------------------------
 stage 5 "generate: transformers AutoModelForCausalLM from $EXPORT"
@@ -184,11 +184,11 @@ PYEOF
 
 # ---------------------------------------------------------------------------------------------
 stage 6 "plot: $PLOT"
-"$PY" -m pretrain.plot "$RUN" --out "$PLOT"
+"$PY" -m pretrain.training.plot "$RUN" --out "$PLOT"
 mapfile -t ALL_RUNS < <(ls -d "$DEMO_DIR"/run-*/ 2>/dev/null | while read -r d; do
   [ -f "$d/metrics.jsonl" ] && echo "${d%/}"; done)
 if [ "${#ALL_RUNS[@]}" -gt 1 ]; then
-  "$PY" -m pretrain.plot "${ALL_RUNS[@]}" --out "$DEMO_DIR/loss.png"
+  "$PY" -m pretrain.training.plot "${ALL_RUNS[@]}" --out "$DEMO_DIR/loss.png"
 else
   cp "$PLOT" "$DEMO_DIR/loss.png"
 fi

@@ -61,7 +61,7 @@ def world(tmp_path_factory):
     (root / "empty_dir").mkdir()
     locked = root / "locked_run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pretrain.rundir import RunDirLock; "
+        [sys.executable, "-c", "import sys, time; from pretrain.training.rundir import RunDirLock; "
          f"RunDirLock({str(locked)!r}).acquire(); print('held', flush=True); time.sleep(600)"],
         cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -112,21 +112,21 @@ CASES = [
     ("eval: not a model", "evals.run",
      lambda r: ["--model", str(r / "empty_dir"), "--hellaswag", str(r / "hs_ok.jsonl"), "--device", "cpu"],
      "empty_dir"),
-    ("export: --out holds the user's own config.json", "pretrain.hf",
+    ("export: --out holds the user's own config.json", "pretrain.model.export",
      lambda r: ["export", "--checkpoint", str(r / "run" / "checkpoints"), "--out", str(r / "my_model")],
      "my_model"),
-    ("export: not a model", "pretrain.hf",
+    ("export: not a model", "pretrain.model.export",
      lambda r: ["export", "--checkpoint", str(r / "empty_dir"), "--out", str(r / "export")], "empty_dir"),
-    ("generate: not a model", "pretrain.generate", lambda r: ["--model", str(r / "empty_dir")], "empty_dir"),
-    ("generate: --num-samples 0", "pretrain.generate",
+    ("generate: not a model", "pretrain.model.generate", lambda r: ["--model", str(r / "empty_dir")], "empty_dir"),
+    ("generate: --num-samples 0", "pretrain.model.generate",
      lambda r: ["--model", str(r / "run" / "checkpoints"), "--num-samples", "0"], "--num-samples"),
-    ("generate: --device cuda without CUDA", "pretrain.generate",
+    ("generate: --device cuda without CUDA", "pretrain.model.generate",
      lambda r: ["--model", str(r / "run" / "checkpoints"), "--device", "cuda"], "--device cuda"),
     ("eval: --device cuda without CUDA", "evals.run",
      lambda r: ["--model", str(r / "run"), "--no-hellaswag", "--device", "cuda"], "--device cuda"),
-    ("plot: --out under a file", "pretrain.plot",
+    ("plot: --out under a file", "pretrain.training.plot",
      lambda r: [str(r / "run"), "--out", str(r / "a_file" / "loss.png")], "a_file"),
-    ("plot: no metrics", "pretrain.plot", lambda r: [str(r / "empty_dir")], "empty_dir"),
+    ("plot: no metrics", "pretrain.training.plot", lambda r: [str(r / "empty_dir")], "empty_dir"),
 ]
 
 
@@ -154,7 +154,7 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(world, case, capsys
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     prog = {"pretrain.train": "gpt2-train", "data_pipeline.prepare": "gpt2-prepare", "evals.run": "gpt2-eval",
-            "pretrain.hf": "gpt2-export", "pretrain.generate": "gpt2-generate", "pretrain.plot": "gpt2-plot"}[module]
+            "pretrain.model.export": "gpt2-export", "pretrain.model.generate": "gpt2-generate", "pretrain.training.plot": "gpt2-plot"}[module]
     assert lines[0].startswith(f"{prog}: error"), lines[0]
     assert needle in lines[0], lines[0]
     assert snapshot(world) == before

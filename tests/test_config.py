@@ -10,17 +10,24 @@ import yaml
 from helpers import REPO, env
 
 from pretrain.config import Config, ConfigError, field_docs, from_dict, help_text, load_config
+from pretrain.plan import batching
 from pretrain.train import main
 
 PRESET = str(REPO / "configs" / "gpt2_124m.yaml")
 SMOKE = str(REPO / "configs" / "smoke_cpu.yaml")
 
 
+def resolve(path, overrides=(), world_size=1):
+    """A config and its batch arithmetic at ``world_size`` (what the run plan computes first)."""
+    cfg = load_config(path, list(overrides))
+    return cfg, batching(cfg, world_size)
+
+
 def test_gpt2_124m_preset_resolves_to_the_reproduction():
-    cfg, d = load_config(PRESET, world_size=8)
+    cfg, d = resolve(PRESET, world_size=8)
     assert cfg.train.global_batch_tokens == 524_288 and cfg.train.micro_batch_size == 64
     assert cfg.data.seq_len == 1024 and d.grad_accum_steps == 1 and d.global_batch_seqs == 512
-    assert load_config(PRESET, world_size=1)[1].grad_accum_steps == 8
+    assert resolve(PRESET, world_size=1)[1].grad_accum_steps == 8
     assert d.total_tokens == 524_288 * 19_073
     assert cfg.optim.lr == 6e-4 and cfg.optim.betas == [0.9, 0.95] and cfg.optim.eps == 1e-8
     assert cfg.optim.weight_decay == 0.1 and cfg.optim.grad_clip == 1.0
@@ -33,18 +40,18 @@ def test_gpt2_124m_preset_resolves_to_the_reproduction():
 
 
 def test_fast_config_keeps_the_architecture_and_changes_only_the_recipe():
-    fast, _ = load_config(REPO / "configs" / "gpt2_124m_fast.yaml", world_size=8)
-    ref, _ = load_config(PRESET, world_size=8)
+    fast, fast_batch = resolve(REPO / "configs" / "gpt2_124m_fast.yaml", world_size=8)
+    ref, ref_batch = resolve(PRESET, world_size=8)
     assert fast.gpt_config == ref.gpt_config and fast.model == ref.model  # GPT-2 124M, exportable
     assert (fast.optim.name, fast.schedule.name, fast.schedule.cooldown) == ("muon", "wsd", "1-sqrt")
     assert fast.data == ref.data and fast.train.global_batch_tokens == ref.train.global_batch_tokens
-    assert fast.derived(8).total_tokens < 0.6 * ref.derived(8).total_tokens
+    assert fast_batch.total_tokens < 0.6 * ref_batch.total_tokens
 
 
 def test_precedence_defaults_yaml_cli(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("optim:\n  lr: 1e-3\n  weight_decay: 0.05\ntrain:\n  micro_batch_size: 16\n")
-    cfg, _ = load_config(p, ["optim.lr=3e-4", "eval.hellaswag_path=none", "model.n_layer=4"], world_size=1)
+    cfg = load_config(p, ["optim.lr=3e-4", "eval.hellaswag_path=none", "model.n_layer=4"])
     assert cfg.optim.lr == 3e-4  # CLI beats YAML
     assert cfg.optim.weight_decay == 0.05  # YAML beats default (and "1e-3" YAML 1.1 string -> float)
     assert cfg.optim.eps == 1e-8  # default
@@ -92,14 +99,14 @@ def test_bad_configs_give_one_clear_error(tmp_path, yaml_text, overrides, match)
     p = tmp_path / "c.yaml"
     p.write_text(yaml_text)
     with pytest.raises(ConfigError, match=match) as e:
-        load_config(p, overrides, world_size=1)
+        resolve(p, overrides)
     assert "\n" not in str(e.value)
 
 
 def test_world_size_enters_the_divisibility_check():
-    load_config(PRESET, world_size=8)
+    resolve(PRESET, world_size=8)
     with pytest.raises(ConfigError, match=r"64\*1024\*3"):
-        load_config(PRESET, world_size=3)
+        resolve(PRESET, world_size=3)
 
 
 @pytest.mark.parametrize(

@@ -42,7 +42,7 @@ def test_help_lists_every_option_with_its_default(capsys):
 
 
 def test_cli_one_process_and_two_rank_torchrun_agree(tmp_path, capsys):
-    from pretrain.hf import export_hf
+    from pretrain.model.hf import export_hf
 
     model = tiny_model(seed=2)
     export_hf(model, tmp_path / "hf")

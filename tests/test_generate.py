@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.generate import (
+from pretrain.model import GPT, GPTConfig
+from pretrain.model.generate import (
     EOT_ID,
     GenerationError,
     build_parser,
@@ -18,7 +19,6 @@ from pretrain.generate import (
     main,
     sample_next,
 )
-from pretrain.model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,7 +119,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 
 def test_draw_follows_the_distribution_and_never_picks_a_zero_probability_token():
-    from pretrain.generate import draw
+    from pretrain.model.generate import draw
 
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.15, 0.05, 0.0], [0.0] * 6 + [1.0]])
     g = torch.Generator().manual_seed(0)
@@ -223,7 +223,7 @@ def test_help_lists_every_option_with_its_default():
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     pytest.importorskip("safetensors")
-    from pretrain.hf import export_hf
+    from pretrain.model.hf import export_hf
 
     out = tmp_path_factory.mktemp("gen") / "model"
     export_hf(_model(), out)
@@ -251,7 +251,7 @@ def test_cli_greedy_is_the_same_with_and_without_cache(exported, capsys):
 
 def test_cli_prompt_longer_than_context_is_one_line_exit_2(exported):
     r = subprocess.run(
-        [sys.executable, "-m", "pretrain.generate", "--model", str(exported), "--prompt", " ".join(["word"] * 100)],
+        [sys.executable, "-m", "pretrain.model.generate", "--model", str(exported), "--prompt", " ".join(["word"] * 100)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -270,10 +270,10 @@ def test_cli_bad_model_is_one_line_exit_2(tmp_path, capsys):
 
 
 def test_top_k_on_the_candidates_draws_what_the_full_row_draws():
-    """On a CPU, top-k sampling works on the k candidates alone (pretrain.generate._sample_top_k):
+    """On a CPU, top-k sampling works on the k candidates alone (pretrain.model.generate._sample_top_k):
     with the same generator it picks the token the full-row path (mask, softmax over V, draw)
     picks, with and without top-p; rows with ties at the k-th value go to the full path."""
-    from pretrain.generate import _sample_top_k, draw
+    from pretrain.model.generate import _sample_top_k, draw
 
     logits = torch.randn(400, 1000, generator=torch.Generator().manual_seed(1)) * 3  # (B, V)
     for top_p in (None, 0.8):
@@ -291,7 +291,7 @@ def test_top_k_on_the_candidates_draws_what_the_full_row_draws():
 
 def test_generate_leaves_the_weights_exactly_as_they_were():
     """generate() gives the CPU model's Linear weights a column-major copy while it decodes
-    (pretrain.generate.decode_layout) and each parameter its very tensor back afterwards: same
+    (pretrain.model.generate.decode_layout) and each parameter its very tensor back afterwards: same
     storage, strides and version, so an optimizer, DDP's bucket views or a compiled graph holding
     them see nothing. Also when generation fails half-way."""
     model = _model()
@@ -302,7 +302,7 @@ def test_generate_leaves_the_weights_exactly_as_they_were():
     before = state()
     generate(model, PROMPTS, max_new_tokens=5, seed=0, top_k=5)
     assert state() == before
-    from pretrain import generate as gen_mod
+    from pretrain.model import generate as gen_mod
 
     real = gen_mod.sample_next
     try:
@@ -329,11 +329,11 @@ def _screen_cases():
 
 
 def test_screened_head_bound_holds_and_its_top_n_is_the_exact_top_n():
-    """pretrain.generate.ScreenedHead: for every token the int8 screen's logit is within the
+    """pretrain.model.generate.ScreenedHead: for every token the int8 screen's logit is within the
     derived bound of the fp32 logit, and the candidates it keeps hold every token of the exact
     top n (ties with the n-th included), with their fp32 logits -- while being a small fraction
     of the vocabulary."""
-    from pretrain.generate import ScreenedHead
+    from pretrain.model.generate import ScreenedHead
 
     g = torch.Generator().manual_seed(7)
     for name, model in _screen_cases():
@@ -359,7 +359,7 @@ def test_screened_head_bound_holds_and_its_top_n_is_the_exact_top_n():
 def test_screened_sampling_draws_what_the_full_head_draws(monkeypatch):
     """Top-k sampling and greedy decoding on a CPU go through the screen; with the same seed they
     give the tokens the fp32 head over the whole vocabulary gives."""
-    from pretrain import generate as gen_mod
+    from pretrain.model import generate as gen_mod
 
     for name, model in _screen_cases():
         settings = [dict(temperature=0), dict(temperature=0.8, top_k=50), dict(temperature=1.0, top_k=5, top_p=0.9)]

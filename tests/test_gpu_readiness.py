@@ -15,8 +15,10 @@ from helpers import REPO, make_synthetic_shards, tiny_overrides
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pretrain.config import load_config
-from pretrain.profiling import HostSyncCounter, graph_breaks, reset_dynamo_counters
-from pretrain.trainer import Trainer
+from pretrain.plan import make_plan
+from pretrain.training.build import build_trainer
+from pretrain.training.profiling import HostSyncCounter, graph_breaks, reset_dynamo_counters
+from pretrain.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +28,8 @@ def data(tmp_path_factory):
 
 def build(data, run_dir, **extra) -> Trainer:
     # A padded vocabulary (512 -> 640) so the padded-row handling is on the path.
-    cfg, _ = load_config(None, tiny_overrides(data, run_dir, **{"model.padded_vocab_size": 640, **extra}),
-                         world_size=1)
-    return Trainer(cfg).build()
+    cfg = load_config(None, tiny_overrides(data, run_dir, **{"model.padded_vocab_size": 640, **extra}))
+    return build_trainer(make_plan(cfg, 1))
 
 
 def test_compiled_bf16_train_and_eval_steps_have_no_graph_breaks(data, tmp_path, monkeypatch):
@@ -53,7 +54,7 @@ def test_compiled_bf16_train_and_eval_steps_have_no_graph_breaks(data, tmp_path,
 
 
 def test_at_most_one_host_sync_per_optimizer_step(data, tmp_path):
-    """Counted by pretrain.profiling.HostSyncCounter on CPU: every call of a tensor method that would
+    """Counted by pretrain.training.profiling.HostSyncCounter on CPU: every call of a tensor method that would
     wait for a GPU (item, tolist, __float__, __bool__, cpu, nonzero, ...) made by the step's own code.
     Today's one: the tolist() of [all-reduced flags, grad norm]."""
     t = build(data, tmp_path / "run", **{"train.micro_batch_size": 2})  # accumulation 4
@@ -64,7 +65,7 @@ def test_at_most_one_host_sync_per_optimizer_step(data, tmp_path):
                 t.train_step()
     finally:
         t.close()
-    assert t.derived.grad_accum_steps == 4
+    assert t.plan.batch.grad_accum_steps == 4
     assert 1 <= c.count <= 3, dict(c.calls)  # >= 1: the counter really sees the step's tolist()
 
 
@@ -182,8 +183,8 @@ def test_cuda_decoding_never_uses_cudnn_attention():
     """cuDNN's SDPA plans a graph per new key length: generate() keeps it out of decoding."""
     from torch.profiler import ProfilerActivity, profile
 
-    from pretrain.generate import generate
     from pretrain.model import GPT, GPTConfig
+    from pretrain.model.generate import generate
 
     model = GPT(GPTConfig.from_preset("tiny")).cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16), profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -197,7 +198,7 @@ def test_loss_path_full_when_compiled_chunked_when_eager(monkeypatch, device):
     """GPT.loss_chunk_size=None: the full-logits path inside torch.compile (inductor fuses it;
     measured faster on an H200 and on CPU), the chunked fused head in eager mode (no fp32
     (B, T, V) logits). On CPU aot_eager stands in for inductor: the choice is made at trace time."""
-    import pretrain.model as model_mod
+    import pretrain.model.gpt as model_mod
 
     calls = []
     real = model_mod.linear_cross_entropy

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent / "chaos"))
 import procs  # noqa: E402  (tests/chaos/procs.py)
 
 from data_pipeline.shards import write_shard  # noqa: E402
-from pretrain.guards import LossSpikeDetector, LossSpikeError  # noqa: E402
+from pretrain.training.spikes import LossSpikeDetector, LossSpikeError  # noqa: E402
 
 WORKER = Path(__file__).parent / "chaos" / "dist_guards_worker.py"
 
@@ -353,11 +353,11 @@ def test_yaml_tags_that_construct_python_objects_are_refused(tmp_path, where):
         cfg_file.write_text("train:\n  seed: 1\n")
         overrides = [f"train.seed={tag}"]
     with pytest.raises(ConfigError, match=r"evil\.yaml|train\.seed") as e:
-        load_config(cfg_file, overrides, world_size=1)
+        load_config(cfg_file, overrides)
     assert "\n" not in str(e.value), "the error should be one line"
     assert not marker.exists(), "loading the config ran the attacker's code"
     if where == "override":  # a string field takes the command-line text literally
-        cfg, _ = load_config(cfg_file, [f"train.run_dir={tag}"], world_size=1)
+        cfg = load_config(cfg_file, [f"train.run_dir={tag}"])
         assert cfg.train.run_dir == tag and not marker.exists()
 
 
@@ -549,7 +549,7 @@ def test_training_fails_within_the_timeout_when_a_rank_stops_answering(tmp_path)
         noticed = time.monotonic() - stopped_at
         out = log_path.read_text()
         assert "gpt2-train: rank 0" in out and "timed out" in out.lower(), out[-3000:]
-        # The trainer routes its collectives through guards.collective: the error names the
+        # The trainer routes its collectives through dist.collective: the error names the
         # operation that hung (the step's all-reduce, the gradient reduction, ...), not a socket.
         named = re.search(r"gpt2-train: rank 0.*CollectiveError: (all_reduce|barrier|broadcast|gradient|\w+ eval)\S*", out)
         assert named and "timed out after 5s" in out, out[-3000:]
@@ -603,7 +603,7 @@ def test_training_survives_a_full_disk_during_a_checkpoint_save(tmp_path, monkey
 def test_collective_wrapper_names_comm_failures_only():
     """Outside a process group, or for an error that is not the network's, the wrapper stays out
     of the way (no misleading 'a rank stopped responding')."""
-    from pretrain import guards
+    from pretrain import dist as guards
 
     t = torch.ones(2)
     assert guards.all_reduce(t, "loss") is t and torch.equal(t, torch.ones(2))  # no process group: no-op

@@ -232,7 +232,7 @@ def test_evaluator_restores_train_mode_and_limit(tmp_path):
 
 def test_transformers_on_exported_model_gives_the_same_numbers(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from pretrain.hf import export_hf
+    from pretrain.model.hf import export_hf
 
     model = tiny_model(seed=1, padded_vocab_size=50304)  # padded vocab: -inf columns, dropped on export
     out_dir = export_hf(model, tmp_path / "hf")
@@ -372,24 +372,24 @@ def test_shared_prefix_path_equals_the_packed_path_and_the_reference():
 def test_shared_prefix_runs_each_context_once_and_the_head_once_per_distinct_prefix(monkeypatch):
     model = tiny_model()
     ctx, cont = synthetic_requests()
-    fed: list[tuple[int, list[list[int]]]] = []  # (kv_cache.pos, rows) of every forward
+    fed: list[tuple[int, list[list[int]]]] = []  # (kv_cache.pos, rows) of every run of the trunk
+    trunk = model.hidden_states
 
-    def record(module, args, kwargs):
-        fed.append((kwargs["kv_cache"].pos, args[0].tolist()))
+    def record(idx, kv_cache=None):
+        fed.append((kv_cache.pos, idx.tolist()))
+        return trunk(idx, kv_cache=kv_cache)
 
     head_rows = []
-    real = hs.target_logprobs
+    real = model.token_logprobs  # the LM head of the shared-prefix path (GPT.token_logprobs)
 
     def counting(hidden, *a, **k):
         head_rows.append(hidden.size(0))
         return real(hidden, *a, **k)
 
-    monkeypatch.setattr(hs, "target_logprobs", counting)
-    handle = model.register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        sums, _ = hs.score_sequences(model, ctx, cont, block_size=64, batch_size=8, vocab_size=50257)  # automatic
-    finally:
-        handle.remove()
+    monkeypatch.setattr(model, "token_logprobs", counting)
+    monkeypatch.setattr(model, "hidden_states", record)
+    sums, _ = hs.score_sequences(model, ctx, cont, block_size=64, batch_size=8, vocab_size=50257)  # automatic
+    monkeypatch.undo()
     # the effective prefixes (after left truncation to 65 tokens) and their continuations
     groups: dict[tuple, list[list[int]]] = {}
     for c, k in zip(ctx, cont):
@@ -407,7 +407,7 @@ def test_shared_prefix_runs_each_context_once_and_the_head_once_per_distinct_pre
 
 
 def test_target_logprobs_in_vocab_slices_equals_log_softmax():
-    from evals.common import target_logprobs
+    from pretrain.model.head import target_logprobs
 
     g = torch.Generator().manual_seed(0)
     hidden, weight = torch.randn(5, 16, generator=g), torch.randn(1000, 16, generator=g) * 3

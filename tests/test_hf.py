@@ -14,16 +14,10 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from data_pipeline.tokenizer import gpt2_encoding  # noqa: E402
-from pretrain.hf import (  # noqa: E402
-    EXPORT_FILES,
-    WEIGHT_MAP,
-    HFConversionError,
-    export_hf,
-    load_hf,
-    load_model,
-    main,
-)
 from pretrain.model import GPT, GPTConfig  # noqa: E402
+from pretrain.model.export import main  # noqa: E402
+from pretrain.model.hf import EXPORT_FILES, WEIGHT_MAP, HFConversionError, export_hf  # noqa: E402
+from pretrain.model.weights import WeightsError, load_hf, load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_HF = dict(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=50257)
@@ -267,7 +261,7 @@ def test_load_model_accepts_gptconfig_fields_and_reports_mismatches(monkeypatch,
     assert torch.equal(_logits_ours(loaded.eval(), IDX), _logits_ours(model, IDX))
     wrong = {"model": {**model.config.to_dict(), "n_layer": 3}}
     monkeypatch.setattr(checkpoint, "load_model_state", lambda p: (state, wrong))
-    with pytest.raises(HFConversionError, match="does not match its model config"):
+    with pytest.raises(WeightsError, match="does not match its model config"):
         load_model(tmp_path)
 
 
@@ -276,19 +270,19 @@ def test_load_model_accepts_gptconfig_fields_and_reports_mismatches(monkeypatch,
 
 
 def test_missing_directory(tmp_path):
-    with pytest.raises(HFConversionError, match="does not exist"):
+    with pytest.raises(WeightsError, match="does not exist"):
         load_hf(tmp_path / "nope" / "model")
 
 
 def test_directory_without_weights(tmp_path, hf_dir):
     (tmp_path / "config.json").write_text((hf_dir / "config.json").read_text())
-    with pytest.raises(HFConversionError, match="has no model.safetensors"):
+    with pytest.raises(WeightsError, match="has no model.safetensors"):
         load_hf(tmp_path)
 
 
 def test_directory_without_config(tmp_path, hf_dir):
     (tmp_path / "model.safetensors").write_bytes((hf_dir / "model.safetensors").read_bytes())
-    with pytest.raises(HFConversionError, match=r"config.json does not exist"):
+    with pytest.raises(WeightsError, match=r"config.json does not exist"):
         load_hf(tmp_path)
 
 
@@ -298,21 +292,21 @@ def test_corrupt_safetensors(tmp_path, hf_dir, damage):
     data = (hf_dir / "model.safetensors").read_bytes()
     data = data[: len(data) // 2] if damage == "truncate" else b"\x00garbage" * 100
     (tmp_path / "model.safetensors").write_bytes(data)
-    with pytest.raises(HFConversionError, match=r"cannot read .*model.safetensors.*corrupt"):
+    with pytest.raises(WeightsError, match=r"cannot read .*model.safetensors.*corrupt"):
         load_hf(tmp_path)
 
 
 def test_corrupt_pytorch_model_bin(tmp_path, hf_dir):
     (tmp_path / "config.json").write_text((hf_dir / "config.json").read_text())
     (tmp_path / "pytorch_model.bin").write_bytes(b"not a zip file")
-    with pytest.raises(HFConversionError, match=r"cannot read .*pytorch_model.bin"):
+    with pytest.raises(WeightsError, match=r"cannot read .*pytorch_model.bin"):
         load_hf(tmp_path)
 
 
 def test_corrupt_config_json(tmp_path, hf_dir):
     (tmp_path / "model.safetensors").write_bytes((hf_dir / "model.safetensors").read_bytes())
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(HFConversionError, match="not valid JSON"):
+    with pytest.raises(WeightsError, match="not valid JSON"):
         load_hf(tmp_path)
 
 
@@ -320,13 +314,13 @@ def test_weights_of_another_shape_than_config(tmp_path, hf_dir):
     (tmp_path / "model.safetensors").write_bytes((hf_dir / "model.safetensors").read_bytes())
     cfg = json.loads((hf_dir / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "n_embd": 32, "n_head": 4}))
-    with pytest.raises(HFConversionError, match=r"has shape \[50257, 64\] but config.json .* implies \[50257, 32\]"):
+    with pytest.raises(WeightsError, match=r"has shape \[50257, 64\] but config.json .* implies \[50257, 32\]"):
         load_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "n_layer": 3}))
-    with pytest.raises(HFConversionError, match=r"missing weight 'transformer.h.2"):
+    with pytest.raises(WeightsError, match=r"missing weight 'transformer.h.2"):
         load_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "n_layer": 1}))
-    with pytest.raises(HFConversionError, match=r"unexpected weights \['transformer.h.1"):
+    with pytest.raises(WeightsError, match=r"unexpected weights \['transformer.h.1"):
         load_hf(tmp_path)
 
 
@@ -334,10 +328,10 @@ def test_unsupported_config(tmp_path, hf_dir):
     (tmp_path / "model.safetensors").write_bytes((hf_dir / "model.safetensors").read_bytes())
     cfg = json.loads((hf_dir / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "activation_function": "silu"}))
-    with pytest.raises(HFConversionError, match="activation_function 'silu' is not supported"):
+    with pytest.raises(WeightsError, match="activation_function 'silu' is not supported"):
         load_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
-    with pytest.raises(HFConversionError, match="only 'gpt2'"):
+    with pytest.raises(WeightsError, match="only 'gpt2'"):
         load_hf(tmp_path)
 
 
@@ -354,7 +348,7 @@ def test_hub_name_offline_is_one_clear_line(monkeypatch, tmp_path):
 
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    with pytest.raises(HFConversionError) as e:
+    with pytest.raises(WeightsError) as e:
         load_hf("gpt2")
     msg = str(e.value)
     assert "could not download 'gpt2' from the Hugging Face hub" in msg
@@ -368,7 +362,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     assert err.startswith("gpt2-export: error: ") and err.count("\n") == 1
     # The real entry point: no traceback.
     r = subprocess.run(
-        [sys.executable, "-m", "pretrain.hf", "export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o")],
+        [sys.executable, "-m", "pretrain.model.export", "export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o")],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -421,7 +415,7 @@ def test_fast_recipe_checkpoint_exports_with_equal_logits(tmp_path):
     transformers with equal logits."""
     from helpers import make_synthetic_shards, python_cmd, run, tiny_overrides
 
-    from pretrain.hf import load_model
+    from pretrain.model.weights import load_model
 
     data = make_synthetic_shards(tmp_path / "data", train_tokens=8_000, val_tokens=2_000)
     run(python_cmd(tiny_overrides(data, tmp_path / "run", **{

@@ -1,5 +1,5 @@
 """model.init_from: start a run from a Hugging Face GPT-2 directory, a hub name or a native
-checkpoint (pretrain/init_from.py), through the real trainer.
+checkpoint (pretrain/training/init_from.py), through the real trainer.
 
 The parity test saves a *random* ``transformers`` GPT-2 (every parameter perturbed, so biases,
 LayerNorms and the Conv1D transposes all matter) and checks that the trainer's first step, on
@@ -58,10 +58,11 @@ def hf_dir(tmp_path_factory) -> Path:
 
 def build(overrides: list[str]):
     from pretrain.config import load_config
-    from pretrain.trainer import Trainer
+    from pretrain.plan import make_plan
+    from pretrain.training.build import build_trainer
 
-    cfg, _ = load_config(None, overrides, world_size=1)
-    return Trainer(cfg).build()
+    cfg = load_config(None, overrides)
+    return build_trainer(make_plan(cfg, 1))
 
 
 def finish(trainer) -> None:
@@ -76,7 +77,7 @@ def test_first_step_loss_equals_transformers(tmp_path, hf_dir, capsys):
     try:
         assert "model.init_from: weights of" in capsys.readouterr().out
         loader_state = trainer.loader.state_dict()
-        batches = [trainer.loader.next_batch() for _ in range(trainer.derived.grad_accum_steps)]
+        batches = [trainer.loader.next_batch() for _ in range(trainer.plan.batch.grad_accum_steps)]
         trainer.loader.load_state_dict(loader_state)
         result = trainer.train_step()
     finally:
@@ -111,7 +112,7 @@ def test_resume_ignores_init_from(tmp_path, hf_dir, capsys):
     finally:
         finish(resumed)
     # The saved config records init_from; the checkpoint still loads as a model (evals, export).
-    from pretrain.hf import load_model
+    from pretrain.model.weights import load_model
 
     assert load_model(ckpt).config.block_size == 64
 
@@ -154,8 +155,8 @@ def test_hub_name_offline_is_one_line(tmp_path):
 
 def test_padded_vocab_rows_added_then_dropped(tmp_path, hf_dir):
     from pretrain.checkpoint import Checkpointer
-    from pretrain.init_from import init_from
     from pretrain.model import GPT, GPTConfig
+    from pretrain.training.init_from import init_from
 
     hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
     x = torch.randint(0, 512, (2, 16))
@@ -237,8 +238,9 @@ def _check_load_after_sharding(src: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     from pretrain.dist import note_group
-    from pretrain.init_from import adapt_state_dict, init_from, load_into, read_source
     from pretrain.model import GPT, GPTConfig
+    from pretrain.model.weights import read
+    from pretrain.training.init_from import adapt_state_dict, init_from, load_into
 
     dist.init_process_group("gloo")
     note_group()
@@ -252,8 +254,8 @@ def _check_load_after_sharding(src: str) -> None:
         for block in m.transformer.h:
             fully_shard(block)
         fully_shard(m)
-    source, _ = read_source(src)
-    load_into(after, adapt_state_dict(source.state_dict(), source.config, cfg))
+    src_cfg, src_sd = read(src)
+    load_into(after, adapt_state_dict(src_sd, src_cfg, cfg))
     for (name, a), (_, b) in zip(before.state_dict().items(), after.state_dict().items()):
         assert torch.equal(a.full_tensor(), b.full_tensor()), name
     if dist.get_rank() == 0:

@@ -206,7 +206,7 @@ def test_bad_config_values_are_named(overrides, message):
 
 
 def test_rotary_replaces_learned_positions_and_depends_on_relative_position_only():
-    from pretrain.model import apply_rotary
+    from pretrain.model.gpt import apply_rotary
 
     model = GPT(GPTConfig.from_preset("tiny-vocab", rotary=True))
     assert "transformer.wpe.weight" not in model.state_dict()  # no learned positions

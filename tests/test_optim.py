@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
+from pretrain.config import OptimSection
 from pretrain.model import GPT, GPTConfig
-from pretrain.optim import build_optimizer, clip_grad_norm, lr_at, param_groups, set_lr
+from pretrain.training.optim import build_optimizer, clip_grad_norm, lr_at, param_groups, set_lr
 
 
 def test_schedule_warmup_cosine_floor():
@@ -40,7 +41,8 @@ def test_param_groups_decay_2d_only_and_tied_once():
     assert len(ids) == len(set(ids))  # the tied wte / lm_head weight appears once
     assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params()
     assert any(p is model.lm_head.weight for p in decay["params"])
-    opt = build_optimizer(model, 1e-3, [0.9, 0.95], 1e-8, 0.1, None, torch.device("cpu"))
+    opt = build_optimizer(model, OptimSection(lr=1e-3, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1),
+                          torch.device("cpu"))
     assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["fused"]  # CPU has a fused AdamW too
 
 
@@ -77,7 +79,7 @@ def test_wsd_schedule_stable_then_linear_or_1_sqrt_cooldown():
 
 
 def test_batch_warmup_grows_in_multiples_of_the_start():
-    from pretrain.optim import batch_tokens_at, tokens_before
+    from pretrain.training.optim import batch_tokens_at, tokens_before
 
     bs = [batch_tokens_at(s, 2048, 512, 6) for s in range(9)]
     assert bs == [512, 512, 1024, 1024, 1536, 1536, 2048, 2048, 2048]
@@ -89,12 +91,13 @@ def test_batch_warmup_grows_in_multiples_of_the_start():
 
 
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
-    from pretrain.optim import Optimizers
+    from pretrain.training.optim import Optimizers
 
     model = GPT(GPTConfig.from_preset("tiny-vocab"))
-    opt = build_optimizer(model, 3e-3, [0.9, 0.95], 1e-8, 0.1, None, torch.device("cpu"), name="muon",
-                          muon=dict(lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0,
-                                    adjust_lr_fn="original"))
+    section = OptimSection(lr=3e-3, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, name="muon", muon_lr=0.02,
+                           muon_momentum=0.95, muon_nesterov=True, muon_ns_steps=5, muon_weight_decay=0.0,
+                           muon_adjust_lr="original")
+    opt = build_optimizer(model, section, torch.device("cpu"))
     assert isinstance(opt, Optimizers) and isinstance(opt.optimizers["muon"], torch.optim.Muon)
     names = {id(p): n for n, p in model.named_parameters()}
     muon = {names[id(p)] for g in opt.optimizers["muon"].param_groups for p in g["params"]}
@@ -115,8 +118,7 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
     sd = opt.state_dict()
     assert set(sd) == {"muon", "adamw"} and sd["muon"]["state"]
-    opt2 = build_optimizer(model, 3e-3, [0.9, 0.95], 1e-8, 0.1, None, torch.device("cpu"), name="muon",
-                           muon=dict(lr=0.02))
+    opt2 = build_optimizer(model, OptimSection(lr=3e-3, name="muon", muon_lr=0.02), torch.device("cpu"))
     opt2.load_state_dict(sd)
     for k, v in opt2.optimizers["muon"].state_dict()["state"].items():
         assert torch.equal(v["momentum_buffer"], sd["muon"]["state"][k]["momentum_buffer"])
@@ -125,9 +127,9 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
 
 
 def test_muon_fp32_path_is_torch_muon_step_for_step():
-    """pretrain.optim.Muon's own step, run in bf16, equals torch.optim.Muon's bit for bit (so the
+    """pretrain.training.optim.Muon's own step, run in bf16, equals torch.optim.Muon's bit for bit (so the
     fp32 path is the same algorithm in another dtype); fp32 stays within bf16's rounding of it."""
-    from pretrain.optim import Muon
+    from pretrain.training.optim import Muon
 
     torch.manual_seed(0)
     ws = [torch.randn(48, 16), torch.randn(16, 40)]  # tall and wide
@@ -157,10 +159,10 @@ def test_muon_fp32_path_is_torch_muon_step_for_step():
 
 
 class _ForcedManual:
-    """pretrain.optim.Muon with its own step forced (even in bf16), for the comparison above."""
+    """pretrain.training.optim.Muon with its own step forced (even in bf16), for the comparison above."""
 
     def __new__(cls, params, ns_dtype, **kw):
-        from pretrain.optim import Muon
+        from pretrain.training.optim import Muon
 
         opt = Muon(params, ns_dtype=torch.float32, **kw)
         opt.ns_dtype = ns_dtype

@@ -24,8 +24,8 @@ from helpers import (
     wait_for,
 )
 
-from pretrain.rundir import LOCK_NAME, RunDirBusy, RunDirLock
 from pretrain.train import main
+from pretrain.training.rundir import LOCK_NAME, RunDirBusy, RunDirLock
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def data(tmp_path_factory):
 
 
 def hold_lock(run_dir: Path) -> subprocess.Popen:
-    p = subprocess.Popen([PY, "-c", "import time; from pretrain.rundir import RunDirLock; "
+    p = subprocess.Popen([PY, "-c", "import time; from pretrain.training.rundir import RunDirLock; "
                           f"RunDirLock({str(run_dir)!r}).acquire('holder'); print('held', flush=True); time.sleep(600)"],
                          cwd=REPO, env=env(), stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "held"
@@ -43,7 +43,7 @@ def hold_lock(run_dir: Path) -> subprocess.Popen:
 
 def can_lock_elsewhere(run_dir: Path) -> bool:
     """Whether another process could take the lock now (a POSIX lock never conflicts with its own process)."""
-    code = (f"from pretrain.rundir import RunDirLock, RunDirBusy\ntry:\n    RunDirLock({str(run_dir)!r}).acquire()\n"
+    code = (f"from pretrain.training.rundir import RunDirLock, RunDirBusy\ntry:\n    RunDirLock({str(run_dir)!r}).acquire()\n"
             "except RunDirBusy:\n    raise SystemExit(3)")
     return subprocess.run([PY, "-c", code], cwd=REPO, env=env()).returncode == 0
 
@@ -72,7 +72,7 @@ def test_trainer_holds_the_lock_while_it_runs_and_releases_it_on_every_exit(data
             seen.append(can_lock_elsewhere(run))
             return {}
 
-    monkeypatch.setattr("pretrain.train.build_evaluators", lambda cfg, info: [Probe()])
+    monkeypatch.setattr("pretrain.train.build_evaluators", lambda plan, rank, world, device: [Probe()])
     assert main(tiny_overrides(data, run, **{"schedule.max_steps": 2, "eval.interval": 2})) == 0
     assert seen == [False]
     assert can_lock_elsewhere(run)  # released after a clean run

@@ -27,7 +27,7 @@ def raw_points(directory: Path) -> dict[str, list[int]]:
 
 
 def test_kill_and_resume_gives_each_step_once(tmp_path):
-    from pretrain.tb_logger import read_scalars
+    from pretrain.training.tb_logger import read_scalars
 
     data = make_synthetic_shards(tmp_path / "data")
     run_dir = tmp_path / "run"
@@ -58,7 +58,7 @@ def test_kill_and_resume_gives_each_step_once(tmp_path):
 def test_eval_keys_and_sample_text(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from pretrain.metrics import MetricsLogger
+    from pretrain.training.metrics import MetricsLogger
 
     logger = MetricsLogger(tmp_path, enabled=True, tensorboard=True)
     logger.log({"step": 1, "tokens_seen": 100, "loss": 5.0, "mfu": None, "time": 1.0})
@@ -76,7 +76,7 @@ def test_eval_keys_and_sample_text(tmp_path):
 
 
 def test_torn_record_and_points_past_the_checkpoint_are_dropped(tmp_path):
-    from pretrain.tb_logger import TensorBoardLogger, read_scalars
+    from pretrain.training.tb_logger import TensorBoardLogger, read_scalars
 
     first = TensorBoardLogger(tmp_path)
     for step in range(1, 7):
@@ -103,7 +103,7 @@ def test_missing_package_is_one_line(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
     with pytest.raises(ConfigError) as e:
-        load_config(None, ["logging.tensorboard=true"], world_size=1)
+        load_config(None, ["logging.tensorboard=true"])
     msg = str(e.value)
     assert "\n" not in msg and "pip install -e '.[tensorboard]'" in msg and "logging.tensorboard=false" in msg
-    load_config(None, ["logging.tensorboard=false"], world_size=1)  # the default needs nothing
+    load_config(None, ["logging.tensorboard=false"])  # the default needs nothing

@@ -22,8 +22,10 @@ from helpers import (
 )
 
 from pretrain.config import load_config
+from pretrain.plan import make_plan
 from pretrain.train import main
-from pretrain.trainer import NonFiniteError, Trainer
+from pretrain.training.build import build_trainer
+from pretrain.training.trainer import NonFiniteError, Trainer
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +34,8 @@ def data(tmp_path_factory):
 
 
 def train(data, run_dir, evaluators=(), **overrides) -> Trainer:
-    cfg, _ = load_config(None, tiny_overrides(data, run_dir, **overrides), world_size=1)
-    t = Trainer(cfg, list(evaluators)).build()
+    cfg = load_config(None, tiny_overrides(data, run_dir, **overrides))
+    t = build_trainer(make_plan(cfg, 1), list(evaluators))
     try:
         assert t.train() == 0
     finally:
@@ -45,7 +47,7 @@ def test_accumulation_equals_one_big_batch(data, tmp_path):
     """4 micro-batches of 2 sequences == 1 batch of 8: same losses and parameters."""
     a = train(data, tmp_path / "accum", **{"train.micro_batch_size": 2, "schedule.max_steps": 4})
     b = train(data, tmp_path / "big", **{"train.micro_batch_size": 8, "schedule.max_steps": 4})
-    assert a.derived.grad_accum_steps == 4 and b.derived.grad_accum_steps == 1
+    assert a.plan.batch.grad_accum_steps == 4 and b.plan.batch.grad_accum_steps == 1
     la, lb = losses(tmp_path / "accum"), losses(tmp_path / "big")
     assert len(la) == 4 and la == pytest.approx(lb, abs=1e-5)
     assert la[-1] < la[0]
@@ -74,7 +76,7 @@ def test_metrics_jsonl_and_evaluators(data, tmp_path):
         assert r["tokens_seen"] == 256 * r["step"] and r["mfu"] is None  # no MFU on a CPU
     assert rows[2]["probe/step"] == 3.0 and "probe/step" not in rows[3]
     assert (tmp_path / "config.yaml").exists()
-    assert load_config(tmp_path / "config.yaml", world_size=1)[0] == t.cfg  # the resolved config, reloadable
+    assert load_config(tmp_path / "config.yaml") == t.cfg  # the resolved config, reloadable
 
 
 def test_nonfinite_step_is_skipped_everywhere(data, tmp_path):
@@ -134,7 +136,7 @@ def test_smoke_cpu_config_trains(tmp_path):
 def test_wandb_unavailable_is_not_fatal(tmp_path, monkeypatch, capsys):
     import sys
 
-    from pretrain.metrics import MetricsLogger
+    from pretrain.training.metrics import MetricsLogger
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError
     log = MetricsLogger(tmp_path, enabled=True, wandb_mode="online")
@@ -145,8 +147,8 @@ def test_wandb_unavailable_is_not_fatal(tmp_path, monkeypatch, capsys):
 
 
 def test_flops_and_mfu():
-    from pretrain.metrics import PEAK_FLOPS, flops_per_token, mfu
     from pretrain.model import GPT, GPTConfig
+    from pretrain.training.metrics import PEAK_FLOPS, flops_per_token, mfu
 
     with torch.device("meta"):
         model = GPT(GPTConfig.from_preset("gpt2", padded_vocab_size=50304))
@@ -176,7 +178,7 @@ def test_async_checkpoints_match_sync_ones(data, tmp_path):
 _FAULTS_SCRIPT = """
 import resource, sys, torch
 if sys.argv[1] == "keep":
-    from pretrain.host_memory import keep_freed_memory
+    from pretrain.training.host_memory import keep_freed_memory
     assert keep_freed_memory()
 from pretrain.model import GPT, GPTConfig
 torch.set_num_threads(1)
@@ -196,7 +198,7 @@ print(sorted(faults[2:])[3])  # the median step after the first two (an odd step
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning: Linux only")
 def test_freed_host_memory_is_reused_not_faulted_in_again():
-    """pretrain/host_memory.py (train.reuse_host_memory, on by default): after the first steps,
+    """pretrain/training/host_memory.py (train.reuse_host_memory, on by default): after the first steps,
     a CPU training step's large buffers come from memory freed by the previous step, without
     page faults; glibc's default maps them afresh (and faults every page in) every step. The
     median of steps 3-8: with reuse, an occasional step still faults ~6k pages in (seen 1 step in

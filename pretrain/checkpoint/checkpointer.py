@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import yaml
 
-from pretrain import guards
+from pretrain import dist
 from pretrain.checkpoint.commit import Pending, commit, rollback
 from pretrain.checkpoint.fsio import _is_enospc, _rmtree_quiet
 from pretrain.checkpoint.layout import CheckpointError, _complete_checkpoints
@@ -23,17 +23,6 @@ from pretrain.checkpoint.load import load, load_model_state
 from pretrain.checkpoint.retention import remove_stale
 from pretrain.checkpoint.state import _check_plain, _config_dict, _jsonable, _strip_prefixes, _to_cpu
 from pretrain.checkpoint.writing import dcp_async_save, write_local
-
-
-def _dist_on() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _collective_device() -> torch.device:
-    backend = str(torch.distributed.get_backend())
-    if "nccl" in backend and "gloo" not in backend:
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 class Checkpointer:
@@ -78,11 +67,11 @@ class Checkpointer:
 
     def _all_ok(self, ok: bool, what: str = "checkpoint: every rank ok") -> bool:
         """True on every rank iff ``ok`` on every rank (an all-reduce; a no-op with one process).
-        A rank that stops answering fails it with one line naming ``what`` (guards.collective)."""
-        if self.world_size == 1 or not _dist_on():
+        A rank that stops answering fails it with one line naming ``what`` (dist.collective)."""
+        if self.world_size == 1 or not dist.group_up():
             return ok
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=_collective_device())
-        guards.all_reduce(flag, what, op=torch.distributed.ReduceOp.MIN)
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+        dist.all_reduce(flag, what, op="min")
         return bool(flag.item())
 
     def _barrier(self) -> None:
@@ -99,7 +88,7 @@ class Checkpointer:
         self._finish_pending()
         if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 10**8:
             raise CheckpointError(f"checkpoint step must be an integer in [0, 1e8), got {step!r}")
-        if self.world_size > 1 and not _dist_on():
+        if self.world_size > 1 and not dist.group_up():
             raise CheckpointError(
                 f"Checkpointer(world_size={self.world_size}) needs torch.distributed initialised (the ranks "
                 f"agree before committing); call init_process_group first or pass world_size=1"
@@ -159,7 +148,7 @@ class Checkpointer:
                     dcp_future.result()
                 except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
                     pending.error = pending.error or e
-            if pending.error is None and (self.world_size == 1 or not _dist_on()):
+            if pending.error is None and (self.world_size == 1 or not dist.group_up()):
                 try:
                     commit(pending, self.ckpt_dir, self.world_size, self.keep_last)
                 except BaseException as e:  # noqa: BLE001
@@ -173,7 +162,7 @@ class Checkpointer:
     def _dcp_group(self):
         """A gloo group for dcp.async_save's background collectives: they must not share the
         training group (NCCL) with the training loop's, as torch documents for async_save."""
-        if self._gloo_group is None and _dist_on():
+        if self._gloo_group is None and dist.group_up():
             self._gloo_group = torch.distributed.new_group(backend="gloo")
         return self._gloo_group
 
@@ -219,7 +208,7 @@ class Checkpointer:
             return
         if pending.thread is not None:
             pending.thread.join()
-        single = self.world_size == 1 or not _dist_on()
+        single = self.world_size == 1 or not dist.group_up()
         if single:
             if pending.error is None and not pending.committed:
                 try:

@@ -11,13 +11,10 @@ from pathlib import Path
 
 import torch
 
+from pretrain import dist
 from pretrain.checkpoint.layout import CheckpointError, _read_manifest, _verify
 from pretrain.checkpoint.state import _strip_prefixes, _unwrap
 from pretrain.checkpoint.unpickle import _dcp_full_model_state, _dcp_load, _safe_reader, _safe_torch_load
-
-
-def _dist_on() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def load(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -66,7 +63,7 @@ def load(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim
         # Reads only this rank's shards of each tensor (DCP reshards if the world size changed).
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
-            _dcp_load(path / "dcp", state, reader=reader, no_dist=not _dist_on())
+            _dcp_load(path / "dcp", state, reader=reader, no_dist=not dist.group_up())
         if optimizer is not None:
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         else:

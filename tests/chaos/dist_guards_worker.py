@@ -1,4 +1,5 @@
-"""torchrun target for tests/test_hardening.py: the distributed guarantees of pretrain/guards.py.
+"""torchrun target for tests/test_hardening.py: the distributed guarantees of
+pretrain/dist.py (named collectives) and pretrain/training/spikes.py (one spike decision).
 
 Modes (argv[1]):
   spike  every rank feeds LossSpikeDetector its own loss; only rank 0's is a spike. Every rank must
@@ -6,7 +7,7 @@ Modes (argv[1]):
   hang   rank 1 stops answering before all_reduce(loss) (PRETRAIN_FAULT_HANG=1:all_reduce(loss),
          set by the test); rank 0 must fail within the process-group timeout (argv[2] seconds)
          with a CollectiveError naming the operation instead of waiting forever.
-  evalhang  the same through the evaluators' reduction (evals.common.all_reduce, the val-loss sum;
+  evalhang  the same through the evaluators' reduction (pretrain.dist.all_reduce named 'val loss', the val-loss sum;
          PRETRAIN_FAULT_HANG=1:all_reduce(val loss)): a rank frozen during an eval fails the
          others just as clearly.
 """
@@ -18,8 +19,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from pretrain import guards
+from pretrain import dist as pdist
 from pretrain.dist import exit_process, note_group
+from pretrain.training.spikes import LossSpikeDetector
 
 
 def main() -> None:
@@ -29,22 +31,20 @@ def main() -> None:
     rank = dist.get_rank()
     torch.set_num_threads(1)
     if mode == "spike":
-        det = guards.LossSpikeDetector(window=4, threshold=3.0, warmup=4)
+        det = LossSpikeDetector(window=4, threshold=3.0, warmup=4)
         for v in (3.0, 3.1, 2.9, 3.0):  # identical, accepted history
             assert det.update(v) is False
         skip = det.update(30.0 if rank == 0 else 3.0)  # a (deliberately) rank-local spike
         print(f"rank {rank} skip={skip} skipped={det.skipped}", flush=True)
-        guards.barrier("end")
+        pdist.barrier("end")
     elif mode in ("hang", "evalhang"):
-        from evals.common import all_reduce as eval_all_reduce
-
         t0 = time.monotonic()
         try:
             if mode == "hang":
-                guards.all_reduce(torch.ones(1), "loss")
+                pdist.all_reduce(torch.ones(1), "loss")
             else:
-                eval_all_reduce(torch.ones(1), "sum", what="val loss")
-        except guards.CollectiveError as e:
+                pdist.all_reduce(torch.ones(1), "val loss")
+        except pdist.CollectiveError as e:
             print(f"rank {rank} CollectiveError after {time.monotonic() - t0:.1f}s: {e}", flush=True)
             sys.exit(17)
         print(f"rank {rank} all_reduce returned", flush=True)

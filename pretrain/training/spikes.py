@@ -1,142 +1,17 @@
-"""Run-time guards: collectives that fail loudly instead of hanging, and a loss-spike detector.
-
-Collectives
------------
-A rank that stops answering (deadlocked, stuck in I/O, SIGSTOPped, crashed without closing its
-sockets) leaves every other rank waiting inside a collective. The process group's ``timeout``
-bounds that wait (gloo honours it for every collective; NCCL does with the watchdog / async error
-handling on), but the backend's error names a socket, not the operation::
-
-    [gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms for recv operation to complete
-
-:func:`all_reduce` and :func:`barrier` run the collective under
-:func:`collective`, which re-raises a backend failure as :class:`CollectiveError` with one line a
-person can act on::
-
-    all_reduce(loss) timed out after 3s on rank 0 of 2; a rank stopped responding; check the other
-    ranks' logs (a crash, a hang, a full disk) or raise dist.timeout_s
-
-Fault injection (tests only): ``PRETRAIN_FAULT_HANG="<rank>:<what>"`` (e.g. ``1:all_reduce(loss)``)
-makes that rank sleep forever just before that collective, which is how a hang is reproduced.
-
-Loss spikes
------------
-:class:`LossSpikeDetector` decides whether to skip an optimizer update whose loss (or gradient
-norm) is far above its recent history; see its docstring.
-"""
+"""Loss spikes: :class:`LossSpikeDetector` decides whether to skip an optimizer update whose loss
+(or gradient norm) is far above its recent history; see its docstring. Its decision is all-reduced
+through ``pretrain.dist`` so every rank takes the same one."""
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import statistics
-import time
 from collections import deque
-from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-FAULT_HANG_ENV = "PRETRAIN_FAULT_HANG"
-
-
-class CollectiveError(RuntimeError):
-    """A collective that timed out or lost a peer; the message names the operation and the rank."""
-
-
-def _dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def group_timeout_s(group: Any = None) -> float | None:
-    """The configured timeout of ``group`` (default: the world) in seconds, or None if unknown."""
-    if not _dist_on():
-        return None
-    pg = group if group is not None else dist.group.WORLD
-    for device in ("cpu", "cuda"):
-        try:
-            backend = pg._get_backend(torch.device(device))
-            return backend.options._timeout.total_seconds()
-        except Exception:  # noqa: BLE001 - private API; a missing backend just means "try the next"
-            continue
-    return None
-
-
-def _maybe_inject_hang(what: str) -> None:
-    spec = os.environ.get(FAULT_HANG_ENV)
-    if not spec or not _dist_on():
-        return
-    rank_s, _, op = spec.partition(":")
-    if rank_s.strip() == str(dist.get_rank()) and op.strip() in (what, "*"):
-        print(f"[fault injection] rank {dist.get_rank()} hangs before {what} ({FAULT_HANG_ENV}={spec})",
-              flush=True)
-        while True:  # a rank that stopped answering
-            time.sleep(3600)
-
-
-def _is_comm_error(e: BaseException) -> bool:
-    """A failure of the communication layer (not, say, a shape error raised inside the ``with``)."""
-    dist_error = getattr(dist, "DistError", None)
-    if dist_error is not None and isinstance(e, dist_error):
-        return True
-    m = str(e).lower()
-    return any(w in m for w in ("gloo", "nccl", "connection", "timed out", "timeout", "socket", "broken pipe"))
-
-
-def _is_timeout(msg: str) -> bool:
-    m = msg.lower()
-    return "timed out" in m or "timeout" in m or "deadline" in m
-
-
-@contextlib.contextmanager
-def collective(what: str, group: Any = None) -> Iterator[None]:
-    """Run the collective in the ``with`` body; a backend failure becomes one clear
-    :class:`CollectiveError` naming ``what`` (e.g. ``"all_reduce(loss)"``), the rank and the timeout."""
-    _maybe_inject_hang(what)
-    t0 = time.monotonic()
-    try:
-        yield
-    except CollectiveError:
-        raise
-    except RuntimeError as e:  # DistBackendError / DistNetworkError / gloo's RuntimeError
-        if not _dist_on() or not _is_comm_error(e):
-            raise
-        rank, world = dist.get_rank(), dist.get_world_size()
-        waited = time.monotonic() - t0
-        configured = group_timeout_s(group)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        if _is_timeout(str(e)):
-            limit = f"{configured:g}s" if configured is not None else f"{waited:.0f}s"
-            msg = (f"{what} timed out after {limit} on rank {rank} of {world}; a rank stopped responding; "
-                   f"check the other ranks' logs (a crash, a hang, a full disk) or raise dist.timeout_s "
-                   f"[backend: {first}]")
-        else:
-            msg = (f"{what} failed on rank {rank} of {world} after {waited:.1f}s; a peer closed its "
-                   f"connection (another rank crashed?); check the other ranks' logs [backend: {first}]")
-        raise CollectiveError(msg) from e
-
-
-def all_reduce(tensor: torch.Tensor, what: str, op: Any = None, group: Any = None) -> torch.Tensor:
-    """``dist.all_reduce`` in place (SUM by default) under :func:`collective`; a no-op without a
-    process group. Returns ``tensor``."""
-    if not _dist_on():
-        return tensor
-    with collective(f"all_reduce({what})", group):
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=group)
-    return tensor
-
-
-def barrier(what: str, group: Any = None) -> None:
-    """A barrier under :func:`collective` (a tiny all-reduce, so gloo's timeout applies to it)."""
-    if not _dist_on():
-        return
-    with collective(f"barrier({what})", group):
-        dist.all_reduce(torch.zeros(1), group=group)
-
-
-# ---- loss spikes ----------------------------------------------------------------------------------
+from pretrain import dist
 
 
 class LossSpikeError(RuntimeError):
@@ -224,9 +99,9 @@ class LossSpikeDetector:
             values["grad_norm"] = float(grad_norm)
         reasons = [r for r in (self._spike_reason(k, v) for k, v in values.items()) if r]
         skip = bool(reasons)
-        if _dist_on():  # one rank's spike is every rank's spike
+        if dist.group_up():  # one rank's spike is every rank's spike
             flag = torch.tensor([1.0 if skip else 0.0])
-            all_reduce(flag, "spike_decision", op=dist.ReduceOp.MAX, group=group)
+            dist.all_reduce(flag, "spike_decision", op="max", group=group)
             if flag.item() > 0 and not skip:
                 reasons = ["another rank saw a spike"]
             skip = flag.item() > 0

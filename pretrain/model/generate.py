@@ -14,25 +14,10 @@ number per row: :func:`draw`) from ``torch.Generator`` seeded by ``seed``. On a 
 works on the k candidates only (:func:`sample_next`): the same distribution, without passes
 over the whole vocabulary.
 
-The LM head while sampling: only the last position of each row needs logits, so the trunk
-(``GPT.hidden_states``) runs and the head is applied to that one position. For top-k sampling
-and greedy decoding on a CPU (:class:`ScreenedHead`), an int8 copy of the head screens the
-vocabulary and only the candidates it cannot rule out get their fp32 logits: the same exact
-top-k logits, reading a quarter of the head's bytes per token. Otherwise (:class:`DecodeHead`)
-the fp32 head over the whole vocabulary.
-
-Weight layout while decoding on a CPU (:func:`decode_layout`). At batch 1 a token's cost is
-reading every weight once (W1: 65 MB, 51.5 of them the head). ``F.linear`` computes
-``x @ W^T`` with ``W`` in nn.Linear's (out, in) row-major layout, which a CPU BLAS runs as one
-short dot product per output: 7 GB/s on the project's 2-core EPYC (7.2 ms for the 50,257 x 256
-fp32 head). With ``W`` stored column-major (``W^T`` contiguous), the same product streams the
-matrix at the memory's read bandwidth: 22 GB/s (2.3 ms). So ``generate`` gives every
-nn.Linear weight with more outputs than inputs (the qkv and MLP expansions) of a plain CPU model
-a column-major copy for the call and its original tensor back afterwards; the tied head, which
-the token embedding reads by rows, is copied transposed by :class:`DecodeHead` instead (one
-extra copy of those weights while sampling runs; ~45 ms for W1's), or screened in int8 by
-:class:`ScreenedHead` (~15-25 ms to build). Same fp32 arithmetic; only the summation order
-differs.
+The LM head while sampling (``pretrain/model/decode.py``): only the last position of each row
+needs logits, so the trunk (``GPT.hidden_states``) runs and the head is applied to that one
+position, from the weight layout that reads fastest on the device (:func:`decode_layout`,
+:class:`DecodeHead`), or screened in int8 for top-k and greedy on a CPU (:class:`ScreenedHead`).
 
 Stopping: a row stops at its first ``<|endoftext|>`` (not included in the output; later
 steps of a finished row are ignored); the batch stops when every row has or after
@@ -47,23 +32,22 @@ import argparse
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pretrain.model import GPT, KVCache
-from pretrain.parallel import is_fsdp
+from data_pipeline.tokenizer import EOT_ID
+from pretrain.dist import is_fsdp
+from pretrain.model.decode import DecodeHead, ScreenedHead, decode_layout
+from pretrain.model.gpt import GPT, KVCache
 
 # Attention backends while decoding. Not cuDNN's: it builds (and caches) a graph per shape, and
 # every decoded token is a new key length -- on an H200 the 124M model spent 599 of 759 ms of host
 # time generating 16 tokens in _cudnn_attention_forward (3.1 ms per layer and token; the GPU
 # check's host profile). Flash / memory-efficient / math take any length as it comes.
 DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-EOT_ID = 50256
 
 
 class GenerationError(ValueError):
@@ -139,181 +123,6 @@ def _sample_from_top(vals: torch.Tensor, ids: torch.Tensor, top_k: int, top_p: f
     return ids.gather(-1, draw(probs, generator)[:, None]).squeeze(-1)  # (B,)
 
 
-class DecodeHead:
-    """The LM head for sampling: logits (B, V) of the real vocabulary at one position per row.
-    Padded vocabulary rows are sliced off, so sampled ids are always < ``config.vocab_size``.
-    On a CPU it multiplies by ``W^T`` (C, V) directly: a view when :func:`decode_layout` has
-    laid the weight out column-major, else a copy made once here."""
-
-    def __init__(self, model: GPT) -> None:
-        V = model.config.vocab_size
-        weight, bias = model.lm_head.weight, model.lm_head.bias
-        self.bias = bias[:V] if bias is not None else None
-        self.weight = self.weight_t = None
-        if weight.device.type == "cpu":
-            wt = weight[:V].t()  # (C, V)
-            self.weight_t = wt if wt.stride(1) == 1 else wt.contiguous()
-        else:
-            self.weight = weight[:V]  # (V, C)
-
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        """h: (B, C) hidden states (after ``ln_f``) -> logits (B, V)."""
-        if self.weight_t is None:
-            return F.linear(h, self.weight, self.bias)
-        h = h.to(self.weight_t.dtype)
-        if self.bias is None:
-            return h @ self.weight_t  # (B, C) @ (C, V)
-        return torch.addmm(self.bias, h, self.weight_t)
-
-
-class ScreenedHead:
-    """The n largest logits of the LM head at one position, exact (fp32), on a CPU, after reading
-    an int8 copy of the head (a quarter of the fp32 bytes) instead of the fp32 weights: top-k
-    sampling and greedy decoding need the exact logits of the k + 1 largest only (the softmax of
-    top-k sampling runs over the k kept tokens; the (k+1)-th is the tie check).
-
-    1. The screen: approximate logits of every token, ``a = bf16(h) @ (q * s)^T`` with ``q`` (V, C)
-       int8 and ``s`` (V,) bf16 per-row scales (``torch._weight_int8pack_mm``: fp32 accumulation,
-       bf16 output), W1's head 12.9 MB instead of 51.5.
-    2. The bound: for every token j, ``|a_j - r_j| <= D + rho * |a_j|``, where ``r_j`` is the exact
-       fp32 logit computed in step 3. ``D = ||h|| * c``, with ``c`` from the head's rows, measured
-       once when the screen is built: ``||w~_j - w_j|| (1+u) + ||w_j|| u + gamma (||w~_j|| (1+u)
-       + ||w_j||)`` (the quantisation error of the row, the bf16 rounding of ``h`` (u = 2^-8
-       relative), fp32 accumulation over C terms on both sides (gamma = C 2^-24 / (1 - C 2^-24)),
-       Cauchy-Schwarz for each), maximised over rows; ``rho = u / (1 - u)`` is the bf16 rounding of
-       the output. ``q_j * s_j`` (a 7-bit integer times an 8-bit mantissa) is exact in fp32. Both
-       terms are taken 1.25x larger than derived.
-    3. The candidates: ``g`` = the n-th largest of the maxima of groups of 64 approximate logits (a
-       lower bound of the n-th largest ``a``: the n largest group maxima are n distinct entries);
-       every token in the exact top n has ``r_j >= g - D - rho |g|``, hence ``a_j + D + rho |a_j|
-       >= g - D - rho |g|``: one threshold on ``a``. The candidates' fp32 rows of the head (the
-       row-major weight: contiguous rows) give their exact logits ``r = h @ W[cand]^T``; the top n
-       of them is the exact top n, ties included (every token tying with the n-th is a candidate).
-
-    Exact means as the fp32 head computes it, up to the order of summation (as for
-    :func:`decode_layout`). W1, 1 thread: 0.8 ms for the screen plus ~0.3 ms for the candidates
-    (~300 of 50,257) vs 2.3 ms for the fp32 head (at the read bandwidth); building the screen
-    (one pass over the head) costs about what the transposed copy of :class:`DecodeHead` costs.
-    ``build`` returns None where it does not apply (another device or dtype, a bias, a width
-    that is not a multiple of 16, the op missing from this torch, weights that are not finite)."""
-
-    GROUP = 64  # logits per group for the lower bound of the n-th largest
-    SAFETY = 1.25  # the derived bound, taken this much larger
-    _ROWS = 2048  # head rows quantised at a time (bounded temporaries)
-
-    def __init__(self, weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, c: float, rho: float) -> None:
-        self.weight, self.q, self.scale, self.c, self.rho = weight, q, scale, c, rho
-
-    @classmethod
-    def build(cls, model: GPT) -> ScreenedHead | None:
-        weight = model.lm_head.weight[: model.config.vocab_size]  # (V, C): the real rows
-        V, C = weight.shape
-        if (weight.device.type != "cpu" or weight.dtype != torch.float32 or model.lm_head.bias is not None
-                or C % 16 or not weight.is_contiguous() or not hasattr(torch.ops.aten, "_weight_int8pack_mm")):
-            return None  # the op's CPU kernels step through C in 8s or 16s with aligned loads
-        q = torch.empty(V, C, dtype=torch.int8)
-        scale = torch.empty(V, dtype=torch.bfloat16)
-        err, norm = torch.empty(V), torch.empty(V)
-        with torch.no_grad():
-            for i in range(0, V, cls._ROWS):
-                w = weight[i : i + cls._ROWS]  # (R, C)
-                s = (w.abs().amax(dim=1) / 127).to(torch.bfloat16)  # (R,): |w| / s <= 127, up to rounding
-                s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero row: any scale
-                t = w.div(s.float()[:, None]).round_().clamp_(-127, 127)  # (R, C), integer-valued
-                q[i : i + cls._ROWS] = t
-                scale[i : i + cls._ROWS] = s
-                err[i : i + cls._ROWS] = t.mul_(s.float()[:, None]).sub_(w).norm(dim=1)  # ||w~ - w|| per row
-                norm[i : i + cls._ROWS] = w.norm(dim=1)
-        E, N = err.max().item(), norm.max().item()
-        u, u32 = 2.0**-8, 2.0**-24
-        gamma = C * u32 / (1 - C * u32)
-        c = cls.SAFETY * (E * (1 + u) + N * u + gamma * ((N + E) * (1 + u) + N))  # ||w~|| <= N + E
-        if not (c == c and c < float("inf")):  # NaN or inf weights
-            return None
-        head = cls(weight, q, scale, c, cls.SAFETY * u / (1 - u))
-        try:  # a private op: if this torch's kernel refuses these shapes, the full head it is
-            head.approximate(torch.zeros(1, C))
-        except RuntimeError:
-            return None
-        return head
-
-    def approximate(self, h: torch.Tensor) -> torch.Tensor:
-        """The screen: approximate logits (B, V) fp32 of h (B, C), within ``bound(h)`` of the exact."""
-        return torch._weight_int8pack_mm(h.to(torch.bfloat16).contiguous(), self.q, self.scale).float()
-
-    def _offset(self, norm):
-        """D of the bound for hidden states of this norm (a float, or a tensor of norms)."""
-        return self.c * norm + 1e-6
-
-    def bound(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """(B, V): the bound on ``|a - exact|`` that the candidate threshold uses (for tests)."""
-        return self._offset(h.norm(dim=1, keepdim=True)) + self.rho * a.abs()
-
-    def candidates(self, h: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """h: (B, C) fp32 hidden states (after ``ln_f``). Returns ``cand`` (U,) ascending token ids,
-        a superset of every row's top n, and ``r`` (B, U) their exact logits; None when the screen
-        finds fewer than n (non-finite hidden states)."""
-        B, V = h.size(0), self.q.size(0)
-        a = self.approximate(h)  # (B, V)
-        G = self.GROUP
-        if V // G >= n:
-            m = V // G * G
-            g = a[:, :m].view(B, V // G, G).amax(dim=-1)  # (B, V // G): group maxima
-        else:
-            g = a
-        g = torch.topk(g, n, dim=-1).values[:, -1]  # (B,): <= the n-th largest approximate logit
-        thresholds = []
-        for g_b, norm_b in torch.stack([g, h.norm(dim=1)], dim=1).tolist():
-            D = self._offset(norm_b)
-            y = g_b - D - self.rho * abs(g_b) - D  # lower bound of the n-th exact logit, minus D
-            t = y / (1 + self.rho) if y >= 0 else y / (1 - self.rho)  # a_j >= t  <=>  a_j + D + rho|a_j| >= y + D
-            thresholds.append(t - 1e-6 * (1 + abs(t)))  # margin for this arithmetic itself
-        keep = a >= torch.tensor(thresholds, dtype=a.dtype)[:, None]  # (B, V)
-        cand = (keep[0] if B == 1 else keep.any(dim=0)).nonzero().squeeze(1)  # (U,) ascending
-        if cand.numel() < n:
-            return None
-        return cand, h @ self.weight.index_select(0, cand).t()  # (B, C) @ (C, U) -> (B, U)
-
-    def full_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, V) exact logits of every token (the fallback: rows with ties at the k-th value)."""
-        return F.linear(h, self.weight)
-
-
-@contextmanager
-def decode_layout(model: torch.nn.Module) -> Iterator[None]:
-    """While active, every 2-D nn.Linear weight of a CPU model with more outputs than inputs is
-    a column-major copy (same values and shape; ``W.t()`` is contiguous), which is how a CPU BLAS
-    reads such a matrix fastest when one token goes through (see the module docstring). Weights
-    with as many outputs as inputs or fewer (attention's and the MLP's output projections) stay
-    row-major: there one dot product per output is long and is the faster order (the MLP's
-    (256, 1024) projection, cold cache, 1 thread: 99-121 us row-major vs 160-184 us column-major;
-    its (1024, 256) expansion 100-107 vs 185-203 us the other way round). Afterwards each
-    parameter gets back the very tensor it had (same storage, strides and version: the
-    optimizer, DDP's bucket views and compiled graphs see nothing). Costs one extra copy of
-    those weights while active. Weights on other devices, weights shared with an Embedding (the tied head: DecodeHead copies
-    it) and tied weights seen twice are left alone."""
-    changed: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
-    # A weight an Embedding also uses (GPT-2's tied head) stays row-major: a token's lookup reads
-    # one contiguous row of it; column-major it would be C scattered reads. DecodeHead copies it.
-    seen: set[int] = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    try:
-        with torch.no_grad():
-            for module in model.modules():
-                w = getattr(module, "weight", None)
-                if (not isinstance(module, torch.nn.Linear) or w is None or w.device.type != "cpu"
-                        or w.dim() != 2 or id(w) in seen or not w.is_contiguous()
-                        or w.size(0) <= w.size(1)):
-                    continue
-                seen.add(id(w))
-                changed.append((w, w.data))
-                w.data = w.data.t().contiguous().t()  # (out, in), strides (1, out)
-        yield
-    finally:
-        with torch.no_grad():
-            for w, original in changed:
-                w.data = original  # the very tensor it had (same storage: nothing else notices)
-
-
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One index per row of ``probs`` (B, V), with probability proportional to its entry, by
     inversion: the first index whose cumulative probability exceeds u ~ U(0, row total). One
@@ -350,8 +159,8 @@ def _next_token_fn(model: GPT, temperature: float, top_k: int | None, top_p: flo
     def pick(logits: torch.Tensor) -> torch.Tensor:
         return sample_next(logits, temperature, top_k, top_p, generator)
 
-    if is_fsdp(model):
-        return lambda idx, cache: pick(model(idx, kv_cache=cache)[0][:, -1, :V])
+    if is_fsdp(model):  # the head at the last position; padded columns are -inf, never drawn
+        return lambda idx, cache: pick(model(idx, kv_cache=cache, at="last")[0][:, -1])
     greedy = temperature == 0
     wanted = (greedy or (top_k is not None and top_k < V)) and not torch.is_autocast_enabled("cpu")
     screened = ScreenedHead.build(model) if wanted else None  # under autocast the logits are not fp32
@@ -509,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from data_pipeline.tokenizer import get_tokenizer
-    from pretrain.hf import HFConversionError, load_model
+    from pretrain.model.weights import WeightsError, load_model, resolve
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
@@ -517,7 +326,10 @@ def main(argv: list[str] | None = None) -> int:
             raise GenerationError(f"--num-samples must be >= 1, got {args.num_samples}")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise GenerationError(f"--device {args.device}: CUDA is not available here; pass --device cpu")
-        model = load_model(args.model).to(device=device, dtype=getattr(torch, args.dtype))
+        source = resolve(args.model)
+        model = load_model(source).to(device=device, dtype=getattr(torch, args.dtype))
+        if source.note:
+            print(source.note, file=sys.stderr)
         tok = get_tokenizer()
         ids = tok.encode(args.prompt) or [tok.eot_id]
         room = model.config.block_size - len(ids)
@@ -543,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-    except (GenerationError, HFConversionError) as e:
+    except (GenerationError, WeightsError) as e:
         print(f"gpt2-generate: error: {e}", file=sys.stderr)
         return 2
     for i, new in enumerate(outs):

@@ -1,6 +1,6 @@
 """Plot training runs from their ``metrics.jsonl``: loss, learning rate, throughput, HellaSwag.
 
-    python -m pretrain.plot runs/smoke_cpu                      # -> runs/smoke_cpu/loss.png
+    python -m pretrain.training.plot runs/smoke_cpu                      # -> runs/smoke_cpu/loss.png
     gpt2-plot runs/a runs/b --out compare.png                   # several runs overlaid
 
 One PNG, a grid of panels: rows are train/val loss, learning rate, tokens/s and HellaSwag
@@ -9,7 +9,7 @@ Each run has one colour (legend = the run directory's name); train loss is a sol
 loss dashed with dots, HellaSwag acc_norm solid and acc dotted. A panel no run has data for
 says "no data". Matplotlib's Agg backend: no display needed.
 
-The metrics file is the trainer's (``pretrain/metrics.py``): one JSON object per line with
+The metrics file is the trainer's (``pretrain/training/metrics.py``): one JSON object per line with
 ``step``, ``tokens_seen``, ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s``, ``mfu``, ``time``
 and, on eval steps, evaluator keys (``val/loss``, ``hellaswag/acc``, ``hellaswag/acc_norm``).
 A torn last line (a killed run) is skipped; if a step appears twice (a resumed run that

@@ -52,16 +52,6 @@ class Wrapped:
         return contextlib.nullcontext()
 
 
-def is_fsdp(model: nn.Module) -> bool:
-    """Whether ``model`` is FSDP2-sharded (``fully_shard``): its parameters outside a forward are
-    shards, and every rank must run the same forwards."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without FSDP2
-        return False
-    return isinstance(model, FSDPModule)
-
-
 def apply_activation_checkpointing(model: nn.Module) -> None:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +98,8 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._truncate_after(resume_step)
         self._file = open(self.path, "a", buffering=1)
-        if tensorboard:  # rank 0 only, like the rest (pretrain/tb_logger.py)
-            from pretrain.tb_logger import TensorBoardLogger
+        if tensorboard:  # rank 0 only, like the rest (pretrain/training/tb_logger.py)
+            from pretrain.training.tb_logger import TensorBoardLogger
 
             self._tb = TensorBoardLogger(run_dir, resume_step, resume_tokens)
         if wandb_mode != "disabled":
@@ -201,8 +200,8 @@ def format_step(r: dict[str, Any]) -> str:
 
 def startup_summary(*, world_size: int, mode: str, device: torch.device, n_params: int, tokens_per_step: int,
                     micro_batch: int, seq_len: int, accum: int, max_steps: int, start_step: int,
-                    flops_token: float, peak: float | None, dtype: str, compile: bool) -> str:
-    total = tokens_per_step * max_steps
+                    total_tokens: int, flops_token: float, peak: float | None, dtype: str, compile: bool) -> str:
+    total = total_tokens
     lines = [
         "=" * 72,
         f"world size {world_size} ({mode}) on {device}, dtype {dtype}, compile {compile}",
@@ -218,13 +217,3 @@ def startup_summary(*, world_size: int, mode: str, device: torch.device, n_param
         lines.append(f"estimated time at 40% MFU: {_fmt_seconds(est)}")
     lines.append("=" * 72)
     return "\n".join(lines)
-
-
-class Timer:
-    def __init__(self):
-        self.t = time.perf_counter()
-
-    def lap(self) -> float:
-        now = time.perf_counter()
-        dt, self.t = now - self.t, now
-        return dt

@@ -7,14 +7,16 @@
     model.init_from: runs/a/checkpoints      # a run's checkpoints/ (its newest complete one) or one step_XXXXXXXX
 
 Weights only: the optimizer starts empty, the step at 0, the schedule is this run's. The source
-is read by ``pretrain.hf.load_model`` (HF directory, hub name or native checkpoint, with or
-without FSDP) into a full model on CPU, then copied into the configured one.
+is resolved once, by the run plan (``pretrain/plan.py``: ``pretrain.model.weights.resolve``), and
+read here by ``pretrain.model.weights.read`` (HF directory, hub name or native checkpoint, with
+or without FSDP) as full tensors on CPU, then adapted and copied into the configured model.
 
-The architecture is the config's, and it must match the source's: ``vocab_size, n_layer,
-n_head, n_embd, bias, activation, layer_norm_epsilon, tie_embeddings`` differ -> one line naming
-each field with both values and the overrides that match (nothing is taken from the source
+The architecture is the config's, and it must match the source's in every field of
+``GPTConfig`` (``pretrain.model.ARCH_FIELDS``: sizes, bias, activation, LayerNorm epsilon, tying
+and the research options ``rotary``, ``qk_norm``, ``rotary_base``) -> one line naming each field
+that differs with both values and the overrides that match (nothing is taken from the source
 silently: the resolved config printed at start and saved with every checkpoint is what runs).
-Three differences are deliberate and allowed:
+Three differences are deliberate and allowed (``ADAPTED``):
 
 - ``padded_vocab_size``: rows are added (zeros: padded logits are masked to -inf, so they never
   get probability) or dropped (only padding rows, since ``vocab_size`` must match);
@@ -26,49 +28,29 @@ Order in the trainer: seeded init, then ``init_from`` into the plain model on ev
 ``parallel.wrap_model`` (compile, DDP replicates / FSDP2 shards what was loaded). ``load_into``
 also loads into a model already sharded by FSDP2 (each rank keeps its shard of the full tensors),
 so both orders give the same weights. A run that resumes a checkpoint never calls this: the
-checkpoint wins (``Trainer.build`` logs that ``init_from`` was ignored).
+checkpoint wins (the plan says so, and the trainer logs it).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from pretrain.config import ConfigError
-from pretrain.model import GPT, GPTConfig
+from pretrain.model import ARCH_FIELDS, VOCAB_ROW_PARAMS, GPTConfig
+from pretrain.model.weights import KINDS, WeightsError, WeightsSource, read, resolve
 
-# Fields whose values change what the weights mean or their shapes; they must match the source.
-MATCHED_FIELDS = ("vocab_size", "n_layer", "n_head", "n_embd", "bias", "activation", "layer_norm_epsilon",
-                  "tie_embeddings")
-_VOCAB_ROWS = ("transformer.wte.weight", "lm_head.weight")
+# The architecture fields a source may differ in (see the module docstring); all others must match.
+ADAPTED = ("padded_vocab_size", "block_size", "dropout")
+MATCHED_FIELDS = tuple(f for f in ARCH_FIELDS if f not in ADAPTED)
 
 
 class InitFromError(ConfigError):
     """``model.init_from`` cannot be used; one line naming the source and the fix (exit 2)."""
 
 
-def read_source(spec: str) -> tuple[GPT, str]:
-    """The source model (full, CPU, float32) and a one-word kind for the log."""
-    from pretrain.hf import HFConversionError, load_model
-
-    p = Path(spec).expanduser()
-    if not p.exists():
-        kind = "hub"
-    elif (p / "manifest.json").is_file() or not (p / "config.json").is_file():
-        kind = "checkpoint"
-    else:
-        kind = "Hugging Face directory"
-    try:
-        model = load_model(spec)
-    except HFConversionError as e:
-        raise InitFromError(f"model.init_from={spec!r}: {' '.join(str(e).split())}") from None
-    return model.float(), kind
-
-
 def mismatches(config: GPTConfig, source: GPTConfig) -> list[str]:
-    """The architecture fields of ``config`` that cannot take ``source``'s weights, as
-    ``model.FIELD=config's (source has X)``."""
+    """The fields of ``config`` that cannot take ``source``'s weights, each as
+    ``model.FIELD=config's (the source has X)``."""
     out = [f"model.{f}={getattr(config, f)!r} (the source has {getattr(source, f)!r})"
            for f in MATCHED_FIELDS if getattr(config, f) != getattr(source, f)]
     if config.block_size > source.block_size:
@@ -81,14 +63,15 @@ def adapt_state_dict(sd: dict[str, torch.Tensor], source: GPTConfig, config: GPT
     """``sd`` (of ``source``) reshaped for ``config``: vocabulary rows padded with zeros or
     padding rows dropped, position embeddings cropped. Requires ``mismatches() == []``."""
     out = dict(sd)
-    for name in _VOCAB_ROWS:
+    for name in VOCAB_ROW_PARAMS:
         if name not in out:
             continue
         t = out[name][: config.vocab_rows]  # (vocab_rows, C): only padding rows can go (vocab_size matches)
         if t.size(0) < config.vocab_rows:
             t = torch.cat([t, t.new_zeros(config.vocab_rows - t.size(0), t.size(1))])
         out[name] = t
-    out["transformer.wpe.weight"] = out["transformer.wpe.weight"][: config.block_size]  # (block_size, C)
+    if "transformer.wpe.weight" in out:  # learned positions (a rotary model has none)
+        out["transformer.wpe.weight"] = out["transformer.wpe.weight"][: config.block_size]  # (block_size, C)
     if config.tie_embeddings:
         out["lm_head.weight"] = out["transformer.wte.weight"]
     return out
@@ -113,26 +96,33 @@ def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
     model.load_state_dict({k: v.to(device) for k, v in sd.items()}, strict=True)
 
 
-def init_from(model: torch.nn.Module, spec: str, config: GPTConfig) -> str:
-    """Load the weights of ``spec`` into ``model`` (configured as ``config``); returns the log line."""
-    source, kind = read_source(spec)
-    bad = mismatches(config, source.config)
+def init_from(model: torch.nn.Module, source: WeightsSource | str, config: GPTConfig) -> str:
+    """Load the weights of ``source`` into ``model`` (configured as ``config``); returns the log line."""
+    spec = source.spec if isinstance(source, WeightsSource) else str(source)
+    try:
+        if not isinstance(source, WeightsSource):
+            source = resolve(source)
+        src_config, sd = read(source)
+    except WeightsError as e:
+        raise InitFromError(f"model.init_from={spec!r}: {' '.join(str(e).split())}") from None
+    bad = mismatches(config, src_config)
     if bad:
-        fields = [f for f in MATCHED_FIELDS if getattr(config, f) != getattr(source.config, f)]
-        fields += ["block_size"] if config.block_size > source.config.block_size else []
-        fix = " ".join(f"model.{f}={getattr(source.config, f)}" for f in fields)
+        fields = [f for f in MATCHED_FIELDS if getattr(config, f) != getattr(src_config, f)]
+        fields += ["block_size"] if config.block_size > src_config.block_size else []
+        fix = " ".join(f"model.{f}={getattr(src_config, f)}" for f in fields)
         raise InitFromError(
             f"model.init_from={spec!r}: the configured architecture does not match the source: "
             f"{'; '.join(bad)}; set {fix} (or choose another source)"
         )
-    sd = adapt_state_dict(source.state_dict(), source.config, config)
-    load_into(model, sd)
+    load_into(model, adapt_state_dict({k: v.float() for k, v in sd.items()}, src_config, config))
     notes = []
-    if source.config.vocab_rows != config.vocab_rows:
-        verb = "added" if config.vocab_rows > source.config.vocab_rows else "dropped"
-        notes.append(f"vocabulary rows {source.config.vocab_rows} -> {config.vocab_rows} ({verb} padding)")
-    if source.config.block_size != config.block_size:
-        notes.append(f"positions cropped {source.config.block_size} -> {config.block_size}")
+    if src_config.vocab_rows != config.vocab_rows:
+        verb = "added" if config.vocab_rows > src_config.vocab_rows else "dropped"
+        notes.append(f"vocabulary rows {src_config.vocab_rows} -> {config.vocab_rows} ({verb} padding)")
+    if src_config.block_size != config.block_size:
+        notes.append(f"positions cropped {src_config.block_size} -> {config.block_size}")
     extra = f"; {', '.join(notes)}" if notes else ""
-    return (f"model.init_from: weights of {spec} ({kind}, {source.num_params():,} parameters){extra}; "
+    n_params = sum(t.numel() for k, t in sd.items() if not (src_config.tie_embeddings and k == "lm_head.weight"))
+    line = (f"model.init_from: weights of {spec} ({KINDS[source.kind]}, {n_params:,} parameters){extra}; "
             f"fresh optimizer, step 0")
+    return line if source.note is None else f"{line}\n{source.note}"

@@ -2,8 +2,8 @@
 
 This file imports torch and the standard library and nothing else: no distribution,
 no compile, no precision policy, no I/O. Those wrap the model from outside
-(``pretrain/parallel.py``). Parameter names follow Hugging Face's ``GPT2LMHeadModel``
-so that conversion (``pretrain/hf.py``) is a table.
+(``pretrain/training/parallel.py``). Parameter names follow Hugging Face's ``GPT2LMHeadModel``
+so that conversion (``pretrain/model/hf.py``) is a table.
 
 ::
 
@@ -27,6 +27,8 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from pretrain.model.head import linear_cross_entropy, target_logprobs
 
 
 @dataclass
@@ -103,9 +105,26 @@ class GPTConfig:
             raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
         return replace(PRESETS[name], **overrides)
 
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        """A config from :meth:`to_dict`'s output (every field), or from a training config's model
+        section: ``preset`` plus overrides, where None means the preset's value. Keys that are not
+        architecture fields (``preset``, ``init_from``) are not part of the result."""
+        if "preset" in d:
+            return cls.from_preset(d["preset"], **{k: d[k] for k in ARCH_FIELDS if d.get(k) is not None})
+        return cls(**{k: d[k] for k in ARCH_FIELDS if k in d})
 
+    def to_dict(self) -> dict:
+        return {f: getattr(self, f) for f in ARCH_FIELDS}
+
+
+# Every field of GPTConfig: the architecture, research options included. The training config's
+# model section, the checkpoint and HF readers and init_from's check all read this one tuple.
+ARCH_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(GPTConfig))
+
+# The parameters with one row per vocabulary entry, padded rows included (conversion drops or
+# adds the padded rows of exactly these).
+VOCAB_ROW_PARAMS = ("transformer.wte.weight", "lm_head.weight")
 
 ACTIVATIONS = {
     # GPT-2 uses the tanh approximation of GELU ("gelu_new" in Hugging Face).
@@ -352,6 +371,67 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         return x  # (B, T, C)
 
+    # ---- the LM head: one home for it and for the padded vocabulary ---------------------------
+    #
+    #   hidden_states (B, T, C) ──► logits(h)          full: (..., vocab_rows), padded columns -inf
+    #                          ├──► loss(h, targets)   fused with the cross-entropy, row chunks
+    #                          └──► token_logprobs(h, rows, targets)   scoring, vocabulary slices
+    #   head_weight(): the (vocab_size, C) rows of the real vocabulary, for samplers' own layouts
+
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's rows of the real vocabulary, (vocab_size, C): padded rows sliced off (a
+        view). Samplers that lay the head out their own way start from it."""
+        return self.lm_head.weight[: self.config.vocab_size]
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The full head: hidden states (..., C) -> logits (..., vocab_rows). Padded vocabulary
+        columns are -inf (set in place: no mask tensor, and Linear's backward does not need its
+        output), so they never receive probability mass."""
+        logits = self.lm_head(h)  # (..., vocab_rows)
+        if self.config.vocab_size < logits.size(-1):
+            logits[..., self.config.vocab_size :] = float("-inf")
+        return logits
+
+    def loss_chunk(self, device: torch.device) -> int:
+        """Rows per chunk of the fused head + cross-entropy: ``loss_chunk_size`` when set (0 = the
+        full-logits path, for A/B runs); automatic (None): the full path inside ``torch.compile``,
+        where inductor fuses the logits' log-softmax and its backward itself (faster than the chunked
+        loop: 521.8k vs 495.2k tokens/s, 31.1 vs 30.0 GB peak, 124M at micro-batch 64 on an H200;
+        on a CPU 1.12x vs 1.01x a compiled bare loop, W1), and in eager mode chunks of 8192 rows
+        on CUDA, 512 on CPU (where the full path would hold the fp32 logits: 70.6 GB eager peak)."""
+        if self.loss_chunk_size is not None:
+            return self.loss_chunk_size
+        if torch.compiler.is_compiling():
+            return 0
+        return 8192 if device.type == "cuda" else 512
+
+    def loss(self, h: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy of the head's logits at hidden states h (B, T, C) against targets (B, T)
+        (-100 = ignored). 'mean' over the counted targets, 'sum', or 'none' -> (B, T). Fused
+        (:func:`pretrain.model.head.linear_cross_entropy`: no (B*T, V) logits, in the forward or the
+        backward) unless :meth:`loss_chunk` picks the full path, or 'none' is asked with a gradient."""
+        B, T, _ = h.shape
+        chunk = self.loss_chunk(h.device)
+        grad_none = reduction == "none" and torch.is_grad_enabled() and h.requires_grad
+        if chunk > 0 and not grad_none:
+            loss = linear_cross_entropy(
+                h.reshape(B * T, -1),  # (B*T, C)
+                self.lm_head.weight,  # its padded rows are sliced off inside, not masked
+                targets.reshape(-1),  # (B*T,); reshape: targets may be a non-contiguous slice
+                vocab_size=self.config.vocab_size,
+                chunk_size=chunk,
+                reduction=reduction,
+            )
+            return loss.view(B, T) if reduction == "none" else loss
+        return cross_entropy(self.logits(h), targets, reduction)
+
+    def token_logprobs(self, h: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p(targets[s] | hidden state h[rows[s]]) for each scored position s, fp32 (S,), from
+        h (U, C) (several positions may share a row), over the real vocabulary, in vocabulary
+        slices (:func:`pretrain.model.head.target_logprobs`). For scoring (HellaSwag, harness tasks)."""
+        return target_logprobs(h, self.lm_head.weight, rows, targets, vocab_size=self.config.vocab_size,
+                               bias=self.lm_head.bias)
+
     def forward(
         self,
         idx: torch.Tensor,
@@ -359,62 +439,31 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
         reduction: str = "mean",
         return_logits: bool | None = None,
+        at: str | tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx: (B, T) token ids. targets: (B, T) ids, -100 = ignored.
 
         Returns ``(logits, loss)``. Without targets: logits (B, T, padded V) (padded columns
-        -inf) and None. With targets: the cross-entropy loss (``reduction``: 'mean' over
-        non-ignored tokens, 'sum', or 'none' -> (B, T)) and, by default, **no logits** (None):
-        the LM head and the loss run fused over chunks of ``loss_chunk_size`` rows of B*T
-        (:func:`linear_cross_entropy`), so the (B, T, V) logits and their gradient never exist.
-        ``return_logits=True`` asks for both (the full-logits path). Setting the attribute
-        ``model.loss_chunk_size = 0`` selects the full-logits path for every call (A/B
-        benchmarks); None (default) = automatic: the full path inside ``torch.compile``, where
-        inductor fuses the logits' log-softmax and its backward itself (faster than the chunked
-        loop: 521.8k vs 495.2k tokens/s, 31.1 vs 30.0 GB peak, 124M at micro-batch 64 on an H200;
-        on a CPU 1.12x vs 1.01x a compiled bare loop, W1), and in eager mode chunks of 8192 rows
-        on CUDA, 512 on CPU (where the full path would hold the fp32 logits: 70.6 GB eager peak).
-        With ``kv_cache``, idx holds positions [kv_cache.pos, kv_cache.pos + T) and the
+        -inf, :meth:`logits`) and None. ``at`` applies the head at some positions only:
+        ``"last"`` -> logits (B, 1, padded V) (sampling, as nanoGPT's ``lm_head(x[:, [-1], :])``);
+        ``(rows, pos)``, two (S,) index tensors -> logits (S, padded V) of those positions
+        (scoring). With targets: the cross-entropy loss (:meth:`loss`;
+        ``reduction``: 'mean' over non-ignored tokens, 'sum', or 'none' -> (B, T)) and, by
+        default, **no logits** (None): the head and the loss run fused, so the (B, T, V) logits
+        and their gradient never exist. ``return_logits=True`` asks for both (the full-logits
+        path). With ``kv_cache``, idx holds positions [kv_cache.pos, kv_cache.pos + T) and the
         cache is advanced by T."""
-        B, T = idx.size()
         x = self.hidden_states(idx, kv_cache)  # (B, T, C)
-        V = self.config.vocab_size
-        if return_logits is None:
-            return_logits = targets is None
-        chunk = self.loss_chunk_size
-        if chunk is None:  # automatic: see the docstring for the measurements behind it
-            if torch.compiler.is_compiling():
-                chunk = 0
-            else:
-                chunk = 8192 if x.device.type == "cuda" else 512
-        grad_none = reduction == "none" and torch.is_grad_enabled() and x.requires_grad
-        if targets is not None and not return_logits and chunk > 0 and not grad_none:
-            # The fused head: the padded rows of the weight are sliced off, not masked.
-            loss = linear_cross_entropy(
-                x.view(B * T, -1),  # (B*T, C)
-                self.lm_head.weight,
-                targets.reshape(-1),  # (B*T,); reshape: targets may be a non-contiguous slice
-                vocab_size=V,
-                chunk_size=chunk,
-                reduction=reduction,
-            )
-            return None, (loss.view(B, T) if reduction == "none" else loss)
-        logits = self.lm_head(x)  # (B, T, V_rows)
-        if V < logits.size(-1):
-            # Padded vocabulary rows never receive probability mass. In place: no mask tensor,
-            # and Linear's backward does not need its output.
-            logits[..., V:] = float("-inf")
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(
-                logits.float().view(-1, logits.size(-1)),  # (B*T, V_rows)
-                targets.reshape(-1),  # (B*T,); reshape: targets may be a non-contiguous slice
-                ignore_index=-100,
-                reduction=reduction,
-            )
-            if reduction == "none":
-                loss = loss.view(B, T)
-        return (logits if return_logits else None), loss
+        if at == "last":
+            x = x[:, -1:]  # (B, 1, C)
+        elif at is not None:
+            x = x[at[0], at[1]]  # (S, C)
+        if targets is None:
+            return self.logits(x), None
+        if not return_logits:
+            return None, self.loss(x, targets, reduction)
+        logits = self.logits(x)  # (B, T, vocab_rows)
+        return logits, cross_entropy(logits, targets, reduction)
 
     def set_reference_attention(self, on: bool = True) -> None:
         """Route attention through ``reference_attention`` (tests compare it with SDPA)."""
@@ -422,111 +471,14 @@ class GPT(nn.Module):
             block.attn.use_reference = on
 
 
-# ---------------------------------------------------------------------------------------------
-# The LM head fused with the cross-entropy
-
-
-def _head_ce_chunks(h, weight, targets, vocab_size, chunk_size, compute_dtype, reduction, with_grad):
-    """The loop behind :func:`linear_cross_entropy`, over chunks of ``chunk_size`` rows.
-
-    h: (N, C); weight: (V_rows, C), only the first ``vocab_size`` rows are used; targets: (N,).
-    Returns (loss, grad_h, grad_w): loss is the sum / mean (0-dim) or (N,) for 'none'; with
-    ``with_grad`` the gradients of that loss w.r.t. h (N, C) and weight (V_rows, C), computed
-    chunk by chunk from the chunk's softmax (so the backward pass has nothing left to do but
-    scale them). No host sync: the ignored-token count stays a tensor."""
-    N = h.size(0)
-    w = weight[:vocab_size].to(compute_dtype)  # (V, C): padded rows sliced off
-    valid = targets != -100  # (N,)
-    safe_t = torch.where(valid, targets, 0)  # (N,) an in-range index for ignored rows
-    # d loss / d logit_ij = scale_i * (softmax_ij - [j == t_i]); scale 0 on ignored rows.
-    scale = valid.float()
-    if reduction == "mean":
-        scale = scale / valid.sum()  # 0-dim tensor: nan when every target is ignored, as F.cross_entropy
-    grad_h = torch.empty_like(h) if with_grad else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if with_grad else None
-    losses = []
-    for lo in range(0, N, chunk_size):
-        hi = min(lo + chunk_size, N)
-        hc = h[lo:hi].to(compute_dtype)  # (R, C)
-        t = safe_t[lo:hi]  # (R,)
-        sc = scale[lo:hi]  # (R,)
-        # The chunk's logits, transposed: (V, R) = w @ hc^T. The only (vocabulary x rows)
-        # tensor, one chunk at a time; vocabulary-major because on CPUs that matmul is ~1.5x
-        # faster than (R, V) = hc @ w^T (the output is written in long contiguous rows).
-        logits = (w @ hc.t()).float()  # (V, R)
-        tgt = logits.gather(0, t[None, :]).squeeze(0)  # (R,)
-        # log-sum-exp by hand, in place (no second (V, R) tensor); the exponentials are reused
-        # for the gradient: softmax = exp(logit - max) / sum.
-        m = logits.amax(dim=0, keepdim=True)  # (1, R)
-        e = logits.sub_(m).exp_()  # (V, R)
-        s = e.sum(dim=0, keepdim=True)  # (1, R)
-        lse = (m + s.log()).squeeze(0)  # (R,)
-        losses.append(torch.where(valid[lo:hi], lse - tgt, 0.0))  # (R,)
-        if with_grad:
-            g = e.mul_(sc[None, :] / s)  # (V, R) scale * softmax
-            g.scatter_add_(0, t[None, :], -sc[None, :])  # - scale * one-hot
-            g = g.to(compute_dtype)  # (V, R)
-            grad_h[lo:hi] = g.t() @ w  # (R, C)
-            if compute_dtype == torch.float32:
-                grad_w[:vocab_size].addmm_(g, hc)  # (V, C)
-            else:
-                grad_w[:vocab_size] += (g @ hc).float()  # (V, C), accumulated in fp32
-    per_row = torch.cat(losses)  # (N,)
-    if reduction == "none":
-        loss = per_row
-    else:
-        loss = per_row.sum()
-        if reduction == "mean":
-            loss = loss / valid.sum()
-    return loss, grad_h, grad_w
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Liger-style: the gradients are computed in the forward pass, chunk by chunk, so no
-    chunk's logits are kept for (or recomputed in) the backward pass, which only scales them
-    by the incoming gradient (1/accumulation, DDP's hooks, ...)."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, vocab_size, chunk_size, compute_dtype, reduction):
-        loss, grad_h, grad_w = _head_ce_chunks(h, weight, targets, vocab_size, chunk_size, compute_dtype,
-                                               reduction, with_grad=True)
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        # In place: the buffers are this call's own, and a second backward is not supported.
-        return grad_h.mul_(grad_loss), grad_w.mul_(grad_loss).to(ctx.weight_dtype), None, None, None, None, None
-
-
-def linear_cross_entropy(
-    h: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    vocab_size: int | None = None,
-    chunk_size: int = 512,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """``F.cross_entropy(h @ weight[:vocab_size].T, targets, ignore_index=-100)`` without the
-    (N, V) logits: rows are processed ``chunk_size`` at a time, and at most one chunk's
-    (chunk_size, V) fp32 logits exist at once, in the forward and the backward pass alike.
-
-    h: (N, C); weight: (V_rows, C) (rows >= ``vocab_size`` are padding: sliced off, and their
-    gradient is 0); targets: (N,) long, -100 = ignored. ``reduction``: 'mean' (over the
-    non-ignored targets), 'sum' or 'none' (N,) ('none' carries no gradient). Under autocast
-    the matmuls run in the autocast dtype and the log-sum-exp in fp32, as the unfused
-    ``F.cross_entropy(logits.float())`` does. A plain loop of tensor ops: ``torch.compile``
-    traces it without graph breaks and it never syncs with the device."""
-    V = weight.size(0) if vocab_size is None else vocab_size
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    dev = h.device.type
-    compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
-    with_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    if with_grad and reduction == "none":
-        raise ValueError("linear_cross_entropy: reduction='none' has no gradient; use 'mean' or 'sum'")
-    if with_grad:
-        return _LinearCrossEntropy.apply(h, weight, targets, V, chunk_size, compute_dtype, reduction)
-    return _head_ce_chunks(h, weight, targets, V, chunk_size, compute_dtype, reduction, with_grad=False)[0]
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The unfused loss: logits (B, T, V) in fp32 against targets (B, T) (-100 = ignored);
+    'none' -> (B, T)."""
+    B, T, _ = logits.shape
+    loss = F.cross_entropy(
+        logits.float().view(B * T, -1),  # (B*T, V)
+        targets.reshape(-1),  # (B*T,); reshape: targets may be a non-contiguous slice
+        ignore_index=-100,
+        reduction=reduction,
+    )
+    return loss.view(B, T) if reduction == "none" else loss

@@ -26,8 +26,12 @@ import math
 import torch
 import torch.nn as nn
 
+# The names the config accepts (pretrain/config.py reads them from here).
+OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd")
 COOLDOWNS = ("linear", "1-sqrt")
+MUON_ADJUST_LR = ("original", "match_rms_adamw")  # torch.optim.Muon's adjust_lr_fn
+NS_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # Muon's Newton-Schulz dtype
 
 
 def cooldown_start(max_steps: int, cooldown_frac: float) -> int:
@@ -214,22 +218,19 @@ class Optimizers:
             opt.load_state_dict(state[name])
 
 
-def build_optimizer(
-    model: nn.Module, lr: float, betas, eps: float, weight_decay: float, fused: bool | None, device: torch.device,
-    name: str = "adamw", muon: dict | None = None,
-) -> torch.optim.Optimizer | Optimizers:
-    """``adamw``: AdamW over ``param_groups``. ``muon``: ``Muon`` (torch.optim.Muon) over the hidden
-    matrices (``muon`` = its settings: lr, momentum, nesterov, ns_steps, weight_decay,
-    adjust_lr_fn, ns_dtype 'bfloat16' | 'float32') and AdamW over the rest, behind ``Optimizers``."""
+def build_optimizer(model: nn.Module, o, device: torch.device) -> torch.optim.Optimizer | Optimizers:
+    """The optimizer of ``o`` (the config's ``optim`` section, ``pretrain.config.OptimSection``) over
+    ``model``'s parameters. ``adamw``: AdamW over ``param_groups``. ``muon``: ``Muon``
+    (torch.optim.Muon) over the hidden matrices and AdamW over the rest, behind ``Optimizers``."""
+    fused = o.fused
     if fused is None:  # the fused kernel (one pass over each tensor) exists for CUDA and CPU
         fused = device.type in ("cuda", "cpu")
-    if name == "adamw":
+    if o.name == "adamw":
         return torch.optim.AdamW(
-            param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps, fused=fused
+            param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused
         )
-    if name != "muon":
-        raise ValueError(f"optim.name={name!r} must be adamw or muon")
-    m = dict(muon or {})
+    if o.name != "muon":
+        raise ValueError(f"optim.name={o.name!r} must be one of {', '.join(OPTIMIZERS)}")
     hidden, decay, no_decay = [], [], []
     for pname, p in model.named_parameters():
         if not p.requires_grad:
@@ -238,16 +239,14 @@ def build_optimizer(
             hidden.append(p)
         else:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    muon_lr = m.pop("lr")
     muon_opt = Muon(
-        [{"params": hidden, "lr_ratio": muon_lr / lr}], ns_dtype=getattr(torch, m.pop("ns_dtype", "bfloat16")),
-        lr=muon_lr, weight_decay=m.pop("weight_decay", 0.0),
-        momentum=m.pop("momentum", 0.95), nesterov=m.pop("nesterov", True), ns_steps=m.pop("ns_steps", 5),
-        adjust_lr_fn=m.pop("adjust_lr_fn", "original"),
+        [{"params": hidden, "lr_ratio": o.muon_lr / o.lr}], ns_dtype=NS_DTYPES[o.muon_ns_dtype],
+        lr=o.muon_lr, weight_decay=o.muon_weight_decay, momentum=o.muon_momentum, nesterov=o.muon_nesterov,
+        ns_steps=o.muon_ns_steps, adjust_lr_fn=o.muon_adjust_lr,
     )
     adamw = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=tuple(betas), eps=eps, fused=fused,
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused,
     )
     return Optimizers({"muon": muon_opt, "adamw": adamw})
 

@@ -1,0 +1,313 @@
+"""Weights from anywhere: the one answer to "which weights does this spec name, and what are they".
+
+::
+
+    spec                                       kind
+    gpt2 | gpt2-medium | owner/name            hub          the Hugging Face hub (needs the network)
+    DIR holding a GPT-2 config.json            hf           save_pretrained() / gpt2-export output
+    DIR/step_XXXXXXXX (manifest.json)          checkpoint   a native checkpoint of the trainer
+    DIR holding step_XXXXXXXX directories      checkpoint   a run's checkpoints/: its newest complete one
+
+    source = resolve(spec)            # the kind, guessed once, and the path; no weights read yet
+    config, state = read(source)      # (GPTConfig, state dict with our parameter names, CPU)
+    model = load_model(spec)          # a GPT in eval mode (export, eval, generate)
+
+Every consumer goes through here: ``model.init_from`` (``pretrain/training/init_from.py``),
+``gpt2-eval``, ``gpt2-generate`` and ``gpt2-export``. The Hugging Face side is converted by the
+table in ``hf.py``; native checkpoints are read by ``pretrain.checkpoint.load_model_state`` (their
+files verified against the checkpoint's manifest); an export written by ``gpt2-export`` is verified
+against the sha256 record in its ``gpt2_export.json`` (a directory without that record, a
+foreign one, still loads, with one note that its contents are not verified).
+
+The returned state dict holds every parameter name of ``GPT(config).state_dict()``; a tied head
+(``config.tie_embeddings``) is the same tensor as the token embedding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data_pipeline import integrity
+from pretrain.model.gpt import GPT, GPTConfig
+from pretrain.model.hf import EXPORT_MARKER, HFConversionError, config_from_hf, state_dict_from_hf
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be read; the message is one line naming the path and the fix."""
+
+
+KINDS = {"hub": "Hugging Face hub model", "hf": "Hugging Face directory", "checkpoint": "checkpoint"}
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where weights come from, resolved once (:func:`resolve`): ``kind`` is hub | hf | checkpoint;
+    ``path`` the directory to read (for a run's checkpoints/ folder, its newest checkpoint; None for
+    a hub name, downloaded when read)."""
+
+    spec: str
+    kind: str
+    path: Path | None
+    recorded: bool = True
+    """False for a Hugging Face directory without gpt2-export's record of its files (a foreign
+    one, or an export older than the record): it loads, unverified (:attr:`note`)."""
+
+    @property
+    def note(self) -> str | None:
+        """One line for the log when the contents cannot be verified, else None."""
+        if self.recorded:
+            return None
+        return (f"note: {self.path} has no {EXPORT_MARKER} record of its files (not written by this version of "
+                "gpt2-export): its contents are not verified")
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving a spec
+
+
+def _looks_like_hub_name(name: str) -> bool:
+    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name)) and not name.startswith((".", "/", "~"))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError as e:
+        raise WeightsError(f"{path} does not exist; pass a Hugging Face GPT-2 directory with config.json") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{path} is not valid JSON ({e}); re-download or re-export the model") from e
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _is_hf_config(path: Path) -> bool:
+    try:
+        data = _read_json(path)
+    except WeightsError:
+        return True  # let the HF reader report the broken config.json
+    return "model_type" in data or "n_embd" in data
+
+
+def resolve(spec: str | os.PathLike) -> WeightsSource:
+    """The kind and path of ``spec`` (see the module docstring), without reading any weights.
+    Raises :class:`WeightsError` for a path that exists but holds none of the three kinds."""
+    spec = str(spec)
+    p = Path(spec).expanduser()
+    if not p.exists():
+        if not _looks_like_hub_name(spec):
+            raise WeightsError(f"{p} does not exist; pass a Hugging Face GPT-2 directory, hub name or checkpoint")
+        return WeightsSource(spec, "hub", None)
+    if (p / "config.json").is_file() and _is_hf_config(p / "config.json"):
+        return WeightsSource(spec, "hf", p, recorded=_has_record(p))
+    if not p.is_dir():
+        raise WeightsError(f"{p} is not a directory; pass a HF model directory or a checkpoint directory")
+    if (p / "manifest.json").is_file():
+        return WeightsSource(spec, "checkpoint", p)
+    from pretrain.checkpoint import Checkpointer
+
+    latest = Checkpointer(p, keep_last=1).latest()  # a run's checkpoints/ directory?
+    if latest is not None:
+        return WeightsSource(spec, "checkpoint", latest)
+    if any(p.glob("model*.safetensors*")) or (p / "pytorch_model.bin").is_file():
+        return WeightsSource(spec, "hf", p, recorded=_has_record(p))  # weights without config.json: the HF reader says what is missing
+    raise WeightsError(
+        f"{p} is neither a Hugging Face directory (config.json + model.safetensors) nor a checkpoint "
+        "(manifest.json) nor a directory of step_XXXXXXXX checkpoints; pass one of those"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read(source: WeightsSource | str | os.PathLike,
+         padded_vocab_size: int | None = None) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """(config, state dict) of ``source`` (a spec is resolved first), full tensors on CPU.
+    ``padded_vocab_size`` pads a Hugging Face model's vocabulary rows (native checkpoints keep
+    their own)."""
+    if not isinstance(source, WeightsSource):
+        source = resolve(source)
+    try:
+        if source.kind == "checkpoint":
+            return _read_checkpoint(source.path)
+        directory = source.path if source.kind == "hf" else _download(source.spec)
+        return _read_hf(directory, padded_vocab_size)
+    except HFConversionError as e:
+        raise WeightsError(str(e)) from None
+
+
+def load_model(spec: WeightsSource | str | os.PathLike, padded_vocab_size: int | None = None) -> GPT:
+    """A ``GPT`` of ``spec``'s weights (:func:`read`), on CPU, in eval mode (like
+    ``from_pretrained``: GPT-2's config has dropout 0.1, off in eval mode)."""
+    config, state = read(spec, padded_vocab_size)
+    with torch.device("meta"):
+        model = GPT(config)
+    model = model.to_empty(device="cpu")
+    if config.tie_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight  # to_empty keeps one Parameter; be explicit
+    model.load_state_dict(state)  # strict: read() returns every name
+    model.init_buffers()
+    return model.eval()
+
+
+def load_hf(path_or_name: str | os.PathLike, padded_vocab_size: int | None = None) -> GPT:
+    """A ``GPT`` from a Hugging Face GPT-2 (a local directory or a hub name), in eval mode."""
+    source = resolve(path_or_name)
+    if source.kind == "checkpoint":
+        raise WeightsError(f"{source.path} is a native checkpoint, not a Hugging Face directory; use load_model")
+    return load_model(source, padded_vocab_size)
+
+
+def _read_checkpoint(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    from pretrain.checkpoint import CheckpointError, load_model_state
+
+    try:
+        state, config_dict = load_model_state(path)
+    except CheckpointError as e:
+        raise WeightsError(str(e)) from e
+    return state_from_native(state, config_dict, str(path))
+
+
+def state_from_native(state_dict: dict, config_dict: dict, source: str) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """(config, state dict) from a native state dict and its run's config dict, whose ``model``
+    section is either GPTConfig fields or the trainer's (``preset`` plus overrides)."""
+    model_cfg = config_dict.get("model") if isinstance(config_dict, dict) else None
+    if not isinstance(model_cfg, dict):
+        raise WeightsError(f"{source}: the checkpoint's config has no 'model' section")
+    try:
+        config = GPTConfig.from_dict(model_cfg)
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"{source}: bad model config in the checkpoint: {e}") from e
+    # torch.compile / DDP wrappers add prefixes; the names under them are the model's own.
+    sd = {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in state_dict.items()}
+    if config.tie_embeddings and "transformer.wte.weight" in sd:
+        sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    with torch.device("meta"):
+        expected = GPT(config).state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    wrong = [k for k in expected if k in sd and sd[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise WeightsError(
+            f"{source}: checkpoint does not match its model config "
+            f"(missing {missing[:4]}, unexpected {unexpected[:4]}, wrong shapes {wrong[:4]})"
+        )
+    return config, sd
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face directories
+
+
+def _has_record(directory: Path) -> bool:
+    try:
+        return bool((directory / EXPORT_MARKER).is_file() and _read_json(directory / EXPORT_MARKER).get("files"))
+    except WeightsError:
+        return True  # a broken record: reading it says so
+
+
+def _verify_export(directory: Path) -> None:
+    """An export of ours holds what its ``gpt2_export.json`` records (sha256 and size of every
+    file written); a directory without the record is not ours, or predates it: nothing to check
+    against (``WeightsSource.note`` says so)."""
+    marker = directory / EXPORT_MARKER
+    info = _read_json(marker) if marker.is_file() else {}
+    if info.get("complete") is False:
+        raise WeightsError(f"{directory} is an unfinished export ({marker} says complete: false; gpt2-export was "
+                           f"interrupted); export it again (gpt2-export export --checkpoint CHECKPOINT --out {directory})")
+    record = info.get("files")
+    if not isinstance(record, dict) or not record:
+        return
+    try:
+        expected = [integrity.Expected(directory / name, str(r["sha256"]), int(r["size"])) for name, r in record.items()]
+    except (KeyError, TypeError, ValueError) as e:
+        raise WeightsError(f"{marker}: unreadable file record ({e}); export the model again") from None
+    bad = integrity.verify_files(expected)
+    if bad:
+        raise WeightsError(
+            f"{bad[0].path}: content does not match {marker} ({bad[0].describe()}); the export is corrupt -- "
+            f"export it again (gpt2-export export --checkpoint CHECKPOINT --out {directory} --overwrite)"
+        )
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise WeightsError(
+            f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__} "
+            "(corrupt or truncated file?); re-download or re-export it"
+        ) from e
+
+
+def read_hf_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """All tensors of a HF checkpoint directory (model.safetensors, a sharded
+    model.safetensors.index.json, or pytorch_model.bin) and the file they came from."""
+    single = directory / "model.safetensors"
+    index = directory / "model.safetensors.index.json"
+    legacy = directory / "pytorch_model.bin"
+    if single.is_file():
+        return _load_safetensors(single), str(single)
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise WeightsError(f"{index} has no 'weight_map'; re-download the model")
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            tensors.update(_load_safetensors(directory / shard))
+        return tensors, str(index)
+    if legacy.is_file():
+        try:
+            sd = torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle/zip errors have many types; all mean the same thing here
+            raise WeightsError(
+                f"cannot read {legacy}: {type(e).__name__} (corrupt file, or not a plain state dict); "
+                "re-download it or convert it to model.safetensors"
+            ) from e
+        if not isinstance(sd, dict):
+            raise WeightsError(f"{legacy} holds a {type(sd).__name__}, not a state dict")
+        return sd, str(legacy)
+    raise WeightsError(
+        f"{directory} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin; "
+        "pass a directory written by save_pretrained() or gpt2-export"
+    )
+
+
+def _read_hf(directory: Path, padded_vocab_size: int | None) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    if not directory.is_dir():
+        raise WeightsError(f"{directory} is not a directory; pass the directory holding config.json")
+    config_path = directory / "config.json"
+    config = config_from_hf(_read_json(config_path), str(config_path), padded_vocab_size)
+    _verify_export(directory)
+    hf_sd, source = read_hf_weights(directory)
+    sd = state_dict_from_hf(hf_sd, config, source)
+    if config.tie_embeddings:
+        sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    return config, sd
+
+
+def _download(name: str) -> Path:
+    """Download config + weights of hub model ``name``; one clear line when that fails."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(name, allow_patterns=["config.json", "model.safetensors"]))
+        if not (path / "model.safetensors").is_file():
+            path = Path(snapshot_download(name, allow_patterns=["config.json", "pytorch_model.bin"]))
+        return path
+    except Exception as e:  # offline, unknown repo, auth, HTTP: all end the same way for the user
+        raise WeightsError(
+            f"could not download {name!r} from the Hugging Face hub ({type(e).__name__}; offline?) and there is "
+            f"no local directory of that name; pass a local directory containing config.json and model.safetensors"
+        ) from e

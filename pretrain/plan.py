@@ -1,0 +1,260 @@
+"""The run plan: everything about a run that is decided before anything is built or written.
+
+::
+
+    cfg = load_config(path, overrides)        # typed, validated (pretrain/config.py)
+    plan = make_plan(cfg, world_size)         # this module: resolved once, every check that can refuse
+    trainer = build_trainer(plan, ...)        # pretrain/training/build.py: the parts, built from the plan
+
+``make_plan`` is one function of the validated config and the world size. It builds no model and
+no loader and writes nothing; what it finds is read by every later part, which recomputes none
+of it:
+
+- the batch arithmetic (``Batching``): the global batch, the micro-steps of each step (batch-size
+  warmup included), the loader's unit, the eval batch, the tokens of the whole run;
+- the one checkpoint the run resumes from (``checkpoint.resume`` auto | none | PATH), its step and
+  tokens, and that its loader state fits this data and these settings;
+- where the first weights come from (``model.init_from``, resolved by
+  ``pretrain.model.weights.resolve``), or why they are ignored (a resumed run: the checkpoint wins);
+- the training data: every shard's header and size, the manifest's token counts and token range
+  (``data_pipeline.loader.inspect_split``);
+- the run directory: usable, and whether an earlier run in it will be moved aside
+  (``checkpoint.overwrite``).
+
+A problem is a ``ConfigError`` with one line naming the thing and the fix (the CLI exits 2).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from pretrain.config import Config, ConfigError
+from pretrain.model.weights import WeightsError, WeightsSource
+from pretrain.training.optim import batch_tokens_at, lr_at, tokens_before
+
+
+@dataclass(frozen=True)
+class Batching:
+    """The batch arithmetic of a run, from the config and the world size (:func:`batching`).
+
+    ``micro_batch_tokens`` = micro_batch_size x seq_len x world_size is one micro-step over every
+    rank; a step of ``b`` tokens runs ``b // micro_batch_tokens`` micro-steps on each rank."""
+
+    world_size: int
+    micro_batch_size: int
+    seq_len: int
+    micro_batch_tokens: int
+    tokens_per_step: int
+    """The global batch after any batch-size warmup (train.global_batch_tokens)."""
+    grad_accum_steps: int
+    """Micro-steps per step at the full global batch."""
+    global_batch_seqs: int
+    loader_batch_seqs: int
+    """The loader's unit: the global batch in sequences, or with a batch-size warmup its first
+    (smallest) batch, of which every later step's batch is a multiple."""
+    eval_batch_size: int
+    """Sequences per evaluation forward (eval.batch_size, default train.micro_batch_size)."""
+    total_tokens: int
+    warmup_start_tokens: int
+    warmup_steps: int
+
+    def tokens_at(self, step: int) -> int:
+        """The global batch (tokens) of optimizer step ``step`` (0-based)."""
+        return batch_tokens_at(step, self.tokens_per_step, self.warmup_start_tokens, self.warmup_steps)
+
+    def accum_at(self, step: int) -> int:
+        """Micro-steps of optimizer step ``step`` on each rank."""
+        return self.tokens_at(step) // self.micro_batch_tokens
+
+
+def batching(cfg: Config, world_size: int) -> Batching:
+    """The batch arithmetic, or a ``ConfigError`` when the batches do not divide."""
+    t, s, seq = cfg.train, cfg.schedule, cfg.data.seq_len
+    per_micro = t.micro_batch_size * seq * world_size
+    if t.global_batch_tokens % per_micro:
+        raise ConfigError(
+            f"train.global_batch_tokens={t.global_batch_tokens} is not divisible by micro_batch_size*seq_len*"
+            f"world_size = {t.micro_batch_size}*{seq}*{world_size} = {per_micro}; "
+            f"choose a global batch that is a multiple of {per_micro} or change train.micro_batch_size"
+        )
+    warm = s.batch_warmup_steps > 0
+    if warm and s.batch_warmup_start_tokens % per_micro:
+        raise ConfigError(
+            f"schedule.batch_warmup_start_tokens={s.batch_warmup_start_tokens} is not a multiple of "
+            f"micro_batch_size*seq_len*world_size = {per_micro}; every step of the batch warmup must be whole "
+            "micro-steps"
+        )
+    start = s.batch_warmup_start_tokens if warm else 0
+    return Batching(
+        world_size=world_size,
+        micro_batch_size=t.micro_batch_size,
+        seq_len=seq,
+        micro_batch_tokens=per_micro,
+        tokens_per_step=t.global_batch_tokens,
+        grad_accum_steps=t.global_batch_tokens // per_micro,
+        global_batch_seqs=t.global_batch_tokens // seq,
+        loader_batch_seqs=(start if warm else t.global_batch_tokens) // seq,
+        eval_batch_size=cfg.eval.batch_size or t.micro_batch_size,
+        total_tokens=tokens_before(s.max_steps, t.global_batch_tokens, start, s.batch_warmup_steps),
+        warmup_start_tokens=start,
+        warmup_steps=s.batch_warmup_steps,
+    )
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A run, resolved (:func:`make_plan`). Read-only: every later part reads it."""
+
+    cfg: Config
+    batch: Batching
+    run_dir: Path
+    ckpt_dir: Path
+    resume_from: Path | None
+    """The checkpoint this run continues, or None for a fresh start."""
+    resume_step: int
+    resume_tokens: int
+    init_source: WeightsSource | None
+    """model.init_from, resolved; None without it or when a checkpoint is resumed."""
+    init_note: str | None
+    """The log line when model.init_from is ignored (a resumed run)."""
+    move_aside: bool
+    """checkpoint.overwrite: an earlier run in run_dir is moved into run_dir/overwritten-<date>/."""
+    train_tokens: int
+    """Tokens of the training split (for the start-up summary)."""
+
+    @property
+    def world_size(self) -> int:
+        return self.batch.world_size
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based): the schedule of the config."""
+        o, s = self.cfg.optim, self.cfg.schedule
+        return lr_at(step, o.lr, s.warmup_steps, s.max_steps, s.min_lr_ratio, name=s.name,
+                     cooldown_frac=s.cooldown_frac, cooldown=s.cooldown)
+
+
+def has_checkpoints(ckpt_dir: Path) -> bool:
+    return ckpt_dir.is_dir() and any(re.match(r"^step_\d{8}", p.name) for p in ckpt_dir.iterdir())
+
+
+def make_plan(cfg: Config, world_size: int) -> RunPlan:
+    """Resolve the run (see the module docstring); ``ConfigError`` in one line on any problem."""
+    from pretrain.training.rundir import previous_run_entries
+
+    batch = batching(cfg, world_size)
+    run_dir = Path(cfg.train.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    _check_run_dir(run_dir)
+    resume = _resume_path(cfg, ckpt_dir)
+    state = _read_trainer_state(resume, cfg.schedule.max_steps) if resume is not None else None
+    split = _check_data(cfg, batch, state["loader"] if state is not None else None, resume)
+    init_source, init_note = None, None
+    if cfg.model.init_from is not None:
+        if resume is not None:
+            init_note = f"model.init_from={cfg.model.init_from} ignored: resuming checkpoint {resume} (the checkpoint wins)"
+        else:
+            init_source = _resolve_init(cfg.model.init_from)
+    c = cfg.checkpoint
+    return RunPlan(
+        cfg=cfg, batch=batch, run_dir=run_dir, ckpt_dir=ckpt_dir, resume_from=resume,
+        resume_step=int(state["step"]) if state is not None else 0,
+        resume_tokens=int(state.get("tokens_seen", 0)) if state is not None else 0,
+        init_source=init_source, init_note=init_note,
+        move_aside=c.resume == "none" and c.overwrite and bool(previous_run_entries(run_dir)),
+        train_tokens=int(split.shard_tokens.sum()),
+    )
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    """train.run_dir must be a directory or creatable as one (nothing is created here)."""
+    p = run_dir
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise ConfigError(f"train.run_dir={str(run_dir)!r}: {p} exists and is not a directory; "
+                          "choose another train.run_dir")
+
+
+def _resume_path(cfg: Config, ckpt_dir: Path) -> Path | None:
+    """The one checkpoint this run resumes from: the newest complete one in the run directory
+    (auto; None if there is none), None (none), or the given path."""
+    from pretrain.checkpoint import Checkpointer
+
+    c = cfg.checkpoint
+    if c.resume == "none":
+        if has_checkpoints(ckpt_dir) and not c.overwrite:  # a fresh start never silently reuses a run's
+            raise ConfigError(
+                f"{ckpt_dir} already holds checkpoints and checkpoint.resume=none; continue with "
+                f"--resume auto, pick another train.run_dir, or pass checkpoint.overwrite=true to move them aside"
+            )
+        return None
+    if c.resume == "auto":
+        return Checkpointer(ckpt_dir, keep_last=1).latest()
+    path = Path(c.resume)
+    if not path.exists():
+        raise ConfigError(f"checkpoint.resume={c.resume!r}: no such checkpoint; pass auto, none or an existing path")
+    return path
+
+
+def _read_trainer_state(path: Path, max_steps: int) -> dict:
+    """The resumed checkpoint's step, tokens and loader state; it must not be past max_steps."""
+    import torch
+
+    state_file = path / "trainer_state.pt"
+    if not state_file.is_file():
+        raise ConfigError(f"checkpoint.resume={str(path)!r} is not a checkpoint (no {state_file.name}); pass the "
+                          "path of a step_XXXXXXXX directory, auto or none")
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        int(state["step"]), state["loader"]  # noqa: B018 - the keys a resume needs
+    except Exception as e:  # unpickling / zip / key errors all mean the same here
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"{state_file}: unreadable trainer state ({first}); resume from another checkpoint "
+                          "(--resume PATH) or start over (--resume none)") from None
+    if int(state["step"]) > max_steps:
+        # Ending at once would call a run "done" that never ran to this max_steps and rewrite its
+        # config.yaml with a schedule its weights did not follow: refuse instead.
+        raise ConfigError(
+            f"{path} is at step {int(state['step'])}, past schedule.max_steps={max_steps}; pass schedule.max_steps >= "
+            f"{int(state['step'])} to continue it, or start a new run (--resume none, another train.run_dir)")
+    return state
+
+
+def _check_data(cfg: Config, batch: Batching, loader_state: dict | None, resume: Path | None):
+    """The training split is usable (every shard whole, the token range the model takes, at least a
+    global batch) and, when resuming, the checkpoint's loader state fits it."""
+    from data_pipeline.loader import check_resume_state, inspect_split, rebuild_hint
+    from data_pipeline.shards import ShardError, list_shards
+
+    d = cfg.data
+    try:
+        list_shards(d.dir, "train")
+    except ShardError:
+        raise ConfigError(
+            f"data.dir={d.dir!r} holds no training shards; create them with: {d.prepare_command}"
+        ) from None
+    try:
+        split = inspect_split(d.dir, "train", d.seq_len, batch.micro_batch_size, batch.loader_batch_seqs,
+                              vocab_size=cfg.gpt_config.vocab_size)
+    except (ShardError, ValueError) as e:
+        msg = str(e)
+        hint = "" if "rebuild" in msg else f"; {rebuild_hint(Path(d.dir))}"
+        raise ConfigError(f"{msg} (data.dir={d.dir!r}{hint})") from None
+    if loader_state is not None:
+        try:
+            check_resume_state(loader_state, split, d.seq_len, batch.loader_batch_seqs, batch.micro_batch_size,
+                               batch.world_size, d.seed, d.shuffle)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"cannot resume from {resume}: {e}") from None
+    return split
+
+
+def _resolve_init(spec: str) -> WeightsSource:
+    from pretrain.model.weights import resolve
+
+    try:
+        return resolve(spec)
+    except WeightsError as e:
+        raise ConfigError(f"model.init_from={spec!r}: {' '.join(str(e).split())}") from None
