@@ -44,13 +44,15 @@ class Mismatch:
     expected_size: int | None = None
     actual_size: int | None = None
 
-    def describe(self) -> str:
-        """``missing`` / ``size X bytes, expected Y`` / ``sha256 X, expected Y`` (no file name)."""
+    def describe(self, digits: int = 64) -> str:
+        """``missing`` / ``size X bytes, expected Y`` / ``sha256 X, expected Y`` (no file name; the
+        hashes cut to ``digits`` hex digits, for a message that must stay short)."""
         if self.actual is None:
             return "missing"
         if self.expected_size is not None and self.actual_size != self.expected_size:
             return f"size {self.actual_size} bytes, expected {self.expected_size}"
-        return f"sha256 {self.actual}, expected {self.expected}"
+        cut = "" if digits >= 64 else "..."
+        return f"sha256 {self.actual[:digits]}{cut}, expected {self.expected[:digits]}{cut}"
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = CHUNK_BYTES,

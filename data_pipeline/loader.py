@@ -83,10 +83,11 @@ def rebuild_hint(data_dir: Path) -> str:
     return f"rebuild it with the `gpt2-prepare SOURCE {data_dir}` command that made it"
 
 
-def integrity_error(bad: integrity.Mismatch, data_dir: Path) -> ShardError:
-    """One line: the file, the expected and actual hash (or size), and the command that rebuilds it."""
+def integrity_error(bad: integrity.Mismatch, data_dir: Path, digits: int = 64) -> ShardError:
+    """One line: the file, the expected and actual hash (or size; ``digits`` of each hash), and the
+    command that rebuilds it."""
     return ShardError(
-        f"{bad.path}: content does not match {data_dir / 'manifest.json'} ({bad.describe()}); the shard is "
+        f"{bad.path}: content does not match its manifest.json entry ({bad.describe(digits)}); the shard is "
         f"corrupt -- {rebuild_hint(data_dir)} (the rerun re-verifies and rewrites bad shards)"
     )
 

@@ -63,7 +63,7 @@ import shutil
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,7 +72,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from evals.common import autocast_for, eval_mode
+from evals.common import autocast_for, eval_mode, stop_check
 from pretrain import dist
 
 # The canonical files of the HellaSwag repository (github.com/rowanz/hellaswag, data/).
@@ -439,9 +439,13 @@ def _score_continuations(model, inputs: list[list[int]], cont_lens: list[int], P
             scored.add_token(u, tgt, i)
 
 
+class EvalStopped(Exception):
+    """A requested stop (``stop()`` of the trainer) ended the scoring early on this rank."""
+
+
 def _score_shared_prefix(model, inputs: list[list[int]], cont_lens: list[int], *, batch_size: int,
-                         device: torch.device, head_rows: int = 1024,
-                         split_cost: int | None = None) -> torch.Tensor:
+                         device: torch.device, head_rows: int = 1024, split_cost: int | None = None,
+                         stopped: Callable[[], bool] = lambda: False) -> torch.Tensor:
     """Sums of continuation log-probabilities, running each distinct prefix once.
 
     ``inputs[i]`` is the (already left-truncated) sequence whose last ``cont_lens[i]`` tokens
@@ -481,6 +485,8 @@ def _score_shared_prefix(model, inputs: list[list[int]], cont_lens: list[int], *
             cur.append(rows)
         chunks.append(cur)
         for chunk in chunks:
+            if stopped():
+                raise EvalStopped
             G = len(chunk)
             rows = [i for grp in chunk for i in grp]
             Tc = max(cont_lens[i] for i in rows) - 1  # continuation tokens fed to the model
@@ -502,7 +508,7 @@ def _score_shared_prefix(model, inputs: list[list[int]], cont_lens: list[int], *
 
 def _score_packed(model, inputs: list[list[int]], cont_lens: list[int], *, block_size: int, batch_size: int,
                   pad_multiple: int, vocab_size: int | None, device: torch.device, sync_batches: bool,
-                  head_trick: bool) -> torch.Tensor:
+                  head_trick: bool, stopped: Callable[[], bool] = lambda: False) -> torch.Tensor:
     """The packed path of :func:`score_sequences`: every row, sorted by length, ``batch_size`` per
     forward, right-padded to a multiple of ``pad_multiple``."""
     n = len(inputs)
@@ -514,6 +520,8 @@ def _score_packed(model, inputs: list[list[int]], cont_lens: list[int], *, block
 
     sums = torch.zeros(n, dtype=torch.float32, device=device)
     for b in range(num_batches):
+        if stopped():  # agreed between ranks for an FSDP model (evals.common.stop_check)
+            raise EvalStopped
         rows = batches[b] if b < len(batches) else []
         max_in = max((len(inputs[i]) - 1 for i in rows), default=1)
         T = min(block_size, -(-max_in // pad_multiple) * pad_multiple)  # bucketed length
@@ -550,7 +558,8 @@ def score_sequences(model, context: Sequence[list[int]], continuation: Sequence[
                     block_size: int, batch_size: int = 32, pad_multiple: int = 32,
                     vocab_size: int | None = None, device: str | torch.device = "cpu",
                     sync_batches: bool = True, head_positions_only: bool | None = None,
-                    share_prefix: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    share_prefix: bool | None = None,
+                    stop: Callable[[], bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Sum of log p(continuation token | prefix) over each continuation, and its token count.
 
     Sequences are left-truncated to ``block_size + 1`` tokens as the harness does. Two paths
@@ -589,11 +598,12 @@ def score_sequences(model, context: Sequence[list[int]], continuation: Sequence[
         inputs.append(toks)
         cont_lens.append(len(cont))
     if share_prefix:
-        sums = _score_shared_prefix(model, inputs, cont_lens, batch_size=batch_size, device=device)
+        sums = _score_shared_prefix(model, inputs, cont_lens, batch_size=batch_size, device=device,
+                                    stopped=stop_check(model, stop))
     else:
         sums = _score_packed(model, inputs, cont_lens, block_size=block_size, batch_size=batch_size,
                              pad_multiple=pad_multiple, vocab_size=vocab_size, device=device,
-                             sync_batches=sync_batches, head_trick=head_trick)
+                             sync_batches=sync_batches, head_trick=head_trick, stopped=stop_check(model, stop))
     return sums.double().cpu().numpy(), np.asarray(cont_lens, dtype=np.int64)
 
 
@@ -630,18 +640,26 @@ def summarize(correct: dict[str, float], n: int, prefix: str = "hellaswag/") -> 
 
 def evaluate(model, prep: Prepared, *, batch_size: int = 32, device: str | torch.device = "cpu",
              block_size: int | None = None, pad_multiple: int = 32, prefix: str = "hellaswag/",
-             head_positions_only: bool | None = None, share_prefix: bool | None = None) -> dict[str, float]:
+             head_positions_only: bool | None = None, share_prefix: bool | None = None,
+             stop: Callable[[], bool] | None = None) -> dict[str, float]:
     """Score this rank's prepared examples, all-reduce the counts, return the metrics (the
-    same dict on every rank). The scoring path is picked as in :func:`score_sequences`."""
+    same dict on every rank; ``{}`` when ``stop()`` ended the scoring early on any rank). The
+    scoring path is picked as in :func:`score_sequences`."""
     block_size = block_size or model_block_size(model)
-    sums, counts = score_sequences(
-        model, prep.context, prep.continuation, block_size=block_size, batch_size=batch_size,
-        pad_multiple=pad_multiple, vocab_size=model_vocab_size(model), device=device,
-        head_positions_only=head_positions_only, share_prefix=share_prefix,
-    )
-    right = example_predictions(prep, sums, counts) if len(prep) else {k: np.zeros(0) for k in METRICS}
-    totals = torch.tensor([len(prep)] + [float(right[k].sum()) for k in METRICS], dtype=torch.float64)
+    try:
+        sums, counts = score_sequences(
+            model, prep.context, prep.continuation, block_size=block_size, batch_size=batch_size,
+            pad_multiple=pad_multiple, vocab_size=model_vocab_size(model), device=device,
+            head_positions_only=head_positions_only, share_prefix=share_prefix, stop=stop,
+        )
+        right = example_predictions(prep, sums, counts) if len(prep) else {k: np.zeros(0) for k in METRICS}
+        stopped = 0.0
+    except EvalStopped:
+        right, stopped = {k: np.zeros(0) for k in METRICS}, 1.0
+    totals = torch.tensor([len(prep)] + [float(right[k].sum()) for k in METRICS] + [stopped], dtype=torch.float64)
     dist.all_reduce(totals, "hellaswag totals")
+    if totals[-1].item():
+        return {}
     n = int(totals[0].item())
     return summarize({k: float(totals[1 + j].item()) for j, k in enumerate(METRICS)}, n, prefix)
 
@@ -667,7 +685,9 @@ class HellaSwagEvaluator:
         self.prep = prepare(examples[rank::world_size], tokenizer)
         self.batch_size, self.device, self.pad_multiple = batch_size, torch.device(device), pad_multiple
 
-    def __call__(self, model, step: int | None = None) -> dict[str, float]:
+    interruptible = True  # the trainer passes ``stop``: a Ctrl-C ends the scoring between batches
+
+    def __call__(self, model, step: int | None = None, stop: Callable[[], bool] | None = None) -> dict[str, float]:
         with eval_mode(model):
             return evaluate(model, self.prep, batch_size=self.batch_size, device=self.device,
-                            pad_multiple=self.pad_multiple)
+                            pad_multiple=self.pad_multiple, stop=stop)

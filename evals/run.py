@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+DEFAULT_VAL_TOKENS = 10_485_760  # as eval.val_tokens: the first 10M tokens (all of a smaller split)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -36,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="score only the first N HellaSwag examples")
     p.add_argument("--val-data", default=None, metavar="DIR",
                    help="directory of token shards; its val split gives val/loss (skipped when not set)")
-    p.add_argument("--val-tokens", type=int, default=10_485_760,
-                   help="tokens of the val split to evaluate (the first ones; 0 = all)")
+    p.add_argument("--val-tokens", type=int, default=None,
+                   help="tokens of the val split to evaluate, the first ones (0 = all; default: up to 10,485,760, "
+                        "all of a smaller split)")
     p.add_argument("--seq-len", type=int, default=None, help="val-loss sequence length (default: %(default)s = the model's block_size)")
     p.add_argument("--batch-size", type=int, default=32,
                    help="sequences per forward pass (HellaSwag candidates / val sequences)")
@@ -69,7 +72,7 @@ def check_args(args) -> str | None:
         return f"--device {args.device}: CUDA is not available here; pass --device cpu (or auto)"
     if args.batch_size < 1:
         return f"--batch-size {args.batch_size}: must be >= 1"
-    if args.val_tokens < 0:
+    if args.val_tokens is not None and args.val_tokens < 0:
         return f"--val-tokens {args.val_tokens}: must be >= 0 (0 = the whole val split)"
     if args.val_data is not None and not Path(args.val_data).is_dir():
         return f"--val-data {args.val_data}: no such directory; pass a directory of token shards (gpt2-prepare)"
@@ -120,8 +123,13 @@ def _run(args, rank: int, world: int, device: torch.device) -> int:
         model = load_model(source).to(device).eval()
         if args.val_data is not None:
             seq_len = args.seq_len or model.config.block_size
-            evaluators.append(ValLossEvaluator(args.val_data, seq_len, args.batch_size, args.val_tokens or None,
-                                               rank, world, device, vocab_size=model.config.vocab_size))
+            if seq_len > model.config.block_size:
+                raise ValueError(f"--seq-len {seq_len} is longer than the model's context ({model.config.block_size} "
+                                 f"positions); pass --seq-len {model.config.block_size} or less")
+            tokens = DEFAULT_VAL_TOKENS if args.val_tokens is None else args.val_tokens or None
+            evaluators.append(ValLossEvaluator(args.val_data, seq_len, args.batch_size, tokens, rank, world, device,
+                                               vocab_size=model.config.vocab_size, at_most=args.val_tokens is None,
+                                               knob="--val-tokens"))
     except (HellaSwagError, CheckpointError, ValueError, OSError) as e:
         print(f"gpt2-eval: error: {e}", file=sys.stderr)
         return 2
@@ -165,10 +173,16 @@ def _run(args, rank: int, world: int, device: torch.device) -> int:
 
 
 def cli() -> None:
-    """The ``gpt2-eval`` command: :func:`main`, then ``pretrain.dist.exit_process``."""
-    from pretrain.dist import exit_process
+    """The ``gpt2-eval`` command: :func:`main`, then ``pretrain.dist.exit_process``; a Ctrl-C ends
+    in one line, exit 130 (nothing is written before the results)."""
+    try:
+        from pretrain.dist import exit_process
 
-    exit_process(main())
+        rc = main()
+    except KeyboardInterrupt:
+        print("gpt2-eval: interrupted (Ctrl-C); no results were written", file=sys.stderr)
+        sys.exit(130)
+    exit_process(rc)
 
 
 if __name__ == "__main__":

@@ -8,32 +8,27 @@ collective); rank 0 logs it.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
 
 class SampleEvaluator:
-    """``SampleEvaluator(prompt, tokens, top_k, seed, dtype)``; ``evaluator(model, step) ->
+    """``SampleEvaluator(prompt, tokens, top_k, seed, autocast)``; ``evaluator(model, step) ->
     {"sample/text": prompt + continuation}``, or ``{}`` when the model cannot hold the prompt
-    (a toy vocabulary or context). ``dtype`` is train.dtype: bf16 samples under autocast, as
-    the training step computes (except under FSDP's own bf16 parameters)."""
+    (a toy vocabulary or context). ``autocast``: a context factory for the precision to sample in
+    (the trainer's: ``pretrain.training.parallel.training_autocast``); None = as the model is."""
 
     name = "sample"
 
-    def __init__(self, prompt: str, tokens: int, top_k: int, seed: int, dtype: str = "fp32") -> None:
+    def __init__(self, prompt: str, tokens: int, top_k: int, seed: int,
+                 autocast: Callable[[], AbstractContextManager] | None = None) -> None:
         from data_pipeline.tokenizer import get_tokenizer
 
         self.tok = get_tokenizer()
         self.prompt = self.tok.encode(prompt)
-        self.tokens, self.top_k, self.seed, self.dtype = tokens, top_k, seed, dtype
-
-    def _autocast(self, model, device: torch.device):
-        from pretrain.dist import is_fsdp
-
-        if self.dtype == "bf16" and not (is_fsdp(model) and device.type == "cuda"):
-            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        return nullcontext()
+        self.tokens, self.top_k, self.seed, self.autocast = tokens, top_k, seed, autocast or nullcontext
 
     def __call__(self, model, step: int | None = None) -> dict[str, str]:
         from pretrain.model.generate import generate
@@ -41,9 +36,8 @@ class SampleEvaluator:
         config = model.config
         if any(t >= config.vocab_size for t in self.prompt) or len(self.prompt) >= config.block_size:
             return {}  # a toy vocabulary / context cannot hold the prompt
-        device = next(model.parameters()).device
         # Eager: sampling's growing shapes would make a compiled model recompile every token.
-        with torch.compiler.set_stance("force_eager"), self._autocast(model, device):
+        with torch.compiler.set_stance("force_eager"), self.autocast():
             new = generate(model, [self.prompt], max_new_tokens=self.tokens, temperature=1.0, top_k=self.top_k,
                            seed=self.seed + (step or 0), eot_id=None)[0]
         return {"sample/text": self.tok.decode(self.prompt + new)}

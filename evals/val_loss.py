@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ import torch
 from data_pipeline import integrity
 from data_pipeline.loader import integrity_error, token_range_error
 from data_pipeline.shards import expected, read_shard, shard_entries
-from evals.common import autocast_for, eval_mode
+from evals.common import autocast_for, eval_mode, stop_check
 from pretrain import dist
 
 
@@ -37,7 +38,10 @@ class ValLossEvaluator:
 
     def __init__(self, data_dir: str | os.PathLike, seq_len: int, batch_size: int, num_tokens: int | None,
                  rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
-                 vocab_size: int | None = None, verify: bool = True) -> None:
+                 vocab_size: int | None = None, verify: bool = True, at_most: bool = False,
+                 knob: str = "eval.val_tokens") -> None:
+        """``at_most``: take at most ``num_tokens`` (all of a smaller split) instead of refusing a
+        split that holds fewer; ``knob`` names the setting in messages (``--val-tokens`` for gpt2-eval)."""
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"val loss needs seq_len >= 1 and batch_size >= 1, got {seq_len} and {batch_size}")
         if not 0 <= rank < world_size:
@@ -52,12 +56,14 @@ class ValLossEvaluator:
         else:
             wanted = num_tokens // seq_len
             if wanted < 1:
-                raise ValueError(f"eval.val_tokens={num_tokens} is less than one sequence of {seq_len} tokens; raise it")
-            if wanted > available:
+                raise ValueError(f"{knob}={num_tokens} is less than one sequence of {seq_len} tokens; raise it")
+            if at_most:
+                wanted = min(wanted, available)
+            elif wanted > available:
                 raise ValueError(
                     f"{data_dir}: the val shards hold {available} sequences of {seq_len} tokens "
-                    f"({available * seq_len} tokens), fewer than eval.val_tokens={num_tokens} asks for; "
-                    "lower eval.val_tokens or prepare more validation data"
+                    f"({available * seq_len} tokens), fewer than {knob}={num_tokens} asks for; "
+                    f"lower {knob} or prepare more validation data"
                 )
         if wanted < 1:
             raise ValueError(f"{data_dir}: the val shards hold no full sequence of {seq_len + 1} tokens")
@@ -100,10 +106,17 @@ class ValLossEvaluator:
         y[len(rows):] = -100  # padding rows are ignored
         return x, y
 
+    interruptible = True  # the trainer passes ``stop``: a Ctrl-C ends the evaluation between batches
+
     @torch.inference_mode()
-    def evaluate(self, model) -> dict[str, float]:
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # [loss sum, tokens]
+    def evaluate(self, model, stop: Callable[[], bool] | None = None) -> dict[str, float]:
+        """The metrics, or ``{}`` when ``stop()`` became True on any rank before the last batch."""
+        stopped = stop_check(model, stop)
+        total = torch.zeros(3, dtype=torch.float64, device=self.device)  # [loss sum, tokens, ranks stopped]
         for b in range(self.num_batches):
+            if stopped():
+                total[2] = 1
+                break
             x, y = self._batch(b)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with autocast_for(self.device):
@@ -111,10 +124,12 @@ class ValLossEvaluator:
             total[0] += loss.double()
             total[1] += (y != -100).sum()
         dist.all_reduce(total, "val loss")
-        loss_sum, tokens = total.tolist()
+        loss_sum, tokens, interrupted = total.tolist()
+        if interrupted:
+            return {}
         mean = loss_sum / tokens
         return {"val/loss": mean, "val/ppl": math.exp(min(mean, 700.0)), "val/tokens": tokens}
 
-    def __call__(self, model, step: int | None = None) -> dict[str, float]:
+    def __call__(self, model, step: int | None = None, stop: Callable[[], bool] | None = None) -> dict[str, float]:
         with eval_mode(model):
-            return self.evaluate(model)
+            return self.evaluate(model, stop)

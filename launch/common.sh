@@ -219,8 +219,9 @@ _launch_on_signal() {
 # RDZV_PORT (default 20000 + job id % 20000), NPROC_PER_NODE (default SLURM_GPUS_ON_NODE).
 # ---------------------------------------------------------------------------------------------
 
-# Drops --resume/checkpoint.resume from TRAIN_ARGS and appends `--resume auto`: a requeued job
-# must continue from its newest checkpoint, not from the path (or `none`) it was first given.
+# Drops --resume/checkpoint.resume (and checkpoint.overwrite, which only goes with a fresh start)
+# from TRAIN_ARGS and appends `--resume auto`: a requeued job must continue from its newest
+# checkpoint, not from the path (or `none`) it was first given, and never move its own run aside.
 force_resume_auto() {
     local -a kept=()
     local skip=0 a
@@ -228,7 +229,7 @@ force_resume_auto() {
         if ((skip)); then skip=0; continue; fi
         case "$a" in
             --resume) skip=1 ;;
-            --resume=* | checkpoint.resume=*) ;;
+            --resume=* | checkpoint.resume=* | checkpoint.overwrite=*) ;;
             *) kept+=("$a") ;;
         esac
     done

@@ -35,7 +35,27 @@ from pretrain.training.optim import COOLDOWNS, MUON_ADJUST_LR, NS_DTYPES, OPTIMI
 
 
 class ConfigError(ValueError):
-    """A configuration that cannot run; the message is one line naming the key and the fix."""
+    """A configuration that cannot run; the message is one line naming the key and the fix. A
+    message is never longer than ``MAX_ERROR_CHARS`` (a value quoted in it is cut by :func:`short`
+    first; this is the backstop), so a huge value cannot flood the terminal."""
+
+    def __init__(self, message: str) -> None:
+        message = " ".join(str(message).split())
+        if len(message) > MAX_ERROR_CHARS:
+            message = message[: MAX_ERROR_CHARS - 5] + " ...)"
+        super().__init__(message)
+
+
+MAX_ERROR_CHARS = 1000
+MAX_YAML_BYTES = 1 << 20  # a config file is a few kB; more is a mistake (or an attack)
+MAX_YAML_NODES = 10_000  # values after YAML aliases are expanded (a "billion laughs" document is tiny)
+
+
+def short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, saying how long it was: values are quoted in
+    one-line errors, and a value can be any size."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,11 +419,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, a, key)
             except ConfigError:
                 pass
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {short(value)} ({type(value).__name__})")
     if origin is list:
         (inner,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {short(value)} ({type(value).__name__})")
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
@@ -419,7 +439,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {short(value)} ({type(value).__name__})")
 
 
 def _unknown(key: str, options: list[str]) -> ConfigError:
@@ -462,9 +482,64 @@ def _set(cfg: Config, key: str, value: Any, source: str, raw_string: bool = Fals
 # ---------------------------------------------------------------------------------------------
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, refusing a key given twice in one mapping (YAML's "last one
+    wins" would drop a value silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigError(f"(line {key_node.start_mark.line + 1}): key {short(key)} is given twice; "
+                                  "keep one (YAML would silently use the last)")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(node, memo: dict[int, int]) -> int:
+    """Nodes of ``node`` with every alias expanded (shared subtrees counted each time they appear)."""
+    if id(node) not in memo:
+        memo[id(node)] = MAX_YAML_NODES + 1  # a cycle (a recursive alias) counts as too large
+        if isinstance(node, yaml.SequenceNode):
+            kids = node.value
+        elif isinstance(node, yaml.MappingNode):
+            kids = [n for pair in node.value for n in pair]
+        else:
+            kids = []
+        total = 1
+        for kid in kids:
+            total += _expanded_size(kid, memo)
+            if total > MAX_YAML_NODES:
+                break
+        memo[id(node)] = total
+    return memo[id(node)]
+
+
+def _load_yaml(text: str):
+    """``yaml.safe_load(text)`` with bounds: no duplicate keys, at most ``MAX_YAML_NODES`` values
+    once aliases are expanded (checked on the composed document, before any value is built)."""
+    loader = _ConfigLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise ConfigError(f"the document expands to more than {MAX_YAML_NODES:,} values (YAML anchors and "
+                              "aliases?); a config is a few sections of plain keys: write them out")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
     p = Path(path)
     try:
+        if p.is_file() and p.stat().st_size > MAX_YAML_BYTES:
+            raise ConfigError(f"{p}: {p.stat().st_size:,} bytes is not a config file (at most {MAX_YAML_BYTES:,}); "
+                              "pass --config configs/<name>.yaml")
         text = p.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{p}: config file not found; pass --config configs/<name>.yaml") from None
@@ -472,7 +547,11 @@ def read_yaml(path: str | os.PathLike) -> dict:
         why = "is a directory" if p.is_dir() else (getattr(e, "strerror", None) or "is not UTF-8 text")
         raise ConfigError(f"{p}: cannot read the config file ({why}); pass --config configs/<name>.yaml") from None
     try:
-        data = yaml.safe_load(text)
+        data = _load_yaml(text)
+    except ConfigError as e:
+        raise ConfigError(f"{p}{' ' if str(e).startswith('(') else ': '}{e}") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: the YAML nests too deeply; a config is a few sections of plain keys") from None
     except yaml.constructor.ConstructorError as e:
         tag = getattr(e, "problem", "") or str(e)
         line = f" (line {e.problem_mark.line + 1})" if getattr(e, "problem_mark", None) else ""
@@ -483,7 +562,8 @@ def read_yaml(path: str | os.PathLike) -> dict:
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: invalid YAML: {' '.join(str(e).split())}") from None
     if data is None:
-        return {}
+        raise ConfigError(f"{p}: the config file is empty; it should set at least one section (see configs/), or "
+                          "leave out --config to run the defaults (GPT-2 124M)")
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: a config file is a mapping of sections, got {type(data).__name__}")
     return data
@@ -496,7 +576,7 @@ def apply_dict(cfg: Config, data: dict, source: str) -> None:
         if values is None:
             continue
         if not isinstance(values, dict):
-            raise ConfigError(f"{source}: section '{section}' must be a mapping, got {values!r}")
+            raise ConfigError(f"{source}: section '{section}' must be a mapping, got {short(values)}")
         for name, value in values.items():
             try:
                 _set(cfg, f"{section}.{name}", value, source)
@@ -608,6 +688,16 @@ def validate_run(cfg: Config) -> None:
     r = cfg.checkpoint.resume
     if r not in ("auto", "none") and not r:
         raise ConfigError("checkpoint.resume must be auto, none or a checkpoint path")
+    if cfg.checkpoint.overwrite and r != "none":
+        raise ConfigError(
+            f"checkpoint.overwrite=true moves a previous run aside for a fresh start, but checkpoint.resume={r} "
+            "continues one; pass --resume none with it, or drop checkpoint.overwrite"
+        )
+    if t.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device=cuda but CUDA is not available here; use train.device=auto or cpu")
 
 
 def validate_optim_schedule(cfg: Config) -> None:
@@ -636,8 +726,14 @@ def validate_optim_schedule(cfg: Config) -> None:
                 f"{cooldown_start(s.max_steps, s.cooldown_frac)}, inside the warmup (schedule.warmup_steps="
                 f"{s.warmup_steps}); lower the cool-down fraction or the warmup"
             )
+    if s.warmup_steps > s.max_steps:
+        raise ConfigError(f"schedule.warmup_steps={s.warmup_steps} is longer than the run (schedule.max_steps="
+                          f"{s.max_steps}): the peak learning rate would never be reached; lower the warmup")
     if s.batch_warmup_steps < 0:
         raise ConfigError(f"schedule.batch_warmup_steps={s.batch_warmup_steps!r} must be >= 0")
+    if s.batch_warmup_steps > s.max_steps:
+        raise ConfigError(f"schedule.batch_warmup_steps={s.batch_warmup_steps} is longer than the run "
+                          f"(schedule.max_steps={s.max_steps}): the full batch would never be reached; lower it")
     if s.batch_warmup_steps > 0:
         start = s.batch_warmup_start_tokens
         if start <= 0 or start > t.global_batch_tokens or t.global_batch_tokens % start:

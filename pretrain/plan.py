@@ -146,35 +146,44 @@ def make_plan(cfg: Config, world_size: int) -> RunPlan:
     batch = batching(cfg, world_size)
     run_dir = Path(cfg.train.run_dir)
     ckpt_dir = run_dir / "checkpoints"
-    _check_run_dir(run_dir)
+    _check_run_dir(run_dir, cfg.logging.tensorboard)
     resume = _resume_path(cfg, ckpt_dir)
     state = _read_trainer_state(resume, cfg.schedule.max_steps) if resume is not None else None
+    if resume is not None:
+        _check_resume_setup(resume, cfg)
     split = _check_data(cfg, batch, state["loader"] if state is not None else None, resume)
     init_source, init_note = None, None
     if cfg.model.init_from is not None:
         if resume is not None:
             init_note = f"model.init_from={cfg.model.init_from} ignored: resuming checkpoint {resume} (the checkpoint wins)"
         else:
-            init_source = _resolve_init(cfg.model.init_from)
+            init_source = _resolve_init(cfg.model.init_from, cfg)
     c = cfg.checkpoint
+    move_aside = c.resume == "none" and c.overwrite and bool(previous_run_entries(run_dir))
+    if move_aside:  # the one step that changes a run already there: every shard must be sound first
+        _verify_shards(split, cfg.data.dir)
     return RunPlan(
         cfg=cfg, batch=batch, run_dir=run_dir, ckpt_dir=ckpt_dir, resume_from=resume,
         resume_step=int(state["step"]) if state is not None else 0,
         resume_tokens=int(state.get("tokens_seen", 0)) if state is not None else 0,
-        init_source=init_source, init_note=init_note,
-        move_aside=c.resume == "none" and c.overwrite and bool(previous_run_entries(run_dir)),
+        init_source=init_source, init_note=init_note, move_aside=move_aside,
         train_tokens=int(split.shard_tokens.sum()),
     )
 
 
-def _check_run_dir(run_dir: Path) -> None:
-    """train.run_dir must be a directory or creatable as one (nothing is created here)."""
+def _check_run_dir(run_dir: Path, tensorboard: bool) -> None:
+    """train.run_dir must be a directory or creatable as one (nothing is created here), and so
+    must run_dir/tensorboard with logging.tensorboard."""
     p = run_dir
     while not p.exists() and p != p.parent:
         p = p.parent
     if not p.is_dir():
         raise ConfigError(f"train.run_dir={str(run_dir)!r}: {p} exists and is not a directory; "
                           "choose another train.run_dir")
+    tb = run_dir / "tensorboard"
+    if tensorboard and tb.exists() and not tb.is_dir():
+        raise ConfigError(f"logging.tensorboard=true writes {tb}/, but {tb} is a file; move it away or set "
+                          "logging.tensorboard=false")
 
 
 def _resume_path(cfg: Config, ckpt_dir: Path) -> Path | None:
@@ -222,6 +231,38 @@ def _read_trainer_state(path: Path, max_steps: int) -> dict:
     return state
 
 
+def _check_resume_setup(path: Path, cfg: Config) -> None:
+    """The checkpoint's optimizer and parallelism fit this run: an optimizer's state cannot carry
+    over to another optimizer, and a checkpoint saved without FSDP cannot load into FSDP shards."""
+    import json
+
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+        saved = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    except (OSError, ValueError):
+        return  # an unreadable manifest is the checkpoint loader's to report (with its checksums)
+    saved_optim = (saved.get("optim") or {}).get("name", "adamw") if isinstance(saved, dict) else "adamw"
+    if saved_optim != cfg.optim.name:
+        raise ConfigError(
+            f"{path} was trained with optim.name={saved_optim}, this run asks for optim.name={cfg.optim.name}; "
+            f"resume with optim.name={saved_optim}, or start a new run from its weights "
+            f"(--resume none model.init_from={path})")
+    if cfg.distributed.mode == "fsdp" and isinstance(manifest, dict) and not manifest.get("fsdp"):
+        raise ConfigError(
+            f"{path} was saved without FSDP and cannot be resumed with distributed.mode=fsdp; resume with "
+            f"distributed.mode=ddp, or start a new run from its weights (--resume none model.init_from={path})")
+
+
+def _verify_shards(split, data_dir: str) -> None:
+    """Every shard of the split against its manifest sha256 (before an overwrite moves a run aside)."""
+    from data_pipeline import integrity
+    from data_pipeline.loader import integrity_error
+
+    bad = integrity.verify_files([e for e in split.expected if e is not None])
+    if bad:
+        raise ConfigError(f"nothing was moved aside: {integrity_error(bad[0], Path(data_dir), 12)}")
+
+
 def _check_data(cfg: Config, batch: Batching, loader_state: dict | None, resume: Path | None):
     """The training split is usable (every shard whole, the token range the model takes, at least a
     global batch) and, when resuming, the checkpoint's loader state fits it."""
@@ -251,10 +292,17 @@ def _check_data(cfg: Config, batch: Batching, loader_state: dict | None, resume:
     return split
 
 
-def _resolve_init(spec: str) -> WeightsSource:
-    from pretrain.model.weights import resolve
+def _resolve_init(spec: str, cfg: Config) -> WeightsSource:
+    """The source of model.init_from, its files verified and its architecture checked against the
+    config's (a hub model is checked when it is downloaded, in the build)."""
+    from pretrain.model.weights import inspect, resolve
+    from pretrain.training.init_from import check_architecture
 
     try:
-        return resolve(spec)
+        source = resolve(spec)
+        source_config = inspect(source)
     except WeightsError as e:
-        raise ConfigError(f"model.init_from={spec!r}: {' '.join(str(e).split())}") from None
+        raise ConfigError(f"model.init_from={spec!r}: {e}") from None
+    if source_config is not None:
+        check_architecture(spec, cfg.gpt_config, source_config)
+    return source

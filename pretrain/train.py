@@ -81,8 +81,13 @@ def build_evaluators(plan, rank: int, world_size: int, device) -> list:
     if e.hellaswag:
         evaluators.append(HellaSwagEvaluator(e.hellaswag_path, e.hellaswag_limit, batch, rank, world_size, device))
     if e.sample_prompt and e.sample_tokens > 0:
+        from functools import partial
+
+        from pretrain.training.parallel import training_autocast, uses_mp_policy
+
+        mp = uses_mp_policy(cfg.distributed.mode, device, cfg.train.dtype)
         evaluators.append(SampleEvaluator(e.sample_prompt, e.sample_tokens, e.sample_top_k, cfg.train.seed,
-                                          cfg.train.dtype))
+                                          autocast=partial(training_autocast, device, cfg.train.dtype, mp)))
     return evaluators
 
 
@@ -175,10 +180,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli() -> None:
     """The ``gpt2-train`` command (and ``python pretrain/train.py``): :func:`main`, then an exit
-    that gloo's threads cannot turn into an abort (``pretrain.dist.exit_process``)."""
-    from pretrain.dist import exit_process
+    that gloo's threads cannot turn into an abort (``pretrain.dist.exit_process``). A Ctrl-C
+    before training starts (while torch and the rest are imported) ends in one line, exit 130."""
+    try:
+        from pretrain.dist import exit_process
 
-    exit_process(main())
+        rc = main()
+    except KeyboardInterrupt:
+        print("gpt2-train: interrupted (Ctrl-C) during start-up; nothing was written", file=sys.stderr)
+        sys.exit(130)
+    exit_process(rc)
 
 
 if __name__ == "__main__":

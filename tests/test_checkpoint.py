@@ -342,8 +342,9 @@ def test_enospc_clear_error_and_previous_intact(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError) as info:
         save(ck, 2, model, opt)
     msg = str(info.value)
-    assert msg.startswith(f"no space left on device while writing checkpoint step 2 to {tmp_path}; free space or "
-                          "point checkpoint.dir elsewhere; the previous checkpoint step 1")
+    assert msg.startswith(f"no space left on device while writing checkpoint step 2 to {tmp_path}; free space "
+                          "there or point train.run_dir (its checkpoints/ folder) at another filesystem; "
+                          "the previous checkpoint step 1")  # train.run_dir: a real key (checkpoint.dir is not)
     assert "intact" in msg
     monkeypatch.setattr(torch, "save", real_save)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]

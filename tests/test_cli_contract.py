@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -59,6 +60,36 @@ def world(tmp_path_factory):
     mine.mkdir()
     (mine / "config.json").write_text('{"mine": true}\n')
     (root / "empty_dir").mkdir()
+    # Issue 19's inputs: YAML that expands, repeats a key or is empty; a damaged export; a corrupt
+    # shard behind a matching header; an incomplete checkpoint; a file where tensorboard/ goes.
+    (root / "bomb.yaml").write_text("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcde", "bcdef")) + "train: {seed: *f}\n")
+    (root / "dup.yaml").write_text("optim:\n  lr: 1.0e-3\n  lr: 3.0e-4\n")
+    (root / "empty.yaml").write_text("")
+    from pretrain.model import GPT, GPTConfig
+    from pretrain.model.hf import export_hf
+
+    export_hf(GPT(GPTConfig.from_preset("tiny")), root / "export_bad")  # GPT-2's vocabulary: exportable
+    weights = root / "export_bad" / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-100] ^= 0xFF  # inside the tensor data: the header (and so every shape) stays intact
+    weights.write_bytes(bytes(blob))
+    corrupt = root / "data_corrupt"
+    shutil.copytree(data, corrupt)
+    from data_pipeline.shards import file_sha256, read_header
+
+    (corrupt / "manifest.json").write_text(json.dumps({"shards": [  # what the shards held when prepared
+        {"file": p.name, "split": p.name.split("_")[0], "tokens": read_header(p), "documents": 1,
+         "sha256": file_sha256(p)} for p in sorted(corrupt.glob("*.bin"), key=lambda p: p.name[0] != "v")]}))
+    with open(corrupt / "train_000000.bin", "r+b") as f:
+        f.seek(-10, 2)
+        f.write(b"\xff" * 10)  # header and size as the manifest says; the content differs
+    partial = root / "partial_ckpt"
+    shutil.copytree(run / "checkpoints" / "step_00000004", partial)
+    (partial / "COMMITTED").unlink()
+    tb_file = root / "tb_file_run"
+    tb_file.mkdir()
+    (tb_file / "tensorboard").write_text("a file\n")
     locked = root / "locked_run"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pretrain.training.rundir import RunDirLock; "
@@ -97,6 +128,51 @@ CASES = [
     ("train: resume from a non-checkpoint", "pretrain.train",
      lambda r: _train(r, "new") + ["--resume", str(r / "empty_dir")], "not a checkpoint"),
     ("train: run dir held by another trainer", "pretrain.train", lambda r: _train(r, "locked_run"), "PID"),
+    ("train: YAML aliases expanding without bound", "pretrain.train", lambda r: ["--config", str(r / "bomb.yaml")],
+     "expands to more than"),
+    ("train: a key given twice", "pretrain.train", lambda r: ["--config", str(r / "dup.yaml")], "given twice"),
+    ("train: an empty config file", "pretrain.train", lambda r: ["--config", str(r / "empty.yaml")], "empty"),
+    ("train: NaN value", "pretrain.train", lambda r: _train(r, "new", **{"optim.weight_decay": "nan"}),
+     "optim.weight_decay=nan must be a finite number"),
+    ("train: LR warmup longer than the run", "pretrain.train", lambda r: _train(r, "new", **{"schedule.warmup_steps": 9}),
+     "schedule.warmup_steps=9"),
+    ("train: batch warmup longer than the run", "pretrain.train",
+     lambda r: _train(r, "new", **{"schedule.batch_warmup_steps": 9, "schedule.batch_warmup_start_tokens": 128}),
+     "schedule.batch_warmup_steps=9"),
+    ("train: overwrite with resume auto", "pretrain.train", lambda r: _train(r, **{"checkpoint.overwrite": "true"}),
+     "checkpoint.overwrite=true"),
+    ("train: tensorboard/ is a file", "pretrain.train",
+     lambda r: _train(r, "tb_file_run", **{"logging.tensorboard": "true"}), "is a file"),
+    ("train: device cuda without CUDA", "pretrain.train", lambda r: _train(r, "new", **{"train.device": "cuda"}),
+     "train.device=cuda"),
+    ("train: resume an AdamW checkpoint with Muon", "pretrain.train", lambda r: _train(r, **{"optim.name": "muon"}),
+     "optim.name=adamw"),
+    ("train: resume a one-process checkpoint with FSDP", "pretrain.train",
+     lambda r: _train(r, **{"distributed.mode": "fsdp"}), "without FSDP"),
+    ("train: overwrite refused for a corrupt shard", "pretrain.train",
+     lambda r: _train(r, data="data_corrupt", **{"checkpoint.overwrite": "true"}) + ["--resume", "none"],
+     "nothing was moved aside"),
+    ("train: init_from a damaged export", "pretrain.train",
+     lambda r: _train(r, "new", **{"model.init_from": str(r / "export_bad")}),
+     "content does not match"),
+    ("train: init_from an incomplete checkpoint", "pretrain.train",
+     lambda r: _train(r, "new", **{"model.init_from": str(r / "partial_ckpt")}), "incomplete"),
+    ("eval: a damaged export", "evals.run",
+     lambda r: ["--model", str(r / "export_bad"), "--no-hellaswag", "--val-data", str(r / "data")],
+     "content does not match"),
+    ("eval: --seq-len beyond the context", "evals.run",
+     lambda r: ["--model", str(r / "run"), "--no-hellaswag", "--val-data", str(r / "data"), "--seq-len", "999",
+                "--device", "cpu"],
+     "--seq-len 999"),
+    ("eval: --val-tokens beyond the split", "evals.run",
+     lambda r: ["--model", str(r / "run"), "--no-hellaswag", "--val-data", str(r / "data"), "--val-tokens",
+                "99999999"], "lower --val-tokens"),
+    ("export: an incomplete checkpoint", "pretrain.model.export",
+     lambda r: ["export", "--checkpoint", str(r / "partial_ckpt"), "--out", str(r / "export2")], "incomplete"),
+    ("generate: a damaged export", "pretrain.model.generate", lambda r: ["--model", str(r / "export_bad")],
+     "content does not match"),
+    ("generate: --temperature nan", "pretrain.model.generate",
+     lambda r: ["--model", str(r / "run" / "checkpoints"), "--temperature", "nan"], "temperature"),
     ("prepare: missing source", "data_pipeline.prepare",
      lambda r: [str(r / "nope.txt"), str(r / "prep_out"), "--no-progress"], "nope.txt"),
     ("eval: --limit 0", "evals.run",
@@ -157,5 +233,7 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(world, case, capsys
             "pretrain.model.export": "gpt2-export", "pretrain.model.generate": "gpt2-generate", "pretrain.training.plot": "gpt2-plot"}[module]
     assert lines[0].startswith(f"{prog}: error"), lines[0]
     assert needle in lines[0], lines[0]
+    assert "resume with --resume PATH" not in lines[0]  # the advice fits every command that reads a checkpoint
+    assert len(re.sub(r"/\S+", "PATH", lines[0])) <= 300, lines[0]  # each path counted as one word
     assert snapshot(world) == before
-    assert time.perf_counter() - t0 < 30
+    assert time.perf_counter() - t0 < 5

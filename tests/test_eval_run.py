@@ -81,6 +81,21 @@ def test_cli_one_process_and_two_rank_torchrun_agree(tmp_path, capsys):
         assert two["results"][f"hellaswag/{k}"] == pytest.approx(v), k
 
 
+def test_default_val_tokens_take_all_of_a_small_split(tmp_path, capsys):
+    """Without --val-tokens gpt2-eval evaluates up to 10,485,760 tokens: all of a smaller split
+    (it used to refuse any split smaller than that, advising a training config key)."""
+    from pretrain.model.hf import export_hf
+
+    export_hf(tiny_model(seed=2), tmp_path / "hf")
+    val = tmp_path / "val"
+    val.mkdir()
+    make_val_data(val, sizes=(5 * 16 + 1,), vocab=50257)
+    args = ["--model", str(tmp_path / "hf"), "--no-hellaswag", "--val-data", str(val), "--seq-len", "16",
+            "--device", "cpu", "--out", str(tmp_path / "r.json")]
+    assert main(args) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "r.json").read_text())["results"]["val/tokens"] == 5 * 16
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["--model", str(tmp_path), "--hellaswag", str(tmp_path / "missing.jsonl"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -98,7 +98,7 @@ def test_forward_builds_no_constant_tensors(data, tmp_path, dtype):
     try:
         x, y = t.loader.next_batch()
         buffers = {b.data_ptr() for b in t.model.buffers()}
-        with t.autocast(), _Allocations(buffers) as mode:
+        with t.wrapped.autocast(), _Allocations(buffers) as mode:
             _, loss = t.model(x, y)
         loss.backward()
     finally:

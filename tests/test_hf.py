@@ -425,3 +425,27 @@ def test_fast_recipe_checkpoint_exports_with_equal_logits(tmp_path):
     ours = load_model(str(tmp_path / "run" / "checkpoints"))
     ref = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert (_logits_hf(ref, IDX) - _logits_ours(ours, IDX)).abs().max().item() < 1e-5
+
+
+def test_export_records_every_file_and_is_verified_on_load(tmp_path, hf_dir, capsys):
+    """gpt2_export.json records the sha256 of every file the export wrote; a byte flipped inside the
+    weights (the header intact) is refused on load in one line, where it used to load as garbage.
+    The files share one mode (model.safetensors was 0600). A foreign HF directory without a
+    record still loads, and its source says once that it is not verified."""
+    from pretrain.model.hf import EXPORT_MARKER
+    from pretrain.model.weights import resolve
+
+    model = _our_model()
+    out = export_hf(model, tmp_path / "out")
+    record = json.loads((out / EXPORT_MARKER).read_text())
+    assert record["complete"] and set(record["files"]) == set(EXPORT_FILES) - {EXPORT_MARKER}
+    assert len({(out / n).stat().st_mode for n in EXPORT_FILES}) == 1
+    assert resolve(out).note is None and torch.equal(load_model(out).lm_head.weight, model.lm_head.weight)
+    blob = bytearray((out / "model.safetensors").read_bytes())
+    blob[-8] ^= 0x40  # the last tensor's data
+    (out / "model.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(WeightsError, match=r"model.safetensors: content does not match its gpt2_export.json record") as e:
+        load_model(out)
+    assert "\n" not in str(e.value)
+    foreign = resolve(hf_dir)  # save_pretrained's directory: nothing to check against
+    assert foreign.note is not None and "not verified" in foreign.note and load_model(foreign) is not None

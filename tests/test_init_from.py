@@ -269,3 +269,29 @@ if __name__ == "__main__":
     from pretrain.dist import exit_process
 
     exit_process(0)  # not sys.exit: gloo's threads can abort the interpreter's finalisation
+
+
+@pytest.mark.parametrize("option", ["qk_norm", "rotary"])
+def test_research_options_take_part_in_the_architecture_check(tmp_path, capsys, option):
+    """A checkpoint trained with a research option (qk_norm has no parameters of its own; rotary has
+    no wpe) is not a plain GPT-2: init_from into a plain config is refused in one line naming the
+    field, before any checkpoint is written; into the same option it loads (rotary: no positions
+    to crop)."""
+    from pretrain.checkpoint import Checkpointer
+    from pretrain.model import GPT, GPTConfig
+    from pretrain.train import main
+    from pretrain.training.init_from import init_from
+
+    cfg = GPTConfig.from_preset("tiny-vocab", **{option: True})
+    Checkpointer(tmp_path / "src", keep_last=1).save(
+        2, GPT(cfg), None, {"step": 2}, None, {"model": {"preset": "tiny-vocab", option: True}})
+    data = make_synthetic_shards(tmp_path / "data", train_tokens=4000)
+    run_dir = tmp_path / "run"
+    capsys.readouterr()
+    assert main(tiny_overrides(data, run_dir, **{"model.init_from": str(tmp_path / "src")})) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"model.{option}=False (the source has True)" in err and f"set model.{option}=True" in err
+    assert not (run_dir / "checkpoints").exists()
+    same = GPT(cfg)
+    assert "fresh optimizer" in init_from(same, str(tmp_path / "src"), cfg)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import (
     PY,
     REPO,
@@ -147,6 +148,50 @@ def test_a_second_ctrl_c_aborts_at_once(data, tmp_path):
     assert rc == 130 and time.perf_counter() - t0 < 2.5, out
     assert "aborted (Ctrl-C)" in out and "Traceback" not in out, out
     assert can_lock_elsewhere(run)
+
+
+def test_ctrl_c_during_an_evaluation_stops_it_saves_and_exits_130(data, tmp_path, monkeypatch, capsys):
+    """A Ctrl-C that lands in a long evaluation does not wait for it: the evaluator sees the stop
+    between its batches and returns, the step is saved, and the run exits 130 within seconds
+    (before: the whole evaluation first). The real val-loss evaluator, given ``stop``, returns {}."""
+    from evals.val_loss import ValLossEvaluator
+
+    run, batches = tmp_path / "run", []
+
+    class SlowEval:  # 100 "batches" of 0.1 s: 10 s if it were not interrupted
+        name, interruptible = "slow", True
+
+        def __call__(self, model, step, stop=None):
+            for b in range(100):
+                if b == 3:
+                    signal.raise_signal(signal.SIGINT)  # Ctrl-C arrives mid-evaluation
+                if stop():
+                    return {}
+                batches.append(b)
+                time.sleep(0.1)
+            return {"slow/done": 1.0}
+
+    monkeypatch.setattr("pretrain.train.build_evaluators", lambda plan, rank, world, device: [SlowEval()])
+    t0 = time.perf_counter()
+    rc = main(tiny_overrides(data, run, **{"schedule.max_steps": 8, "eval.interval": 2, "checkpoint.interval": 8}))
+    assert rc == 130 and time.perf_counter() - t0 < 8, capsys.readouterr().err
+    assert len(batches) == 3 and (run / "checkpoints" / "step_00000002" / "COMMITTED").exists()
+    assert metrics(run)[-1]["step"] == 2 and "slow/done" not in metrics(run)[-1]
+    ev = ValLossEvaluator(data, 32, 2, None)
+    assert ev(torch.nn.Module(), 0, stop=lambda: True) == {}  # stopped before its first batch
+
+
+def test_ctrl_c_during_start_up_is_one_line_exit_130(monkeypatch, capsys):
+    import pretrain.train as train_mod
+
+    def interrupted(argv=None):
+        raise KeyboardInterrupt  # as while torch is being imported
+
+    monkeypatch.setattr(train_mod, "main", interrupted)
+    with pytest.raises(SystemExit) as e:
+        train_mod.cli()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 130 and err == ["gpt2-train: interrupted (Ctrl-C) during start-up; nothing was written"]
 
 
 @pytest.mark.slow  # ~1 min on a shared 2-core machine: three trainer processes per trial

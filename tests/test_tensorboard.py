@@ -97,6 +97,32 @@ def test_torn_record_and_points_past_the_checkpoint_are_dropped(tmp_path):
     assert read_scalars(tmp_path / "tensorboard") == {}
 
 
+def test_a_damaged_event_file_loses_nothing_before_the_checkpoint(tmp_path, capsys):
+    """A byte flipped inside an early record (not a torn tail): the resume keeps every point it can
+    read, before and after the damage (TensorBoard's reader would stop at it), keeps the original
+    bytes beside it under a name TensorBoard does not read, and says so in one line."""
+    from pretrain.training.tb_logger import TensorBoardLogger, read_scalars
+
+    first = TensorBoardLogger(tmp_path)
+    for step in range(1, 9):
+        first.log({"step": step, "tokens_seen": 10 * step, "loss": float(step), "lr": 0.1 * step})
+    first.close()
+    (path,) = (tmp_path / "tensorboard").glob("*tfevents*")
+    original = path.read_bytes()
+    damaged = bytearray(original)
+    damaged[len(original) // 4] ^= 0xFF  # inside the records of an early step
+    path.write_bytes(bytes(damaged))
+    capsys.readouterr()
+    resumed = TensorBoardLogger(tmp_path, resume_step=8, resume_tokens=80)
+    resumed.close()
+    note = capsys.readouterr().out.strip().splitlines()
+    assert len(note) == 1 and "is damaged" in note[0] and ".damaged" in note[0], note
+    (aside,) = (tmp_path / "tensorboard").glob("*.damaged")
+    assert aside.read_bytes() == bytes(damaged) and "tfevents" not in aside.name
+    steps = [s for s, _ in read_scalars(tmp_path / "tensorboard")["train/loss"]]
+    assert len(steps) >= 7 and steps[-1] == 8 and steps[0] in (1, 2), steps  # one record lost at most
+
+
 def test_missing_package_is_one_line(monkeypatch):
     from pretrain.config import ConfigError, load_config
 

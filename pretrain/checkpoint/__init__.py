@@ -37,7 +37,7 @@ checkpoint, FSDP ones included, in one process without a process group (export, 
 
 from pretrain.checkpoint.checkpointer import Checkpointer
 from pretrain.checkpoint.layout import COMMITTED, FORMAT_VERSION, MANIFEST, CheckpointError
-from pretrain.checkpoint.load import load_model_state
+from pretrain.checkpoint.load import load_model_state, verify_model_state
 from pretrain.checkpoint.state import capture_rng_state, restore_rng_state
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "capture_rng_state",
     "restore_rng_state",
     "load_model_state",
+    "verify_model_state",
     "COMMITTED",
     "FORMAT_VERSION",
     "MANIFEST",

@@ -248,7 +248,7 @@ class Checkpointer:
         if _is_enospc(err):
             return CheckpointError(
                 f"no space left on device while writing checkpoint step {step} to {self.ckpt_dir}; free space "
-                f"or point checkpoint.dir elsewhere; {prev}"
+                f"there or point train.run_dir (its checkpoints/ folder) at another filesystem; {prev}"
             )
         return CheckpointError(
             f"could not write checkpoint step {step} to {where} ({type(err).__name__}: {err}); {prev}"

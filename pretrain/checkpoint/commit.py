@@ -63,8 +63,8 @@ def commit(pending: Pending, ckpt_dir: Path, world_size: int, keep_last: int) ->
     for r in range(world_size):
         if not (tmp / f"rank_{r}.pt").exists() and any(tmp.glob("rank_*.pt")):
             raise CheckpointError(
-                f"rank {r}'s file is missing from {tmp}: checkpoint.dir must be on a filesystem all "
-                f"ranks share"
+                f"rank {r}'s file is missing from {tmp}: train.run_dir (its checkpoints/ "
+                f"folder) must be on a filesystem all ranks share"
             )
     paths = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
     files = {

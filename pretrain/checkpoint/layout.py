@@ -20,7 +20,7 @@ COMMITTED = "COMMITTED"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 _REPLACED_RE = re.compile(r"^step_(\d{8})\.replaced$")
 _TMP_RE = re.compile(r"^step_(\d{8})\.tmp$")
-_CORRUPT_HINT = "the checkpoint is corrupt — resume from an earlier one with --resume PATH"
+_CORRUPT_HINT = "the checkpoint is corrupt: use an earlier step_XXXXXXXX of the same run (--resume PATH to continue it)"
 
 
 class CheckpointError(RuntimeError):
@@ -68,13 +68,13 @@ def _complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
 def _read_manifest(path: Path) -> dict:
     if not path.is_dir():
         raise CheckpointError(
-            f"checkpoint {path} does not exist or is not a directory; pass --resume auto, none or the "
-            f"path of a step_XXXXXXXX directory"
+            f"checkpoint {path} does not exist or is not a directory; pass the path of a step_XXXXXXXX "
+            f"directory (or --resume auto / none to a trainer)"
         )
     if not (path / COMMITTED).is_file():
         raise CheckpointError(
-            f"checkpoint {path} has no {COMMITTED} marker: it is incomplete (a crashed save); "
-            f"resume from an earlier one with --resume PATH"
+            f"checkpoint {path} has no {COMMITTED} marker: it is incomplete (a crashed save); use an earlier "
+            f"step_XXXXXXXX of the same run (--resume PATH to continue it)"
         )
     try:
         manifest = json.loads((path / MANIFEST).read_text())

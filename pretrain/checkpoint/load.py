@@ -90,9 +90,9 @@ def load(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim
     return trainer_state, rank_state
 
 
-def load_model_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """(model state_dict with GPT parameter names, full tensors on CPU; the run's config dict),
-    from a checkpoint saved with or without FSDP. One process, no process group needed."""
+def verify_model_state(path: str | os.PathLike) -> tuple[dict, dict]:
+    """Check that ``path`` is a complete checkpoint whose model files (and config) hold what its
+    manifest records, without loading a tensor; returns (manifest, the run's config dict)."""
     path = Path(path)
     manifest = _read_manifest(path)
     if manifest.get("fsdp"):
@@ -101,6 +101,15 @@ def load_model_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         names = ["model.pt"]
     has_config = "config.json" in manifest["files"]
     _verify(path, manifest, names + (["config.json"] if has_config else []))
+    config = json.loads((path / "config.json").read_text()) if has_config else {}
+    return manifest, config
+
+
+def load_model_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """(model state_dict with GPT parameter names, full tensors on CPU; the run's config dict),
+    from a checkpoint saved with or without FSDP. One process, no process group needed."""
+    path = Path(path)
+    manifest, config = verify_model_state(path)
     if manifest.get("fsdp"):
         state = _strip_prefixes(_dcp_full_model_state(path / "dcp"))
         # DCP stores a tied weight once per name: share it again (as torch.load does for model.pt).
@@ -109,5 +118,4 @@ def load_model_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
             state["lm_head.weight"] = wte
     else:
         state = _strip_prefixes(_safe_torch_load(path / "model.pt"))
-    config = json.loads((path / "config.json").read_text()) if has_config else {}
     return state, config

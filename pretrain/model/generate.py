@@ -139,8 +139,8 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
 def _check_settings(max_new_tokens, temperature, top_k, top_p) -> None:
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if not 0 <= temperature < float("inf"):  # NaN fails every comparison
+        raise GenerationError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and top_k < 1:
         raise GenerationError(f"top_k must be >= 1 (or None for no limit), got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -324,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.num_samples < 1:
             raise GenerationError(f"--num-samples must be >= 1, got {args.num_samples}")
+        _check_settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # before the model loads
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise GenerationError(f"--device {args.device}: CUDA is not available here; pass --device cpu")
         source = resolve(args.model)

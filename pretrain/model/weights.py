@@ -109,13 +109,14 @@ def resolve(spec: str | os.PathLike) -> WeightsSource:
         return WeightsSource(spec, "hf", p, recorded=_has_record(p))
     if not p.is_dir():
         raise WeightsError(f"{p} is not a directory; pass a HF model directory or a checkpoint directory")
-    if (p / "manifest.json").is_file():
-        return WeightsSource(spec, "checkpoint", p)
+    if (p / "manifest.json").is_file() or (p / "trainer_state.pt").is_file():
+        return WeightsSource(spec, "checkpoint", p)  # (an incomplete one: reading it says so)
     from pretrain.checkpoint import Checkpointer
 
-    latest = Checkpointer(p, keep_last=1).latest()  # a run's checkpoints/ directory?
-    if latest is not None:
-        return WeightsSource(spec, "checkpoint", latest)
+    for folder in (p, p / "checkpoints"):  # a run's checkpoints/ folder, or the run directory itself
+        latest = Checkpointer(folder, keep_last=1).latest()
+        if latest is not None:
+            return WeightsSource(spec, "checkpoint", latest)
     if any(p.glob("model*.safetensors*")) or (p / "pytorch_model.bin").is_file():
         return WeightsSource(spec, "hf", p, recorded=_has_record(p))  # weights without config.json: the HF reader says what is missing
     raise WeightsError(
@@ -142,6 +143,30 @@ def read(source: WeightsSource | str | os.PathLike,
         return _read_hf(directory, padded_vocab_size)
     except HFConversionError as e:
         raise WeightsError(str(e)) from None
+
+
+def inspect(source: WeightsSource) -> GPTConfig | None:
+    """The architecture of ``source``, with its files verified (a native checkpoint against its
+    manifest, an export against its record), without loading the weights: the run plan checks a
+    ``model.init_from`` source with it before anything is built. None for a hub model (that needs
+    the network; reading it does)."""
+    try:
+        if source.kind == "checkpoint":
+            from pretrain.checkpoint import CheckpointError, verify_model_state
+
+            try:
+                _, config_dict = verify_model_state(source.path)
+            except CheckpointError as e:
+                raise WeightsError(str(e)) from e
+            return _native_config(config_dict, str(source.path))
+        if source.kind == "hf":
+            config_path = source.path / "config.json"
+            config = config_from_hf(_read_json(config_path), str(config_path))
+            _verify_export(source.path)
+            return config
+    except HFConversionError as e:
+        raise WeightsError(str(e)) from None
+    return None
 
 
 def load_model(spec: WeightsSource | str | os.PathLike, padded_vocab_size: int | None = None) -> GPT:
@@ -176,16 +201,21 @@ def _read_checkpoint(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     return state_from_native(state, config_dict, str(path))
 
 
-def state_from_native(state_dict: dict, config_dict: dict, source: str) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    """(config, state dict) from a native state dict and its run's config dict, whose ``model``
-    section is either GPTConfig fields or the trainer's (``preset`` plus overrides)."""
+def _native_config(config_dict: dict, source: str) -> GPTConfig:
+    """The architecture recorded with a native checkpoint (its run config's ``model`` section)."""
     model_cfg = config_dict.get("model") if isinstance(config_dict, dict) else None
     if not isinstance(model_cfg, dict):
         raise WeightsError(f"{source}: the checkpoint's config has no 'model' section")
     try:
-        config = GPTConfig.from_dict(model_cfg)
+        return GPTConfig.from_dict(model_cfg)
     except (TypeError, ValueError) as e:
         raise WeightsError(f"{source}: bad model config in the checkpoint: {e}") from e
+
+
+def state_from_native(state_dict: dict, config_dict: dict, source: str) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """(config, state dict) from a native state dict and its run's config dict, whose ``model``
+    section is either GPTConfig fields or the trainer's (``preset`` plus overrides)."""
+    config = _native_config(config_dict, source)
     # torch.compile / DDP wrappers add prefixes; the names under them are the model's own.
     sd = {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in state_dict.items()}
     if config.tie_embeddings and "transformer.wte.weight" in sd:
@@ -233,8 +263,8 @@ def _verify_export(directory: Path) -> None:
     bad = integrity.verify_files(expected)
     if bad:
         raise WeightsError(
-            f"{bad[0].path}: content does not match {marker} ({bad[0].describe()}); the export is corrupt -- "
-            f"export it again (gpt2-export export --checkpoint CHECKPOINT --out {directory} --overwrite)"
+            f"{bad[0].path}: content does not match its {EXPORT_MARKER} record ({bad[0].describe(digits=12)}); "
+            "the export is corrupt: export it again (gpt2-export export ... --overwrite)"
         )
 
 

@@ -17,7 +17,7 @@ without; compiled 2.11 GB); ``benchmarks/train_throughput.py --only w1`` went fr
 1.50x the bare loop eager and from 1.12x to 1.20x compiled. The cost: resident memory no
 longer shrinks after its peak, and is somewhat higher (freed blocks are kept, and a freed block
 slightly too small for the next aligned request is not reused). Only for glibc on Linux; a
-no-op elsewhere (macOS, musl). ``Trainer.build`` calls it unless
+no-op elsewhere (macOS, musl). ``build_trainer`` calls it unless
 ``train.reuse_host_memory=false``.
 """
 

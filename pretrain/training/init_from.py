@@ -59,6 +59,20 @@ def mismatches(config: GPTConfig, source: GPTConfig) -> list[str]:
     return out
 
 
+def check_architecture(spec: str, config: GPTConfig, source: GPTConfig) -> None:
+    """Refuse, in one line naming each field and the overrides that match, a source whose
+    architecture ``config`` cannot take (:func:`mismatches`)."""
+    bad = mismatches(config, source)
+    if bad:
+        fields = [f for f in MATCHED_FIELDS if getattr(config, f) != getattr(source, f)]
+        fields += ["block_size"] if config.block_size > source.block_size else []
+        fix = " ".join(f"model.{f}={getattr(source, f)}" for f in fields)
+        raise InitFromError(
+            f"model.init_from={spec!r}: the configured architecture does not match the source: "
+            f"{'; '.join(bad)}; set {fix} (or choose another source)"
+        )
+
+
 def adapt_state_dict(sd: dict[str, torch.Tensor], source: GPTConfig, config: GPTConfig) -> dict[str, torch.Tensor]:
     """``sd`` (of ``source``) reshaped for ``config``: vocabulary rows padded with zeros or
     padding rows dropped, position embeddings cropped. Requires ``mismatches() == []``."""
@@ -105,15 +119,7 @@ def init_from(model: torch.nn.Module, source: WeightsSource | str, config: GPTCo
         src_config, sd = read(source)
     except WeightsError as e:
         raise InitFromError(f"model.init_from={spec!r}: {' '.join(str(e).split())}") from None
-    bad = mismatches(config, src_config)
-    if bad:
-        fields = [f for f in MATCHED_FIELDS if getattr(config, f) != getattr(src_config, f)]
-        fields += ["block_size"] if config.block_size > src_config.block_size else []
-        fix = " ".join(f"model.{f}={getattr(src_config, f)}" for f in fields)
-        raise InitFromError(
-            f"model.init_from={spec!r}: the configured architecture does not match the source: "
-            f"{'; '.join(bad)}; set {fix} (or choose another source)"
-        )
+    check_architecture(spec, config, src_config)
     load_into(model, adapt_state_dict({k: v.float() for k, v in sd.items()}, src_config, config))
     notes = []
     if src_config.vocab_rows != config.vocab_rows:

@@ -27,13 +27,32 @@ import torch
 import torch.nn as nn
 
 
+def uses_mp_policy(mode: str, device: torch.device, dtype: str) -> bool:
+    """FSDP2 on CUDA in bf16 casts the parameters to bf16 itself (``MixedPrecisionPolicy``)."""
+    return mode == "fsdp" and device.type == "cuda" and dtype == "bf16"
+
+
+def training_autocast(device: torch.device, dtype: str, mp_policy: bool):
+    """The training step's precision (``train.dtype``): bf16 autocast, unless FSDP's
+    mixed-precision policy already computes in bf16; nothing for fp32."""
+    if dtype == "bf16" and not mp_policy:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 @dataclass
 class Wrapped:
     module: nn.Module
     train_model: nn.Module
     mode: str  # "single" | "ddp" | "fsdp"
+    device: torch.device
+    dtype: str = "fp32"
     uses_mp_policy: bool = False
     """FSDP casts parameters to bf16 itself, so no autocast is needed."""
+
+    def autocast(self):
+        """The precision of the training forward (:func:`training_autocast`)."""
+        return training_autocast(self.device, self.dtype, self.uses_mp_policy)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -79,7 +98,7 @@ def wrap_model(
         if compile:
             for block in model.transformer.h:
                 block.compile()  # in place: no `_orig_mod.` in parameter names
-        mp = device.type == "cuda" and dtype == "bf16"
+        mp = uses_mp_policy(mode, device, dtype)
         policy = (
             MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             if mp
@@ -88,7 +107,7 @@ def wrap_model(
         for block in model.transformer.h:
             fully_shard(block, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
-        return Wrapped(model, model, "fsdp", uses_mp_policy=mp)
+        return Wrapped(model, model, "fsdp", device, dtype, uses_mp_policy=mp)
 
     if compile:
         model.compile()  # in place: the module (and its state_dict keys) stay the same object
@@ -96,5 +115,5 @@ def wrap_model(
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [device.index] if device.type == "cuda" else None
-        return Wrapped(model, DDP(model, device_ids=ids), "ddp")
-    return Wrapped(model, model, "single")
+        return Wrapped(model, DDP(model, device_ids=ids), "ddp", device, dtype)
+    return Wrapped(model, model, "single", device, dtype)

@@ -39,6 +39,14 @@ class StopRequest:
     def requested(self) -> bool:
         return self.signal is not None
 
+    def agreed(self, what: str) -> bool:
+        """Whether any rank has a stop request (a collective: every rank calls it together)."""
+        import torch
+
+        from pretrain import dist
+
+        return bool(dist.all_reduce(torch.tensor([float(self.requested)]), what, op="max").item())
+
     @property
     def code(self) -> int:
         """The exit code of the stop (a stop seen on another rank counts as a preemption)."""

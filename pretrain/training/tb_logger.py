@@ -15,7 +15,9 @@ Resume: a run killed after its last checkpoint (step N) has written points past 
 resumed run writes again. Event files are append-only, so on start every existing file is read
 back and, when it holds points past N (or a torn last record from the kill), rewritten without
 them (a temporary file, then an atomic ``os.replace``) -- the files then read as one run with
-each step once, for TensorBoard and for any other reader. A fresh start (no checkpoint) keeps
+each step once, for TensorBoard and for any other reader. A damaged file (a flipped byte, not a
+torn tail) loses nothing before the checkpoint: every intact record is kept (reading resumes after
+the damage) and the original is kept beside it (:func:`compact`). A fresh start (no checkpoint) keeps
 nothing, as ``metrics.jsonl`` does. Every ``log`` flushes, so what a later resume keeps is on
 disk: the cost is measured in ``benchmarks/RESULTS.md`` (TensorBoard logging).
 
@@ -26,6 +28,7 @@ validation refuses ``logging.tensorboard=true`` in one line when it is missing.
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -38,29 +41,63 @@ def tag(key: str) -> str:
     return key if "/" in key else f"train/{key}"
 
 
-def _records(path: Path) -> tuple[list[bytes], bool]:
-    """The serialized events of an event file, and whether the file ends in a torn record."""
-    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+def _record_at(data: bytes, pos: int, crc) -> bytes | None:
+    """The record starting at byte ``pos`` if one is there intact (TFRecord framing: u64 length,
+    masked crc32c of it, the data, masked crc32c of the data), else None."""
+    if pos + 12 > len(data):
+        return None
+    (length,) = struct.unpack_from("<Q", data, pos)
+    if struct.unpack_from("<I", data, pos + 8)[0] != crc(data[pos : pos + 8]):
+        return None
+    end = pos + 12 + length
+    if end + 4 > len(data) or struct.unpack_from("<I", data, end)[0] != crc(data[pos + 12 : end]):
+        return None
+    return data[pos + 12 : end]
 
-    raws = list(RawEventFileLoader(str(path)).Load())
-    # A record is 8 (length) + 4 (crc) + data + 4 (crc) bytes: anything else at the end is torn.
-    torn = sum(16 + len(r) for r in raws) != path.stat().st_size
-    return raws, torn
+
+def read_records(path: Path) -> tuple[list[bytes], list[tuple[int, int]], bool]:
+    """Every intact record of an event file, the byte ranges that are not (damage: a bad crc or a
+    length that runs past the next intact record; reading resumes at the next intact record), and
+    whether the only bad range is a torn tail (a record cut short by a kill: its declared length
+    runs past the end of the file). TensorBoard's own reader stops at the first bad record."""
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as crc
+
+    data = path.read_bytes()
+    records, bad, pos = [], [], 0
+    while pos < len(data):
+        rec = _record_at(data, pos, crc)
+        if rec is not None:
+            records.append(rec)
+            pos += 16 + len(rec)
+            continue
+        nxt = next((q for q in range(pos + 1, len(data) - 15) if _record_at(data, q, crc) is not None), len(data))
+        bad.append((pos, nxt))
+        pos = nxt
+    torn = False
+    if len(bad) == 1 and bad[0][1] == len(data):
+        start = bad[0][0]
+        cut = len(data) - start < 12 or 16 + struct.unpack_from("<Q", data, start)[0] > len(data) - start
+        torn = cut and (len(data) - start < 12 or struct.unpack_from("<I", data, start + 8)[0] == crc(data[start : start + 8]))
+    return records, bad, torn
 
 
 def compact(directory: Path, max_step: int, max_tokens: int) -> int:
     """Drop from every event file in ``directory`` the points after ``max_step`` (step-axis tags)
-    or after ``max_tokens`` (``by_tokens/`` tags) and any torn last record; returns the number of
-    points dropped. Each file is replaced atomically; files left without points are removed."""
+    or after ``max_tokens`` (``by_tokens/`` tags) and a torn last record; returns the number of
+    points dropped. Each file is replaced atomically by its kept records; files left without points
+    are removed. Nothing before the checkpoint is ever lost: a file that is damaged (not merely torn
+    at the end) keeps every record that can be read, wherever it lies, and the original bytes are
+    kept beside it as ``<name>.damaged`` (a name TensorBoard does not read), said in one line."""
     from tensorboard.compat.proto.event_pb2 import Event
-    from tensorboard.summary.writer.record_writer import RecordWriter
 
     dropped = 0
     for path in sorted(directory.glob("*tfevents*")):
         if path.name.endswith(".tmp"):  # a rewrite interrupted before its os.replace
             path.unlink()
             continue
-        raws, torn = _records(path)
+        if path.name.endswith(".damaged"):
+            continue
+        raws, bad, torn = read_records(path)
         keep, points = [], 0
         for raw in raws:
             ev = Event.FromString(raw)
@@ -71,18 +108,32 @@ def compact(directory: Path, max_step: int, max_tokens: int) -> int:
                     continue
                 points += 1
             keep.append(raw)
-        if points == 0:
+        if bad and not torn:
+            aside = path.with_name(path.name.replace("tfevents", "damaged-events") + ".damaged")
+            os.replace(path, aside)
+            print(f"tensorboard: {path.name} is damaged ({sum(b - a for a, b in bad)} unreadable bytes); kept as "
+                  f"{aside}, its {len(raws)} readable records rewritten", flush=True)
+        elif points == 0:
             path.unlink()
-        elif len(keep) != len(raws) or torn:
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "wb") as f:
-                w = RecordWriter(f)
-                for raw in keep:
-                    w.write(raw)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            continue
+        elif len(keep) == len(raws) and not torn:
+            continue
+        if keep:
+            _write_records(path, keep)
     return dropped
+
+
+def _write_records(path: Path, records: list[bytes]) -> None:
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        w = RecordWriter(f)
+        for raw in records:
+            w.write(raw)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 class TensorBoardLogger:

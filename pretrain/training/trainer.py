@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -105,11 +104,6 @@ class Trainer:
         return path
 
 
-    def autocast(self):
-        if self.cfg.train.dtype == "bf16" and not self.wrapped.uses_mp_policy:
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
-
     def train_step(self) -> StepResult:
         """One optimizer step: its micro-steps, clip, agree across ranks, step (or skip)."""
         model = self.wrapped.train_model
@@ -121,7 +115,7 @@ class Trainer:
             with self.wrapped.sync_context(last_micro_step=micro == accum - 1):
                 # The forward holds collectives too (DDP's one-time bucket rebuild broadcast,
                 # FSDP's parameter all-gathers): a rank that stopped answering fails it in one line.
-                with self.autocast(), dist.collective("broadcast / all-gather in the forward (DDP buckets, FSDP)"):
+                with self.wrapped.autocast(), dist.collective("broadcast / all-gather in the forward (DDP buckets, FSDP)"):
                     _, loss = model(x, y)
                 # Equal-sized micro-batches: the mean of means is the mean over every token of
                 # the global batch (DDP / FSDP average over ranks).
@@ -176,15 +170,16 @@ class Trainer:
             try:
                 for ev in self.evaluators:
                     t0 = time.perf_counter()
-                    # The evaluators' own reductions name themselves; the collectives inside
-                    # the forward (FSDP's all-gathers) are named here.
+                    # The evaluators' own reductions name themselves; the collectives inside the forward
+                    # (FSDP's all-gathers) are named here. An interruptible evaluator polls the stop flag
+                    # between batches (a Ctrl-C during a long evaluation saves within seconds).
+                    kw = {"stop": lambda: self.stop.requested} if getattr(ev, "interruptible", False) else {}
                     with dist.collective(f"{ev.name} eval (all-gathers in the forward)"):
-                        results.update(ev(model, self.step))  # evaluators pick their own precision
+                        results.update(ev(model, self.step, **kw))  # evaluators pick their own precision
                     results[f"time/{ev.name}_s"] = round(time.perf_counter() - t0, 3)
             finally:
                 model.train()
         return results
-
 
     def _due(self, interval: int) -> bool:
         return interval > 0 and self.step % interval == 0
@@ -221,19 +216,22 @@ class Trainer:
                 last = self.step == max_steps
                 if self.nonfinite_in_a_row >= limit:
                     self.logger.log(record)
+                    first = self.step - self.nonfinite_in_a_row + 1  # skipped steps leave the weights as they were
                     raise NonFiniteError(
                         f"{self.nonfinite_in_a_row} steps in a row with a non-finite loss or gradient norm "
-                        f"(train.max_nonfinite_in_a_row={limit}) at step {self.step}; the newest checkpoint in "
-                        f"{self.plan.ckpt_dir} predates them: resume with a lower optim.lr"
-                    )
+                        f"(train.max_nonfinite_in_a_row={limit}), steps {first}-{self.step}; they changed no weight, "
+                        f"so every checkpoint in {self.plan.ckpt_dir} holds the weights of before step {first}: "
+                        "resume (--resume auto) with a lower optim.lr")
                 evaluated = bool(self.evaluators) and (self._due(cfg.eval.interval) or (last and cfg.eval.interval > 0))
+                stop = r.stop
                 if evaluated:
                     record.update(self.evaluate())
+                    stop = stop or self.stop.agreed("stop after eval")  # a signal during the evaluation
                 if self._due(cfg.train.log_interval) or last or r.skipped or r.spike or evaluated:
                     self.logger.log(record)
-                if self._due(cfg.checkpoint.interval) or last or r.stop:
+                if self._due(cfg.checkpoint.interval) or last or stop:
                     self.save()
-                if r.stop:
+                if stop:
                     self.checkpointer.wait()
                     code = self.stop.code
                     self.logger.print(f"preempted ({self.stop.signal or 'signal on another rank'}): "
