@@ -603,12 +603,12 @@ def test_training_survives_a_full_disk_during_a_checkpoint_save(tmp_path, monkey
 def test_collective_wrapper_names_comm_failures_only():
     """Outside a process group, or for an error that is not the network's, the wrapper stays out
     of the way (no misleading 'a rank stopped responding')."""
-    from pretrain import dist
+    from pretrain import dist as pdist
 
     t = torch.ones(2)
-    assert dist.all_reduce(t, "loss") is t and torch.equal(t, torch.ones(2))  # no process group: no-op
+    assert pdist.all_reduce(t, "loss") is t and torch.equal(t, torch.ones(2))  # no process group: no-op
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        with dist.collective("all_reduce(loss)"):
+        with pdist.collective("all_reduce(loss)"):
             raise RuntimeError("shape mismatch")
     import datetime
 
@@ -618,14 +618,14 @@ def test_collective_wrapper_names_comm_failures_only():
                             timeout=datetime.timedelta(seconds=7))
     try:
         with pytest.raises(RuntimeError, match="^shape mismatch$"):
-            with dist.collective("all_reduce(loss)"):
+            with pdist.collective("all_reduce(loss)"):
                 raise RuntimeError("shape mismatch")
-        with pytest.raises(dist.CollectiveError,
+        with pytest.raises(pdist.CollectiveError,
                            match=r"^all_reduce\(loss\) timed out after 7s on rank 0 of 1; a rank stopped responding"):
-            with dist.collective("all_reduce(loss)"):
+            with pdist.collective("all_reduce(loss)"):
                 raise RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 7000ms for recv")
-        with pytest.raises(dist.CollectiveError, match=r"^broadcast\(params\) failed on rank 0 of 1 .*peer closed"):
-            with dist.collective("broadcast(params)"):
+        with pytest.raises(pdist.CollectiveError, match=r"^broadcast\(params\) failed on rank 0 of 1 .*peer closed"):
+            with pdist.collective("broadcast(params)"):
                 raise RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234")
     finally:
         dist.destroy_process_group()
