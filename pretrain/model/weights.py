@@ -138,11 +138,14 @@ def read(source: WeightsSource | str | os.PathLike,
         source = resolve(source)
     try:
         if source.kind == "checkpoint":
-            return _read_checkpoint(source.path)
-        directory = source.path if source.kind == "hf" else _download(source.spec)
-        return _read_hf(directory, padded_vocab_size)
+            config, sd = _read_checkpoint(source.path)
+        else:
+            config, sd = _read_hf(source.path if source.kind == "hf" else _download(source.spec), padded_vocab_size)
     except HFConversionError as e:
         raise WeightsError(str(e)) from None
+    if config.tie_embeddings:  # one tensor under both names, as GPT.state_dict() has it
+        sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    return config, sd
 
 
 def inspect(source: WeightsSource) -> GPTConfig | None:
@@ -218,11 +221,10 @@ def state_from_native(state_dict: dict, config_dict: dict, source: str) -> tuple
     config = _native_config(config_dict, source)
     # torch.compile / DDP wrappers add prefixes; the names under them are the model's own.
     sd = {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in state_dict.items()}
-    if config.tie_embeddings and "transformer.wte.weight" in sd:
-        sd["lm_head.weight"] = sd["transformer.wte.weight"]
     with torch.device("meta"):
         expected = GPT(config).state_dict()
-    missing = sorted(set(expected) - set(sd))
+    tied = {"lm_head.weight"} if config.tie_embeddings else set()  # read() ties it
+    missing = sorted(set(expected) - set(sd) - tied)
     unexpected = sorted(set(sd) - set(expected))
     wrong = [k for k in expected if k in sd and sd[k].shape != expected[k].shape]
     if missing or unexpected or wrong:
@@ -321,10 +323,7 @@ def _read_hf(directory: Path, padded_vocab_size: int | None) -> tuple[GPTConfig,
     config = config_from_hf(_read_json(config_path), str(config_path), padded_vocab_size)
     _verify_export(directory)
     hf_sd, source = read_hf_weights(directory)
-    sd = state_dict_from_hf(hf_sd, config, source)
-    if config.tie_embeddings:
-        sd["lm_head.weight"] = sd["transformer.wte.weight"]
-    return config, sd
+    return config, state_dict_from_hf(hf_sd, config, source)
 
 
 def _download(name: str) -> Path:
