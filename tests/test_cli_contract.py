@@ -62,8 +62,9 @@ def world(tmp_path_factory):
     (root / "empty_dir").mkdir()
     # Issue 19's inputs: YAML that expands, repeats a key or is empty; a damaged export; a corrupt
     # shard behind a matching header; an incomplete checkpoint; a file where tensorboard/ goes.
-    (root / "bomb.yaml").write_text("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcde", "bcdef")) + "train: {seed: *f}\n")
+    # 346 bytes whose train.seed expands to 9**7 strings (the type error used to print all 39 MB of it)
+    (root / "bomb.yaml").write_text("train:\n  seed:\n    - &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+        f"    - &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdef", "bcdefg")))
     (root / "dup.yaml").write_text("optim:\n  lr: 1.0e-3\n  lr: 3.0e-4\n")
     (root / "empty.yaml").write_text("")
     from pretrain.model import GPT, GPTConfig
