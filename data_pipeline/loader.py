@@ -321,7 +321,7 @@ class DistributedTokenLoader:
                 raise ValueError(f"DistributedTokenLoader: {name} must be a positive int, got {v!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"DistributedTokenLoader: rank {rank} is outside world_size {world_size}")
-        if global_batch_seqs % (micro_batch_size * world_size):
+        if global_batch_seqs % (micro_batch_size * world_size):  # the run plan's batching() guarantees it
             raise ValueError(
                 f"DistributedTokenLoader: global_batch_seqs={global_batch_seqs} is not divisible by "
                 f"micro_batch_size*world_size={micro_batch_size}*{world_size}; change the batch sizes"
