@@ -16,8 +16,8 @@ of it:
   tokens, and that its loader state fits this data and these settings;
 - where the first weights come from (``model.init_from``, resolved by
   ``pretrain.model.weights.resolve``), or why they are ignored (a resumed run: the checkpoint wins);
-- the training data: every shard's header and size, the manifest's token counts and token range
-  (``data_pipeline.loader.inspect_split``);
+- the training data: the prepare finished, every shard's header and size (remote data: its manifest
+  and one listing), the manifest's token counts and token range (``data_pipeline.loader.inspect_split``);
 - the run directory: usable, and whether an earlier run in it will be moved aside
   (``checkpoint.overwrite``).
 
@@ -223,25 +223,23 @@ def _read_trainer_state(path: Path, max_steps: int) -> dict:
 
 
 def _check_data(cfg: Config, batch: Batching, loader_state: dict | None, resume: Path | None):
-    """The training split is usable (every shard whole, the token range the model takes, at least a
-    global batch) and, when resuming, the checkpoint's loader state fits it."""
-    from data_pipeline.loader import check_resume_state, inspect_split, rebuild_hint
-    from data_pipeline.shards import ShardError, list_shards
+    """The training split is usable (the prepare finished, every shard whole, the token range the
+    model takes, at least a global batch) and, when resuming, the checkpoint's loader state fits it.
+    Remote data (data.dir a URL) is checked from its manifest and one listing: no shard is fetched."""
+    from data_pipeline.loader import check_resume_state, inspect_split
+    from data_pipeline.shards import NoShardsError, ShardError
 
     d = cfg.data
     try:
-        list_shards(d.dir, "train")
-    except ShardError:
-        raise ConfigError(
-            f"data.dir={d.dir!r} holds no training shards; create them with: {d.prepare_command}"
-        ) from None
-    try:
         split = inspect_split(d.dir, "train", d.seq_len, batch.micro_batch_size, batch.loader_batch_seqs,
-                              vocab_size=cfg.gpt_config.vocab_size)
-    except (ShardError, ValueError) as e:
-        msg = str(e)
-        hint = "" if "rebuild" in msg else f"; {rebuild_hint(Path(d.dir))}"
-        raise ConfigError(f"{msg} (data.dir={d.dir!r}{hint})") from None
+                              vocab_size=cfg.gpt_config.vocab_size, cache_dir=d.cache_dir,
+                              allow_incomplete=d.allow_incomplete)
+    except NoShardsError as e:  # nothing to read: say how to make the data this data.dir names
+        what = str(e).split("; ")[0]  # the file or directory and what is missing, without its generic advice
+        raise ConfigError(f"data.dir={d.dir!r} holds no training shards ({what}); create them with: "
+                          f"{_create_command(cfg)}") from None
+    except (ShardError, ValueError) as e:  # the message names the file and this directory's own fix
+        raise ConfigError(f"{e} (data.dir={d.dir!r})") from None
     if loader_state is not None:
         try:
             check_resume_state(loader_state, split, d.seq_len, batch.loader_batch_seqs, batch.micro_batch_size,
@@ -249,6 +247,33 @@ def _check_data(cfg: Config, batch: Batching, loader_state: dict | None, resume:
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"cannot resume from {resume}: {e}") from None
     return split
+
+
+def _create_command(cfg: Config) -> str:
+    """The command that creates data.dir: the one its manifest records, else data.prepare_command
+    when it writes data.dir, else the generic form for the directory given (never a command that
+    writes somewhere else)."""
+    import os
+    import shlex
+
+    from data_pipeline.shards import ShardError
+    from data_pipeline.store import ShardStore
+
+    d = cfg.data
+    try:
+        recorded = ShardStore(d.dir, d.cache_dir).command()
+    except (ShardError, OSError):
+        recorded = None
+    if recorded:
+        return recorded
+    try:
+        words = shlex.split(d.prepare_command)
+    except ValueError:
+        words = []
+    norm = os.path.normpath
+    if "://" not in d.dir and any(norm(w) == norm(d.dir) for w in words):
+        return d.prepare_command
+    return f"gpt2-prepare SOURCE {shlex.quote(d.dir)} (SOURCE: a corpus preset, files or a URL; see gpt2-prepare --help)"
 
 
 def _resolve_init(spec: str) -> WeightsSource:
