@@ -91,6 +91,8 @@ def index(data_dir: str, val_glob: str = "*_val_*", workers: int | None = None) 
     shards = [{"file": p.name, "split": "val" if p in val else "train", "tokens": n, "documents": eot,
                "sha256": digest, "max_token_id": top}
               for p, n, (digest, top, eot) in zip(val + train, tokens, scans)]
+    for split in ("val", "train"):  # llm.c writes what is left into the last shard of each split
+        [s for s in shards if s["split"] == split][-1]["final"] = True
     n_val = sum(s["tokens"] for s in shards if s["split"] == "val")
     total = sum(s["tokens"] for s in shards)
     manifest = {"version": MANIFEST_VERSION,

@@ -385,6 +385,7 @@ class _Writer:
             self.meta = [meta[:, j:]]
         else:  # the stream ended here: a rerun (stopped before the manifest said complete) reads no more
             entry["resume"] = {"row": final[0], "skip_tokens": 0, "skipped_empty": final[1], "filtered": final[2]}
+            entry["final"] = True  # the short last shard of a stream: the loader does not ask it for a micro-batch
         with _sigint_deferred():  # a Ctrl-C lands after the manifest lists the shard, never between
             entry["sha256"] = write_shard(join(self.cfg.out_dir, entry["file"]), shard)
             if self.sleep:
@@ -769,7 +770,9 @@ def main(argv: list[str] | None = None) -> int:
     local, val_glob = vars(args).pop("local"), vars(args).pop("val_glob")
     if local and (args.tasks is None or args.task_id is not None):
         parser.error("--local runs every task here: give --tasks N and no --task-id")
-    cfg = None if other is not None else PrepareConfig(**vars(args), **({"task_id": 0} if local else {}))
+    if local:
+        args.task_id = 0  # the settings every task shares are checked as task 0's; each then runs as itself
+    cfg = None if other is not None else PrepareConfig(**vars(args))
     try:
         if other is not None and other[0] == "merge":
             from data_pipeline.tasks import merge

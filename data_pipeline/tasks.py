@@ -203,6 +203,12 @@ def foreign_files(d: Path, cfg) -> str | None:
     other = [p.name for p in parts if not p.name.endswith(f"-of-{cfg.tasks:05d}.json")]
     if other:
         return f"{d}: holds {other[0]}, a prepare split into another number of tasks; use its --tasks or a new OUT_DIR"
+    for sibling in parts[:1]:  # another task's arguments: every task must run with the same
+        theirs = (read_manifest(d, sibling.name) or {}).get("settings")
+        if theirs is not None and theirs != cfg.settings():
+            diffs = [f"{k}: {theirs.get(k)!r} here {v!r}" for k, v in cfg.settings().items() if theirs.get(k) != v]
+            return (f"{d}: {sibling.name} was run with other arguments ({'; '.join(diffs)}); run every task "
+                    "with the same arguments (or use a new OUT_DIR)")
     merged = read_manifest(d)
     if merged is not None and not isinstance((merged.get("settings") or {}).get("tasks"), int):
         return f"{d}: holds a prepare made in one piece ({MANIFEST_NAME}); pass a new OUT_DIR for --tasks"
