@@ -404,21 +404,48 @@ class _Writer:
             self._emit(split, self.pos + self.buf_len, final=end)
 
 
+# Signals that stop a run at a safe point (as Ctrl-C does): SIGINT; SIGTERM (scancel, preemption) and
+# SIGUSR1 (SLURM's --signal=B:USR1 lead time, passed on by launch/slurm/prepare_array.sbatch) once
+# main() has made them raise KeyboardInterrupt (:func:`_stop_on_signals`).
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
 @contextlib.contextmanager
 def _sigint_deferred():
-    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block is done."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        yield  # not ours to manage (a worker thread; SIGINT ignored or handled by the embedding program)
+    """Hold a stop signal (Ctrl-C, and SIGTERM / SIGUSR1 under ``main``) that arrives inside the block
+    until the block is done."""
+    mine = [s for s in _STOP_SIGNALS if signal.getsignal(s) is signal.default_int_handler]
+    if threading.current_thread() is not threading.main_thread() or not mine:
+        yield  # not ours to manage (a worker thread; the signals ignored or handled by the embedding program)
         return
     got: list[int] = []
-    prev = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    prev = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in mine}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, prev)
+        for s, handler in prev.items():
+            signal.signal(s, handler)
         if got:
             raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """SIGTERM and SIGUSR1 stop the run like Ctrl-C (a safe point, exit 130) instead of killing it.
+    A background job of a non-interactive shell starts with SIGINT ignored, so a batch script cannot
+    stop it with SIGINT; it passes SIGUSR1 on instead."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    prev = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    for s, handler in prev.items():
+        if handler == signal.SIG_DFL:
+            signal.signal(s, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        for s, handler in prev.items():
+            signal.signal(s, handler)
 
 
 def _ignore_sigint() -> None:
@@ -774,22 +801,8 @@ def main(argv: list[str] | None = None) -> int:
         args.task_id = 0  # the settings every task shares are checked as task 0's; each then runs as itself
     cfg = None if other is not None else PrepareConfig(**vars(args))
     try:
-        if other is not None and other[0] == "merge":
-            from data_pipeline.tasks import merge
-
-            merge(other[1])
-        elif other is not None:
-            from data_pipeline.index import index
-
-            index(other[1], val_glob, workers=args.workers)
-        elif local:
-            from data_pipeline.tasks import run_local
-
-            cfg.validate()
-            check_out_dir(cfg.out_dir)
-            return run_local(cfg)
-        else:
-            run(cfg)
+        with _stop_on_signals():
+            return _dispatch(other, cfg, local, val_glob, args.workers)
     except KeyboardInterrupt:
         return _interrupted(cfg, argv) if cfg is not None else EXIT_INTERRUPTED
     except (PrepareError, SourceError, ShardError) as e:
@@ -797,6 +810,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as e:
         return _os_error(e)
+
+
+def _dispatch(other: tuple[str, str] | None, cfg: PrepareConfig | None, local: bool, val_glob: str,
+              workers: int) -> int:
+    """Run the mode main() parsed: --merge DIR, --index DIR, --tasks N --local, or a (task of a) prepare."""
+    if other is not None and other[0] == "merge":
+        from data_pipeline.tasks import merge
+
+        merge(other[1])
+    elif other is not None:
+        from data_pipeline.index import index
+
+        index(other[1], val_glob, workers=workers)
+    elif local:
+        from data_pipeline.tasks import run_local
+
+        cfg.validate()
+        check_out_dir(cfg.out_dir)
+        return run_local(cfg)
+    else:
+        run(cfg)
     return 0
 
 

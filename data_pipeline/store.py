@@ -271,13 +271,14 @@ class ShardStore:
                                      f"({shard_bytes(n)} bytes); the stored shard is truncated or corrupt -- "
                                      f"{self.rebuild_hint(entry)} and upload it again")
             else:
-                n = read_header(path, fix=self.rebuild_hint(entry))
-                if entry is not None and isinstance(entry.get("tokens"), int) and entry["tokens"] != n:
-                    raise ShardError(
-                        f"{path}: holds {int(n)} tokens but {self.manifest_ref} says {entry['tokens']}; "
-                        f"the shard was replaced or is corrupt -- {self.rebuild_hint(entry)}"
-                    )
+                n = read_header(path, fix=self.rebuild_hint(entry))  # every header first: a missing file is named
             out.append(n)
+        for (path, entry), n in zip(entries, out):
+            if not self.remote and entry is not None and isinstance(entry.get("tokens"), int) and entry["tokens"] != n:
+                raise ShardError(
+                    f"{path}: holds {int(n)} tokens but {self.manifest_ref} says {entry['tokens']}; "
+                    f"the shard was replaced or is corrupt -- {self.rebuild_hint(entry)}"
+                )
         return np.array(out, dtype=np.int64)
 
     def check(self, path: Path, exp: integrity.Expected | None, entry: dict | None = None,
