@@ -741,7 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split the work into N independent tasks (by file, or parquet row group); each writes "
                         "its own shards and manifest into OUT_DIR and resumes on its own; then --merge OUT_DIR")
     p.add_argument("--task-id", type=int, default=None, metavar="I", help="with --tasks: run task I (0 .. N-1)")
-    p.add_argument("--local", action="store_true",
+    p.add_argument("--local", action="store_true", default=argparse.SUPPRESS,
                    help="with --tasks N: run all N tasks here as processes (sharing --workers), then merge")
     p.add_argument("--merge", metavar="DIR", default=argparse.SUPPRESS,
                    help="write DIR's manifest.json from its complete task manifests (refused, writing nothing, "
@@ -750,7 +750,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a manifest for a directory of llm.c-format token shards made by another tool "
                         "(llm.c's fineweb.py, modded-nanogpt's cached shards): headers, sizes, token range and "
                         "sha256 checked; validation shards: --val-glob")
-    p.add_argument("--val-glob", default="*_val_*", help="with --index: the file names of the validation shards")
+    p.add_argument("--val-glob", default=argparse.SUPPRESS,
+                   help="with --index: the file names of the validation shards (default: llm.c's '*_val_*')")
     p.add_argument("--text-field", default="text", help="field holding the document text")
     p.add_argument("--filter", dest="filters", action="append", default=[], metavar="EXPR",
                    help="keep rows where FIELD OP LITERAL holds, e.g. 'int_score>=3' (repeatable: all must hold)")
@@ -794,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
         return verify(other[1])
     if other is None and (args.source is None or args.out_dir is None):
         parser.error("SOURCE and OUT_DIR are required (or --verify / --merge / --index DIR)")
-    local, val_glob = vars(args).pop("local"), vars(args).pop("val_glob")
+    local, val_glob = vars(args).pop("local", False), vars(args).pop("val_glob", "*_val_*")
     if local and (args.tasks is None or args.task_id is not None):
         parser.error("--local runs every task here: give --tasks N and no --task-id")
     if local:

@@ -138,7 +138,7 @@ class ShardStore:
         try:
             text = self.fs.cat_file(f"{self._path}/{MANIFEST_NAME}").decode()
         except FileNotFoundError:
-            raise NoShardsError(
+            raise ShardError(
                 f"{self.manifest_ref}: not found; a remote data.dir needs the manifest.json of a prepared "
                 "directory (gpt2-prepare writes one; gpt2-prepare --index DIR writes one for llm.c shards)"
             ) from None

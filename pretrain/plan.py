@@ -234,9 +234,8 @@ def _check_data(cfg: Config, batch: Batching, loader_state: dict | None, resume:
         split = inspect_split(d.dir, "train", d.seq_len, batch.micro_batch_size, batch.loader_batch_seqs,
                               vocab_size=cfg.gpt_config.vocab_size, cache_dir=d.cache_dir,
                               allow_incomplete=d.allow_incomplete)
-    except NoShardsError as e:  # nothing to read: say how to make the data this data.dir names
-        what = str(e).split("; ")[0]  # the file or directory and what is missing, without its generic advice
-        raise ConfigError(f"data.dir={d.dir!r} holds no training shards ({what}); create them with: "
+    except NoShardsError:  # nothing to read: say how to make the data this data.dir names
+        raise ConfigError(f"data.dir={d.dir!r} holds no training shards; create them with: "
                           f"{_create_command(cfg)}") from None
     except (ShardError, ValueError) as e:  # the message names the file and this directory's own fix
         raise ConfigError(f"{e} (data.dir={d.dir!r})") from None
@@ -250,9 +249,9 @@ def _check_data(cfg: Config, batch: Batching, loader_state: dict | None, resume:
 
 
 def _create_command(cfg: Config) -> str:
-    """The command that creates data.dir: the one its manifest records, else data.prepare_command
-    when it writes data.dir, else the generic form for the directory given (never a command that
-    writes somewhere else)."""
+    """The command that creates data.dir: the one its manifest records, else data.prepare_command,
+    with the directory it must write when that command writes another one (never advice that
+    makes data somewhere the run does not read)."""
     import os
     import shlex
 
@@ -270,10 +269,9 @@ def _create_command(cfg: Config) -> str:
         words = shlex.split(d.prepare_command)
     except ValueError:
         words = []
-    norm = os.path.normpath
-    if "://" not in d.dir and any(norm(w) == norm(d.dir) for w in words):
+    if any(os.path.normpath(w) == os.path.normpath(d.dir) for w in words):
         return d.prepare_command
-    return f"gpt2-prepare SOURCE {shlex.quote(d.dir)} (SOURCE: a corpus preset, files or a URL; see gpt2-prepare --help)"
+    return f"{d.prepare_command} (with {d.dir} as its output directory)"
 
 
 def _resolve_init(spec: str) -> WeightsSource:

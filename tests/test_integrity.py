@@ -389,7 +389,8 @@ def test_data_errors_name_the_command_of_the_directory_given(tmp_path):
     (out / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(ConfigError, match=r"'../escape.bin' points outside its directory"):
         make_plan(load_config(None, over), 1)
-    # No data at all: the command that creates *this* data.dir, not the configured corpus's.
-    with pytest.raises(ConfigError, match=r"holds no training shards .*create them with: gpt2-prepare SOURCE "
-                                          + str(tmp_path / "nowhere")):
+    # No data at all: the configured corpus's command, told to write *this* data.dir.
+    with pytest.raises(ConfigError, match=r"holds no training shards; create them with: python -m data_pipeline.prepare "
+                                          r"fineweb-edu-10B data/fineweb-edu-10B \(with " + str(tmp_path / "nowhere")
+                                          + r" as its output directory\)"):
         make_plan(load_config(None, tiny_overrides(tmp_path / "nowhere", tmp_path / "run")), 1)
