@@ -10,15 +10,16 @@ I, I+N, I+2N, ... In source order::
 
     units      | u0 | u1 | u2 | u3 | u4 | u5 | u6 | ...        (N = 3)
     owner        t0   t1   t2   t0   t1   t2   t0
-    validation |<-- the first whole documents, >= --val-tokens -->|  (may span units)
+    validation |<- first documents of the first file ->|  (u0 alone, or its row groups u0, u1, ...)
 
-Validation is the first whole documents of the source, in source order, holding at least
-``--val-tokens`` tokens: a rule on the source alone, so ``--tasks 1`` and ``--tasks 8`` make the same
-validation set, in the same order (so the same val loss), and no document is split between
-validation and training (a plain prepare cuts at exactly ``--val-tokens`` tokens, mid-document).
-Every task finds where those documents end by tokenizing them (``--val-tokens`` tokens from the
-start of the source, recorded in its manifest so a rerun does not repeat it); task 0 writes them
-as the val shards; every task leaves them out of its units.
+Validation is the first whole documents of the source's first file (in sorted order) holding at
+least ``--val-tokens`` tokens (all of that file if it holds fewer): a rule on the source alone, so
+``--tasks 1`` and ``--tasks 8`` make the same validation set, in the same order (so the same val
+loss), and no document is split between validation and training (a plain prepare cuts at exactly
+``--val-tokens`` tokens, mid-document). The tasks that own a unit of that file (task 0 alone when
+units are files) find where those documents end by tokenizing them first (at most ``--val-tokens``
+tokens, recorded in the task's manifest so a rerun does not repeat it); task 0 writes them as the
+val shards; those tasks leave them out of their units. No other task reads the first file.
 
 A task is an ordinary prepare over its own row stream (:class:`TaskSource`: task 0's starts with
 the validation documents), through the same writer, so it is resumable and verified on its own:
@@ -135,27 +136,32 @@ def _split_units(cfg, source: Source) -> list[tuple[int, int | None]]:
 
 def val_cut(cfg, files: FileSource, units: list[tuple[int, int | None]]) -> dict:
     """Where the validation documents end: ``{"unit", "row"}`` of the first row after them, their
-    ``tokens`` and ``documents`` (the first whole documents of the source holding >= val_tokens)."""
+    ``tokens`` and ``documents`` (the first whole documents of the first file holding >= val_tokens;
+    all of that file, ``unit`` = its last unit + 1, when it holds fewer)."""
     from data_pipeline.prepare import _DocReader, _ordered_map
 
+    first_file = [u for u, (f, _) in enumerate(units) if f == 0]
     if cfg.val_tokens == 0:
         return {"unit": 0, "row": 0, "tokens": 0, "documents": 0}
-    whole = TaskSource(files, units, [(u, 0, None) for u in range(len(units))])
-    reader = _DocReader(whole, cfg, 0, 0, 0)
+    head = TaskSource(files, units, [(u, 0, None) for u in first_file])
+    reader = _DocReader(head, cfg, 0, 0, 0)
     total = docs = 0
     for chunk, (_, lens) in _ordered_map(cfg, reader.chunks()):
         cum = total + np.cumsum(lens)
         k = int(np.searchsorted(cum, cfg.val_tokens, side="left"))  # the document that reaches val_tokens
         if k < len(lens):
-            u, r = whole.locate(chunk.rows[k])
+            u, r = head.locate(chunk.rows[k])
             return {"unit": u, "row": r + 1, "tokens": int(cum[k]), "documents": docs + k + 1}
         total, docs = int(cum[-1]), docs + len(lens)
-    return {"unit": len(units), "row": 0, "tokens": total, "documents": docs}  # all of it is validation
+    return {"unit": first_file[-1] + 1, "row": 0, "tokens": total, "documents": docs}  # all of the first file
 
 
-def task_segments(task: int, tasks: int, n_units: int, cut: dict) -> list[Segment]:
-    """Task ``task``'s stream: the validation documents (task 0 only), then the rest of its units."""
+def task_segments(task: int, tasks: int, n_units: int, cut: dict | None) -> list[Segment]:
+    """Task ``task``'s stream: the validation documents (task 0 only), then the rest of its units
+    (``cut`` None: the task owns no unit of the first file, so none of its rows is validation)."""
     segs: list[Segment] = []
+    if cut is None:
+        return [(u, 0, None) for u in range(task, n_units, tasks)]
     if task == 0:
         segs += [(u, 0, None) for u in range(min(cut["unit"], n_units))]
         if cut["unit"] < n_units and cut["row"]:
@@ -172,17 +178,20 @@ def task_job(cfg, source: Source, manifest: dict | None):
 
     units = _split_units(cfg, source)
     I, N = cfg.task_id, cfg.tasks
+    mine = range(I, len(units), N)
     record = (manifest or {}).get("task")
-    if isinstance(record, dict) and isinstance(record.get("val_cut"), dict):
+    if isinstance(record, dict) and "val_cut" in record:
         cut = record["val_cut"]
-    else:
-        print(f"prepare: task {I} of {N}: finding where the validation documents end (the first "
-              f"{cfg.val_tokens:,} tokens of the source)", flush=True)
+    elif any(units[u][0] == 0 for u in mine):  # a unit of the first file: find where validation ends
+        print(f"prepare: task {I} of {N}: finding where the validation documents end (at most the first "
+              f"{cfg.val_tokens:,} tokens of {source.files[0]})", flush=True)
         cut = val_cut(cfg, source, units)
+    else:
+        cut = None
     segs = task_segments(I, N, len(units), cut)
-    print(f"prepare: task {I} of {N}: {len(range(I, len(units), N))} of {len(units)} units; validation: the first "
-          f"{cut['documents']:,} documents ({cut['tokens']:,} tokens){', written here' if I == 0 else ''}",
-          flush=True)
+    said = (f"validation: the first {cut['documents']:,} documents ({cut['tokens']:,} tokens)"
+            f"{', written here' if I == 0 else ''}" if cut is not None else "no validation documents")
+    print(f"prepare: task {I} of {N}: {len(mine)} of {len(units)} units; {said}", flush=True)
     extra = {"task": {"id": I, "tasks": N, "units": len(units), "val_cut": cut}}
     return Job(cfg, TaskSource(source, units, segs), cut["tokens"] if I == 0 else 0, part_name(I, N),
                f"t{I:05d}_", extra, allow_empty=True)
@@ -261,7 +270,8 @@ def _check_parts(d: Path, n: int, parts: dict[int, dict | None]) -> dict:
             if m.get(key) != first.get(key):
                 raise PrepareError(f"{d}: task {i} was run with another {key} than task 0 ({part_name(i, n)}); "
                                    "rerun every task with the same arguments into a new OUT_DIR")
-        if (m.get("task") or {}).get("val_cut") != (first.get("task") or {}).get("val_cut"):
+        cut = (m.get("task") or {}).get("val_cut")
+        if cut is not None and cut != first["task"]["val_cut"]:
             raise PrepareError(f"{d}: task {i} found the validation documents ending elsewhere than task 0 did "
                                "(the source changed while the tasks ran); rerun every task into a new OUT_DIR")
         for s in m["shards"]:
@@ -309,7 +319,7 @@ def merge(out_dir: str) -> dict:
     manifest = {"version": MANIFEST_VERSION, "format": first.get("format"), "complete": True,
                 "source": first.get("source"), "tokenizer": first.get("tokenizer"), "settings": settings,
                 "tasks": n, "validation": {**first["task"]["val_cut"], "rule": "the first whole documents of "
-                                           "the source holding >= --val-tokens tokens"},
+                                           "the source's first file holding >= --val-tokens tokens"},
                 "shards": val + train, "totals": totals}
     write_manifest(d, manifest)
     print(f"prepare: merged {n} tasks into {d / MANIFEST_NAME}: {len(val) + len(train)} shards "

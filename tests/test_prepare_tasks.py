@@ -29,7 +29,8 @@ COMMON = ["--shard-tokens", "1000", "--val-tokens", "1500", "--workers", "1", "-
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    """Five files in sorted order: JSON lines and parquet (4 row groups each), some empty rows."""
+    """Five files in sorted order: parquet (4 row groups each; the first file too) and JSON lines,
+    some empty rows."""
     d = tmp_path_factory.mktemp("src")
     rng = np.random.default_rng(0)
     texts = []
@@ -37,7 +38,7 @@ def source(tmp_path_factory):
         rows = [{"text": " ".join(rng.choice(WORDS, int(rng.integers(5, 200)))) if rng.random() > 0.1 else ""}
                 for _ in range(40)]
         texts += [r["text"] for r in rows if r["text"]]
-        if f % 2:
+        if f % 2 == 0:
             pq.write_table(pa.Table.from_pylist(rows), d / f"f{f}.parquet", row_group_size=10)
         else:
             (d / f"f{f}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -74,16 +75,19 @@ def snapshot(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("val_tokens", [1500, 6000], ids=["val-in-one-file", "val-spans-tasks"])
+@pytest.mark.parametrize("val_tokens", [1500, 3000, 10**6], ids=["val-in-a-row-group", "val-spans-row-groups",
+                                                                   "all-of-the-first-file"])
 def test_tasks_1_3_and_7_hold_the_same_documents_and_validation(source, tmp_path, val_tokens):
     """The same multiset of documents and the same validation documents, in the same order, for any
-    number of tasks (7 > 5 files: units are parquet row groups); validation = the first whole
-    documents of the source holding >= --val-tokens tokens, as an independent tokenization says."""
+    number of tasks (7 > 5 files: units are parquet row groups, and the first file's are spread over
+    tasks 0-3); validation = the first whole documents of the first file holding >= --val-tokens
+    tokens (all of it if it holds fewer), as an independent tokenization says."""
     src, texts = source
     enc = gpt2_encoding()
     ref = [tuple([EOT_ID, *enc.encode_ordinary(t)]) for t in texts]
+    first_file = sum(1 for r in pq.read_table(src / "f0.parquet").to_pylist() if r["text"])
     cum = np.cumsum([len(d) for d in ref])
-    k = int(np.searchsorted(cum, val_tokens)) + 1
+    k = min(int(np.searchsorted(cum, val_tokens)) + 1, first_file)
     got = {}
     for n in (1, 3, 7):
         tasks_run(src, tmp_path / f"n{n}", n, "--val-tokens", str(val_tokens))
@@ -167,7 +171,7 @@ def test_killed_task_reruns_byte_identical_and_merge_waits_for_it(source, tmp_pa
     (lambda s, o: [str(s), str(o), "--tasks", "3", "--task-id", "3"], "--task-id in 0 .. tasks-1"),
     (lambda s, o: [str(s), str(o), "--tasks", "2"], "go together"),
     (lambda s, o: [str(s), str(o), "--tasks", "2", "--task-id", "0", "--max-tokens", "9"], "--max-tokens"),
-    (lambda s, o: [str(s), str(o), "--tasks", "50", "--task-id", "0"], "only 11 units"),
+    (lambda s, o: [str(s), str(o), "--tasks", "50", "--task-id", "0"], "only 14 units"),
     (lambda s, o: ["builtin:python-docs", str(o), "--tasks", "2", "--task-id", "0"], "cannot be split"),
     (lambda s, o: [str(s / "f0.jsonl"), str(o / "single")], "prepare split into tasks"),
 ], ids=["merge-no-dir", "task-id-range", "tasks-without-id", "max-tokens", "too-many-tasks", "builtin",
