@@ -31,9 +31,12 @@ the caller's thread if the loader needs a shard the thread has not reached. A sh
 differ from the manifest raises :class:`ShardError` naming the file, both hashes and the
 ``gpt2-prepare`` command that rebuilds it (a failure found ahead is raised by the next
 ``next_batch()``). With ``vocab_size`` the loader refuses token ids ``>= vocab_size``, naming
-shard, position and id: at construction from the manifest's ``max_token_id``, or, for shards
-without that record (llm.c's own), from a max taken in the same pass as the hash when first
-opened -- before any batch of that shard is returned. ``state_dict()`` records each shard's
+shard, position and id: at construction from the manifest's ``max_token_id``, and from a max
+taken in the same pass as the hash when first opened (always: a manifest whose sha256 was
+rewritten to match a changed shard cannot vouch for its ids) -- before any batch of that shard
+is returned. Remote data (``data_dir`` an fsspec URL, ``cache_dir`` node-local) goes through the
+same checks on copies (``data_pipeline.store``): the thread then works one shard ahead, fetching
+the next shard while the current one is read. ``state_dict()`` records each shard's
 sha256, so a resume onto data whose content changed is refused. Every rank checks the shards it
 reads for itself (no collective): the files are the same, so the ranks reach the same verdict, and
 a rank that raises ends the job (torchrun stops the others).

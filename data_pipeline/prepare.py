@@ -4,6 +4,12 @@
     gpt2-prepare fineweb-edu-10B /data/edu10B              # streamed from the hub
     gpt2-prepare '/data/fineweb-edu/sample/10BT/*.parquet' /data/edu10B --filter 'int_score>=3'
     gpt2-prepare builtin:python-docs data/python-docs --shard-tokens 1000000 --val-tokens 65536
+    gpt2-prepare SOURCE OUT --tasks 8 --task-id 3          # one of 8 independent tasks, then --merge OUT
+    gpt2-prepare --index DIR                               # a manifest for llm.c shards made elsewhere
+
+Split into tasks (``--tasks``, ``--local``, ``--merge``): ``data_pipeline/tasks.py``; indexing
+other tools' shards (``--index``): ``data_pipeline/index.py``. Both write what this module's
+readers read, and every check that can refuse runs before the first write.
 
 What it writes (``data_pipeline.shards``): every document becomes ``<|endoftext|>`` (50256)
 followed by its GPT-2 BPE tokens, and the documents are concatenated into one token stream
@@ -39,7 +45,10 @@ already consumed, re-encodes that one document, drops the tokens already written
 the result is byte-identical to an uninterrupted run. Shards and the manifest are written
 under temporary names and renamed. A finished job reruns as a no-op; different arguments
 into the same directory are an error. Ctrl-C stops at a safe point (never between a shard and
-its manifest entry) and prints the command that resumes (exit 130).
+its manifest entry) and prints the command that resumes (exit 130); so do SIGTERM and SIGUSR1
+(a preempted or time-limited SLURM task). The manifest is first written with the first shard,
+so a run refused before it (a bad row, a bad argument) leaves nothing that blocks the corrected
+command; an unusable OUT_DIR (a file, under a file, read-only) is refused before anything.
 
 Integrity: every shard's sha256 and largest token id are in the manifest. A rerun on an
 existing directory first re-verifies the shards already written (``data_pipeline.integrity``);

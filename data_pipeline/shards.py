@@ -14,8 +14,11 @@ next to ``manifest.json``::
 
 ``sha256`` covers the whole file (header and tokens); ``max_token_id`` (written since the
 integrity checks; older manifests and llm.c's own shards lack it) lets a reader refuse ids the
-model cannot embed without reading the shard. :func:`shard_entries` gives each shard with its
-manifest entry; :func:`expected` turns an entry into what ``data_pipeline.integrity`` checks.
+model cannot embed without reading the shard. ``final: true`` marks the last (short) shard of a
+prepared stream. :func:`shard_entries` gives each shard with its manifest entry;
+:func:`expected` turns an entry into what ``data_pipeline.integrity`` checks. A prepare split
+into tasks (``data_pipeline/tasks.py``) keeps one manifest per task (:func:`part_name`) until
+``--merge`` writes ``manifest.json``; readers go through ``data_pipeline.store``.
 
 Everything written here is atomic: a temporary name in the same directory, fsync, then a
 rename, so a reader (or a resumed ``prepare``) never sees half a file under the final name.
