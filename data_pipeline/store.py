@@ -131,7 +131,10 @@ class ShardStore:
         if cache_dir is None or is_remote(cache_dir):
             raise ShardError(f"{url}: shards at a URL are copied to a node-local cache directory first; set one "
                              "(data.cache_dir=/local/scratch/gpt2-cache)")
-        self.fs, self._path = fsspec.core.url_to_fs(url)
+        try:
+            self.fs, self._path = fsspec.core.url_to_fs(url)
+        except ImportError as e:  # e.g. s3:// without s3fs
+            raise ShardError(f"{url}: cannot read this kind of URL here ({e})") from None
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", url.rsplit("/", 1)[-1])[:40] or "data"
         self.root = Path(cache_dir) / f"{slug}-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
         self.manifest_ref = f"{url}/{MANIFEST_NAME}"
@@ -195,9 +198,9 @@ class ShardStore:
         m = self.manifest
         if m is None or m.get("complete", True) is not False or allow_incomplete:
             return
-        return_cmd = self.command()
+        cmd = self.command()
         n = len(m.get("shards") or [])
-        finish = f"finish it with: {return_cmd} (the same command resumes)" if return_cmd else "finish its prepare"
+        finish = f"finish it with: {cmd} (the same command resumes)" if cmd else "finish its prepare"
         raise ShardError(
             f"{self.manifest_ref}: the prepare that writes this directory has not finished ('complete': false, "
             f"{n} shards so far); {finish}, or set data.allow_incomplete=true to use the shards written so far"
