@@ -117,6 +117,10 @@ def test_merged_dataset_trains_resumes_and_verifies(source, tmp_path, capsys):
     assert "resumed from" in said and "val" in said
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    once = [x.replace(str(tmp_path / "run"), str(tmp_path / "once")) for x in over]
+    assert train([*once, "schedule.max_steps=4"]) == 0  # uninterrupted: the resumed run's losses, exactly
+    ref = [json.loads(x) for x in (tmp_path / "once" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows if "loss" in r] == [r["loss"] for r in ref if "loss" in r]
     # A corrupt shard of task 2 names task 2's own command.
     man = json.loads((out / "manifest.json").read_text())
     victim = next(s for s in man["shards"] if s.get("task") == 2)
