@@ -13,6 +13,11 @@ written as FineWeb-schema parquet files) and for each worker count N it measures
   ``multiprocessing.Pool(N)`` encoding one document per task into ``np.array(..., uint16)``,
   packed into shard buffers and written, texts given from memory.
 
+With ``--tasks N ...`` it also compares, on the same corpus and in the same run, one prepare
+with N workers against the same work split into N tasks (``gpt2-prepare --tasks N --local``: N
+processes, one worker each, then ``--merge``), both as subprocesses: wall tokens/s, tokens per
+CPU-second (the process tree's) and wall tokens/s per core (N cores).
+
 Targets: prepare >= 85% of the tiktoken limit, and faster than the baseline. Best of
 ``--repeats`` interleaved runs each. Both wall-clock tokens/s and tokens per CPU-second
 (this process's threads + its reaped pool workers) are printed: on a machine shared with other
@@ -107,6 +112,38 @@ def bench_prepare(corpus: Path, out: Path, n: int, backend: str) -> int:
     return man["totals"]["tokens"]
 
 
+def bench_subprocess(corpus: Path, out: Path, n: int, tasks: bool) -> int:
+    """One prepare of the corpus as a subprocess: N workers in one process, or N tasks (--local)."""
+    import json
+    import subprocess
+
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "data_pipeline.prepare", str(corpus), str(out), "--shard-tokens", "10000000",
+           "--val-tokens", "1000000", "--workers", str(n), "--no-progress"]
+    if tasks:
+        cmd += ["--tasks", str(n), "--local"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[1])
+    return json.loads((out / "manifest.json").read_text())["totals"]["tokens"]
+
+
+def bench_tasks(corpus: Path, tmp: Path, ns: list[int], repeats: int) -> None:
+    """1 task with N workers vs N tasks with 1 worker each, interleaved, best of ``repeats``."""
+    for n in ns:
+        jobs = {f"1 task, {n} workers": lambda n=n: bench_subprocess(corpus, tmp / "one", n, False),
+                f"{n} tasks (--local)": lambda n=n: bench_subprocess(corpus, tmp / "tasks", n, True)}
+        runs: dict[str, list[tuple[float, float, int]]] = {name: [] for name in jobs}
+        for _ in range(repeats):
+            for name, fn in jobs.items():
+                runs[name].append(timed(fn))
+        cores = min(n, os.cpu_count() or 1)
+        for name, rs in runs.items():
+            tok = rs[0][2]
+            wall, cpu = tok / min(r[0] for r in rs), tok / min(r[1] for r in rs)
+            print(f"  N={n}  {name:<22} {wall / 1e6:6.3f} M tok/s wall, {cpu / 1e6:6.3f} M tok/CPU-s, "
+                  f"{wall / cores / 1e6:6.3f} M tok/s per core ({tok:,} tokens; wall "
+                  f"{', '.join(f'{r[0]:.1f}' for r in rs)} s; CPU {', '.join(f'{r[1]:.1f}' for r in rs)} s)", flush=True)
+
+
 def _tokenize_one(text: str) -> np.ndarray:
     # build-nanogpt's fineweb.py tokenize(): EOT, encode_ordinary, np.array -> uint16
     enc = gpt2_encoding()
@@ -143,6 +180,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=2, help="best of this many runs per measurement")
     ap.add_argument("--backends", nargs="+", default=["threads", "processes"])
+    ap.add_argument("--tasks", type=int, nargs="*", default=[],
+                    help="also compare 1 task with N workers against N tasks (--local) for each N")
+    ap.add_argument("--skip-workers", action="store_true", help="only the --tasks comparison")
     args = ap.parse_args()
     gpt2_encoding()
     with tempfile.TemporaryDirectory(prefix="prep-bench-") as tmp:
@@ -153,7 +193,9 @@ def main() -> None:
         print(f"machine: {machine()}")
         print(f"corpus: {len(texts):,} documents, {mb:.1f} MB of text in 8 parquet files "
               f"(built in {time.perf_counter() - t0:.1f}s)")
-        for n in args.workers:
+        if args.tasks:
+            bench_tasks(tmp / "corpus", tmp, args.tasks, args.repeats)
+        for n in [] if args.skip_workers else args.workers:
             jobs = {"tiktoken limit": lambda n=n: bench_tiktoken(texts, n)}
             for backend in args.backends:
                 jobs[f"prepare ({backend})"] = lambda n=n, b=backend: bench_prepare(tmp / "corpus", tmp / "out", n, b)

@@ -75,13 +75,19 @@ def sha256_file(path: str | os.PathLike, chunk: int = CHUNK_BYTES,
     return h.hexdigest(), size
 
 
-def sha256_many(paths: Sequence[str | os.PathLike], workers: int | None = None) -> list[tuple[str, int]]:
-    """(sha256, size) of each file, hashed on up to ``workers`` threads (default: min(8, CPUs))."""
+def sha256_many(paths: Sequence[str | os.PathLike], workers: int | None = None,
+                scan: Callable[[Path], Callable[[int, bytes], None] | None] | None = None,
+                stop: Callable[[], bool] | None = None) -> list[tuple[str, int]]:
+    """(sha256, size) of each file, hashed on up to ``workers`` threads (default: min(8, CPUs));
+    ``scan(path)`` gives the ``on_chunk`` of that file's read, ``stop`` is polled (see :func:`sha256_file`)."""
+    def one(p):
+        return sha256_file(p, on_chunk=scan(Path(p)) if scan is not None else None, stop=stop)
+
     workers = min(workers or 8, len(paths), os.cpu_count() or 1)
     if workers <= 1:
-        return [sha256_file(p) for p in paths]
+        return [one(p) for p in paths]
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="sha256") as pool:
-        return list(pool.map(sha256_file, paths))
+        return list(pool.map(one, paths))
 
 
 def check(expected: Expected, actual: tuple[str, int] | None) -> Mismatch | None:
@@ -94,11 +100,14 @@ def check(expected: Expected, actual: tuple[str, int] | None) -> Mismatch | None
     return None
 
 
-def verify_files(expected: Sequence[Expected], workers: int | None = None) -> list[Mismatch]:
+def verify_files(expected: Sequence[Expected], workers: int | None = None,
+                 scan: Callable[[Path], Callable[[int, bytes], None] | None] | None = None,
+                 stop: Callable[[], bool] | None = None) -> list[Mismatch]:
     """Hash every listed file (on threads) and return those that differ from their record, in
-    the order given; an empty list means every file holds exactly what its manifest says."""
+    the order given; an empty list means every file holds exactly what its manifest says.
+    ``scan(path)`` may look at each file's bytes in the same read (e.g. a shard's largest token id)."""
     present = [e for e in expected if e.path.is_file()]
-    hashes = dict(zip((e.path for e in present), sha256_many([e.path for e in present], workers)))
+    hashes = dict(zip((e.path for e in present), sha256_many([e.path for e in present], workers, scan, stop)))
     out = []
     for e in expected:
         bad = check(e, hashes.get(e.path))

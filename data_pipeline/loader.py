@@ -31,9 +31,12 @@ the caller's thread if the loader needs a shard the thread has not reached. A sh
 differ from the manifest raises :class:`ShardError` naming the file, both hashes and the
 ``gpt2-prepare`` command that rebuilds it (a failure found ahead is raised by the next
 ``next_batch()``). With ``vocab_size`` the loader refuses token ids ``>= vocab_size``, naming
-shard, position and id: at construction from the manifest's ``max_token_id``, or, for shards
-without that record (llm.c's own), from a max taken in the same pass as the hash when first
-opened -- before any batch of that shard is returned. ``state_dict()`` records each shard's
+shard, position and id: at construction from the manifest's ``max_token_id``, and from a max
+taken in the same pass as the hash when first opened (always: a manifest whose sha256 was
+rewritten to match a changed shard cannot vouch for its ids) -- before any batch of that shard
+is returned. Remote data (``data_dir`` an fsspec URL, ``cache_dir`` node-local) goes through the
+same checks on copies (``data_pipeline.store``): the thread then works one shard ahead, fetching
+the next shard while the current one is read. ``state_dict()`` records each shard's
 sha256, so a resume onto data whose content changed is refused. Every rank checks the shards it
 reads for itself (no collective): the files are the same, so the ranks reach the same verdict, and
 a rank that raises ends the job (torchrun stops the others).
@@ -56,70 +59,48 @@ import numpy as np
 import torch
 
 from data_pipeline import integrity
-from data_pipeline.shards import (
-    HEADER_BYTES,
-    TOKEN_DTYPE,
-    ShardError,
-    expected,
-    read_header,
-    read_manifest,
-    read_shard,
-    shard_entries,
-)
+from data_pipeline.shards import HEADER_BYTES, TOKEN_DTYPE, ShardError, expected, read_shard
+from data_pipeline.store import PREFETCH_SHARDS, ShardStore, token_range_error
+
+__all__ = ["DistributedTokenLoader", "SplitInfo", "inspect_split", "check_resume_state", "rebuild_hint",
+           "integrity_error", "token_range_error"]
 
 _STATE_VERSION = 1
 
 
-def rebuild_hint(data_dir: Path) -> str:
+def rebuild_hint(data_dir: str | os.PathLike) -> str:
     """How to rebuild the shards of ``data_dir``: its manifest's exact ``gpt2-prepare`` command."""
     try:
-        manifest = read_manifest(data_dir)
+        return ShardStore(data_dir).rebuild_hint()
     except ShardError:
-        manifest = None
-    if manifest and isinstance(manifest.get("settings"), dict):
-        from data_pipeline.prepare import command_line  # only on this error path: it imports the tokenizer
-
-        return f"rebuild it with: {command_line(manifest['settings'], str(data_dir))}"
-    return f"rebuild it with the `gpt2-prepare SOURCE {data_dir}` command that made it"
+        return f"rebuild it with the `gpt2-prepare SOURCE {data_dir}` command that made it"
 
 
-def integrity_error(bad: integrity.Mismatch, data_dir: Path, digits: int = 64) -> ShardError:
+def integrity_error(bad: integrity.Mismatch, data_dir: str | os.PathLike, digits: int = 64) -> ShardError:
     """One line: the file, the expected and actual hash (or size; ``digits`` of each hash), and the
     command that rebuilds it."""
-    return ShardError(
-        f"{bad.path}: content does not match its manifest.json entry ({bad.describe(digits)}); the shard is "
-        f"corrupt -- {rebuild_hint(data_dir)} (the rerun re-verifies and rewrites bad shards)"
-    )
-
-
-def token_range_error(path: Path, tokens: np.ndarray, vocab_size: int) -> ShardError:
-    """One line naming the first id ``>= vocab_size`` in ``tokens`` (the shard at ``path``) and where."""
-    pos = 0
-    for lo in range(0, len(tokens), 1 << 24):  # in slices: never a full-shard boolean array
-        hits = np.flatnonzero(np.asarray(tokens[lo:lo + (1 << 24)]) >= vocab_size)
-        if hits.size:
-            pos = lo + int(hits[0])
-            break
-    tok = int(tokens[pos])
-    return ShardError(
-        f"{path}: token id {tok} at position {pos} is >= the model's vocab_size {vocab_size} (ids in the "
-        f"padded rows have no trained embedding either); this data was tokenized for another vocabulary: "
-        f"re-prepare it with the model's tokenizer or use a model with vocab_size > {tok}"
-    )
+    return ShardStore(data_dir).integrity_error(bad, digits=digits)
 
 
 @dataclass(frozen=True)
 class SplitInfo:
     """One split of a prepared directory, checked (:func:`inspect_split`): its shards in stream
-    order with their token counts, manifest records (None without a manifest) and recorded
-    maximum token ids (None when not recorded)."""
+    order (local paths: in place, or where the store copies them) with their token counts,
+    manifest entries and records (None without a manifest) and recorded maximum token ids (None
+    when not recorded)."""
 
-    data_dir: Path
+    store: ShardStore
     split: str
     files: list[Path]
     shard_tokens: np.ndarray
+    entries: list[dict | None]
     expected: list[integrity.Expected | None]
     max_ids: list[int | None]
+
+    @property
+    def data_dir(self) -> Path:
+        """The local directory the shards are read from."""
+        return self.store.root
 
     def record(self) -> list[list]:
         """``[[name, tokens, sha256 | None], ...]``: what a loader state records of the data."""
@@ -128,31 +109,31 @@ class SplitInfo:
 
 
 def inspect_split(data_dir: str | os.PathLike, split: str, seq_len: int, micro_batch_size: int,
-                  global_batch_seqs: int, vocab_size: int | None = None, verify: bool = True) -> SplitInfo:
-    """Check a split without reading its tokens: every shard's header and size, its token count
-    against the manifest, the manifest's recorded token range against ``vocab_size``, each shard
-    holding a micro-batch and the split holding a global batch. Raises :class:`ShardError` naming
-    the file (or the directory) and the fix. The run plan calls it before anything is built; the
-    loader calls it when built."""
-    data_dir = Path(data_dir)
-    entries = shard_entries(data_dir, split)
-    files = [p for p, _ in entries]
-    shard_tokens = np.array([read_header(f) for f in files], dtype=np.int64)
-    for (f, entry), n in zip(entries, shard_tokens):
-        if entry is not None and isinstance(entry.get("tokens"), int) and entry["tokens"] != n:
-            raise ShardError(
-                f"{f}: holds {int(n)} tokens but {data_dir / 'manifest.json'} says {entry['tokens']}; "
-                f"the shard was replaced or is corrupt -- {rebuild_hint(data_dir)}"
-            )
+                  global_batch_seqs: int, vocab_size: int | None = None, verify: bool = True,
+                  cache_dir: str | os.PathLike | None = None, allow_incomplete: bool = False) -> SplitInfo:
+    """Check a split without reading its tokens: the prepare finished (unless ``allow_incomplete``),
+    every shard's header and size (remote: its size in one listing; ``data_pipeline.store``), its
+    token count against the manifest, the manifest's recorded token range against ``vocab_size``,
+    each shard holding a micro-batch and the split holding a global batch. Raises
+    :class:`ShardError` naming the file (or the directory) and the fix. The run plan calls it
+    before anything is built; the loader calls it when built."""
+    store = ShardStore(data_dir, cache_dir)
+    store.check_complete(allow_incomplete)
+    pairs = store.entries(split)
+    files, entries = [p for p, _ in pairs], [e for _, e in pairs]
+    shard_tokens = store.token_counts(pairs)
     max_ids = [int(e["max_token_id"]) if e is not None and isinstance(e.get("max_token_id"), int) else None
-               for _, e in entries]
+               for e in entries]
     if vocab_size is not None:
         for f, m in zip(files, max_ids):
             if m is not None and m >= vocab_size:  # the manifest says so: refuse before any step
-                raise token_range_error(f, read_shard(f), vocab_size)
+                raise (token_range_error(f, read_shard(f), vocab_size) if not store.remote
+                       else token_range_error(f"{store.where}/{f.name}", None, vocab_size, m))
     need = micro_batch_size * seq_len + 1
-    for f, n in zip(files, shard_tokens):
-        if n < need:
+    for f, n, e in zip(files, shard_tokens, entries):
+        # The last shard of a prepared stream (each task of a prepare split into tasks has one) may be
+        # short: sequences are read across shard boundaries, so it just holds fewer (maybe none).
+        if n < need and not (e is not None and e.get("final") is True):
             raise ShardError(
                 f"{f}: shard holds {int(n)} tokens, fewer than one micro-batch "
                 f"(micro_batch_size*seq_len+1 = {need}); re-run prepare with a larger --shard-tokens "
@@ -161,12 +142,13 @@ def inspect_split(data_dir: str | os.PathLike, split: str, seq_len: int, micro_b
     num_sequences = int(((shard_tokens - 1) // seq_len).sum())
     if num_sequences < global_batch_seqs:
         raise ShardError(
-            f"{data_dir}: split '{split}' holds {num_sequences} sequences of {seq_len} tokens, "
+            f"{store.where}: split '{split}' holds {num_sequences} sequences of {seq_len} tokens, "
             f"fewer than one global batch ({global_batch_seqs}); prepare more tokens "
             "(--val-tokens / --max-tokens) or lower the batch size"
         )
-    exp = [expected(f, e) if verify else None for f, e in entries]
-    return SplitInfo(data_dir, split, files, shard_tokens, exp, max_ids)
+    verify = verify or store.remote  # a copy is only ever used verified
+    exp = [expected(f, e) if verify else None for f, e in pairs]
+    return SplitInfo(store, split, files, shard_tokens, entries, exp, max_ids)
 
 
 def check_resume_state(state: Any, info: SplitInfo, seq_len: int, global_batch_seqs: int, micro_batch_size: int,
@@ -188,7 +170,7 @@ def check_resume_state(state: Any, info: SplitInfo, seq_len: int, global_batch_s
             if old is not None and now is not None and now.sha256 != old:
                 raise ShardError(
                     f"loader state: {f} had sha256 {old} when the checkpoint was saved but "
-                    f"{info.data_dir / 'manifest.json'} now records {now.sha256}: the data changed since; resume "
+                    f"{info.store.manifest_ref} now records {now.sha256}: the data changed since; resume "
                     "with the data the run was trained on (or start a fresh run)"
                 )
     for key, now in mine.items():
@@ -197,7 +179,7 @@ def check_resume_state(state: Any, info: SplitInfo, seq_len: int, global_batch_s
             theirs, now = [list(s[:2]) for s in theirs], [s[:2] for s in now]
         if theirs != now:
             if key == "shards":
-                theirs, now = f"{len(theirs or [])} shards", f"{len(now)} shards in {info.data_dir}"
+                theirs, now = f"{len(theirs or [])} shards", f"{len(now)} shards in {info.store.where}"
             raise ValueError(
                 f"loader state: '{key}' was {theirs} at save time but is {now} now; resume with the "
                 "same data and settings (or start a fresh run)"
@@ -216,15 +198,21 @@ def check_resume_state(state: Any, info: SplitInfo, seq_len: int, global_batch_s
 class _ShardChecks:
     """Runs ``check(i, stop)`` once per shard in ``todo``: on a daemon thread, ahead of the loader,
     in the order given to :meth:`start`; or on the caller's thread when :meth:`require` needs a
-    shard the thread has not claimed yet (a shard being checked by the thread is waited for)."""
+    shard the thread has not claimed yet (a shard being checked by the thread is waited for).
+    ``ahead``: the thread stays at most this many shards (of that order) past the last one the
+    loader required (None: no limit) -- remote data is fetched one shard ahead, not all at once."""
 
-    def __init__(self, check: Callable[[int, Callable[[], bool]], None], todo: list[int]):
+    def __init__(self, check: Callable[[int, Callable[[], bool]], None], todo: list[int],
+                 ahead: int | None = None):
         self._check = check
         self._state = dict.fromkeys(todo, "pending")  # pending -> running -> done
         self._errors: dict[int, BaseException] = {}
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopped = False
+        self._ahead = ahead
+        self._pos: dict[int, int] = {}  # shard -> its place in the thread's order
+        self._front = -1  # the furthest place the loader has required
 
     @property
     def started(self) -> bool:
@@ -232,11 +220,16 @@ class _ShardChecks:
 
     def start(self, order: list[int]) -> None:
         if self._thread is None:
+            with self._cv:
+                self._pos = {i: k for k, i in enumerate(order)}
             self._thread = threading.Thread(target=self._run, args=(order,), name="shard-verify", daemon=True)
             self._thread.start()
 
     def _run(self, order: list[int]) -> None:
-        for i in order:
+        for k, i in enumerate(order):
+            with self._cv:
+                while self._ahead is not None and k > self._front + self._ahead and not self._stopped:
+                    self._cv.wait()
             if self._stopped:
                 return
             if self._claim(i):
@@ -268,6 +261,9 @@ class _ShardChecks:
 
     def require(self, i: int) -> None:
         """Return once shard ``i`` passed its check; raise its error if it failed."""
+        with self._cv:
+            self._front = max(self._front, self._pos.get(i, -1))
+            self._cv.notify_all()
         while True:
             if self._claim(i):
                 self._do(i, lambda: False)  # the caller needs it now: never abandoned
@@ -294,7 +290,9 @@ class _ShardChecks:
             return sum(s != "done" for s in self._state.values())
 
     def close(self) -> None:
-        self._stopped = True
+        with self._cv:
+            self._stopped = True
+            self._cv.notify_all()
 
 
 class DistributedTokenLoader:
@@ -314,6 +312,8 @@ class DistributedTokenLoader:
         device: str | torch.device = "cpu",
         vocab_size: int | None = None,
         verify: bool = True,
+        cache_dir: str | os.PathLike | None = None,
+        allow_incomplete: bool = False,
     ) -> None:
         for name, v in (("seq_len", seq_len), ("micro_batch_size", micro_batch_size),
                         ("global_batch_seqs", global_batch_seqs), ("world_size", world_size)):
@@ -326,7 +326,6 @@ class DistributedTokenLoader:
                 f"DistributedTokenLoader: global_batch_seqs={global_batch_seqs} is not divisible by "
                 f"micro_batch_size*world_size={micro_batch_size}*{world_size}; change the batch sizes"
             )
-        self.data_dir = Path(data_dir)
         self.split = split
         self.T = seq_len
         self.B = micro_batch_size
@@ -340,8 +339,9 @@ class DistributedTokenLoader:
 
         self.vocab_size = vocab_size
         self._verify = bool(verify)
-        self.info = inspect_split(self.data_dir, split, seq_len, micro_batch_size, global_batch_seqs, vocab_size,
-                                  verify)
+        self.info = inspect_split(data_dir, split, seq_len, micro_batch_size, global_batch_seqs, vocab_size,
+                                  verify, cache_dir=cache_dir, allow_incomplete=allow_incomplete)
+        self.data_dir = self.info.data_dir  # where the shard files are read (remote data: the cache)
         self.files, self.shard_tokens = self.info.files, self.info.shard_tokens
         self._expected = list(self.info.expected)  # a checkpoint may add records (load_state_dict)
         self._max_id: list[int | None] = list(self.info.max_ids)  # filled in by the first-open checks
@@ -351,37 +351,22 @@ class DistributedTokenLoader:
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
         self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
         self._perm_cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
-        self._checks = _ShardChecks(self._check_shard, [i for i in range(len(self.files)) if self._needs_check(i)])
+        self._checks = _ShardChecks(self._check_shard, [i for i in range(len(self.files)) if self._needs_check(i)],
+                                    ahead=PREFETCH_SHARDS if self.info.store.remote else None)
 
     # ---- integrity -----------------------------------------------------------------------------------
     def _needs_check(self, i: int) -> bool:
-        return self._expected[i] is not None or (self.vocab_size is not None and self._max_id[i] is None)
+        return self._expected[i] is not None or self.vocab_size is not None or self.info.store.remote
 
     def _check_shard(self, i: int, stop: Callable[[], bool]) -> None:
-        """Hash shard ``i`` against its record and/or take its max token id (one read of the file)."""
-        path, exp = self.files[i], self._expected[i]
-        need_max = self.vocab_size is not None and self._max_id[i] is None
-        top = [-1]
-
-        def on_chunk(offset: int, data: bytes) -> None:
-            skip = max(HEADER_BYTES - offset, 0)  # chunks are large and even: the header sits in the first
-            if skip < len(data):
-                top[0] = max(top[0], int(np.frombuffer(data, dtype=TOKEN_DTYPE, offset=skip).max()))
-
-        if exp is not None:
-            try:
-                actual = integrity.sha256_file(path, on_chunk=on_chunk if need_max else None, stop=stop)
-            except FileNotFoundError:
-                actual = None
-            bad = integrity.check(exp, actual)
-            if bad is not None:
-                raise integrity_error(bad, self.data_dir)
-        elif need_max:
-            tokens = read_shard(path)
-            top[0] = int(tokens.max()) if tokens.size else -1
-        if need_max:
-            self._max_id[i] = top[0]
-            if top[0] >= self.vocab_size:
+        """Fetch shard ``i`` (remote data), hash it against its record and take its max token id, in
+        one read of the file. The max is taken even where the manifest records one: a manifest whose
+        sha256 was rewritten to match a changed shard must not let ids the model cannot take through."""
+        path = self.files[i]
+        top = self.info.store.check(path, self._expected[i], self.info.entries[i], stop=stop)
+        if self.vocab_size is not None:
+            self._max_id[i] = top
+            if top >= self.vocab_size:
                 raise token_range_error(path, read_shard(path), self.vocab_size)
 
     def _start_checks(self) -> None:

@@ -4,6 +4,12 @@
     gpt2-prepare fineweb-edu-10B /data/edu10B              # streamed from the hub
     gpt2-prepare '/data/fineweb-edu/sample/10BT/*.parquet' /data/edu10B --filter 'int_score>=3'
     gpt2-prepare builtin:python-docs data/python-docs --shard-tokens 1000000 --val-tokens 65536
+    gpt2-prepare SOURCE OUT --tasks 8 --task-id 3          # one of 8 independent tasks, then --merge OUT
+    gpt2-prepare --index DIR                               # a manifest for llm.c shards made elsewhere
+
+Split into tasks (``--tasks``, ``--local``, ``--merge``): ``data_pipeline/tasks.py``; indexing
+other tools' shards (``--index``): ``data_pipeline/index.py``. Both write what this module's
+readers read, and every check that can refuse runs before the first write.
 
 What it writes (``data_pipeline.shards``): every document becomes ``<|endoftext|>`` (50256)
 followed by its GPT-2 BPE tokens, and the documents are concatenated into one token stream
@@ -39,7 +45,10 @@ already consumed, re-encodes that one document, drops the tokens already written
 the result is byte-identical to an uninterrupted run. Shards and the manifest are written
 under temporary names and renamed. A finished job reruns as a no-op; different arguments
 into the same directory are an error. Ctrl-C stops at a safe point (never between a shard and
-its manifest entry) and prints the command that resumes (exit 130).
+its manifest entry) and prints the command that resumes (exit 130); so do SIGTERM and SIGUSR1
+(a preempted or time-limited SLURM task). The manifest is first written with the first shard,
+so a run refused before it (a bad row, a bad argument) leaves nothing that blocks the corrected
+command; an unusable OUT_DIR (a file, under a file, read-only) is refused before anything.
 
 Integrity: every shard's sha256 and largest token id are in the manifest. A rerun on an
 existing directory first re-verifies the shards already written (``data_pipeline.integrity``);
@@ -53,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import shlex
 import signal
@@ -76,9 +86,9 @@ from data_pipeline.shards import (
     is_url,
     join,
     local_path,
+    part_name,
     read_manifest,
     shard_bytes,
-    shard_name,
     write_manifest,
     write_shard,
 )
@@ -107,6 +117,10 @@ class PrepareConfig:
     shard_tokens: int = 100_000_000
     val_tokens: int = 100_000_000
     max_tokens: int | None = None
+    tasks: int | None = None
+    """Split the work into this many independent tasks (``--tasks``; data_pipeline/tasks.py)."""
+    task_id: int | None = None
+    """This run's task, 0 .. tasks-1 (``--task-id``)."""
     # Speed only; never change the output:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     backend: str = "threads"
@@ -116,8 +130,10 @@ class PrepareConfig:
     def settings(self) -> dict:
         """Everything that determines the output bytes (compared on resume)."""
         d = asdict(self)
-        for k in ("out_dir", "workers", "backend", "chunk_chars", "progress"):
+        for k in ("out_dir", "workers", "backend", "chunk_chars", "progress", "task_id"):
             d.pop(k)
+        if d["tasks"] is None:  # what a single-task directory recorded before tasks existed
+            d.pop("tasks")
         return d
 
     def validate(self) -> None:
@@ -133,17 +149,31 @@ class PrepareConfig:
             raise PrepareError(f"--backend must be 'threads' or 'processes', got {self.backend!r}")
         if is_url(self.out_dir):
             check_protocol(self.out_dir)  # the same allowlist as sources
+        if (self.tasks is None) != (self.task_id is None):
+            raise PrepareError("--tasks N and --task-id I go together (or --tasks N --local runs all N here)")
+        if self.tasks is not None:
+            if self.tasks < 1 or not 0 <= self.task_id < self.tasks:
+                raise PrepareError(f"--tasks must be >= 1 and --task-id in 0 .. tasks-1, got --tasks {self.tasks} "
+                                   f"--task-id {self.task_id}")
+            if self.max_tokens is not None:
+                raise PrepareError("--max-tokens cannot be split across --tasks (which task stops where?); select "
+                                   "fewer source files instead")
 
 
 _FLAGS = {"text_field": "--text-field", "hf_config": "--hf-config", "hf_split": "--hf-split",
           "shard_tokens": "--shard-tokens", "val_tokens": "--val-tokens", "max_tokens": "--max-tokens"}
 
 
-def command_line(settings: dict, out_dir: str) -> str:
+def command_line(settings: dict, out_dir: str, task_id: int | None = None) -> str:
     """The ``gpt2-prepare`` command that makes ``out_dir`` with a manifest's ``settings`` (the
-    same command resumes it, and rebuilds shards that fail their check)."""
+    same command resumes it, and rebuilds shards that fail their check); for a prepare split into
+    tasks, the command of task ``task_id`` (``I`` when not given)."""
+    if settings.get("index"):
+        return shlex.join(["gpt2-prepare", "--index", str(out_dir), "--val-glob", str(settings.get("val_glob"))])
     defaults = PrepareConfig(source="", out_dir="").settings()
     args = ["gpt2-prepare", str(settings.get("source", "SOURCE")), str(out_dir)]
+    if isinstance(settings.get("tasks"), int):
+        args += ["--tasks", str(settings["tasks"]), "--task-id", "I" if task_id is None else str(task_id)]
     for key, flag in _FLAGS.items():
         v = settings.get(key)
         if v is not None and v != defaults[key]:
@@ -288,11 +318,39 @@ def _in_order(chunks: Iterator[_Chunk], submit: Callable[[list[str]], Callable[[
 
 
 # ---- the shard writer ---------------------------------------------------------------------------
-class _Writer:
-    """Cuts the token stream at shard boundaries; commits shard, then manifest."""
+@dataclass
+class Job:
+    """What one run writes: a row stream of ``source`` into shards of ``cfg.out_dir``, the first
+    ``val_tokens`` tokens as the validation split, listed in the manifest ``manifest_name``. A
+    plain prepare is one job; a prepare split into tasks is one job per task (data_pipeline/tasks.py)."""
 
-    def __init__(self, cfg: PrepareConfig, manifest: dict):
-        self.cfg, self.manifest = cfg, manifest
+    cfg: PrepareConfig
+    source: Source
+    val_tokens: int
+    manifest_name: str = MANIFEST_NAME
+    shard_prefix: str = ""
+    """Inserted into shard names (``train_<prefix>000000.bin``) so tasks never write the same file."""
+    extra: dict = field(default_factory=dict)
+    """Fields of a new manifest (a task's record)."""
+    allow_empty: bool = False
+    """A task may own no document (all filtered, or all validation); a plain prepare may not."""
+
+    def shard_name(self, split: str, index: int) -> str:
+        return f"{split}_{self.shard_prefix}{index:06d}.bin"
+
+    def temp_patterns(self) -> list[str]:
+        """Glob patterns of the temporary files this job may have left (never another task's)."""
+        if self.shard_prefix:
+            return [f".*_{self.shard_prefix}*.tmp-*", f".{self.manifest_name}.tmp-*"]
+        return [".val_[0-9]*.tmp-*", ".train_[0-9]*.tmp-*", f".{self.manifest_name}.tmp-*"]
+
+
+class _Writer:
+    """Cuts the token stream at shard boundaries; commits shard, then manifest (the first manifest
+    write comes with the first shard, so a run refused before it leaves nothing behind)."""
+
+    def __init__(self, job: Job, manifest: dict):
+        self.job, self.cfg, self.manifest = job, job.cfg, manifest
         shards = manifest["shards"]
         self.pos = sum(s["tokens"] for s in shards)  # stream position of the next shard's first token
         self.counts = {"val": sum(s["split"] == "val" for s in shards),
@@ -303,7 +361,7 @@ class _Writer:
         self.sleep = float(os.environ.get(_SLOW_ENV, "0") or 0)
 
     def next_boundary(self) -> tuple[str, int]:
-        S, V = self.cfg.shard_tokens, self.cfg.val_tokens
+        S, V = self.cfg.shard_tokens, self.job.val_tokens
         if self.pos < V:
             return "val", min(self.pos + S, V)
         return "train", self.pos + S
@@ -319,7 +377,7 @@ class _Writer:
                 break
             self._emit(split, end)
 
-    def _emit(self, split: str, end: int, final: bool = False) -> None:
+    def _emit(self, split: str, end: int, final: tuple[int, int, int] | None = None) -> None:
         n = end - self.pos
         flat = np.concatenate(self.buf) if len(self.buf) > 1 else self.buf[0]
         shard, rest = flat[:n], flat[n:]
@@ -327,45 +385,76 @@ class _Writer:
         meta = np.concatenate(self.meta, axis=1)
         starts, ends, rows, empty, filtered = meta
         documents = int(np.count_nonzero((starts >= self.pos) & (starts < end)))
-        entry = {"file": shard_name(split, self.counts[split]), "split": split, "tokens": int(n),
+        entry = {"file": self.job.shard_name(split, self.counts[split]), "split": split, "tokens": int(n),
                  "documents": documents, "max_token_id": int(shard.max()) if n else -1}
-        if not final:
+        if final is None:
             j = int(np.searchsorted(ends, end, side="left"))  # the document the boundary falls in
             entry["resume"] = {"row": int(rows[j]), "skip_tokens": int(end - starts[j]),
                                "skipped_empty": int(empty[j]), "filtered": int(filtered[j])}
             self.meta = [meta[:, j:]]
+        else:  # the stream ended here: a rerun (stopped before the manifest said complete) reads no more
+            entry["resume"] = {"row": final[0], "skip_tokens": 0, "skipped_empty": final[1], "filtered": final[2]}
+            entry["final"] = True  # the short last shard of a stream: the loader does not ask it for a micro-batch
         with _sigint_deferred():  # a Ctrl-C lands after the manifest lists the shard, never between
             entry["sha256"] = write_shard(join(self.cfg.out_dir, entry["file"]), shard)
             if self.sleep:
                 time.sleep(self.sleep)
             self.manifest["shards"].append(entry)
-            write_manifest(self.cfg.out_dir, self.manifest)
+            write_manifest(self.cfg.out_dir, self.manifest, self.job.manifest_name)
         if self.sleep:
             time.sleep(self.sleep)
         self.counts[split] += 1
         self.pos = end
 
-    def finish(self) -> None:
+    def finish(self, end: tuple[int, int, int]) -> None:
+        """Write the last, shorter shard; ``end`` = (rows consumed, skipped empty, filtered)."""
         if self.buf_len:
             split, _ = self.next_boundary()
-            self._emit(split, self.pos + self.buf_len, final=True)
+            self._emit(split, self.pos + self.buf_len, final=end)
+
+
+# Signals that stop a run at a safe point (as Ctrl-C does): SIGINT; SIGTERM (scancel, preemption) and
+# SIGUSR1 (SLURM's --signal=B:USR1 lead time, passed on by launch/slurm/prepare_array.sbatch) once
+# main() has made them raise KeyboardInterrupt (:func:`_stop_on_signals`).
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 @contextlib.contextmanager
 def _sigint_deferred():
-    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block is done."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        yield  # not ours to manage (a worker thread; SIGINT ignored or handled by the embedding program)
+    """Hold a stop signal (Ctrl-C, and SIGTERM / SIGUSR1 under ``main``) that arrives inside the block
+    until the block is done."""
+    mine = [s for s in _STOP_SIGNALS if signal.getsignal(s) is signal.default_int_handler]
+    if threading.current_thread() is not threading.main_thread() or not mine:
+        yield  # not ours to manage (a worker thread; the signals ignored or handled by the embedding program)
         return
     got: list[int] = []
-    prev = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    prev = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in mine}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, prev)
+        for s, handler in prev.items():
+            signal.signal(s, handler)
         if got:
             raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """SIGTERM and SIGUSR1 stop the run like Ctrl-C (a safe point, exit 130) instead of killing it.
+    A background job of a non-interactive shell starts with SIGINT ignored, so a batch script cannot
+    stop it with SIGINT; it passes SIGUSR1 on instead."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    prev = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    for s, handler in prev.items():
+        if handler == signal.SIG_DFL:
+            signal.signal(s, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        for s, handler in prev.items():
+            signal.signal(s, handler)
 
 
 def _ignore_sigint() -> None:
@@ -420,45 +509,64 @@ def verify(out_dir: str) -> int:
     return 0
 
 
-def _repair(cfg: PrepareConfig, manifest: dict) -> dict:
+def _repair(cfg: PrepareConfig, manifest: dict, name: str = MANIFEST_NAME) -> dict:
     """Re-verify the shards already written; keep those before the first bad one and resume there."""
     if is_url(cfg.out_dir) or not manifest["shards"]:
         return manifest
     size = sum(shard_bytes(s.get("tokens") or 0) for s in manifest["shards"])
     print(f"prepare: {cfg.out_dir}: re-verifying the {len(manifest['shards'])} shards already written "
-          f"({size / 1e9:.2f} GB) against {MANIFEST_NAME}", flush=True)
+          f"({size / 1e9:.2f} GB) against {name}", flush=True)
     bad = verify_shards(cfg.out_dir, manifest)
     if not bad:
         return manifest
     names = [b.path.name for b in bad]
     first = next(i for i, s in enumerate(manifest["shards"]) if s["file"] == names[0])
-    print(f"prepare: {cfg.out_dir}: {len(bad)} shard(s) do not match {MANIFEST_NAME} "
+    print(f"prepare: {cfg.out_dir}: {len(bad)} shard(s) do not match {name} "
           f"({'; '.join(f'{b.path.name}: {b.describe()}' for b in bad[:3])}{' ...' if len(bad) > 3 else ''}); "
           f"rebuilding from {names[0]} (the shards after it are rewritten identically)", flush=True)
     manifest = dict(manifest, shards=manifest["shards"][:first], complete=False)
     manifest.pop("totals", None)
-    write_manifest(cfg.out_dir, manifest)
+    write_manifest(cfg.out_dir, manifest, name)
     return manifest
 
 
 # ---- the run ------------------------------------------------------------------------------------
-def _new_manifest(cfg: PrepareConfig, source: Source) -> dict:
+def check_out_dir(out_dir: str) -> None:
+    """OUT_DIR is a directory, or can be created as one, in a place this process may write: checked
+    before anything is written (a file, a path under a file, a read-only place: input faults)."""
+    if is_url(out_dir):
+        return
+    d = local_path(out_dir)
+    if d.exists() and not d.is_dir():
+        raise PrepareError(f"{d}: exists and is not a directory; pass a new or prepared directory as OUT_DIR")
+    p = d
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise PrepareError(f"{d}: {p} is a file, so no directory can be made under it; choose another OUT_DIR")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise PrepareError(f"{d}: {p} is not writable here (permissions or a read-only filesystem); choose a "
+                           "writable OUT_DIR")
+
+
+def _new_manifest(job: Job) -> dict:
     return {"version": MANIFEST_VERSION,
             "format": "llm.c token shards: 256 x int32 header (20240520, 1, n) + n x uint16",
-            "complete": False, "source": source.describe(), "tokenizer": tokenizer_info(),
-            "settings": cfg.settings(), "shards": []}
+            "complete": False, "source": job.source.describe(), "tokenizer": tokenizer_info(),
+            "settings": job.cfg.settings(), **job.extra, "shards": []}
 
 
-def _check_existing(cfg: PrepareConfig, manifest: dict | None) -> None:
+def _check_existing(cfg: PrepareConfig, manifest: dict | None, name: str) -> None:
+    """A rerun continues only what the same arguments started; a directory holding something else
+    (shards without a manifest, a prepare split into another number of tasks) is refused."""
     if manifest is None:
-        if not is_url(cfg.out_dir):
-            d = local_path(cfg.out_dir)
-            stray = sorted(p.name for p in d.glob("*.bin")) if d.is_dir() else []
-            if stray:
-                raise PrepareError(
-                    f"{d}: holds shard files ({stray[0]}, ...) but no manifest.json; refusing to overwrite "
-                    "them, pass an empty or new OUT_DIR"
-                )
+        if is_url(cfg.out_dir) or not local_path(cfg.out_dir).is_dir():
+            return
+        from data_pipeline.tasks import foreign_files
+
+        problem = foreign_files(local_path(cfg.out_dir), cfg)
+        if problem:
+            raise PrepareError(problem)
         return
     old = manifest.get("settings")
     new = cfg.settings()
@@ -467,54 +575,84 @@ def _check_existing(cfg: PrepareConfig, manifest: dict | None) -> None:
         if manifest.get("tokenizer") != tokenizer_info():
             diffs.append("tokenizer changed")
         raise PrepareError(
-            f"{join(cfg.out_dir, 'manifest.json')}: this directory was prepared with different arguments "
+            f"{join(cfg.out_dir, name)}: this directory was prepared with different arguments "
             f"({'; '.join(diffs) or 'unknown settings'}); use a new OUT_DIR or the original arguments"
         )
 
 
-def _clean_temps(out_dir: str) -> None:
-    if is_url(out_dir):
+def _existing(cfg: PrepareConfig, name: str) -> dict | None:
+    """The manifest a rerun continues (its arguments checked, its shards re-verified), or None."""
+    manifest = read_manifest(cfg.out_dir, name)
+    if manifest is not None and not manifest["shards"] and not manifest.get("complete"):
+        manifest = None  # a claim without a shard holds nothing: it never blocks a corrected rerun
+    _check_existing(cfg, manifest, name)
+    if manifest is not None:
+        manifest = _repair(cfg, manifest, name)  # never trust a shard already written: re-verify it
+    return manifest
+
+
+def _clean_temps(job: Job) -> None:
+    if is_url(job.cfg.out_dir):
         return
-    for p in local_path(out_dir).glob(".*.tmp-*"):
-        p.unlink(missing_ok=True)
+    for pattern in job.temp_patterns():
+        for p in local_path(job.cfg.out_dir).glob(pattern):
+            p.unlink(missing_ok=True)
 
 
 def run(cfg: PrepareConfig) -> dict:
-    """Prepare ``cfg.source`` into ``cfg.out_dir``; returns the final manifest."""
+    """Prepare ``cfg.source`` into ``cfg.out_dir`` (with ``cfg.tasks``: task ``cfg.task_id`` of it);
+    returns the manifest written. Every check that can refuse runs before the first write."""
     cfg.validate()
-    manifest = read_manifest(cfg.out_dir)
-    _check_existing(cfg, manifest)
-    if manifest is not None:
-        manifest = _repair(cfg, manifest)  # never trust a shard already written: re-verify it
+    check_out_dir(cfg.out_dir)
+    name = MANIFEST_NAME if cfg.tasks is None else part_name(cfg.task_id, cfg.tasks)
+    manifest = _existing(cfg, name)
     if manifest is not None and manifest.get("complete"):
         t = manifest["totals"]
-        print(f"prepare: {cfg.out_dir} is already complete ({len(manifest['shards'])} shards, "
+        print(f"prepare: {join(cfg.out_dir, name)} is already complete ({len(manifest['shards'])} shards, "
               f"{t['tokens']:,} tokens); nothing to do")
         return manifest
     source = open_source(cfg.source, text_field=cfg.text_field, filters=cfg.filters,
                          txt_per_line=cfg.txt_per_line, hf_config=cfg.hf_config, hf_split=cfg.hf_split,
                          data_files=cfg.data_files)
-    _clean_temps(cfg.out_dir)
-    if manifest is None:
-        manifest = _new_manifest(cfg, source)
-        if not is_url(cfg.out_dir):
-            local_path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-        write_manifest(cfg.out_dir, manifest)  # claim the directory before any shard exists
-    writer = _Writer(cfg, manifest)
-    start_row, skip_tokens, empty0, filtered0 = 0, 0, 0, 0
+    if cfg.tasks is None:
+        job = Job(cfg, source, cfg.val_tokens)
+    else:
+        from data_pipeline.tasks import task_job
+
+        job = task_job(cfg, source, manifest)
+    return write(job, manifest)
+
+
+def write(job: Job, manifest: dict | None) -> dict:
+    """Run ``job`` to the end of its source, continuing ``manifest`` (None: from the start)."""
+    cfg = job.cfg
+    _clean_temps(job)
+    manifest = manifest if manifest is not None else _new_manifest(job)
+    writer = _Writer(job, manifest)
+    r = manifest["shards"][-1]["resume"] if manifest["shards"] else {}
+    start_row, skip_tokens = r.get("row", 0), r.get("skip_tokens", 0)
     if manifest["shards"]:
-        r = manifest["shards"][-1]["resume"]
-        start_row, skip_tokens, empty0, filtered0 = r["row"], r["skip_tokens"], r["skipped_empty"], r["filtered"]
-        print(f"prepare: resuming {cfg.out_dir} after {len(manifest['shards'])} shards "
+        print(f"prepare: resuming {join(cfg.out_dir, job.manifest_name)} after {len(manifest['shards'])} shards "
               f"({writer.pos:,} tokens) at source row {start_row}")
-    reader = _DocReader(source, cfg, start_row, empty0, filtered0)
+    reader = _DocReader(job.source, cfg, start_row, r.get("skipped_empty", 0), r.get("filtered", 0))
+    t0 = time.perf_counter()
+    n_tok, stop = _stream(job, writer, reader, start_row, skip_tokens)
+    end = stop if stop is not None else (reader.row, reader.empty, reader.filtered)
+    writer.finish(end)
+    return _finish(job, manifest, writer, end, n_tok, time.perf_counter() - t0)
+
+
+def _stream(job: Job, writer: _Writer, reader: _DocReader, start_row: int, skip_tokens: int,
+            ) -> tuple[int, tuple[int, int, int] | None]:
+    """Encode the reader's documents in order and hand their tokens to the writer, dropping the
+    ``skip_tokens`` of the document at ``start_row`` a previous run already wrote. Returns the tokens
+    written and, when ``--max-tokens`` cut the stream, (rows consumed, empty, filtered) there."""
+    cfg = job.cfg
     stream_pos = writer.pos - skip_tokens  # stream position of the first re-read document's EOT
     limit = cfg.max_tokens
-    stop: tuple[int, int, int] | None = None  # (rows consumed, empty, filtered) when max_tokens cut the stream
-
-    bar = _progress(cfg, source, writer.pos)
-    t0, n_docs, n_tok = time.perf_counter(), 0, 0
-    first = True
+    stop: tuple[int, int, int] | None = None
+    bar = _progress(cfg, job.source, writer.pos)
+    t0, n_docs, n_tok, first = time.perf_counter(), 0, 0, True
     for chunk, (flat, lens) in _ordered_map(cfg, reader.chunks()):
         if first and skip_tokens and (chunk.rows[0] != start_row or lens[0] < skip_tokens):
             # The document the last shard ended in is not where the manifest says: the source changed.
@@ -546,21 +684,25 @@ def run(cfg: PrepareConfig) -> dict:
             break
     if bar is not None:
         bar.close()
-    writer.finish()
+    return n_tok, stop
 
-    total = writer.pos
-    if total == 0:
+
+def _finish(job: Job, manifest: dict, writer: _Writer, end: tuple[int, int, int], n_tok: int,
+            dt: float) -> dict:
+    """Check the stream held what a dataset needs, then mark the manifest complete with its totals."""
+    cfg, total = job.cfg, writer.pos
+    rows, empty, filtered = end
+    if total == 0 and not job.allow_empty:
         raise SourceError(
-            f"{cfg.source}: no documents (rows read: {reader.row}, empty: {reader.empty}, filtered: "
-            f"{reader.filtered}); check the source, --text-field and --filter"
+            f"{cfg.source}: no documents (rows read: {rows}, empty: {empty}, filtered: {filtered}); check the "
+            "source, --text-field and --filter"
         )
     val = sum(s["tokens"] for s in manifest["shards"] if s["split"] == "val")
-    if total - val == 0:
+    if total - val == 0 and not job.allow_empty:
         raise PrepareError(
             f"{cfg.source}: the source ran out after {total:,} tokens, all of them validation "
             f"(--val-tokens {cfg.val_tokens:,}); lower --val-tokens so train shards remain"
         )
-    rows, empty, filtered = stop if stop is not None else (reader.row, reader.empty, reader.filtered)
     manifest["complete"] = True
     manifest["totals"] = {
         "tokens": total, "val_tokens": val, "train_tokens": total - val,
@@ -569,11 +711,10 @@ def run(cfg: PrepareConfig) -> dict:
         "val_shards": sum(s["split"] == "val" for s in manifest["shards"]),
         "train_shards": sum(s["split"] == "train" for s in manifest["shards"]),
     }
-    write_manifest(cfg.out_dir, manifest)
-    dt = time.perf_counter() - t0
+    write_manifest(cfg.out_dir, manifest, job.manifest_name)
     print(f"prepare: wrote {len(manifest['shards'])} shards ({val:,} val + {total - val:,} train tokens, "
-          f"{manifest['totals']['documents']:,} documents) to {cfg.out_dir} in {dt:.1f}s "
-          f"({n_tok / max(dt, 1e-9):,.0f} tok/s this run)")
+          f"{manifest['totals']['documents']:,} documents) to {join(cfg.out_dir, job.manifest_name)} in "
+          f"{dt:.1f}s ({n_tok / max(dt, 1e-9):,.0f} tok/s this run)")
     return manifest
 
 
@@ -593,7 +734,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gpt2-prepare",
         description="Tokenize a document source (HF dataset, files, fsspec URL, builtin:python-docs) into "
-                    "llm.c-format GPT-2 token shards with a manifest; parallel and resumable.",
+                    "llm.c-format GPT-2 token shards with a manifest; parallel and resumable, in one process or "
+                    "as N independent tasks (--tasks) merged afterwards (--merge).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("source", metavar="SOURCE", nargs="?",
@@ -604,6 +746,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", metavar="DIR", default=argparse.SUPPRESS,
                    help="check every shard of the prepared directory DIR against its manifest's sha256 and "
                         "exit (0: all intact; 2: one line per bad shard); writes nothing")
+    p.add_argument("--tasks", type=int, default=None, metavar="N",
+                   help="split the work into N independent tasks (by file, or parquet row group); each writes "
+                        "its own shards and manifest into OUT_DIR and resumes on its own; then --merge OUT_DIR")
+    p.add_argument("--task-id", type=int, default=None, metavar="I", help="with --tasks: run task I (0 .. N-1)")
+    p.add_argument("--local", action="store_true", default=argparse.SUPPRESS,
+                   help="with --tasks N: run all N tasks here as processes (sharing --workers), then merge")
+    p.add_argument("--merge", metavar="DIR", default=argparse.SUPPRESS,
+                   help="write DIR's manifest.json from its complete task manifests (refused, writing nothing, "
+                        "while a task is missing or incomplete)")
+    p.add_argument("--index", metavar="DIR", default=argparse.SUPPRESS,
+                   help="write a manifest for a directory of llm.c-format token shards made by another tool "
+                        "(llm.c's fineweb.py, modded-nanogpt's cached shards): headers, sizes, token range and "
+                        "sha256 checked; validation shards: --val-glob")
+    p.add_argument("--val-glob", default=argparse.SUPPRESS,
+                   help="with --index: the file names of the validation shards (default: llm.c's '*_val_*')")
     p.add_argument("--text-field", default="text", help="field holding the document text")
     p.add_argument("--filter", dest="filters", action="append", default=[], metavar="EXPR",
                    help="keep rows where FIELD OP LITERAL holds, e.g. 'int_score>=3' (repeatable: all must hold)")
@@ -615,9 +772,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data_files for a datasets: builder, e.g. datasets:parquet --data-files 'x/*.parquet'")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard")
     p.add_argument("--val-tokens", type=int, default=100_000_000,
-                   help="the first this-many tokens form the validation split")
+                   help="the first this-many tokens form the validation split (with --tasks: the first whole "
+                        "documents holding at least this many)")
     p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens in total")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel encoders")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="parallel encoders (with --local: shared among the tasks)")
     p.add_argument("--backend", choices=("threads", "processes"), default="threads",
                    help="how the workers run (the output is identical either way)")
     p.add_argument("--chunk-chars", type=int, default=1_000_000,
@@ -627,42 +786,92 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _other_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, str] | None:
+    """(mode, DIR) for --verify / --merge / --index, which take a directory and no SOURCE."""
+    modes = [(m, v) for m in ("verify", "merge", "index") if (v := vars(args).pop(m, None)) is not None]
+    if len(modes) > 1:
+        parser.error("--verify, --merge and --index each take a DIR; give one of them")
+    if modes and args.source is not None:
+        parser.error(f"--{modes[0][0]} DIR takes no SOURCE / OUT_DIR")
+    return modes[0] if modes else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    target = vars(args).pop("verify", None)
-    if target is not None:
-        if args.source is not None:
-            parser.error("--verify DIR takes no SOURCE / OUT_DIR")
-        return verify(target)
-    if args.source is None or args.out_dir is None:
-        parser.error("SOURCE and OUT_DIR are required (or --verify DIR)")
-    cfg = PrepareConfig(**vars(args))
+    other = _other_mode(parser, args)
+    if other is not None and other[0] == "verify":
+        return verify(other[1])
+    if other is None and (args.source is None or args.out_dir is None):
+        parser.error("SOURCE and OUT_DIR are required (or --verify / --merge / --index DIR)")
+    local, val_glob = vars(args).pop("local", False), vars(args).pop("val_glob", "*_val_*")
+    if local and (args.tasks is None or args.task_id is not None):
+        parser.error("--local runs every task here: give --tasks N and no --task-id")
+    if local:
+        args.task_id = 0  # the settings every task shares are checked as task 0's; each then runs as itself
+    cfg = None if other is not None else PrepareConfig(**vars(args))
     try:
-        run(cfg)
+        with _stop_on_signals():
+            return _dispatch(other, cfg, local, val_glob, args.workers)
     except KeyboardInterrupt:
-        return _interrupted(cfg, argv)
+        return _interrupted(cfg, argv) if cfg is not None else EXIT_INTERRUPTED
     except (PrepareError, SourceError, ShardError) as e:
         print(f"gpt2-prepare: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # a full disk, a permission problem, a vanished mount: say where, and how to go on
-        where = f" {e.filename}" if e.filename else ""
-        print(f"gpt2-prepare: error:{where}: {e.strerror or e} (errno {e.errno}); fix that (e.g. free space), "
-              "then rerun the same command to resume after the last complete shard", file=sys.stderr)
-        return 1
+    except OSError as e:
+        return _os_error(e)
+
+
+def _dispatch(other: tuple[str, str] | None, cfg: PrepareConfig | None, local: bool, val_glob: str,
+              workers: int) -> int:
+    """Run the mode main() parsed: --merge DIR, --index DIR, --tasks N --local, or a (task of a) prepare."""
+    if other is not None and other[0] == "merge":
+        from data_pipeline.tasks import merge
+
+        merge(other[1])
+    elif other is not None:
+        from data_pipeline.index import index
+
+        index(other[1], val_glob, workers=workers)
+    elif local:
+        from data_pipeline.tasks import run_local
+
+        cfg.validate()
+        check_out_dir(cfg.out_dir)
+        return run_local(cfg)
+    else:
+        run(cfg)
     return 0
+
+
+# errno values that mean the output place is unusable as given: an input fault (exit 2), not a
+# condition that goes away (a full disk: exit 1, free space and rerun).
+_INPUT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST}
+
+
+def _os_error(e: OSError) -> int:
+    """A full disk, a permission problem, a vanished mount: say where, and how to go on."""
+    where = f" {e.filename}" if e.filename else ""
+    if e.errno in _INPUT_ERRNOS:
+        print(f"gpt2-prepare: error:{where}: {e.strerror or e} (errno {e.errno}); choose an OUT_DIR this user can "
+              "write (a directory, not a file)", file=sys.stderr)
+        return 2
+    print(f"gpt2-prepare: error:{where}: {e.strerror or e} (errno {e.errno}); fix that (e.g. free space), "
+          "then rerun the same command to resume after the last complete shard", file=sys.stderr)
+    return 1
 
 
 def _interrupted(cfg: PrepareConfig, argv: list[str] | None) -> int:
     """Ctrl-C: every shard the manifest lists is complete; say so and how to go on."""
+    name = MANIFEST_NAME if cfg.tasks is None else part_name(cfg.task_id, cfg.tasks)
     try:
-        manifest = read_manifest(cfg.out_dir)
+        manifest = read_manifest(cfg.out_dir, name)
     except (ShardError, OSError):
         manifest = None
     done = len(manifest["shards"]) if manifest else 0
     tokens = sum(s.get("tokens", 0) for s in manifest["shards"]) if manifest else 0
     args = sys.argv[1:] if argv is None else argv
-    print(f"\ngpt2-prepare: interrupted; {cfg.out_dir} keeps {done} complete shards ({tokens:,} tokens); "
+    print(f"\ngpt2-prepare: interrupted; {join(cfg.out_dir, name)} keeps {done} complete shards ({tokens:,} tokens); "
           f"resume with: {shlex.join(['gpt2-prepare', *args])}", file=sys.stderr)
     return EXIT_INTERRUPTED
 

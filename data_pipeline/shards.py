@@ -14,8 +14,11 @@ next to ``manifest.json``::
 
 ``sha256`` covers the whole file (header and tokens); ``max_token_id`` (written since the
 integrity checks; older manifests and llm.c's own shards lack it) lets a reader refuse ids the
-model cannot embed without reading the shard. :func:`shard_entries` gives each shard with its
-manifest entry; :func:`expected` turns an entry into what ``data_pipeline.integrity`` checks.
+model cannot embed without reading the shard. ``final: true`` marks the last (short) shard of a
+prepared stream. :func:`shard_entries` gives each shard with its manifest entry;
+:func:`expected` turns an entry into what ``data_pipeline.integrity`` checks. A prepare split
+into tasks (``data_pipeline/tasks.py``) keeps one manifest per task (:func:`part_name`) until
+``--merge`` writes ``manifest.json``; readers go through ``data_pipeline.store``.
 
 Everything written here is atomic: a temporary name in the same directory, fsync, then a
 rename, so a reader (or a resumed ``prepare``) never sees half a file under the final name.
@@ -45,10 +48,16 @@ MAX_TOKEN_ID = int(np.iinfo(np.uint16).max)
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("val", "train")
 _SHARD_RE = re.compile(r"^(?P<split>[a-z]+)_(?P<index>\d{6})\.bin$")
+_PART_RE = re.compile(r"^manifest\.task-(?P<task>\d{5})-of-(?P<tasks>\d{5})\.json$")
 
 
 class ShardError(ValueError):
     """A shard or manifest that cannot be used; the message names the file and the fix."""
+
+
+class NoShardsError(ShardError):
+    """The data directory does not exist, or holds no shard of the split asked for (a reader says
+    how to *create* the data; every other :class:`ShardError` already says how to fix it)."""
 
 
 def shard_name(split: str, index: int) -> str:
@@ -146,34 +155,32 @@ def write_shard(path: str | os.PathLike, tokens: Any) -> str:
     return h.hexdigest()
 
 
-def read_header(path: str | os.PathLike) -> int:
-    """Validate the header and size of the shard at ``path``; return its token count."""
+def read_header(path: str | os.PathLike, fix: str | None = None) -> int:
+    """Validate the header and size of the shard at ``path``; return its token count. ``fix`` is
+    the advice the errors end with (default: re-run prepare)."""
     p = local_path(path)
+    redo = fix or "re-run prepare"
     try:
         size = p.stat().st_size
         with open(p, "rb") as f:
             raw = f.read(HEADER_BYTES)
     except FileNotFoundError:
-        raise ShardError(f"{p}: shard not found; run `gpt2-prepare SOURCE OUT_DIR` to create it") from None
+        raise ShardError(f"{p}: shard not found; {fix or 'run `gpt2-prepare SOURCE OUT_DIR` to create it'}") from None
     if len(raw) < HEADER_BYTES:
-        raise ShardError(
-            f"{p}: truncated shard ({size} bytes, less than the {HEADER_BYTES}-byte header); re-run prepare"
-        )
+        raise ShardError(f"{p}: truncated shard ({size} bytes, less than the {HEADER_BYTES}-byte header); {redo}")
     header = np.frombuffer(raw, dtype="<i4")
     if int(header[0]) != MAGIC:
-        raise ShardError(
-            f"{p}: bad magic {int(header[0])} (expected {MAGIC}); not an llm.c token shard, re-run prepare"
-        )
+        raise ShardError(f"{p}: bad magic {int(header[0])} (expected {MAGIC}); not an llm.c token shard, {redo}")
     if int(header[1]) != VERSION:
         raise ShardError(
-            f"{p}: unsupported shard version {int(header[1])} (expected {VERSION}, uint16 GPT-2 tokens)"
+            f"{p}: unsupported shard version {int(header[1])} (expected {VERSION}, uint16 GPT-2 tokens); {redo}"
         )
     count = int(header[2])
     expected = HEADER_BYTES + count * TOKEN_DTYPE.itemsize
     if count < 0 or size != expected:
         raise ShardError(
             f"{p}: header says {count} tokens ({expected} bytes) but the file has {size} bytes; "
-            "the shard is truncated or corrupt, re-run prepare"
+            f"the shard is truncated or corrupt, {redo}"
         )
     return count
 
@@ -214,9 +221,20 @@ def expected(path: Path, entry: dict | None) -> integrity.Expected | None:
     return integrity.Expected(path, entry["sha256"], shard_bytes(tokens) if isinstance(tokens, int) else None)
 
 
-def read_manifest(data_dir: str | os.PathLike) -> dict | None:
-    """The parsed ``manifest.json`` of ``data_dir``, or None when there is none."""
-    path = join(data_dir, MANIFEST_NAME)
+def parse_manifest(text: str, where: str) -> dict:
+    """A manifest's JSON text, checked to be an object with a ``shards`` list (``where`` names it)."""
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{where}: not valid JSON ({e}); delete it and re-run prepare") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise ShardError(f"{where}: a manifest needs a 'shards' list; delete it and re-run prepare")
+    return manifest
+
+
+def read_manifest(data_dir: str | os.PathLike, name: str = MANIFEST_NAME) -> dict | None:
+    """The parsed ``manifest.json`` (or the manifest ``name``) of ``data_dir``, or None when there is none."""
+    path = join(data_dir, name)
     try:
         if is_url(path):
             import fsspec
@@ -230,47 +248,69 @@ def read_manifest(data_dir: str | os.PathLike) -> dict | None:
             text = Path(path).read_text()
     except FileNotFoundError:
         return None
-    try:
-        manifest = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ShardError(f"{path}: not valid JSON ({e}); delete it and re-run prepare") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
-        raise ShardError(f"{path}: a manifest needs a 'shards' list; delete it and re-run prepare")
-    return manifest
+    return parse_manifest(text, path)
 
 
-def write_manifest(data_dir: str | os.PathLike, manifest: dict) -> None:
-    """Write ``manifest.json`` into ``data_dir`` atomically (temp + rename)."""
+def write_manifest(data_dir: str | os.PathLike, manifest: dict, name: str = MANIFEST_NAME) -> None:
+    """Write ``manifest.json`` (or the manifest ``name``) into ``data_dir`` atomically (temp + rename)."""
     text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
-    _atomic_write_bytes(join(data_dir, MANIFEST_NAME), [text.encode()])
+    _atomic_write_bytes(join(data_dir, name), [text.encode()])
 
 
-def shard_entries(data_dir: str | os.PathLike, split: str) -> list[tuple[Path, dict | None]]:
+def part_name(task: int, tasks: int) -> str:
+    """The manifest of task ``task`` of a prepare split into ``tasks`` (``gpt2-prepare --tasks``)."""
+    return f"manifest.task-{task:05d}-of-{tasks:05d}.json"
+
+
+def part_manifests(data_dir: Path) -> list[Path]:
+    """The task manifests in ``data_dir`` (a prepare split into tasks, merged or not)."""
+    return sorted(p for p in Path(data_dir).glob("manifest.task-*-of-*.json") if _PART_RE.match(p.name))
+
+
+def safe_name(name: str) -> bool:
+    """A manifest names plain files next to it; never a path elsewhere ('..', absolute, subdirs)."""
+    return bool(name) and name not in (".", "..") and Path(name).name == name and "\\" not in name
+
+
+def manifest_entries(manifest: dict, split: str, where: str) -> list[dict]:
+    """The entries of ``split`` in ``manifest`` (``where`` names it in errors), each a safe name."""
+    out = []
+    for s in manifest["shards"]:
+        if not isinstance(s, dict) or s.get("split") != split:
+            continue
+        name = str(s.get("file", ""))
+        if not safe_name(name):
+            raise ShardError(
+                f"{where}: shard entry {name!r} points outside its directory; a manifest may only list "
+                "plain file names in its own directory (re-run prepare)"
+            )
+        out.append(s)
+    return out
+
+
+def shard_entries(data_dir: str | os.PathLike, split: str, manifest: dict | None = None,
+                  ) -> list[tuple[Path, dict | None]]:
     """The shard files of ``split`` in ``data_dir`` with their manifest entries: manifest order
-    when there is a manifest, else the sorted ``{split}_*.bin`` files (e.g. shards written by
-    llm.c's own scripts), whose entries are None."""
+    when there is a manifest (``manifest``: already read), else the sorted ``{split}_*.bin`` files
+    (e.g. shards written by llm.c's own scripts), whose entries are None."""
     d = local_path(data_dir)
     if not d.is_dir():
-        raise ShardError(f"{d}: data directory not found; run `gpt2-prepare SOURCE {d}` first")
-    manifest = read_manifest(d)
-    out: list[tuple[Path, dict | None]] = []
+        raise NoShardsError(f"{d}: data directory not found; run `gpt2-prepare SOURCE {d}` first")
+    if manifest is None:
+        manifest = read_manifest(d)
     if manifest is not None:
-        for s in manifest["shards"]:
-            if not isinstance(s, dict) or s.get("split") != split:
-                continue
-            name = str(s.get("file", ""))
-            # A manifest names plain files next to it; never follow it elsewhere ('..', absolute, subdirs).
-            if not name or name in (".", "..") or Path(name).name != name or "\\" in name:
-                raise ShardError(
-                    f"{d / MANIFEST_NAME}: shard entry {name!r} points outside {d}; a manifest may only list "
-                    "plain file names in its own directory (re-run prepare)"
-                )
-            out.append((d / name, s))
+        out = [(d / s["file"], s) for s in manifest_entries(manifest, split, str(d / MANIFEST_NAME))]
     else:
+        parts = part_manifests(d)
+        if parts:
+            raise ShardError(
+                f"{d}: holds the task manifests of a prepare split into tasks ({parts[0].name}, ...) but no "
+                f"{MANIFEST_NAME}; when every task is complete, run: gpt2-prepare --merge {d}"
+            )
         out = [(p, None) for p in sorted(p for p in d.glob(f"{split}_*.bin") if _SHARD_RE.match(p.name))]
     if not out:
         where = f"{d / MANIFEST_NAME}" if manifest is not None else f"{d}/{split}_*.bin"
-        raise ShardError(f"{where}: no '{split}' shards; run `gpt2-prepare SOURCE {d}` (or check the split name)")
+        raise NoShardsError(f"{where}: no '{split}' shards; run `gpt2-prepare SOURCE {d}` (or check the split name)")
     return out
 
 

@@ -260,7 +260,8 @@ class FileSource(Source):
                 self._parquet_rows[path] = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
         return self._parquet_rows[path]
 
-    def _parquet(self, path: str, skip: int) -> Iterator[dict]:
+    def _parquet(self, path: str, skip: int, groups: tuple[int, int] | None = None) -> Iterator[dict]:
+        """Rows of ``path`` from row ``skip`` on (of row groups ``[lo, hi)`` only, with ``groups``)."""
         with self.fs.open(path, "rb") as f:
             pf = self._parquet_file(f, path)
             names = pf.schema_arrow.names
@@ -273,14 +274,15 @@ class FileSource(Source):
                         "pass --text-field NAME (or fix the --filter)"
                     )
                 cols = self.columns
-            groups = self._row_groups(path)
+            lo, hi = groups if groups is not None else (0, len(self._row_groups(path)))
+            sizes = self._row_groups(path)[lo:hi]
             first = 0
-            while first < len(groups) and skip >= groups[first]:
-                skip -= groups[first]
+            while first < len(sizes) and skip >= sizes[first]:
+                skip -= sizes[first]
                 first += 1
-            if first == len(groups):
+            if first == len(sizes):
                 return
-            for batch in pf.iter_batches(batch_size=2048, row_groups=list(range(first, len(groups))),
+            for batch in pf.iter_batches(batch_size=2048, row_groups=list(range(lo + first, hi)),
                                          columns=cols, use_threads=False):
                 if skip >= batch.num_rows:
                     skip -= batch.num_rows
@@ -365,6 +367,35 @@ class FileSource(Source):
                 return sum(1 for raw in f if raw.strip())
         with self._open_text(path) as f:
             return sum(1 for ln in f.read().decode("utf-8", errors="replace").splitlines() if ln.strip())
+
+    # -- units: the pieces a prepare split into tasks hands out (data_pipeline/tasks.py) ---------------
+    def units(self, tasks: int) -> list[tuple[int, int | None]]:
+        """The source in order as (file index, row group | None = the whole file): whole files when
+        there are at least ``tasks`` of them, else every parquet row group on its own."""
+        if len(self.files) >= tasks:
+            return [(f, None) for f in range(len(self.files))]
+        out: list[tuple[int, int | None]] = []
+        for f, path in enumerate(self.files):
+            if file_format(path) == "parquet":
+                out += [(f, g) for g in range(len(self._row_groups(path)))]
+            else:
+                out.append((f, None))
+        return out
+
+    def unit_rows(self, unit: tuple[int, int | None], start: int = 0) -> Iterator[dict]:
+        """The rows of ``unit`` from its row ``start`` on."""
+        f, g = unit
+        path = self.files[f]
+        if g is not None:
+            return self._parquet(path, start, (g, g + 1))
+        return {"parquet": self._parquet, "jsonl": self._jsonl, "txt": self._txt}[file_format(path)](path, start)
+
+    def unit_count(self, unit: tuple[int, int | None], exact: bool = False) -> int | None:
+        """Rows in ``unit``: from metadata (parquet, whole text files), by reading only when ``exact``."""
+        f, g = unit
+        if g is not None:
+            return self._row_groups(self.files[f])[g]
+        return self._rows_in(self.files[f]) if exact else self._count(self.files[f])
 
     def num_rows(self) -> int | None:
         total = 0

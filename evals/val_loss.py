@@ -7,10 +7,13 @@ Rank r takes sequences ``r::world_size``; each rank runs the same number of fixe
 ``(batch_size, seq_len)`` forwards (the last one padded with ignored targets), and the summed
 loss and token count are all-reduced, so ``val/loss`` is the token-weighted mean over the slice.
 
-The shards the slice reads are checked once, when the evaluator is built: against the
-manifest's sha256 (a corrupt shard names the file, both hashes and the rebuild command) and,
-with ``vocab_size``, for ids the model cannot take (named with shard and position). Every rank
-checks the same files, so all ranks agree without a collective.
+The shards the slice reads are checked once, when the evaluator is built, through the same
+``data_pipeline.store.ShardStore`` as the training loader: a half-finished prepare is refused
+(unless ``allow_incomplete``), a remote ``data_dir`` (fsspec URL) has the shards it reads copied
+into ``cache_dir`` first, each is hashed against the manifest's sha256 (a corrupt shard names the
+file, both hashes and the rebuild command) and, with ``vocab_size``, its largest id -- taken in
+the same read, never trusted from the manifest -- must be one the model can take (named with
+shard and position). Every rank checks the same files, so all ranks agree without a collective.
 """
 
 from __future__ import annotations
@@ -22,9 +25,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from data_pipeline import integrity
-from data_pipeline.loader import integrity_error, token_range_error
-from data_pipeline.shards import expected, read_shard, shard_entries
+from data_pipeline.shards import expected, read_shard
+from data_pipeline.store import ShardStore, token_range_error
 from evals.common import autocast_for, eval_mode, stop_check
 from pretrain import dist
 
@@ -38,8 +40,8 @@ class ValLossEvaluator:
 
     def __init__(self, data_dir: str | os.PathLike, seq_len: int, batch_size: int, num_tokens: int | None,
                  rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
-                 vocab_size: int | None = None, verify: bool = True, at_most: bool = False,
-                 knob: str = "eval.val_tokens") -> None:
+                 vocab_size: int | None = None, verify: bool = True, cache_dir: str | os.PathLike | None = None,
+                 allow_incomplete: bool = False, at_most: bool = False, knob: str = "eval.val_tokens") -> None:
         """``at_most``: take at most ``num_tokens`` (all of a smaller split) instead of refusing a
         split that holds fewer; ``knob`` names the setting in messages (``--val-tokens`` for gpt2-eval)."""
         if seq_len < 1 or batch_size < 1:
@@ -47,9 +49,10 @@ class ValLossEvaluator:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.seq_len, self.batch_size, self.device = seq_len, batch_size, torch.device(device)
-        entries = shard_entries(data_dir, "val")
-        self.shards = [read_shard(p) for p, _ in entries]
-        per_shard = [max(0, (len(s) - 1) // seq_len) for s in self.shards]
+        store = ShardStore(data_dir, cache_dir)
+        store.check_complete(allow_incomplete)
+        entries = store.entries("val")
+        per_shard = [max(0, (int(n) - 1) // seq_len) for n in store.token_counts(entries)]
         available = sum(per_shard)
         if num_tokens is None:
             wanted = available
@@ -71,29 +74,16 @@ class ValLossEvaluator:
         # (shard, start) of every global sequence, then this rank's share.
         where = [(s, i * seq_len) for s, n in enumerate(per_shard) for i in range(n)][:wanted]
         self.mine = where[rank::world_size]
-        used = sorted({s for s, _ in where})
-        self._check([entries[s] for s in used], [self.shards[s] for s in used], data_dir, vocab_size, verify)
+        self.shards: dict[int, np.ndarray] = {}
+        for s in sorted({s for s, _ in where}):  # only the shards the slice reads (remote: fetched)
+            path, entry = entries[s]
+            exp = expected(path, entry) if verify or store.remote else None
+            top = store.check(path, exp, entry) if exp is not None or vocab_size is not None else -1
+            self.shards[s] = read_shard(path)
+            if vocab_size is not None and top >= vocab_size:
+                raise token_range_error(path, self.shards[s], vocab_size)
         per_rank = -(-wanted // world_size)  # ceil: every rank runs as many batches as rank 0
         self.num_batches = -(-per_rank // batch_size)
-
-    @staticmethod
-    def _check(entries, shards, data_dir, vocab_size: int | None, verify: bool) -> None:
-        """The used shards hold what their manifest says, and only ids below ``vocab_size``."""
-        from pathlib import Path
-
-        if verify:
-            records = [e for e in (expected(p, entry) for p, entry in entries) if e is not None]
-            bad = integrity.verify_files(records)
-            if bad:
-                raise integrity_error(bad[0], Path(data_dir))
-        if vocab_size is None:
-            return
-        for (path, entry), tokens in zip(entries, shards):
-            top = entry.get("max_token_id") if entry else None
-            if not isinstance(top, int):
-                top = int(tokens.max()) if len(tokens) else -1
-            if top >= vocab_size:
-                raise token_range_error(path, tokens, vocab_size)
 
     def _batch(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         B, T = self.batch_size, self.seq_len

@@ -113,7 +113,8 @@ class DataSection:
     """The token shards (``data_pipeline`` format) the run reads."""
 
     dir: str = "data/fineweb-edu-10B"
-    """Directory of train_*.bin / val_*.bin shards (made by data_pipeline.prepare)."""
+    """Directory of train_*.bin / val_*.bin shards (made by data_pipeline.prepare), or an fsspec URL
+    of one (s3://, gs://, hf://, file://, ...): its shards are then copied into data.cache_dir."""
     seq_len: int = 1024
     """Tokens per training sequence (T); at most model.block_size."""
     shuffle: bool = True
@@ -121,7 +122,15 @@ class DataSection:
     seed: int = 0
     """Seed of the data order (independent of train.seed)."""
     prepare_command: str = "python -m data_pipeline.prepare fineweb-edu-10B data/fineweb-edu-10B"
-    """The command that creates data.dir; printed when data.dir holds no shards."""
+    """The command that creates data.dir; printed when data.dir does not exist or holds no shards
+    (when it names data.dir; else `gpt2-prepare SOURCE <data.dir>`)."""
+    cache_dir: str | None = None
+    """Node-local directory for copies of the shards of a remote data.dir (a URL): each is fetched
+    once per node, verified against the manifest's sha256 before use, the next one while the
+    current one trains. Required when data.dir is a URL; unused otherwise."""
+    allow_incomplete: bool = False
+    """Train (and evaluate) on a directory whose gpt2-prepare has not finished (manifest
+    'complete': false), using the shards written so far; by default such data is refused."""
 
 
 @dataclass
@@ -664,6 +673,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"train.global_batch_tokens={t.global_batch_tokens} is not a multiple of data.seq_len={d.seq_len}"
         )
+    if "://" in d.dir and not d.cache_dir:
+        raise ConfigError(f"data.dir={d.dir!r} is a URL: set data.cache_dir to a node-local directory its shards "
+                          "are copied into (e.g. data.cache_dir=/local/scratch/gpt2-cache)")
+    if d.cache_dir is not None and "://" in d.cache_dir:
+        raise ConfigError(f"data.cache_dir={d.cache_dir!r} must be a local directory (node-local disk), not a URL")
     validate_run(cfg)
     validate_optim_schedule(cfg)
 

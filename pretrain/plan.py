@@ -16,8 +16,8 @@ of it:
   tokens, and that its loader state fits this data and these settings;
 - where the first weights come from (``model.init_from``, resolved by
   ``pretrain.model.weights.resolve``), or why they are ignored (a resumed run: the checkpoint wins);
-- the training data: every shard's header and size, the manifest's token counts and token range
-  (``data_pipeline.loader.inspect_split``);
+- the training data: the prepare finished, every shard's header and size (remote data: its manifest
+  and one listing), the manifest's token counts and token range (``data_pipeline.loader.inspect_split``);
 - the run directory: usable, and whether an earlier run in it will be moved aside
   (``checkpoint.overwrite``).
 
@@ -258,31 +258,31 @@ def _verify_shards(split, data_dir: str) -> None:
     from data_pipeline import integrity
     from data_pipeline.loader import integrity_error
 
+    if split.store.remote:  # remote shards are verified as they are fetched (hashing them all = downloading them)
+        return
     bad = integrity.verify_files([e for e in split.expected if e is not None])
     if bad:
         raise ConfigError(f"nothing was moved aside: {integrity_error(bad[0], Path(data_dir), 12)}")
 
 
 def _check_data(cfg: Config, batch: Batching, loader_state: dict | None, resume: Path | None):
-    """The training split is usable (every shard whole, the token range the model takes, at least a
-    global batch) and, when resuming, the checkpoint's loader state fits it."""
-    from data_pipeline.loader import check_resume_state, inspect_split, rebuild_hint
-    from data_pipeline.shards import ShardError, list_shards
+    """The training split is usable (the prepare finished, every shard whole, the token range the
+    model takes, at least a global batch) and, when resuming, the checkpoint's loader state fits it.
+    Remote data (data.dir a URL) is checked from its manifest and one listing: no shard is fetched."""
+    from data_pipeline.loader import check_resume_state, inspect_split
+    from data_pipeline.shards import NoShardsError, ShardError
 
     d = cfg.data
     try:
-        list_shards(d.dir, "train")
-    except ShardError:
-        raise ConfigError(
-            f"data.dir={d.dir!r} holds no training shards; create them with: {d.prepare_command}"
-        ) from None
-    try:
         split = inspect_split(d.dir, "train", d.seq_len, batch.micro_batch_size, batch.loader_batch_seqs,
-                              vocab_size=cfg.gpt_config.vocab_size)
-    except (ShardError, ValueError) as e:
+                              vocab_size=cfg.gpt_config.vocab_size, cache_dir=d.cache_dir,
+                              allow_incomplete=d.allow_incomplete)
+    except NoShardsError:  # nothing to read: say how to make the data this data.dir names
+        raise ConfigError(f"data.dir={d.dir!r} holds no training shards; create them with: "
+                          f"{_create_command(cfg)}") from None
+    except (ShardError, ValueError) as e:  # the message names the file and this directory's own fix
         msg = str(e)
-        hint = "" if "rebuild" in msg else f"; {rebuild_hint(Path(d.dir))}"
-        raise ConfigError(f"{msg} (data.dir={d.dir!r}{hint})") from None
+        raise ConfigError(msg if str(d.dir).rstrip("/") in msg else f"{msg} (data.dir={d.dir!r})") from None
     if loader_state is not None:
         try:
             check_resume_state(loader_state, split, d.seq_len, batch.loader_batch_seqs, batch.micro_batch_size,
@@ -290,6 +290,32 @@ def _check_data(cfg: Config, batch: Batching, loader_state: dict | None, resume:
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"cannot resume from {resume}: {e}") from None
     return split
+
+
+def _create_command(cfg: Config) -> str:
+    """The command that creates data.dir: the one its manifest records, else data.prepare_command,
+    with the directory it must write when that command writes another one (never advice that
+    makes data somewhere the run does not read)."""
+    import os
+    import shlex
+
+    from data_pipeline.shards import ShardError
+    from data_pipeline.store import ShardStore
+
+    d = cfg.data
+    try:
+        recorded = ShardStore(d.dir, d.cache_dir).command()
+    except (ShardError, OSError):
+        recorded = None
+    if recorded:
+        return recorded
+    try:
+        words = shlex.split(d.prepare_command)
+    except ValueError:
+        words = []
+    if any(os.path.normpath(w) == os.path.normpath(d.dir) for w in words):
+        return d.prepare_command
+    return f"{d.prepare_command} (with {d.dir} as its output directory)"
 
 
 def _resolve_init(spec: str, cfg: Config) -> WeightsSource:

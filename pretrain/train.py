@@ -77,7 +77,8 @@ def build_evaluators(plan, rank: int, world_size: int, device) -> list:
     batch = plan.batch.eval_batch_size
     if e.val_tokens > 0:
         evaluators.append(ValLossEvaluator(cfg.data.dir, cfg.data.seq_len, batch, e.val_tokens, rank, world_size,
-                                           device, vocab_size=cfg.gpt_config.vocab_size))
+                                           device, vocab_size=cfg.gpt_config.vocab_size,
+                                           cache_dir=cfg.data.cache_dir, allow_incomplete=cfg.data.allow_incomplete))
     if e.hellaswag:
         evaluators.append(HellaSwagEvaluator(e.hellaswag_path, e.hellaswag_limit, batch, rank, world_size, device))
     if e.sample_prompt and e.sample_tokens > 0:

@@ -53,6 +53,7 @@ def world(tmp_path_factory):
         {"file": n, "split": n.split("_")[0], "tokens": 0, "documents": 0, "sha256": ""} for n in names]}))
     (missing / "train_000001.bin").unlink()
     (root / "a_file").write_text("not a directory\n")
+    _prepared_variants(root, data)
     (root / "hs_latin1.jsonl").write_bytes(b'{"ctx": "caf\xe9"}\n')
     (root / "hs_ok.jsonl").write_text(json.dumps({
         "ctx": "A man", "ctx_a": "A man", "ctx_b": "", "activity_label": "x", "endings": ["a", "b", "c", "d"], "label": 0}) + "\n")
@@ -100,6 +101,32 @@ def world(tmp_path_factory):
     yield root
     holder.kill()
     holder.wait()
+
+
+def _prepared_variants(root: Path, data: Path) -> None:
+    """data_incomplete: a prepare stopped part-way; data_outside: a manifest naming '../x.bin';
+    prep_parts: task 1 of 3 only (a merge must wait); llmc_bad: an llm.c shard with a bad header."""
+    from data_pipeline.shards import file_sha256
+
+    settings = {"source": "docs.jsonl", "text_field": "text", "filters": [], "txt_per_line": False,
+                "hf_config": None, "hf_split": "train", "data_files": None, "shard_tokens": 12000,
+                "val_tokens": 4000, "max_tokens": None}
+    names = ["val_000000.bin", "train_000000.bin", "train_000001.bin"]
+    for name, complete, files in (("data_incomplete", False, names), ("data_outside", True, [*names, "../x.bin"])):
+        d = root / name
+        shutil.copytree(data, d)
+        shards = [{"file": n, "split": "val" if n.startswith("val") else "train", "tokens": 12000 if "val" not in n else 4000,
+                   "documents": 1, "sha256": file_sha256(d / n) if (d / n).is_file() else ""} for n in files]
+        (d / "manifest.json").write_text(json.dumps({"complete": complete, "settings": settings, "shards": shards}))
+    parts = root / "prep_parts"
+    parts.mkdir()
+    (parts / "manifest.task-00001-of-00003.json").write_text(json.dumps(
+        {"complete": True, "settings": {**settings, "tasks": 3}, "shards": [], "totals": {}}))
+    bad = root / "llmc_bad"
+    bad.mkdir()
+    for n in ("fw_val_000000.bin", "fw_train_000001.bin"):
+        shutil.copy(data / "val_000000.bin", bad / n)
+    (bad / "fw_train_000001.bin").write_bytes(b"\x00" * 8 + (bad / "fw_train_000001.bin").read_bytes()[8:])
 
 
 def _train(root: Path, run: str = "run", data: str = "data", **extra) -> list[str]:
@@ -176,6 +203,20 @@ CASES = [
      lambda r: ["--model", str(r / "run" / "checkpoints"), "--temperature", "nan"], "temperature"),
     ("prepare: missing source", "data_pipeline.prepare",
      lambda r: [str(r / "nope.txt"), str(r / "prep_out"), "--no-progress"], "nope.txt"),
+    ("train: a prepare stopped part-way", "pretrain.train", lambda r: _train(r, "new", "data_incomplete"),
+     "finish it with: gpt2-prepare docs.jsonl"),
+    ("train: manifest names ../x.bin", "pretrain.train", lambda r: _train(r, "new", "data_outside"),
+     "'../x.bin' points outside"),
+    ("train: data.dir a URL without data.cache_dir", "pretrain.train",
+     lambda r: _train(r, "new") + [f"data.dir=memory://{r.name}/x"], "data.cache_dir"),
+    ("prepare: OUT_DIR is a file", "data_pipeline.prepare",
+     lambda r: [str(r / "hs_ok.jsonl"), str(r / "a_file"), "--no-progress"], "is not a directory"),
+    ("prepare: OUT_DIR under a file", "data_pipeline.prepare",
+     lambda r: [str(r / "hs_ok.jsonl"), str(r / "a_file" / "out"), "--no-progress"], "a_file is a file"),
+    ("prepare: --merge before every task is complete", "data_pipeline.prepare",
+     lambda r: ["--merge", str(r / "prep_parts")], "tasks 0, 2 missing"),
+    ("prepare: --index a shard with a bad header", "data_pipeline.prepare",
+     lambda r: ["--index", str(r / "llmc_bad")], "fw_train_000001.bin: bad magic 0"),
     ("eval: --limit 0", "evals.run",
      lambda r: ["--model", str(r / "run"), "--hellaswag", str(r / "hs_ok.jsonl"), "--limit", "0"], "--limit"),
     ("eval: non-UTF-8 HellaSwag", "evals.run",

@@ -310,3 +310,87 @@ def test_prepare_ctrl_c_stops_cleanly_and_prints_the_resume_command(tmp_path):
     assert not json.loads(manifest.read_text())["complete"]
     assert main(args) == 0
     assert _bytes(tmp_path / "o") == _bytes(tmp_path / "clean")
+
+
+# ---- a half-finished prepare; a manifest rewritten to match a changed shard (issue 19) ---------------
+def _incomplete(tmp_path: Path) -> tuple[Path, Path]:
+    """A prepare stopped (as by Ctrl-C) after some shards: complete false, a resume record."""
+    src = _jsonl(tmp_path, n=120)
+    out = tmp_path / "o"
+    _prep(src, out, val_tokens=2000)
+    man = json.loads((out / "manifest.json").read_text())
+    man["complete"] = False
+    man.pop("totals")
+    (out / "manifest.json").write_text(json.dumps(man))
+    return src, out
+
+
+def test_a_half_finished_prepare_is_refused_by_the_plan_and_val_loss_unless_allowed(tmp_path):
+    """Was: trained on (and evaluated) silently, a fraction of the data."""
+    from evals.val_loss import ValLossEvaluator
+
+    src, out = _incomplete(tmp_path)
+    over = tiny_overrides(out, tmp_path / "run", **{"model.preset": "tiny", "data.seq_len": 16,
+                                                   "train.global_batch_tokens": 64, "schedule.max_steps": 2})
+    p = run_cmd(python_cmd(over), check=False)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "has not finished ('complete': false" in lines[0]
+    assert f"finish it with: gpt2-prepare {src} {out} --shard-tokens 1000 --val-tokens 2000" in lines[0]
+    assert "data.allow_incomplete=true" in lines[0]
+    with pytest.raises(ShardError, match="has not finished"):
+        ValLossEvaluator(out, 16, 2, 64)
+    assert ValLossEvaluator(out, 16, 2, 64, allow_incomplete=True).num_sequences == 4
+    run_cmd(python_cmd(over + ["data.allow_incomplete=true"]))  # the documented override trains
+
+
+def test_a_manifest_rewritten_to_match_a_changed_shard_cannot_pass_ids_beyond_the_vocab(tmp_path):
+    """The shard's sha256 in the manifest matches its (changed) bytes, and max_token_id still says 511:
+    the id 600 is found in the hashing pass and refused in one line (was: a traceback from the model)."""
+    d = add_manifest(make_synthetic_shards(tmp_path / "d", n_train_shards=2))
+    man = json.loads((d / "manifest.json").read_text())
+    p = d / "train_000001.bin"
+    tokens = np.asarray(read_shard(p)).copy()
+    tokens[5] = 600
+    write_shard(p, tokens)
+    entry = next(s for s in man["shards"] if s["file"] == p.name)
+    entry["sha256"] = file_sha256(p)
+    assert entry["max_token_id"] < 512
+    (d / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ShardError, match="train_000001.bin: token id 600 at position 5"):
+        loader(d, vocab_size=512).wait_verified()  # every shard's check, on this thread
+    proc = run_cmd(python_cmd(tiny_overrides(d, tmp_path / "run", **{"schedule.max_steps": 8,
+                                                                       "data.shuffle": "false"})), check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "train_000001.bin: token id 600 at position 5 is >= the model's vocab_size 512" in lines[0]
+
+
+def test_data_errors_name_the_command_of_the_directory_given(tmp_path):
+    """Was: a '../' entry reported as 'holds no training shards'; header/size errors advised both a
+    generic command and data.prepare_command of the configured corpus."""
+    from pretrain.config import ConfigError, load_config
+    from pretrain.plan import make_plan
+
+    src = _jsonl(tmp_path)
+    out = tmp_path / "o"
+    _prep(src, out)
+    with open(out / "train_000001.bin", "r+b") as f:
+        f.truncate(1500)
+    over = tiny_overrides(out, tmp_path / "run", **{"model.preset": "tiny", "data.seq_len": 16,
+                                                   "train.global_batch_tokens": 64})
+    with pytest.raises(ConfigError) as e:
+        make_plan(load_config(None, over), 1)
+    msg = str(e.value)
+    assert "train_000001.bin: header says" in msg and f"rebuild it with: gpt2-prepare {src} {out}" in msg
+    assert "fineweb" not in msg and "SOURCE OUT_DIR" not in msg
+    man = json.loads((out / "manifest.json").read_text())
+    man["shards"][-1]["file"] = "../escape.bin"
+    (out / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ConfigError, match=r"'../escape.bin' points outside its directory"):
+        make_plan(load_config(None, over), 1)
+    # No data at all: the configured corpus's command, told to write *this* data.dir.
+    with pytest.raises(ConfigError, match=r"holds no training shards; create them with: python -m data_pipeline.prepare "
+                                          r"fineweb-edu-10B data/fineweb-edu-10B \(with " + str(tmp_path / "nowhere")
+                                          + r" as its output directory\)"):
+        make_plan(load_config(None, tiny_overrides(tmp_path / "nowhere", tmp_path / "run")), 1)

@@ -15,6 +15,7 @@ continue the first run's bit for bit (compared with an uninterrupted run).
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -35,7 +36,8 @@ LOCAL = LAUNCH / "local.sh"
 SBATCH_1 = LAUNCH / "slurm" / "train.sbatch"
 SBATCH_N = LAUNCH / "slurm" / "train_multinode.sbatch"
 PREPARE = LAUNCH / "slurm" / "prepare.sbatch"
-SCRIPTS = [LOCAL, LAUNCH / "common.sh", SBATCH_1, SBATCH_N, PREPARE]
+PREPARE_ARRAY = LAUNCH / "slurm" / "prepare_array.sbatch"
+SCRIPTS = [LOCAL, LAUNCH / "common.sh", SBATCH_1, SBATCH_N, PREPARE, PREPARE_ARRAY]
 STUB_SCRIPTS = sorted(p for p in STUBS.iterdir() if p.is_file())
 CONFIG = "configs/smoke_cpu.yaml"
 VOCAB = 512  # model.preset=tiny-vocab
@@ -281,6 +283,94 @@ def test_prepare_sbatch_dry_run(tmp_path):
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert shlex.split(r.stdout)[3:] == ["fineweb-edu-100B", "/scratch/edu", "--workers", "16", "--max-tokens", "5"]
+
+
+def _array_source(d: Path, files: int = 3, rows: int = 30) -> Path:
+    import json
+
+    rng = np.random.default_rng(0)
+    words = "the of and to in is was for on that with as by at data model school".split()
+    d.mkdir(parents=True)
+    for f in range(files):
+        (d / f"part_{f}.jsonl").write_text("".join(
+            json.dumps({"text": " ".join(rng.choice(words, int(rng.integers(20, 120))))}) + "\n" for _ in range(rows)))
+    return d
+
+
+ARRAY_ARGS = ["--shard-tokens", "300", "--val-tokens", "500"]
+
+
+def test_prepare_array_dry_run_prints_the_array_and_the_dependent_merge(tmp_path):
+    env = base_env(tmp_path, DRY_RUN="1", ARRAY_LIMIT="4")
+    r = subprocess.run(["bash", str(PREPARE_ARRAY), "--tasks", "16", "src/*.parquet", "out", "--shard-tokens", "5"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    array, merge = [shlex.split(line) for line in r.stdout.strip().splitlines()]
+    assert array[:3] == ["sbatch", "--parsable", "--array=0-15%4"]
+    assert array[3] == str(PREPARE_ARRAY) and array[4:] == ["_task", "16", "src/*.parquet", "out", "--shard-tokens", "5"]
+    assert "--dependency=afterok:<array job id>" in merge and merge[-2:] == ["_merge", "out"]
+    r = subprocess.run(["bash", str(PREPARE_ARRAY), "--tasks", "x", "a", "b"], cwd=tmp_path, env=base_env(tmp_path),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--tasks must be a positive integer" in r.stderr
+
+
+def test_prepare_array_requeued_task_resumes_and_the_dependent_merge_runs(tmp_path, monkeypatch):
+    """The array under the stub SLURM: task 1 gets SIGUSR1 part-way (as --signal=B:USR1@120 sends it),
+    stops at a safe point and requeues itself; the requeued task resumes; the merge (afterok) runs when
+    every task has succeeded; the result is the bytes of the same prepare run locally."""
+    from data_pipeline.prepare import main as prepare
+
+    sub = submit_dir(tmp_path)
+    _array_source(sub / "src")
+    monkeypatch.chdir(sub)  # the same (relative) SOURCE as the array's: manifests record it
+    assert prepare(["src", str(tmp_path / "ref"), "--tasks", "3", "--local", "--workers", "3",
+                    "--no-progress", *ARRAY_ARGS]) == 0
+    env = base_env(tmp_path, WORKERS="1", GPT2_PREPARE_TEST_SLEEP="0.2")
+    proc = subprocess.Popen(["bash", str(PREPARE_ARRAY), "--tasks", "3", "src", "out", *ARRAY_ARGS], cwd=sub, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    state, part = tmp_path / "slurm_state", sub / "out" / "manifest.task-00001-of-00003.json"
+    deadline = time.monotonic() + 90
+    while True:
+        pid_file = next(iter(state.glob("pid.*_1")), None) if state.is_dir() else None
+        try:
+            if pid_file is not None and len(json.loads(part.read_text())["shards"]) >= 1:
+                break
+        except (FileNotFoundError, ValueError):
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            kill_tree(proc, str(tmp_path))
+            pytest.fail(f"task 1 did not start writing: {proc.communicate()}")
+        time.sleep(0.05)
+    os.kill(int(pid_file.read_text()), signal.SIGUSR1)
+    try:
+        out, err = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc, str(tmp_path))
+        pytest.fail("the array did not finish")
+    assert proc.returncode == 0, err
+    array_id, merge_id = out.split()[1], out.split()[3]
+    assert (state / "requeue").read_text().split() == [f"{array_id}_1"]
+    assert sorted((state / f"rc.{array_id}").read_text().split("\n")[:-1]) == ["0 0", "1 0", "2 0"]
+    log1 = (sub / "logs" / f"gpt2-prepare-array-{array_id}_1.out").read_text()
+    assert "got SIGUSR1" in log1 and "requeueing it" in log1 and "restart 1" in log1 and "resuming" in log1
+    assert "merged 3 tasks" in (sub / "logs" / f"gpt2-prepare-merge-{merge_id}.out").read_text()
+    names = sorted(p.name for p in (tmp_path / "ref").iterdir())
+    assert names == sorted(p.name for p in (sub / "out").iterdir())
+    assert all((tmp_path / "ref" / n).read_bytes() == (sub / "out" / n).read_bytes() for n in names)
+
+
+def test_prepare_array_failed_task_leaves_the_merge_pending(tmp_path):
+    """afterok: a task that fails (here a bad row in its file) keeps the merge from ever running."""
+    sub = submit_dir(tmp_path)
+    src = _array_source(sub / "src", rows=10)
+    (src / "part_2.jsonl").write_text('{"body": "no text field"}\n')
+    r = subprocess.run(["bash", str(PREPARE_ARRAY), "--tasks", "3", "src", "out", *ARRAY_ARGS], cwd=sub,
+                       env=base_env(tmp_path, WORKERS="1"), capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr  # sbatch accepts both jobs, as SLURM does
+    array_id = r.stdout.split()[1]
+    assert "task 2 exited 2" in (tmp_path / "slurm_state" / "never").read_text()
+    assert "has no field 'text'" in (sub / "logs" / f"gpt2-prepare-array-{array_id}_2.out").read_text()
+    assert not (sub / "out" / "manifest.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -364,3 +364,86 @@ def test_resume_refuses_a_changed_source(tmp_path):
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": "x"}) + "\n" for _ in range(40)))
     with pytest.raises(PrepareError, match="source changed"):
         prep(tmp_path / "d.jsonl", tmp_path / "o", val_tokens=500, shard_tokens=1000)
+
+
+# ---- refusals before the first write (issue 19) -------------------------------------------------
+@pytest.mark.parametrize("where", ["a file", "under a file", "read-only"])
+def test_an_unusable_out_dir_is_exit_2_in_one_line_before_any_write(tmp_path, capsys, monkeypatch, where):
+    """Was: exit 1 with 'fix that (e.g. free space)' after the work had started."""
+    from data_pipeline.prepare import main
+
+    src = tmp_path / "docs.jsonl"
+    src.write_text(json.dumps({"text": "hello world " * 50}) + "\n")
+    (tmp_path / "f").write_text("x")
+    out = {"a file": tmp_path / "f", "under a file": tmp_path / "f" / "out", "read-only": tmp_path / "ro" / "out"}[where]
+    if where == "read-only":
+        (tmp_path / "ro").mkdir()
+        real = os.access  # root writes through chmod: the check is os.access, so say it as EROFS would
+        monkeypatch.setattr(os, "access", lambda p, m, **k: False if str(p) == str(tmp_path / "ro") else real(p, m, **k))
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert main([str(src), str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("gpt2-prepare: error: ") and "OUT_DIR" in err[0], err
+    assert {"a file": "is not a directory", "under a file": "is a file", "read-only": "not writable"}[where] in err[0]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only (chmod) directory")
+def test_a_read_only_out_dir_is_exit_2_without_patching(tmp_path, capsys):
+    from data_pipeline.prepare import main
+
+    src = tmp_path / "docs.jsonl"
+    src.write_text(json.dumps({"text": "hello world " * 50}) + "\n")
+    (tmp_path / "ro").mkdir(mode=0o555)
+    assert main([str(src), str(tmp_path / "ro" / "out"), "--no-progress"]) == 2
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_a_permission_error_while_writing_is_an_input_fault(tmp_path, capsys, monkeypatch):
+    from data_pipeline import prepare
+
+    src = tmp_path / "docs.jsonl"
+    src.write_text(json.dumps({"text": "hello world " * 50}) + "\n")
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "o" / "val_000000.bin"))
+
+    monkeypatch.setattr(prepare, "write_shard", denied)
+    assert prepare.main([str(src), str(tmp_path / "o"), "--no-progress", "--val-tokens", "10"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Permission denied (errno 13)" in err[0] and "free space" not in err[0]
+
+
+def test_a_prepare_refused_at_a_bad_row_leaves_nothing_that_blocks_the_corrected_rerun(tmp_path, capsys):
+    """Was: the manifest (with the wrong --text-field) was written before the first row was read, and
+    the corrected command was refused as 'prepared with different arguments'."""
+    from data_pipeline.prepare import main
+
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"body": f"document {i} " * 40}) + "\n" for i in range(30)))
+    out = tmp_path / "o"
+    assert main([str(src), str(out), "--no-progress", "--val-tokens", "100", "--shard-tokens", "200"]) == 2
+    assert "has no field 'text'" in capsys.readouterr().err
+    assert not out.exists()
+    assert main([str(src), str(out), "--no-progress", "--val-tokens", "100", "--shard-tokens", "200",
+                 "--text-field", "body"]) == 0
+    # A claim left by an older version (a manifest, no shard) does not block either.
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps({"complete": False, "settings": {"text_field": "x"},
+                                                                "shards": []}))
+    assert main([str(src), str(tmp_path / "old"), "--no-progress", "--val-tokens", "100", "--text-field", "body"]) == 0
+
+
+def test_an_interrupted_final_commit_resumes_to_the_same_bytes(corpus, tmp_path):
+    """A stop between the last shard and the 'complete' manifest: the rerun finishes without re-reading."""
+    d, _, _ = corpus
+    prep(d / "edu_*.parquet", tmp_path / "clean")
+    out = tmp_path / "o"
+    prep(d / "edu_*.parquet", out)
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["shards"][-1]["final"] and man["shards"][-1]["resume"]["row"] == man["totals"]["rows_read"]
+    man["complete"] = False
+    man.pop("totals")
+    (out / "manifest.json").write_text(json.dumps(man, indent=2) + "\n")
+    prep(d / "edu_*.parquet", out)
+    assert dir_bytes(out) == dir_bytes(tmp_path / "clean")

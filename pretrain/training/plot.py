@@ -183,7 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         runs = load_runs(args.runs)
-        out = args.out or (runs[0].path.parent / "loss.png" if len(runs) == 1 else Path("loss.png"))
+        out = Path(args.out or (runs[0].path.parent / "loss.png" if len(runs) == 1 else "loss.png"))
+        where = out.parent
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        if not where.is_dir():  # before matplotlib is imported and the figure drawn
+            raise PlotError(f"--out {out}: {where} is not a directory; choose another --out")
         path = plot_runs(runs, out)
     except (PlotError, OSError) as e:
         print(f"gpt2-plot: error: {e}", file=sys.stderr)

@@ -1,0 +1,322 @@
+"""Where a prepared directory's shards are read from: in place, or copied from object storage.
+
+``data.dir`` is a local directory or an fsspec URL (``s3://``, ``gs://``, ``hf://``, ``file://``,
+``memory://`` ...; the protocols of ``data_pipeline.sources.ALLOWED_PROTOCOLS``). Every reader of
+shards -- the run plan's data check and the token loader (``data_pipeline.loader``), the val-loss
+evaluator (``evals/val_loss.py``) -- goes through one :class:`ShardStore`::
+
+    local dir   root = the directory; a shard is hashed where it lies
+    URL         root = data.cache_dir/<name>-<hash of the URL>/ (node-local); manifest.json is read
+                from the URL and a copy kept in root; a shard is copied into root the first time it
+                is needed (under a lock, so the ranks of a node fetch it once), then hashed there
+
+Checks, cheapest first: opening a store reads the manifest (remote: one small object); the plan
+checks every shard's size (remote: one listing of the directory, no shard is read before step 1);
+before a shard's tokens are first used, :meth:`ShardStore.check` hashes the local file against the
+manifest's sha256 and takes its largest token id in the same read. A remote copy that does not
+match is fetched again once; a second mismatch stops the run in one line (the object itself is
+bad). The loader calls ``check`` on a background thread, one shard ahead of the one it reads
+(``PREFETCH_SHARDS``), so the next shard downloads while the current one trains.
+
+A remote directory needs a manifest with sha256 records (what ``gpt2-prepare`` writes, and
+``gpt2-prepare --index`` for shards made by other tools): a copy is only used once verified.
+The cache is not evicted (a later epoch or run reads the copies; they are re-hashed on first use).
+
+Error advice names the command for *this* directory: the ``gpt2-prepare`` command its manifest
+records (:meth:`ShardStore.rebuild_hint`), never a configured default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline import integrity
+from data_pipeline.shards import (
+    HEADER_BYTES,
+    MANIFEST_NAME,
+    TOKEN_DTYPE,
+    NoShardsError,
+    ShardError,
+    local_path,
+    manifest_entries,
+    parse_manifest,
+    read_header,
+    read_manifest,
+    shard_bytes,
+    shard_entries,
+)
+
+PREFETCH_SHARDS = 1  # remote data: shards fetched ahead of the one being read
+_CHUNK = 1 << 22
+
+
+def is_remote(data_dir: str | os.PathLike) -> bool:
+    """True for any fsspec URL, ``file://`` included (a ``file://`` URL stands for remote storage:
+    its shards are copied into the cache like any other)."""
+    return "://" in str(data_dir) or "::" in str(data_dir)
+
+
+class MaxId:
+    """``on_chunk`` for :func:`integrity.sha256_file`: the largest token id of a shard, taken
+    while its bytes are hashed (a pass restarts at offset 0 and starts over)."""
+
+    def __init__(self) -> None:
+        self.value = -1
+
+    def __call__(self, offset: int, data: bytes) -> None:
+        if offset == 0:
+            self.value = -1
+        skip = max(HEADER_BYTES - offset, 0)  # chunks are large and even: the header sits in the first
+        if skip < len(data):
+            self.value = max(self.value, int(np.frombuffer(data, dtype=TOKEN_DTYPE, offset=skip).max()))
+
+
+def token_range_error(path: Path | str, tokens: np.ndarray | None, vocab_size: int,
+                      recorded: int | None = None) -> ShardError:
+    """One line naming the first id ``>= vocab_size`` in ``tokens`` (the shard at ``path``) and
+    where; without the tokens (a remote shard not fetched yet), the id its manifest records."""
+    if tokens is None:
+        where, tok = "(the largest id its manifest records)", int(recorded if recorded is not None else -1)
+    else:
+        pos = 0
+        for lo in range(0, len(tokens), 1 << 24):  # in slices: never a full-shard boolean array
+            hits = np.flatnonzero(np.asarray(tokens[lo:lo + (1 << 24)]) >= vocab_size)
+            if hits.size:
+                pos = lo + int(hits[0])
+                break
+        tok, where = int(tokens[pos]), f"at position {pos}"
+    return ShardError(
+        f"{path}: token id {tok} {where} is >= the model's vocab_size {vocab_size} (ids in the "
+        f"padded rows have no trained embedding either); this data was tokenized for another vocabulary: "
+        f"re-prepare it with the model's tokenizer or use a model with vocab_size > {tok}"
+    )
+
+
+class ShardStore:
+    """The shards of one prepared directory, readable as local files under :attr:`root`.
+
+    ``ShardStore(data_dir, cache_dir=None)``: see the module doc. Attributes: ``where`` (the
+    directory as given), ``root`` (the local directory of the files to read), ``remote``,
+    ``manifest`` (None for a local directory without one) and ``manifest_ref`` (its location)."""
+
+    def __init__(self, data_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> None:
+        self.where = str(data_dir)
+        self.remote = is_remote(data_dir)
+        if not self.remote:
+            self.root = local_path(data_dir)
+            self.manifest_ref = str(self.root / MANIFEST_NAME)
+            self.manifest = read_manifest(self.root) if self.root.is_dir() else None
+            return
+        self._open_remote(cache_dir)
+
+    # ---- remote ------------------------------------------------------------------------------------
+    def _open_remote(self, cache_dir: str | os.PathLike | None) -> None:
+        import fsspec
+
+        from data_pipeline.sources import SourceError, check_protocol
+
+        url = self.where.rstrip("/")
+        try:
+            check_protocol(url)
+        except SourceError as e:
+            raise ShardError(str(e)) from None
+        if cache_dir is None or is_remote(cache_dir):
+            raise ShardError(f"{url}: shards at a URL are copied to a node-local cache directory first; set one "
+                             "(data.cache_dir=/local/scratch/gpt2-cache)")
+        try:
+            self.fs, self._path = fsspec.core.url_to_fs(url)
+        except ImportError as e:  # e.g. s3:// without s3fs
+            raise ShardError(f"{url}: cannot read this kind of URL here ({e})") from None
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", url.rsplit("/", 1)[-1])[:40] or "data"
+        self.root = Path(cache_dir) / f"{slug}-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+        self.manifest_ref = f"{url}/{MANIFEST_NAME}"
+        try:
+            text = self.fs.cat_file(f"{self._path}/{MANIFEST_NAME}").decode()
+        except FileNotFoundError:
+            raise ShardError(
+                f"{self.manifest_ref}: not found; a remote data.dir needs the manifest.json of a prepared "
+                "directory (gpt2-prepare writes one; gpt2-prepare --index DIR writes one for llm.c shards)"
+            ) from None
+        except OSError as e:
+            raise ShardError(f"{self.manifest_ref}: cannot read it ({e}); check the URL and credentials") from None
+        self.manifest = parse_manifest(text, self.manifest_ref)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            _atomic_copy(self.root / MANIFEST_NAME, [text.encode()])  # the cache dir describes itself
+        except OSError as e:
+            raise ShardError(f"{self.root}: cannot write the shard cache ({e.strerror or e}); set data.cache_dir "
+                             "to a writable node-local directory") from None
+        self._sizes: dict[str, int] | None = None
+
+    def _remote_sizes(self) -> dict[str, int]:
+        """Sizes of the files at the URL (one listing)."""
+        if self._sizes is None:
+            try:
+                listing = self.fs.ls(self._path, detail=True)
+            except OSError as e:
+                raise ShardError(f"{self.where}: cannot list it ({e}); check the URL and credentials") from None
+            self._sizes = {str(x["name"]).rstrip("/").rsplit("/", 1)[-1]: int(x.get("size") or 0) for x in listing
+                           if x.get("type", "file") != "directory"}
+        return self._sizes
+
+    def _url(self, name: str) -> str:
+        return f"{self.where.rstrip('/')}/{name}"
+
+    def _fetch(self, name: str, replace_inode: int | None = None, stop: Callable[[], bool] | None = None) -> None:
+        """Copy ``name`` into :attr:`root` unless a copy is there (or, ``replace_inode`` given, unless
+        the copy there is another file than that one, i.e. someone fetched it again already)."""
+        import fcntl
+
+        dest = self.root / name
+        with open(self.root / f".{name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # the ranks of a node fetch a shard once
+            try:
+                st = dest.stat()
+            except FileNotFoundError:
+                st = None
+            if st is not None and (replace_inode is None or st.st_ino != replace_inode):
+                return
+            try:
+                with self.fs.open(f"{self._path}/{name}", "rb") as src:
+                    _atomic_copy(dest, iter(lambda: src.read(_CHUNK), b""), stop)
+            except FileNotFoundError:
+                raise ShardError(f"{self._url(name)}: listed in {MANIFEST_NAME} but not found there; "
+                                 f"{self.rebuild_hint()} and upload it again") from None
+
+    # ---- both ----------------------------------------------------------------------------------------
+    def check_complete(self, allow_incomplete: bool = False) -> None:
+        """Refuse a directory whose ``gpt2-prepare`` has not finished (``complete: false``), naming the
+        command that finishes it, unless ``allow_incomplete``."""
+        m = self.manifest
+        if m is None or m.get("complete", True) is not False or allow_incomplete:
+            return
+        cmd = self.command()
+        n = len(m.get("shards") or [])
+        finish = f"finish it with: {cmd}" if cmd else "finish its prepare"
+        raise ShardError(
+            f"{self.manifest_ref}: the prepare has not finished ('complete': false, {n} shards so far); "
+            f"{finish}, or set data.allow_incomplete=true to train on them"
+        )
+
+    def command(self, entry: dict | None = None) -> str | None:
+        """The ``gpt2-prepare`` command(s) that (re)make this directory (the shard ``entry``'s task
+        for a directory prepared in tasks), from its manifest; None without a record."""
+        m = self.manifest
+        if not m:
+            return None
+        settings = m.get("settings")
+        if isinstance(settings, dict):
+            from data_pipeline.prepare import command_line  # only on error paths: it imports the tokenizer
+
+            task = entry.get("task") if isinstance(entry, dict) else None
+            cmd = command_line(settings, self.where, task_id=task if isinstance(task, int) else None)
+            if isinstance(settings.get("tasks"), int) and not settings.get("index"):
+                cmd += f", then gpt2-prepare --merge {self.where}"
+            return cmd
+        return None
+
+    def rebuild_hint(self, entry: dict | None = None) -> str:
+        """How to rebuild the shards of this directory: its manifest's exact ``gpt2-prepare`` command."""
+        cmd = self.command(entry)
+        if cmd:
+            return f"rebuild it with: {cmd}"
+        return f"rebuild it with the `gpt2-prepare SOURCE {self.where}` command that made it"
+
+    def integrity_error(self, bad: integrity.Mismatch, entry: dict | None = None, fetched: bool = False,
+                        digits: int = 64) -> ShardError:
+        """One line: the file, the expected and actual hash (or size; ``digits`` of each), and the
+        command that rebuilds it."""
+        if fetched:
+            return ShardError(
+                f"{self._url(bad.path.name)}: fetched twice into {self.root}, and neither copy matches "
+                f"{self.manifest_ref} ({bad.describe(digits)}); the stored shard is corrupt -- "
+                f"{self.rebuild_hint(entry)} and upload it again"
+            )
+        return ShardError(
+            f"{bad.path}: content does not match {self.manifest_ref} ({bad.describe(digits)}); the shard is "
+            f"corrupt -- {self.rebuild_hint(entry)} (the rerun re-verifies and rewrites bad shards)"
+        )
+
+    def entries(self, split: str) -> list[tuple[Path, dict | None]]:
+        """The local paths of ``split``'s shards (remote: where their copies go) with their manifest entries."""
+        if not self.remote:
+            return shard_entries(self.root, split, self.manifest)
+        out = []
+        for e in manifest_entries(self.manifest, split, self.manifest_ref):
+            if not isinstance(e.get("sha256"), str) or not isinstance(e.get("tokens"), int):
+                raise ShardError(f"{self.manifest_ref}: entry {e['file']!r} records no sha256 or token count, so a "
+                                 "copy cannot be verified; index the directory again (gpt2-prepare --index DIR)")
+            out.append((self.root / e["file"], e))
+        if not out:
+            raise NoShardsError(f"{self.manifest_ref}: no '{split}' shards; {self.rebuild_hint()}")
+        return out
+
+    def token_counts(self, entries: list[tuple[Path, dict | None]]) -> np.ndarray:
+        """Each shard's token count, checked without reading its tokens: a local shard's header and
+        size against its manifest entry; a remote one's size (one listing) against its entry."""
+        out = []
+        for path, entry in entries:
+            if self.remote:
+                n = int(entry["tokens"])
+                size = self._remote_sizes().get(path.name)
+                if size is None:
+                    raise ShardError(f"{self._url(path.name)}: listed in {MANIFEST_NAME} but not found there; "
+                                     f"{self.rebuild_hint(entry)} and upload it")
+                if size != shard_bytes(n):
+                    raise ShardError(f"{self._url(path.name)}: {size} bytes, but {MANIFEST_NAME} says {n} tokens "
+                                     f"({shard_bytes(n)} bytes); the stored shard is truncated or corrupt -- "
+                                     f"{self.rebuild_hint(entry)} and upload it again")
+            else:
+                n = read_header(path, fix=self.rebuild_hint(entry))  # every header first: a missing file is named
+            out.append(n)
+        for (path, entry), n in zip(entries, out):
+            if not self.remote and entry is not None and isinstance(entry.get("tokens"), int) and entry["tokens"] != n:
+                raise ShardError(
+                    f"{path}: holds {int(n)} tokens but {self.manifest_ref} says {entry['tokens']}; "
+                    f"the shard was replaced or is corrupt -- {self.rebuild_hint(entry)}"
+                )
+        return np.array(out, dtype=np.int64)
+
+    def check(self, path: Path, exp: integrity.Expected | None, entry: dict | None = None,
+              stop: Callable[[], bool] | None = None) -> int:
+        """Make the shard at ``path`` safe to read: fetch it (remote), hash it against ``exp`` (None:
+        no record, only the max is taken) and return its largest token id, from the same read. A
+        remote copy that does not match is fetched again once; then :class:`ShardError`."""
+        top = MaxId()
+        for attempt in range(2 if self.remote else 1):
+            inode = None
+            if self.remote:
+                if attempt:
+                    with contextlib.suppress(FileNotFoundError):
+                        inode = path.stat().st_ino
+                self._fetch(path.name, replace_inode=inode if attempt else None, stop=stop)
+            if exp is None:  # no record to check against: only the max
+                integrity.sha256_file(path, on_chunk=top, stop=stop)
+                return top.value
+            bad = next(iter(integrity.verify_files([exp], None, lambda _: top, stop)), None)
+            if bad is None:
+                return top.value
+        raise self.integrity_error(bad, entry, fetched=self.remote)
+
+
+def _atomic_copy(dest: Path, chunks, stop: Callable[[], bool] | None = None) -> None:
+    """Write ``chunks`` to ``dest`` through a temporary name and a rename (``stop()`` polled)."""
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            for c in chunks:
+                f.write(c)
+                if stop is not None and stop():
+                    raise InterruptedError(f"{dest}: fetch stopped")
+        os.replace(tmp, dest)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
