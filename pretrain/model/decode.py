@@ -258,6 +258,7 @@ class Decoder:
         self.done = torch.zeros(B, dtype=torch.bool, device=device)  # rows past their eot_id
         self.out = torch.zeros(B, L, dtype=torch.long, device=device)  # the picked tokens
         self.trunk, self.pick, self.eot_id, self.mode = trunk, pick, eot_id, mode
+        self.step_trunk = trunk  # the decode step's (compiled alone when the pick cannot be)
         self.batch_size, self.max_len = B, L
         self.graph: torch.cuda.CUDAGraph | None = None
         t0 = time.perf_counter()
@@ -266,7 +267,7 @@ class Decoder:
 
     def _step_eager(self) -> None:
         u = self.u.index_select(1, self.count)  # (B, 1): this draw's uniforms
-        self._record(self.pick(self.trunk(self.tok, self.cache), u))
+        self._record(self.pick(self.step_trunk(self.tok, self.cache), u))
 
     def _record(self, nxt: torch.Tensor) -> None:
         if self.eot_id is not None:  # a finished row keeps emitting eot_id (cut off by the caller)
@@ -283,7 +284,7 @@ class Decoder:
         if mode == "eager":
             return self._step_eager
         if mode == "compile" and not static_pick:  # a sampler with host syncs (CPU): the trunk alone
-            self.trunk = torch.compile(self.trunk, fullgraph=True, dynamic=False)
+            self.step_trunk = torch.compile(self.trunk, fullgraph=True, dynamic=False)
             fn = self._step_eager
         elif mode == "reduce-overhead":
             for t in [*self.cache.k, *self.cache.v, self.cache.start, self.cache.slot, self.cache.columns,
@@ -319,7 +320,8 @@ class Decoder:
 
     def start(self, idx: torch.Tensor, start: torch.Tensor, u: torch.Tensor, pick: Callable | None = None) -> None:
         """A new batch: prompts idx (B, T0) left-padded (row b's tokens begin at column start[b]),
-        u (B, n) each row's uniforms for n draws. Prefills (eager) and picks the first tokens.
+        u (B, n) each row's uniforms for n draws. Prefills (eager, whatever the prompt length: no
+        graph per length) and picks the first tokens.
         ``pick``: this batch's sampler, for a step that calls it eagerly (one that is compiled or
         captured keeps the one it was built with)."""
         if pick is not None:

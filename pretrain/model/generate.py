@@ -46,6 +46,7 @@ import sys
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -507,28 +508,63 @@ def generate(
 # CLI
 
 
+class _Prompts(argparse.Action):
+    """``--prompt`` may be repeated: the first use replaces the default ('' = unconditional)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        current = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, [*current, values] if isinstance(current, list) else [values])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpt2-generate",
-        description="Sample continuations of a prompt from a GPT-2 (HF directory, hub name or native checkpoint).",
+        description="Sample continuations of prompts from a GPT-2 (HF directory, hub name or native checkpoint).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--model", required=True, help="HF model directory / hub name, or a native checkpoint directory")
     parser.add_argument(
-        "--prompt", default="", help="text to continue (default: '%(default)s' = unconditional, starting at <|endoftext|>)"
+        "--prompt", default="", action=_Prompts,
+        help="text to continue; repeat for several prompts, generated as one batch "
+             "(default: '%(default)s' = unconditional, starting at <|endoftext|>)",
     )
+    parser.add_argument("--prompts-file", default=None, metavar="FILE",
+                        help="a UTF-8 text file, one prompt a line (after any --prompt)")
     parser.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate per sample")
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass >= p")
-    parser.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator")
-    parser.add_argument("--num-samples", type=int, default=1, help="samples of the prompt, generated as one batch")
+    parser.add_argument("--seed", type=int, default=1337, help="sample i draws with seed + i (whatever the batch)")
+    parser.add_argument("--num-samples", type=int, default=1, help="samples of each prompt, generated as one batch")
+    parser.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                        help="end a sample after this text (kept in the output); repeatable")
+    parser.add_argument("--batch-size", type=int, default=None, help="samples decoded at once; default: all")
+    parser.add_argument("--step", default="auto", choices=["auto", *DECODE_MODES],
+                        help="how the decode step runs: auto = a captured CUDA graph on CUDA, eager on a CPU")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...; auto = cuda when available")
     parser.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and activations dtype"
     )
     parser.add_argument("--no-kv-cache", action="store_true", help="recompute the whole context every step")
     return parser
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts in order: every ``--prompt``, then each line of ``--prompts-file``."""
+    prompts = list(args.prompt) if isinstance(args.prompt, list) else []
+    if args.prompts_file is not None:
+        path = Path(args.prompts_file)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise GenerationError(f"--prompts-file {path}: cannot read it ({e.strerror}); "
+                                  "give a text file with one prompt a line") from None
+        except UnicodeDecodeError:
+            raise GenerationError(f"--prompts-file {path}: not UTF-8 text; save it as UTF-8") from None
+        if not lines:
+            raise GenerationError(f"--prompts-file {path}: holds no prompts; write one prompt a line")
+        prompts += lines
+    return prompts or [args.prompt]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -540,33 +576,37 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.num_samples < 1:
             raise GenerationError(f"--num-samples must be >= 1, got {args.num_samples}")
+        if args.batch_size is not None and args.batch_size < 1:
+            raise GenerationError(f"--batch-size must be >= 1, got {args.batch_size}")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise GenerationError(f"--device {args.device}: CUDA is not available here; pass --device cpu")
+        texts = read_prompts(args)
         source = resolve(args.model)
         model = load_model(source).to(device=device, dtype=getattr(torch, args.dtype))
         if source.note:
             print(source.note, file=sys.stderr)
         tok = get_tokenizer()
-        ids = tok.encode(args.prompt) or [tok.eot_id]
-        room = model.config.block_size - len(ids)
-        if 0 <= room < args.max_new_tokens:
-            print(
-                f"note: the context holds {model.config.block_size} tokens and the prompt {len(ids)}; "
-                f"generating at most {room}",
-                file=sys.stderr,
-            )
+        ids = [tok.encode(t) or [tok.eot_id] for t in texts]
+        for i, p in enumerate(ids):
+            room = model.config.block_size - len(p)
+            if 0 <= room < args.max_new_tokens:
+                print(f"note: the context holds {model.config.block_size} tokens and prompt {i + 1} {len(p)}; "
+                      f"generating at most {room}", file=sys.stderr)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         outs = generate(
             model,
-            [ids] * args.num_samples,
+            [p for p in ids for _ in range(args.num_samples)],
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,
             seed=args.seed,
             use_kv_cache=not args.no_kv_cache,
+            stop=args.stop,
+            batch_size=args.batch_size,
+            step=args.step,
         )
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -574,14 +614,15 @@ def main(argv: list[str] | None = None) -> int:
     except (GenerationError, WeightsError) as e:
         print(f"gpt2-generate: error: {e}", file=sys.stderr)
         return 2
-    for i, new in enumerate(outs):
-        if args.num_samples > 1:
-            print(f"--- sample {i + 1}/{args.num_samples} ---")
-        print(args.prompt + tok.decode(new))
+    texts = [t for t in texts for _ in range(args.num_samples)]
+    for i, (text, new) in enumerate(zip(texts, outs)):
+        if len(outs) > 1:
+            print(f"--- sample {i + 1}/{len(outs)} ---")
+        print(text + tok.decode(new))
     n = sum(len(o) for o in outs)
     print(
-        f"{n} new tokens in {dt:.2f} s: {n / max(dt, 1e-9):.1f} tokens/s "
-        f"(batch {args.num_samples}, {'no ' if args.no_kv_cache else ''}KV cache, {device}, {args.dtype})",
+        f"{n} new tokens in {dt:.2f} s: {n / max(dt, 1e-9):.1f} tokens/s (batch {args.batch_size or len(outs)}, "
+        f"{'no KV cache' if args.no_kv_cache else 'KV cache, step ' + args.step}, {device}, {args.dtype})",
         file=sys.stderr,
     )
     return 0
