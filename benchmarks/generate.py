@@ -28,6 +28,7 @@ import argparse
 import platform
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -114,25 +115,54 @@ def screened_bytes_per_token(model: GPT, prompts: torch.Tensor, n: int, per_toke
     """Bytes read per token when the head is screened: ``per_token`` (fp32 weights + cache) with the
     fp32 head replaced by its int8 copy and bf16 scales plus the fp32 rows of the candidates it
     rescores (their mean count over one top-k 50 run of ``n`` tokens, counted here)."""
-    import pretrain.model.generate as gen
+    import pretrain.model.decode as dec
 
     counts = []
-    real = gen.ScreenedHead.candidates
+    real = dec.ScreenedHead.candidates
 
     def counting(self, h, k):
         found = real(self, h, k)
         counts.append(found[0].numel() if found is not None else self.q.size(0))
         return found
 
-    gen.ScreenedHead.candidates = counting
+    dec.ScreenedHead.candidates = counting
     try:
         generate(model, prompts, max_new_tokens=n, temperature=1.0, top_k=50, seed=0, eot_id=None)
     finally:
-        gen.ScreenedHead.candidates = real
+        dec.ScreenedHead.candidates = real
     if not counts:  # the screen does not apply here (another dtype, a width not a multiple of 16)
         return per_token
     V, C = model.config.vocab_size, model.config.n_embd
     return per_token - V * C * 4 + V * C + V * 2 + statistics.mean(counts) * C * 4
+
+
+def aten_ops(fn: Callable[[], object]) -> int:
+    """Top-level aten operator calls made while ``fn()`` runs (``torch.profiler``; an op called from
+    inside another aten op, e.g. ``linear``'s ``addmm``, is not counted again). A compiled graph
+    counts the aten ops its generated code calls (extern matmuls, allocations), not its kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    n = 0
+    for e in prof.events():
+        if e.name.startswith("aten::"):
+            p = e.cpu_parent
+            while p is not None and not p.name.startswith("aten::"):
+                p = p.cpu_parent
+            n += p is None
+    return n
+
+
+def ops_per_token(model: GPT, prompts, n1: int, n2: int, **kw) -> float:
+    """Aten ops per decoded token: the difference between a call of n2 and one of n1 new tokens
+    (the same cache bucket), over n2 - n1 -- the prefill and per-call setup cancel out."""
+    generate(model, prompts, max_new_tokens=n1, **kw)  # warm-up (and any compile)
+    return (aten_ops(lambda: generate(model, prompts, max_new_tokens=n2, **kw))
+            - aten_ops(lambda: generate(model, prompts, max_new_tokens=n1, **kw))) / (n2 - n1)
+
+
+RAGGED_LENGTHS = (5, 9, 12, 16, 23, 31, 40, 64)  # the batch of 8 prompts of different lengths
 
 
 def main_w1(args) -> None:
@@ -140,7 +170,10 @@ def main_w1(args) -> None:
     cfg = GPTConfig(n_layer=4, n_head=4, n_embd=256, block_size=256, padded_vocab_size=50304)
     model = GPT(cfg).eval()
     B, T0, n = 1, 16, 240
-    prompts = torch.randint(0, cfg.vocab_size, (B, T0), generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, cfg.vocab_size, (B, T0), generator=g)
+    ragged = [torch.randint(0, cfg.vocab_size, (k,), generator=g).tolist() for k in RAGGED_LENGTHS]
+    n_r = cfg.block_size - max(RAGGED_LENGTHS)  # 192: every row fits its context
     print(machine("cpu"))
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     weights -= model.transformer.wpe.weight.numel() * 4 - cfg.n_embd * 4  # one position row per token
@@ -149,13 +182,17 @@ def main_w1(args) -> None:
     screened = screened_bytes_per_token(model, prompts, n, per_token)
     print(f"model W1: {model.num_params() / 1e6:.1f}M params; batch {B}, prompt {T0}, {n} new tokens, top-k 50; "
           f"{per_token / 1e6:.1f} MB of fp32 weights and cache per token; read with the int8 screen of the head "
-          f"(pretrain.model.generate.ScreenedHead): {screened / 1e6:.1f} MB")
+          f"(pretrain.model.decode.ScreenedHead): {screened / 1e6:.1f} MB")
+    kw = dict(temperature=1.0, top_k=50, seed=0, eot_id=None)
     modes = {
-        "kv cache": lambda: generate(model, prompts, max_new_tokens=n, temperature=1.0, top_k=50, seed=0, eot_id=None),
+        "kv cache": lambda: generate(model, prompts, max_new_tokens=n, **kw),
         "nanoGPT (no cache)": lambda: nanogpt_generate(model, prompts, n, 50, torch.Generator().manual_seed(0)),
+        "batch of 8 ragged": lambda: generate(model, ragged, max_new_tokens=n_r, **kw),
+        "the 8 one by one": lambda: [generate(model, [p], max_new_tokens=n_r, **dict(kw, seed=i))
+                                     for i, p in enumerate(ragged)],
     }
-    for f in modes.values():  # warm-up
-        f()
+    tokens = {"kv cache": B * n, "nanoGPT (no cache)": B * n, "batch of 8 ragged": 8 * n_r, "the 8 one by one": 8 * n_r}
+    assert modes["batch of 8 ragged"]() == [r[0] for r in modes["the 8 one by one"]()]  # each row as alone
     res: dict[str, list[tuple[float, float]]] = {k: [] for k in modes}
     bws, copies = [], []
     for _ in range(args.repeats):
@@ -164,19 +201,52 @@ def main_w1(args) -> None:
         for k, f in modes.items():
             t0, c0 = time.perf_counter(), time.process_time()
             f()
-            res[k].append((B * n / (time.perf_counter() - t0), B * n / (time.process_time() - c0)))
+            res[k].append((tokens[k] / (time.perf_counter() - t0), tokens[k] / (time.process_time() - c0)))
     med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in res.items()}
     bw = statistics.median(bws)
     bound = bw / per_token
     print(f"read bandwidth {bw / 1e9:.2f} GB/s (copy: {statistics.median(copies) / 1e9:.2f} GB/s copied) -> "
           f"bound {bound:.0f} tokens/s reading the fp32 weights, {bw / screened:.0f} tokens/s reading what the "
           f"screened head reads (medians of {args.repeats})")
+    print(f"ragged batch: prompts of {', '.join(map(str, RAGGED_LENGTHS))} tokens, {n_r} new tokens each; "
+          "every row's tokens equal generating it alone (checked)")
     print(f"{'mode':<20} {'tokens/s':>9} {'tokens/CPU-s':>13}  runs (tokens/s)")
     for k, (w, c) in med.items():
         print(f"{k:<20} {w:>9.1f} {c:>13.1f}  {[round(x, 1) for x, _ in res[k]]}")
-    kv_w, nc_w = med["kv cache"][0], med["nanoGPT (no cache)"][0]
-    print(f"KV cache vs nanoGPT: {kv_w / nc_w:.1f}x wall, {med['kv cache'][1] / med['nanoGPT (no cache)'][1]:.1f}x CPU; "
-          f"{kv_w / bound:.0%} of the fp32-weights bound, {kv_w / (bw / screened):.0%} of the screened bound")
+    ratio = lambda a, b, i: med[a][i] / med[b][i]  # noqa: E731
+    print(f"KV cache vs nanoGPT: {ratio('kv cache', 'nanoGPT (no cache)', 0):.1f}x wall, "
+          f"{ratio('kv cache', 'nanoGPT (no cache)', 1):.1f}x CPU; {med['kv cache'][0] / bound:.0%} of the fp32-weights "
+          f"bound, {med['kv cache'][0] / (bw / screened):.0%} of the screened bound")
+    print(f"batch of 8 ragged vs one by one: {ratio('batch of 8 ragged', 'the 8 one by one', 0):.1f}x wall, "
+          f"{ratio('batch of 8 ragged', 'the 8 one by one', 1):.1f}x CPU")
+    ops = ops_per_token(model, prompts, n // 2, n, **kw)
+    print(f"aten ops per decoded token (batch 1, top-k 50, top-level calls): eager step {ops:.1f}")
+    if args.compile:
+        compiled(model, prompts, n, kw)
+
+
+def compiled(model: GPT, prompts, n: int, kw: dict) -> None:
+    """step='compile' (inductor): what the first call costs (the compile, paid once per batch size
+    and cache bucket), what the next calls run at, and the aten ops per token left."""
+    from pretrain.model.decode import decoders
+    from pretrain.training.profiling import graph_breaks, reset_dynamo_counters
+
+    kw = dict(kw, step="compile")
+    with reset_dynamo_counters():
+        t0 = time.perf_counter()
+        generate(model, prompts, max_new_tokens=n, **kw)
+        first = time.perf_counter() - t0
+        runs = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            generate(model, prompts, max_new_tokens=n, **kw)
+            runs.append(prompts.size(0) * n / (time.perf_counter() - t0))
+        stats = graph_breaks()
+    build = [round(d.build_s, 1) for d in decoders(model) if d.mode == "compile"]
+    print(f"compiled step (inductor): first call {first:.1f} s (compile {build} s, once per batch size and cache "
+          f"bucket), then {statistics.median(runs):.1f} tokens/s {[round(r, 1) for r in runs]}; "
+          f"{stats['unique_graphs']} graph(s), {stats['graph_breaks']} breaks; aten ops per decoded token "
+          f"{ops_per_token(model, prompts, n // 2, n, **kw):.1f}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -193,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; default = torch's choice")
     p.add_argument("--w1", action="store_true", help="issue 13's comparison (see the module docstring)")
     p.add_argument("--repeats", type=int, default=3, help="--w1: interleaved repeats")
+    p.add_argument("--compile", action="store_true", help="--w1: also the compiled decode step (inductor)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -224,6 +224,16 @@ captured the same way. ``reduce-overhead``: ``torch.compile(mode="reduce-overhea
 own CUDA graphs). The graph modes need CUDA and a sampler without host syncs."""
 
 
+EAGER_COLUMNS = 32
+"""An eager step attends over the columns written so far rounded up to this (not all L: on a CPU the
+keys and values read are a fair share of a token's bytes at batch 8)."""
+
+
+def eager_width(n: int, max_len: int) -> int:
+    """Columns an eager step attends over when n have been written (including its own)."""
+    return min(max_len, -(-n // EAGER_COLUMNS) * EAGER_COLUMNS)
+
+
 def cache_bucket(n: int) -> int:
     """Cache columns for ``n`` needed: a power of two from 64 to 256, then a multiple of 256. Batches
     whose prompt + continuation fall in one bucket share one decoder (one compiled / captured
@@ -259,6 +269,8 @@ class Decoder:
         self.out = torch.zeros(B, L, dtype=torch.long, device=device)  # the picked tokens
         self.trunk, self.pick, self.eot_id, self.mode = trunk, pick, eot_id, mode
         self.step_trunk = trunk  # the decode step's (compiled alone when the pick cannot be)
+        self.step_cache = self.cache  # what the step reads: all L columns, or (eager) those written so far
+        self.written = 0  # columns written (host side; eager steps narrow the cache by it)
         self.batch_size, self.max_len = B, L
         self.graph: torch.cuda.CUDAGraph | None = None
         t0 = time.perf_counter()
@@ -267,7 +279,7 @@ class Decoder:
 
     def _step_eager(self) -> None:
         u = self.u.index_select(1, self.count)  # (B, 1): this draw's uniforms
-        self._record(self.pick(self.step_trunk(self.tok, self.cache), u))
+        self._record(self.pick(self.step_trunk(self.tok, self.step_cache), u))
 
     def _record(self, nxt: torch.Tensor) -> None:
         if self.eot_id is not None:  # a finished row keeps emitting eot_id (cut off by the caller)
@@ -330,10 +342,21 @@ class Decoder:
         self.count.zero_()
         self.done.zero_()
         self.u[:, : u.size(1)].copy_(u)
-        self._record(self.pick(self.trunk(idx, self.cache), self.u[:, :1]))
+        self.written = idx.size(1)
+        cache = self._narrowed() if self.mode == "eager" else self.cache
+        self._record(self.pick(self.trunk(idx, cache), self.u[:, :1]))
+
+    def _narrowed(self) -> StaticKVCache:
+        width = eager_width(self.written, self.max_len)
+        if self.step_cache.max_len != width:
+            self.step_cache = self.cache.narrow(width)
+        return self.step_cache
 
     def step(self) -> None:
         """One more token for every row."""
+        self.written += 1
+        if self.mode == "eager":
+            self._narrowed()
         self._run()
 
     def tokens(self, n: int) -> list[list[int]]:

@@ -60,6 +60,7 @@ from pretrain.model.decode import (
     ScreenedHead,
     cache_bucket,
     decode_layout,
+    eager_width,
     get_decoder,
 )
 from pretrain.model.gpt import GPT, StaticKVCache
@@ -416,8 +417,8 @@ def _finished(dec: Decoder, n: int, limit: torch.Tensor, limits: list[int], stop
 def _recompute_batch(model: GPT, rows: list[list[int]], limits: list[int], seeds: torch.Tensor, sampler,
                      eot_id: int | None) -> list[list[int]]:
     """The reference without a cache: every token runs the whole left-padded context again, from an
-    emptied cache (of the decode step's size, so that attention sees the same masked columns: in
-    bf16 the CPU kernel's rounding depends on how many there are)."""
+    emptied cache (as wide as the eager decode step's at that token, so that attention sees the same
+    masked columns: in bf16 the CPU kernel's rounding depends on how many there are)."""
     device = model.transformer.wte.weight.device
     trunk, pick, _ = sampler
     T0, N = max(map(len, rows)), max(limits)
@@ -425,10 +426,11 @@ def _recompute_batch(model: GPT, rows: list[list[int]], limits: list[int], seeds
     seq = torch.tensor([[eot_id or 0] * p + r for p, r in zip(pad, rows)], dtype=torch.long, device=device)
     u = uniforms(seeds, N)  # (B, N)
     out, done = [], torch.zeros(len(rows), dtype=torch.bool, device=device)
-    cache = StaticKVCache.empty(model.config, len(rows), cache_bucket(T0 + N - 1), device, _cache_dtype(model, device))
+    L = cache_bucket(T0 + N - 1)
+    full = StaticKVCache.empty(model.config, len(rows), L, device, _cache_dtype(model, device))
     for t in range(N):
-        cache.reset(torch.tensor(pad, device=device))
-        nxt = pick(trunk(seq, cache), u[:, t])  # (B,)
+        full.reset(torch.tensor(pad, device=device))
+        nxt = pick(trunk(seq, full.narrow(eager_width(seq.size(1), L))), u[:, t])  # (B,)
         if eot_id is not None:
             nxt = torch.where(done, eot_id, nxt)
             done |= nxt == eot_id

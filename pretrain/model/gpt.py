@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain.model.head import linear_cross_entropy, target_logprobs
+from pretrain.model.head import fp8_linear, linear_cross_entropy, target_logprobs
 
 
 @dataclass
@@ -222,6 +222,13 @@ class StaticKVCache:
         self.start.copy_(start)
         self.slot.zero_()
 
+    def narrow(self, n: int) -> StaticKVCache:
+        """The same cache over its first n columns (views: writes land in this cache, ``slot`` and
+        ``start`` are shared). Eager decoding attends over the columns written so far this way; a
+        compiled or captured step keeps all L."""
+        return StaticKVCache(k=[k[:, :, :n] for k in self.k], v=[v[:, :, :n] for v in self.v],
+                             start=self.start, slot=self.slot, columns=self.columns[:n])
+
 
 class _StaticLayer(NamedTuple):
     """What one attention layer needs for a :class:`StaticKVCache` step."""
@@ -381,6 +388,9 @@ class GPT(nn.Module):
         # 0 = the full-logits path (for A/B comparisons), None = automatic. Not a GPTConfig field:
         # it changes how the loss is computed, not the architecture.
         self.loss_chunk_size: int | None = None
+        # The LM head's matmuls in FP8 while training (pretrain/model/head.py fp8_linear): a lever
+        # for the GPU check's A/B, off by default; evaluation and sampling keep the exact head.
+        self.head_fp8 = False
         self.init_weights()
 
     def init_buffers(self) -> None:
@@ -485,10 +495,14 @@ class GPT(nn.Module):
         return self.lm_head.weight[: self.config.vocab_size]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """The full head: hidden states (..., C) -> logits (..., vocab_rows). Padded vocabulary
+        """The full head: hidden states (..., C) -> logits (..., vocab_rows); in FP8 while training
+        when ``head_fp8`` is set (the full-logits path: compiled training). Padded vocabulary
         columns are -inf (set in place: no mask tensor, and Linear's backward does not need its
         output), so they never receive probability mass."""
-        logits = self.lm_head(h)  # (..., vocab_rows)
+        if self.head_fp8 and torch.is_grad_enabled() and self.lm_head.bias is None:
+            logits = fp8_linear(h, self.lm_head.weight)  # (..., vocab_rows), bf16
+        else:
+            logits = self.lm_head(h)  # (..., vocab_rows)
         if self.config.vocab_size < logits.size(-1):
             logits[..., self.config.vocab_size :] = float("-inf")
         return logits
