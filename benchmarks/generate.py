@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from _common import read_bandwidth
 
 from pretrain.model import GPT, GPTConfig
 from pretrain.model.generate import generate
@@ -93,20 +94,6 @@ def copy_bandwidth(mb: int = 256, repeats: int = 5) -> float:
     for _ in range(repeats):
         t0 = time.perf_counter()
         dst.copy_(src)
-        times.append(time.perf_counter() - t0)
-    return src.numel() * 4 / sorted(times)[repeats // 2]
-
-
-def read_bandwidth(mb: int = 256, repeats: int = 5) -> float:
-    """Bytes read per second by a streaming reduction (``amax``) over an ``mb`` MB fp32 tensor
-    (median): what a matrix-vector product, which only reads its matrix, can reach. A copy also
-    writes every byte (and reads the destination first), so it moves 2-3x the bytes it counts."""
-    src = torch.randn(mb * 2**20 // 4)
-    src.amax()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        src.amax()
         times.append(time.perf_counter() - t0)
     return src.numel() * 4 / sorted(times)[repeats // 2]
 
