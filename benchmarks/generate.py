@@ -1,25 +1,38 @@
 """Generation throughput with and without the KV cache, against nanoGPT's sampler and the
-memory-bandwidth bound.
+memory-bandwidth bound; a batch of prompts of different lengths against generating them one by one.
 
     python benchmarks/generate.py                       # 6 x 384 model, 256 new tokens, batch 1 and 8
-    python benchmarks/generate.py --w1 --repeats 3      # issue 13: W1 model, batch 1, 240 new tokens
+    python benchmarks/generate.py --w1 --repeats 3      # W1 model: batch 1 vs nanoGPT, batch of 8 vs one by one
+    python benchmarks/generate.py --w1 --compile        # ... and the compiled decode step (inductor)
     python benchmarks/generate.py --device cuda --dtype bfloat16
 
-``--w1``: the 4-layer x 256-wide model (4 heads, 256 positions, vocabulary padded to 50,304),
-batch 1, 16-token prompt, 240 new tokens, top-k 50; ``pretrain.model.generate.generate`` (KV cache) and
-nanoGPT's ``generate`` loop (no cache: the whole context through the body every token, the head
-at the last position only, ``torch.multinomial``), interleaved ``--repeats`` times, medians. The
-bound: weights read per token (every parameter once, the position table one row, plus the KV
+``--w1``: the 4-layer x 256-wide model (4 heads, 256 positions, vocabulary padded to 50,304).
+(1) Batch 1, 16-token prompt, 240 new tokens, top-k 50: ``pretrain.model.generate.generate`` (the
+fixed-shape decode step, eager on a CPU) and nanoGPT's ``generate`` loop (no cache: the whole context
+through the body every token, the head at the last position only, ``torch.multinomial``). (2) Eight
+prompts of 5 to 64 tokens, 192 new tokens each: one left-padded batch against eight calls one by one
+(every row's tokens are checked to equal its call alone). Interleaved ``--repeats`` times, medians.
+The bound: weights read per token (every parameter once, the position table one row, plus the KV
 cache read so far on average) over the measured read bandwidth of a 256 MB tensor (a streaming
 ``amax``, bytes read per second; the copy rate is printed too, but a copy also writes). Printed
 twice: for the fp32 weights, and for what is read with the head screened in int8 (the int8 head,
-its scales and the candidates' fp32 rows instead of the fp32 head; ``ScreenedHead``).
+its scales and the candidates' fp32 rows instead of the fp32 head; ``ScreenedHead``). Then the aten
+operator calls per decoded token (top-level calls, ``torch.profiler``; the difference between a
+240- and a 120-token call over 120). ``--compile``: the same with ``step='compile'``, after printing
+what the first call's compile costs.
+
+``--ops-only`` prints that count alone, so the same script counts the code before the fixed-shape
+step (the dynamic cache, commit 21b4d42) with that commit's package first on the path:
+
+    mkdir /tmp/before && git archive 21b4d42 pretrain data_pipeline | tar -x -C /tmp/before
+    PYTHONPATH=/tmp/before python benchmarks/generate.py --w1 --ops-only
 
 A randomly initialised GPT-2-style model (GPT-2 init; the weights do not change the cost),
-a random prompt, ``--new-tokens`` tokens with no early stop at <|endoftext|>. tokens/s =
-batch x new tokens / wall time, after one short warm-up run per setting. "no cache"
-recomputes the whole context (and all its logits) every step, as the simplest sampler does.
-Prints the machine first, then one row per setting; results go in benchmarks/RESULTS.md.
+random prompts, tokens with no early stop at <|endoftext|>. tokens/s = rows x new tokens / wall
+time, after one short warm-up run per setting; tokens/CPU-s divides by this process's CPU time
+instead (steadier on a shared machine). "no cache" recomputes the whole context (and all its
+logits) every step, as the simplest sampler does. Prints the machine first, then one row per
+setting; results go in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -159,6 +172,13 @@ def main_w1(args) -> None:
     B, T0, n = 1, 16, 240
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, cfg.vocab_size, (B, T0), generator=g)
+    kw = dict(temperature=1.0, top_k=50, seed=0, eot_id=None)
+    if args.ops_only:
+        import pretrain.model.generate as gen
+
+        print(f"{gen.__file__}: aten ops per decoded token (W1, batch 1, top-k 50, top-level calls): "
+              f"{ops_per_token(model, prompts, n // 2, n, **kw):.1f}")
+        return
     ragged = [torch.randint(0, cfg.vocab_size, (k,), generator=g).tolist() for k in RAGGED_LENGTHS]
     n_r = cfg.block_size - max(RAGGED_LENGTHS)  # 192: every row fits its context
     print(machine("cpu"))
@@ -170,7 +190,6 @@ def main_w1(args) -> None:
     print(f"model W1: {model.num_params() / 1e6:.1f}M params; batch {B}, prompt {T0}, {n} new tokens, top-k 50; "
           f"{per_token / 1e6:.1f} MB of fp32 weights and cache per token; read with the int8 screen of the head "
           f"(pretrain.model.decode.ScreenedHead): {screened / 1e6:.1f} MB")
-    kw = dict(temperature=1.0, top_k=50, seed=0, eot_id=None)
     modes = {
         "kv cache": lambda: generate(model, prompts, max_new_tokens=n, **kw),
         "nanoGPT (no cache)": lambda: nanogpt_generate(model, prompts, n, 50, torch.Generator().manual_seed(0)),
@@ -251,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--w1", action="store_true", help="issue 13's comparison (see the module docstring)")
     p.add_argument("--repeats", type=int, default=3, help="--w1: interleaved repeats")
     p.add_argument("--compile", action="store_true", help="--w1: also the compiled decode step (inductor)")
+    p.add_argument("--ops-only", action="store_true", help="--w1: only the aten ops per decoded token")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -561,23 +561,24 @@ def test_cli_bad_prompts_file_is_one_line_exit_2(exported, tmp_path, capsys):
 def test_cuda_captured_decode_step_replays_the_step_it_captured(mode, reference):
     """On CUDA the decode step is captured once per (batch size, cache bucket, settings) and
     replayed: the same tokens as running the same step without the graph (eager for 'graph', the
-    compiled step for the compiled modes), for greedy and seeded top-k / top-p sampling, for a
-    second batch of other prompt lengths (a replay, nothing captured again), and under autocast
-    with fp32 weights (the trainer's in-loop sample)."""
+    compiled step for the compiled modes), for seeded top-k / top-p sampling, and for a second batch
+    of other prompt lengths (a replay: nothing captured again); 'graph' also for greedy and under
+    autocast with fp32 weights (the trainer's in-loop sample). (The compiled modes compile the tiny
+    model's step twice each: kept to one setting for the GPU check's time.)"""
     from pretrain.model.decode import decoders
 
     model = _model().cuda()
     kw = dict(max_new_tokens=40, seed=3, eot_id=None)
-    for settings in (dict(temperature=0), dict(temperature=0.9, top_k=50, top_p=0.95)):
+    settings = [dict(temperature=0.9, top_k=50, top_p=0.95)] + ([dict(temperature=0)] if mode == "graph" else [])
+    for st in settings:
         for prompts in (RAGGED, [p[::-1] + [5] for p in RAGGED[::-1]]):
-            assert generate(model, prompts, step=mode, **kw, **settings) == \
-                generate(model, prompts, step=reference, **kw, **settings)
+            assert generate(model, prompts, step=mode, **kw, **st) == generate(model, prompts, step=reference, **kw, **st)
     kept = [d for d in decoders(model) if d.mode == mode]
-    assert len(kept) == 2 and all(d.build_s > 0 for d in kept)
+    assert len(kept) == len(settings) and all(d.build_s > 0 for d in kept)
     if mode == "graph":
         assert all(d.graph is not None for d in kept)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        assert generate(model, RAGGED, step=mode, **kw) == generate(model, RAGGED, step=reference, **kw)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert generate(model, RAGGED, step=mode, **kw) == generate(model, RAGGED, step=reference, **kw)
 
 
 @pytest.mark.gpu
