@@ -602,3 +602,30 @@ def test_cuda_graph_reads_the_current_weights():
     model.load_state_dict(fresh, assign=True)  # new storage for every parameter
     assert generate(model, RAGGED, step="graph", **kw) == flipped
     assert decoders(model)[0] is not first
+
+
+def test_fsdp_sharded_model_generates_what_the_plain_model_does():
+    """An FSDP2-sharded model decodes through ``forward`` (its hooks gather the parameters), eagerly,
+    under no_grad (FSDP2 reads version counters that inference tensors lack): the same tokens as the
+    plain model, for a ragged batch. One process, gloo."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        plain = _model()
+        sharded = _model()
+        for block in sharded.transformer.h:
+            fully_shard(block)
+        fully_shard(sharded)
+        kw = dict(max_new_tokens=10, temperature=0.9, top_k=20, seed=1, eot_id=None)
+        assert generate(sharded, RAGGED, **kw) == generate(plain, RAGGED, **kw)
+        with pytest.raises(GenerationError, match="FSDP-sharded model decodes eagerly"):
+            generate(sharded, RAGGED, step="compile", **kw)
+    finally:
+        dist.destroy_process_group()

@@ -20,6 +20,16 @@ the token embedding reads by rows, is copied transposed by :class:`DecodeHead` i
 extra copy of those weights while sampling runs; ~45 ms for W1's), or screened in int8 by
 :class:`ScreenedHead` (~15-25 ms to build). Same fp32 arithmetic; only the summation order
 differs.
+
+The decode step (:class:`Decoder`). The prompt is prefilled by a normal forward; each further token
+is one call of a step whose tensors are all allocated once (a
+:class:`~pretrain.model.gpt.StaticKVCache`, the last tokens, each row's uniforms, the output) and
+whose changing values are tensors updated in place, so the step is one fixed graph: compiled once
+(``torch.compile``, no recompilation across steps) and, on CUDA, captured once in a CUDA graph and
+replayed -- a token costs one launch instead of ~150 kernels launched from Python, which is what
+held the 124M model to 21 tokens/s at batch 1 on an H200 (RESULTS.md, "gpu"). Decoders are kept per
+model, keyed by batch size, cache bucket (:func:`cache_bucket`), mode and settings
+(:func:`get_decoder`), so the compile / capture is paid by the first batch of a shape.
 """
 
 from __future__ import annotations
@@ -299,7 +309,8 @@ class Decoder:
             self.step_trunk = torch.compile(self.trunk, fullgraph=True, dynamic=False)
             fn = self._step_eager
         elif mode == "reduce-overhead":
-            for t in [*self.cache.k, *self.cache.v, self.cache.start, self.cache.slot, self.cache.columns,
+            c = self.cache
+            for t in [*c.k, *c.v, c.start, c.start_rows, c.start_keys, c.slot, c.columns,
                       self.tok, self.u, self.count, self.done, self.out]:
                 torch._dynamo.mark_static_address(t)  # mutated in place: must be static for CUDA graphs
             fn = torch.compile(self._step_eager, mode="reduce-overhead", fullgraph=True, dynamic=False)

@@ -485,7 +485,10 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        with nullcontext() if is_fsdp(model) else decode_layout(model), torch.inference_mode():
+        # FSDP2 checks its parameters' version counters when it gathers them, which inference
+        # tensors do not have: no_grad for a sharded model (torch 2.13 raises under inference_mode).
+        fsdp = is_fsdp(model)
+        with nullcontext() if fsdp else decode_layout(model), torch.no_grad() if fsdp else torch.inference_mode():
             sampler = _sampler(model, temperature, top_k, top_p)
             mode = _decode_mode(step, model, sampler[2])
             for at in range(0, len(order), size):
