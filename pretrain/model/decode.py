@@ -26,8 +26,9 @@ is one call of a step whose tensors are all allocated once (a
 :class:`~pretrain.model.gpt.StaticKVCache`, the last tokens, each row's uniforms, the output) and
 whose changing values are tensors updated in place, so the step is one fixed graph: compiled once
 (``torch.compile``, no recompilation across steps) and, on CUDA, captured once in a CUDA graph and
-replayed -- a token costs one launch instead of ~150 kernels launched from Python, which is what
-held the 124M model to 21 tokens/s at batch 1 on an H200 (RESULTS.md, "gpu"). Decoders are kept per
+replayed -- a token costs one launch instead of ~150 kernels launched from Python (those launches,
+with cuDNN planning an attention graph per key length, since avoided, made a token of the 124M model
+47.6 ms at batch 1 on an H200; RESULTS.md, "gpu"). Decoders are kept per
 model, keyed by batch size, cache bucket (:func:`cache_bucket`), mode and settings
 (:func:`get_decoder`), so the compile / capture is paid by the first batch of a shape.
 """

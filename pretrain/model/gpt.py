@@ -190,7 +190,8 @@ class StaticKVCache:
     was traced with changes. Column j of row b is position ``j - start[b]`` (learned positions,
     RoPE), so a left-padded prompt keeps the positions it has alone. Attention runs over all L
     columns with a mask: the query at column q of row b sees keys ``start[b] <= j <= q``; a
-    padding query sees itself only (its output is never used; this keeps it finite)."""
+    padding query (q < start[b]) sees the padding columns q .. start[b] (itself at least, so its
+    output stays finite; it is never used)."""
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
@@ -281,7 +282,7 @@ class CausalSelfAttention(nn.Module):
             # all L columns; the mask keeps each query to its own row's keys up to itself.
             layer_cache.k.index_copy_(2, layer_cache.cols, k)
             layer_cache.v.index_copy_(2, layer_cache.cols, v)
-            y = F.scaled_dot_product_attention(q, layer_cache.k, layer_cache.v, attn_mask=layer_cache.mask)
+            y = F.scaled_dot_product_attention(q, layer_cache.k, layer_cache.v, attn_mask=layer_cache.mask)  # (B, nh, T, hs)
         elif layer_cache is not None:
             # Incremental decoding: write this chunk's k, v at [pos, pos+T) and attend over
             # everything written so far. A query at absolute position pos+i may see keys
