@@ -40,3 +40,26 @@ def synthetic_shards(d: Path, train_tokens: int, val_tokens: int = 100_000, voca
     write_shard(d / "val_000000.bin", rng.integers(0, vocab, val_tokens))
     write_shard(d / "train_000000.bin", train)
     return d
+
+
+def read_bandwidth(device: str = "cpu", mb: int = 256, repeats: int = 5) -> float:
+    """Bytes read per second by a streaming reduction (``amax``) over an ``mb`` MB tensor on
+    ``device`` (median of ``repeats``): what a matrix-vector product, which only reads its matrix,
+    can reach -- the bound of a decode step that reads every weight once. (A copy also writes every
+    byte, and reads the destination first, so it moves 2-3x the bytes it counts.)"""
+    import time
+
+    import torch
+
+    src = torch.randn(mb * 2**20 // 4, device=device)
+    src.amax()
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        src.amax()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return src.numel() * 4 / sorted(times)[repeats // 2]

@@ -1,25 +1,38 @@
 """Generation throughput with and without the KV cache, against nanoGPT's sampler and the
-memory-bandwidth bound.
+memory-bandwidth bound; a batch of prompts of different lengths against generating them one by one.
 
     python benchmarks/generate.py                       # 6 x 384 model, 256 new tokens, batch 1 and 8
-    python benchmarks/generate.py --w1 --repeats 3      # issue 13: W1 model, batch 1, 240 new tokens
+    python benchmarks/generate.py --w1 --repeats 3      # W1 model: batch 1 vs nanoGPT, batch of 8 vs one by one
+    python benchmarks/generate.py --w1 --compile        # ... and the compiled decode step (inductor)
     python benchmarks/generate.py --device cuda --dtype bfloat16
 
-``--w1``: the 4-layer x 256-wide model (4 heads, 256 positions, vocabulary padded to 50,304),
-batch 1, 16-token prompt, 240 new tokens, top-k 50; ``pretrain.model.generate.generate`` (KV cache) and
-nanoGPT's ``generate`` loop (no cache: the whole context through the body every token, the head
-at the last position only, ``torch.multinomial``), interleaved ``--repeats`` times, medians. The
-bound: weights read per token (every parameter once, the position table one row, plus the KV
+``--w1``: the 4-layer x 256-wide model (4 heads, 256 positions, vocabulary padded to 50,304).
+(1) Batch 1, 16-token prompt, 240 new tokens, top-k 50: ``pretrain.model.generate.generate`` (the
+fixed-shape decode step, eager on a CPU) and nanoGPT's ``generate`` loop (no cache: the whole context
+through the body every token, the head at the last position only, ``torch.multinomial``). (2) Eight
+prompts of 5 to 64 tokens, 192 new tokens each: one left-padded batch against eight calls one by one
+(every row's tokens are checked to equal its call alone). Interleaved ``--repeats`` times, medians.
+The bound: weights read per token (every parameter once, the position table one row, plus the KV
 cache read so far on average) over the measured read bandwidth of a 256 MB tensor (a streaming
 ``amax``, bytes read per second; the copy rate is printed too, but a copy also writes). Printed
 twice: for the fp32 weights, and for what is read with the head screened in int8 (the int8 head,
-its scales and the candidates' fp32 rows instead of the fp32 head; ``ScreenedHead``).
+its scales and the candidates' fp32 rows instead of the fp32 head; ``ScreenedHead``). Then the aten
+operator calls per decoded token (top-level calls, ``torch.profiler``; the difference between a
+240- and a 120-token call over 120). ``--compile``: the same with ``step='compile'``, after printing
+what the first call's compile costs.
+
+``--ops-only`` prints that count alone, so the same script counts the code before the fixed-shape
+step (the dynamic cache, commit 21b4d42) with that commit's package first on the path:
+
+    mkdir /tmp/before && git archive 21b4d42 pretrain data_pipeline | tar -x -C /tmp/before
+    PYTHONPATH=/tmp/before python benchmarks/generate.py --w1 --ops-only
 
 A randomly initialised GPT-2-style model (GPT-2 init; the weights do not change the cost),
-a random prompt, ``--new-tokens`` tokens with no early stop at <|endoftext|>. tokens/s =
-batch x new tokens / wall time, after one short warm-up run per setting. "no cache"
-recomputes the whole context (and all its logits) every step, as the simplest sampler does.
-Prints the machine first, then one row per setting; results go in benchmarks/RESULTS.md.
+random prompts, tokens with no early stop at <|endoftext|>. tokens/s = rows x new tokens / wall
+time, after one short warm-up run per setting; tokens/CPU-s divides by this process's CPU time
+instead (steadier on a shared machine). "no cache" recomputes the whole context (and all its
+logits) every step, as the simplest sampler does. Prints the machine first, then one row per
+setting; results go in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -28,8 +41,10 @@ import argparse
 import platform
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
+from _common import read_bandwidth
 
 from pretrain.model import GPT, GPTConfig
 from pretrain.model.generate import generate
@@ -96,43 +111,58 @@ def copy_bandwidth(mb: int = 256, repeats: int = 5) -> float:
     return src.numel() * 4 / sorted(times)[repeats // 2]
 
 
-def read_bandwidth(mb: int = 256, repeats: int = 5) -> float:
-    """Bytes read per second by a streaming reduction (``amax``) over an ``mb`` MB fp32 tensor
-    (median): what a matrix-vector product, which only reads its matrix, can reach. A copy also
-    writes every byte (and reads the destination first), so it moves 2-3x the bytes it counts."""
-    src = torch.randn(mb * 2**20 // 4)
-    src.amax()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        src.amax()
-        times.append(time.perf_counter() - t0)
-    return src.numel() * 4 / sorted(times)[repeats // 2]
-
-
 def screened_bytes_per_token(model: GPT, prompts: torch.Tensor, n: int, per_token: float) -> float:
     """Bytes read per token when the head is screened: ``per_token`` (fp32 weights + cache) with the
     fp32 head replaced by its int8 copy and bf16 scales plus the fp32 rows of the candidates it
     rescores (their mean count over one top-k 50 run of ``n`` tokens, counted here)."""
-    import pretrain.model.generate as gen
+    import pretrain.model.decode as dec
 
     counts = []
-    real = gen.ScreenedHead.candidates
+    real = dec.ScreenedHead.candidates
 
     def counting(self, h, k):
         found = real(self, h, k)
         counts.append(found[0].numel() if found is not None else self.q.size(0))
         return found
 
-    gen.ScreenedHead.candidates = counting
+    dec.ScreenedHead.candidates = counting
     try:
         generate(model, prompts, max_new_tokens=n, temperature=1.0, top_k=50, seed=0, eot_id=None)
     finally:
-        gen.ScreenedHead.candidates = real
+        dec.ScreenedHead.candidates = real
     if not counts:  # the screen does not apply here (another dtype, a width not a multiple of 16)
         return per_token
     V, C = model.config.vocab_size, model.config.n_embd
     return per_token - V * C * 4 + V * C + V * 2 + statistics.mean(counts) * C * 4
+
+
+def aten_ops(fn: Callable[[], object]) -> int:
+    """Top-level aten operator calls made while ``fn()`` runs (``torch.profiler``; an op called from
+    inside another aten op, e.g. ``linear``'s ``addmm``, is not counted again). A compiled graph
+    counts the aten ops its generated code calls (extern matmuls, allocations), not its kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    n = 0
+    for e in prof.events():
+        if e.name.startswith("aten::"):
+            p = e.cpu_parent
+            while p is not None and not p.name.startswith("aten::"):
+                p = p.cpu_parent
+            n += p is None
+    return n
+
+
+def ops_per_token(model: GPT, prompts, n1: int, n2: int, **kw) -> float:
+    """Aten ops per decoded token: the difference between a call of n2 and one of n1 new tokens
+    (the same cache bucket), over n2 - n1 -- the prefill and per-call setup cancel out."""
+    generate(model, prompts, max_new_tokens=n1, **kw)  # warm-up (and any compile)
+    return (aten_ops(lambda: generate(model, prompts, max_new_tokens=n2, **kw))
+            - aten_ops(lambda: generate(model, prompts, max_new_tokens=n1, **kw))) / (n2 - n1)
+
+
+RAGGED_LENGTHS = (5, 9, 12, 16, 23, 31, 40, 64)  # the batch of 8 prompts of different lengths
 
 
 def main_w1(args) -> None:
@@ -140,7 +170,17 @@ def main_w1(args) -> None:
     cfg = GPTConfig(n_layer=4, n_head=4, n_embd=256, block_size=256, padded_vocab_size=50304)
     model = GPT(cfg).eval()
     B, T0, n = 1, 16, 240
-    prompts = torch.randint(0, cfg.vocab_size, (B, T0), generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, cfg.vocab_size, (B, T0), generator=g)
+    kw = dict(temperature=1.0, top_k=50, seed=0, eot_id=None)
+    if args.ops_only:
+        import pretrain.model.generate as gen
+
+        print(f"{gen.__file__}: aten ops per decoded token (W1, batch 1, top-k 50, top-level calls): "
+              f"{ops_per_token(model, prompts, n // 2, n, **kw):.1f}")
+        return
+    ragged = [torch.randint(0, cfg.vocab_size, (k,), generator=g).tolist() for k in RAGGED_LENGTHS]
+    n_r = cfg.block_size - max(RAGGED_LENGTHS)  # 192: every row fits its context
     print(machine("cpu"))
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     weights -= model.transformer.wpe.weight.numel() * 4 - cfg.n_embd * 4  # one position row per token
@@ -149,13 +189,16 @@ def main_w1(args) -> None:
     screened = screened_bytes_per_token(model, prompts, n, per_token)
     print(f"model W1: {model.num_params() / 1e6:.1f}M params; batch {B}, prompt {T0}, {n} new tokens, top-k 50; "
           f"{per_token / 1e6:.1f} MB of fp32 weights and cache per token; read with the int8 screen of the head "
-          f"(pretrain.model.generate.ScreenedHead): {screened / 1e6:.1f} MB")
+          f"(pretrain.model.decode.ScreenedHead): {screened / 1e6:.1f} MB")
     modes = {
-        "kv cache": lambda: generate(model, prompts, max_new_tokens=n, temperature=1.0, top_k=50, seed=0, eot_id=None),
+        "kv cache": lambda: generate(model, prompts, max_new_tokens=n, **kw),
         "nanoGPT (no cache)": lambda: nanogpt_generate(model, prompts, n, 50, torch.Generator().manual_seed(0)),
+        "batch of 8 ragged": lambda: generate(model, ragged, max_new_tokens=n_r, **kw),
+        "the 8 one by one": lambda: [generate(model, [p], max_new_tokens=n_r, **dict(kw, seed=i))
+                                     for i, p in enumerate(ragged)],
     }
-    for f in modes.values():  # warm-up
-        f()
+    tokens = {"kv cache": B * n, "nanoGPT (no cache)": B * n, "batch of 8 ragged": 8 * n_r, "the 8 one by one": 8 * n_r}
+    assert modes["batch of 8 ragged"]() == [r[0] for r in modes["the 8 one by one"]()]  # each row as alone
     res: dict[str, list[tuple[float, float]]] = {k: [] for k in modes}
     bws, copies = [], []
     for _ in range(args.repeats):
@@ -164,19 +207,52 @@ def main_w1(args) -> None:
         for k, f in modes.items():
             t0, c0 = time.perf_counter(), time.process_time()
             f()
-            res[k].append((B * n / (time.perf_counter() - t0), B * n / (time.process_time() - c0)))
+            res[k].append((tokens[k] / (time.perf_counter() - t0), tokens[k] / (time.process_time() - c0)))
     med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in res.items()}
     bw = statistics.median(bws)
     bound = bw / per_token
     print(f"read bandwidth {bw / 1e9:.2f} GB/s (copy: {statistics.median(copies) / 1e9:.2f} GB/s copied) -> "
           f"bound {bound:.0f} tokens/s reading the fp32 weights, {bw / screened:.0f} tokens/s reading what the "
           f"screened head reads (medians of {args.repeats})")
+    print(f"ragged batch: prompts of {', '.join(map(str, RAGGED_LENGTHS))} tokens, {n_r} new tokens each; "
+          "every row's tokens equal generating it alone (checked)")
     print(f"{'mode':<20} {'tokens/s':>9} {'tokens/CPU-s':>13}  runs (tokens/s)")
     for k, (w, c) in med.items():
         print(f"{k:<20} {w:>9.1f} {c:>13.1f}  {[round(x, 1) for x, _ in res[k]]}")
-    kv_w, nc_w = med["kv cache"][0], med["nanoGPT (no cache)"][0]
-    print(f"KV cache vs nanoGPT: {kv_w / nc_w:.1f}x wall, {med['kv cache'][1] / med['nanoGPT (no cache)'][1]:.1f}x CPU; "
-          f"{kv_w / bound:.0%} of the fp32-weights bound, {kv_w / (bw / screened):.0%} of the screened bound")
+    ratio = lambda a, b, i: med[a][i] / med[b][i]  # noqa: E731
+    print(f"KV cache vs nanoGPT: {ratio('kv cache', 'nanoGPT (no cache)', 0):.1f}x wall, "
+          f"{ratio('kv cache', 'nanoGPT (no cache)', 1):.1f}x CPU; {med['kv cache'][0] / bound:.0%} of the fp32-weights "
+          f"bound, {med['kv cache'][0] / (bw / screened):.0%} of the screened bound")
+    print(f"batch of 8 ragged vs one by one: {ratio('batch of 8 ragged', 'the 8 one by one', 0):.1f}x wall, "
+          f"{ratio('batch of 8 ragged', 'the 8 one by one', 1):.1f}x CPU")
+    ops = ops_per_token(model, prompts, n // 2, n, **kw)
+    print(f"aten ops per decoded token (batch 1, top-k 50, top-level calls): eager step {ops:.1f}")
+    if args.compile:
+        compiled(model, prompts, n, kw)
+
+
+def compiled(model: GPT, prompts, n: int, kw: dict) -> None:
+    """step='compile' (inductor): what the first call costs (the compile, paid once per batch size
+    and cache bucket), what the next calls run at, and the aten ops per token left."""
+    from pretrain.model.decode import decoders
+    from pretrain.training.profiling import graph_breaks, reset_dynamo_counters
+
+    kw = dict(kw, step="compile")
+    with reset_dynamo_counters():
+        t0 = time.perf_counter()
+        generate(model, prompts, max_new_tokens=n, **kw)
+        first = time.perf_counter() - t0
+        runs = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            generate(model, prompts, max_new_tokens=n, **kw)
+            runs.append(prompts.size(0) * n / (time.perf_counter() - t0))
+        stats = graph_breaks()
+    build = [round(d.build_s, 1) for d in decoders(model) if d.mode == "compile"]
+    print(f"compiled step (inductor): first call {first:.1f} s (compile {build} s, once per batch size and cache "
+          f"bucket), then {statistics.median(runs):.1f} tokens/s {[round(r, 1) for r in runs]}; "
+          f"{stats['unique_graphs']} graph(s), {stats['graph_breaks']} breaks; aten ops per decoded token "
+          f"{ops_per_token(model, prompts, n // 2, n, **kw):.1f}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -193,6 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; default = torch's choice")
     p.add_argument("--w1", action="store_true", help="issue 13's comparison (see the module docstring)")
     p.add_argument("--repeats", type=int, default=3, help="--w1: interleaved repeats")
+    p.add_argument("--compile", action="store_true", help="--w1: also the compiled decode step (inductor)")
+    p.add_argument("--ops-only", action="store_true", help="--w1: only the aten ops per decoded token")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

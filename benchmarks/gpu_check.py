@@ -1,26 +1,41 @@
 """The GPU check: every CUDA path of the project, measured and checked in one command.
 
-    python benchmarks/gpu_check.py                      # on one GPU: every block, ~6 min on an H100/H200
+    python benchmarks/gpu_check.py                      # on one GPU: every block, ~7 min on an H100/H200
     python benchmarks/gpu_check.py --smoke              # the same blocks on CPU, tiny sizes (the test suite)
     python benchmarks/gpu_check.py --blocks throughput --micro-batches 64 --steps 5
 
-Blocks (``--blocks``, comma-separated; default all):
+Blocks (``--blocks``, comma-separated; default all), run in this order:
 
   tests        ``pytest -m gpu`` over the test files that hold GPU-marked tests: passed / failed / skipped.
+  generation   The ``gpt2`` preset (124M, bf16 weights) decoding ``--gen-tokens`` tokens after a 16-token
+               prompt, top-k 50, at batch 1, 8 and 64, with each decode step (``pretrain/model/decode.py``
+               DECODE_MODES: eager, graph = a captured CUDA graph, compile = inductor, compile+graph,
+               reduce-overhead): tokens/s, ms per step, the first call's compile / capture seconds (once per
+               batch size and cache bucket), time to first token (the prefill and the first pick, eager in
+               every mode: measured with the eager rows), and the HBM read bound (weights + the keys
+               and values a step reads, over the measured read bandwidth of a streaming ``amax``). Whether the
+               tokens equal the eager step's. Stops starting new cases after ``--gen-budget-s``.
   throughput   The ``gpt2`` preset (124M, vocabulary padded to 50304, T=1024) training through the real
                ``Trainer`` on synthetic shards, global batch 2**19 tokens as in configs/gpt2_124m.yaml:
                bf16 + torch.compile at each ``--micro-batches`` (an out-of-memory is recorded, not fatal),
                then at the best micro-batch: eager bf16, FSDP2 (one rank) and DDP (one rank, NCCL), all
                compiled. Each: tokens/s, MFU, peak memory, first-step (compile) seconds, graph breaks
                (``torch._dynamo`` counters), host syncs per optimizer step, and for the compiled single-
-               process cases a ``torch.profiler`` summary of one optimizer step (the top kernels).
+               process cases a ``torch.profiler`` summary of one optimizer step (the top kernels). The tokens
+               repeat with a period of 4,096 and the LR warms up in 5 steps, so the loss falls within the
+               measured steps (the lever's loss comparison); neither changes the speed.
+  lever        One training lever A/B on the same warm machine: the best compiled case again with
+               ``--lever`` set (default ``head_fp8=true``: the LM head's matmuls in FP8, the largest matmul
+               of the step), kept only if faster with every step's loss within ``LEVER_TOLERANCE`` of A's.
+               Runs between the compiled throughput cases and the others (eager, FSDP2, DDP).
   correctness  On the 124M preset, eager: 20 steps in bf16 vs fp32 (true fp32: TF32 off) from the same
                init, the losses within 2% of each other; resume on CUDA (10 steps, save, a new Trainer
                resumes, steps 11-20) against two uninterrupted runs, with deterministic algorithms on;
                one training step under a FLASH_ATTENTION-only SDPA context.
   evals        HellaSwag examples/s on the 124M preset (1,000 synthetic examples, both scoring styles),
-               generation tokens/s with the KV cache at batch 1 and 16 (256 new tokens, top-k 50), and how
-               long an asynchronous 124M checkpoint save blocks training (vs a synchronous one).
+               generation tokens/s at batch 1 and 16 the way the trainer samples (fp32 weights under bf16
+               autocast, ``step='auto'``), and how long an asynchronous 124M checkpoint save blocks
+               training (vs a synchronous one).
 
 MFU = tokens/s x FLOPs per token / peak. FLOPs per token = 6N + 12 L H Q T (PaLM appendix B, as
 nanoGPT; N = parameters without the position embeddings, including the tied 50304 x 768 head;
@@ -52,9 +67,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from _common import synthetic_shards  # noqa: E402
+from _common import read_bandwidth, synthetic_shards  # noqa: E402
 
-BLOCKS = ("tests", "throughput", "correctness", "evals")
+BLOCKS = ("tests", "generation", "throughput", "lever", "correctness", "evals")
+LEVER_TOLERANCE = 0.01  # max relative difference of any step's loss, lever on vs off
 FLOPS_NOTE = "6N + 12*L*H*Q*T per token (N without wpe); peak 989.5 TFLOP/s dense bf16 (H100 SXM / H200)"
 
 
@@ -65,9 +81,12 @@ def sizes(smoke: bool) -> dict:
     """The model and batch of every block: the real ones, or tiny ones for --smoke on CPU."""
     if smoke:
         return dict(config="smoke_cpu.yaml", model=["model.preset=tiny"], seq_len=64, global_tokens=512,
-                    corr_micro=4, corr_steps=6, hs_examples=16, gen_tokens=16, gen_batches=(1, 4), device="cpu")
+                    corr_micro=4, corr_steps=6, hs_examples=16, gen_tokens=16, gen_batches=(1, 4), device="cpu",
+                    decode_preset="tiny", decode_batches=(1, 4), decode_modes=("eager", "compile"))
     return dict(config="gpt2_124m.yaml", model=[], seq_len=1024, global_tokens=524288,
-                corr_micro=8, corr_steps=20, hs_examples=1000, gen_tokens=256, gen_batches=(1, 16), device="cuda")
+                corr_micro=8, corr_steps=20, hs_examples=1000, gen_tokens=256, gen_batches=(1, 16), device="cuda",
+                decode_preset="gpt2", decode_batches=(1, 8, 64),
+                decode_modes=("eager", "graph", "compile+graph", "reduce-overhead", "compile"))
 
 
 def free_port() -> int:
@@ -114,17 +133,18 @@ def case_train(spec: dict) -> dict:
         if cuda:
             torch.cuda.reset_peak_memory_stats(t.device)
         t0 = time.perf_counter()
-        t.train_step()
+        results = [t.train_step()]
         _sync(t)
         first = time.perf_counter() - t0
         for _ in range(spec["warmup"]):
-            t.train_step()
+            results.append(t.train_step())
         _sync(t)
         t0 = time.perf_counter()
         for _ in range(spec["steps"]):
-            r = t.train_step()
+            results.append(t.train_step())
         _sync(t)
         dt = time.perf_counter() - t0
+        r = results[-1]
         tps = spec["steps"] * t.plan.batch.tokens_per_step / dt
         out = {
             "tokens_per_s": round(tps), "ms_per_step": round(1000 * dt / spec["steps"], 2),
@@ -132,6 +152,7 @@ def case_train(spec: dict) -> dict:
             "first_step_s": round(first, 2), "compile_s": round(max(first - dt / spec["steps"], 0.0), 2),
             "peak_mem_gb": round(torch.cuda.max_memory_allocated(t.device) / 1e9, 2) if cuda else None,
             "grad_accum": t.plan.batch.grad_accum_steps, "loss": r.loss, "mode": t.wrapped.mode,
+            "losses": [x.loss for x in results],
         }
         with HostSyncCounter(t.device) as c:
             for _ in range(2):
@@ -331,7 +352,86 @@ def case_evals(spec: dict) -> dict:
         t.close()
 
 
-CASES = {"train": case_train, "correctness": case_correctness, "evals": case_evals}
+def case_generation(spec: dict) -> dict:
+    """Decoding speed of each decode step mode at each batch size (module docstring, "generation")."""
+    import torch
+
+    from pretrain.model import GPT, GPTConfig
+
+    for name in ("recompile_limit", "cache_size_limit"):  # one compiled step per (batch, bucket, mode)
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
+    device = spec["device"]
+    cuda = device == "cuda"
+    torch.manual_seed(0)
+    cfg = GPTConfig.from_preset(spec["preset"], padded_vocab_size=50304 if spec["preset"] == "gpt2" else None)
+    model = GPT(cfg).to(device=device, dtype=torch.bfloat16 if cuda else torch.float32).eval()
+    bw = read_bandwidth(device, mb=2048 if cuda else 256)
+    out: dict = {"model": spec["preset"], "params_m": round(model.num_params() / 1e6, 1),
+                 "dtype": "bf16" if cuda else "fp32", "new_tokens": spec["gen_tokens"], "prompt_tokens": 16,
+                 "top_k": 50, "read_bw_gbs": round(bw / 1e9, 1), "cases": {}}
+    t_start, eager_tokens = time.perf_counter(), {}
+    # Every mode at the smallest batch first, then the default paths (eager, graph) at the larger ones,
+    # then the compiled modes there (each compiles again per batch size): the budget cuts the tail.
+    modes, batches = spec["modes"], spec["batches"]
+    order = [(m, batches[0]) for m in modes] + [(m, b) for m in modes[:2] for b in batches[1:]] + \
+        [(m, b) for m in modes[2:] for b in batches[1:]]
+    for mode, b in order:
+        key = f"{mode}_b{b}"
+        if time.perf_counter() - t_start > spec["budget_s"]:
+            out["cases"][key] = {"skipped": f"over the block's {spec['budget_s']} s"}
+            continue
+        try:
+            out["cases"][key] = _decode_case(model, mode, b, spec["gen_tokens"], bw, eager_tokens)
+        except Exception as e:  # recorded: the table shows which mode failed and why
+            out["cases"][key] = {"error": f"{type(e).__name__}: {e}"[:400]}
+            traceback.print_exc()
+        print(f"[generation] {key}: {out['cases'][key]}", file=sys.stderr, flush=True)
+    return out
+
+
+def _decode_case(model, mode: str, b: int, n: int, bw: float, eager_tokens: dict) -> dict:
+    """One (mode, batch) row: the first call (with its compile / capture), the best of two more,
+    time to first token, and the read bound of the step as this mode runs it."""
+    import torch
+
+    from pretrain.model.decode import cache_bucket, decoders
+    from pretrain.model.generate import generate
+
+    cuda = model.transformer.wte.weight.is_cuda
+
+    def timed(**kw) -> tuple[float, list]:
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        toks = generate(model, [list(range(1000, 1016))] * b, top_k=50, temperature=1.0, seed=0, eot_id=None,
+                        step=mode, **kw)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, toks
+
+    first, toks = timed(max_new_tokens=n)
+    build = [round(d.build_s, 2) for d in decoders(model) if d.mode == mode and d.batch_size == b]
+    best = min(timed(max_new_tokens=n)[0] for _ in range(2))
+    ttft = None
+    if mode == "eager":  # the prefill and the first pick run eagerly in every mode: measured once
+        eager_tokens[b] = toks
+        ttft = round(1000 * min(timed(max_new_tokens=1)[0] for _ in range(3)), 2)
+    cfg = model.config
+    L = cache_bucket(16 + n - 1)
+    cols = L if mode != "eager" else 16 + n / 2  # eager attends over the columns written so far
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights -= model.transformer.wpe.weight.numel() * model.transformer.wpe.weight.element_size()
+    kv = 2 * cfg.n_layer * b * cols * cfg.n_embd * model.transformer.wte.weight.element_size()
+    bound = b * bw / (weights + kv)
+    tps = b * n / best
+    return {"tokens_per_s": round(tps, 1), "ms_per_step": round(1000 * best / n, 3), "first_call_s": round(first, 2),
+            "build_s": build, "ttft_ms": ttft, "bound_tokens_per_s": round(bound),
+            "of_bound": round(tps / bound, 3), "bytes_per_step_mb": round((weights + kv) / 1e6, 1),
+            "same_tokens_as_eager": toks == eager_tokens.get(b) if b in eager_tokens else None}
+
+
+CASES = {"train": case_train, "correctness": case_correctness, "evals": case_evals, "generation": case_generation}
 
 
 def child_main(raw: str) -> int:
@@ -395,8 +495,14 @@ def block_tests(r: Runner) -> dict:
     files = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py")
                    if "pytest.mark.gpu" in p.read_text())
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *files],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    try:
+        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *files],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout or ""
+        print("[gpu_check] tests: timed out after 300 s", flush=True)
+        return {"files": files, "summary": "timed out after 300 s", "passed": 0, "failed": 0, "errors": 1, "skipped": 0,
+                "exit_code": None, "wall_s": round(time.perf_counter() - t0, 1), "output_tail": out[-3000:]}
     summary = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else p.stderr[-300:]
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error|errors|deselected)", summary)}
     res = {"files": files, "summary": summary, "passed": counts.get("passed", 0), "failed": counts.get("failed", 0),
@@ -408,41 +514,76 @@ def block_tests(r: Runner) -> dict:
     return res
 
 
-def block_throughput(r: Runner, sz: dict, data: Path, tmp: Path) -> dict:
+def train_spec(r: Runner, sz: dict, data: Path, tmp: Path, label: str, mb: int, compile: bool, mode: str = "ddp",
+               profile: bool = False, model_attrs: dict | None = None) -> dict:
+    """A throughput case: the 124M (or --smoke tiny) training config at micro-batch ``mb``."""
     a = r.args
-    T = sz["seq_len"]
-    common = sz["model"] + [f"data.dir={data}", "eval.interval=0", "checkpoint.interval=0",
-                            "logging.wandb=disabled", "checkpoint.resume=none", f"train.device={sz['device']}",
-                            f"train.global_batch_tokens={sz['global_tokens']}", "train.dtype=bf16"]
+    ov = sz["model"] + [f"data.dir={data}", "eval.interval=0", "checkpoint.interval=0", "logging.wandb=disabled",
+                        "checkpoint.resume=none", f"train.device={sz['device']}", "schedule.warmup_steps=5",
+                        f"train.global_batch_tokens={sz['global_tokens']}", "train.dtype=bf16",
+                        f"train.micro_batch_size={mb}", f"train.compile={str(compile).lower()}",
+                        f"distributed.mode={mode}", f"train.run_dir={tmp / label}"]
+    return {"kind": "train", "label": label, "config": sz["config"], "overrides": ov, "warmup": a.warmup,
+            "steps": a.steps, "profile": profile, "model_attrs": {**a.model_attrs, **(model_attrs or {})},
+            "compile_backend": "aot_eager" if a.smoke else None}
 
-    def spec(label: str, mb: int, compile: bool, mode: str = "ddp", profile: bool = False) -> dict:
-        ov = common + [f"train.micro_batch_size={mb}", f"train.compile={str(compile).lower()}",
-                       f"distributed.mode={mode}", f"train.run_dir={tmp / label}"]
-        return {"kind": "train", "label": label, "config": sz["config"], "overrides": ov,
-                "warmup": a.warmup, "steps": a.steps, "profile": profile, "model_attrs": a.model_attrs,
-                "compile_backend": "aot_eager" if a.smoke else None}
 
-    out: dict = {"seq_len": T, "global_batch_tokens": sz["global_tokens"], "flops": FLOPS_NOTE, "cases": {}}
+def block_throughput(r: Runner, sz: dict, data: Path, tmp: Path) -> dict:
+    """The compiled cases at each micro-batch (the extras at the best one: :func:`block_throughput_extras`)."""
+    out: dict = {"seq_len": sz["seq_len"], "global_batch_tokens": sz["global_tokens"], "flops": FLOPS_NOTE,
+                 "cases": {}}
     cases = out["cases"]
-    for mb in sorted(a.micro_batches, reverse=True):  # the likely best first, should --budget-s cut the rest
-        cases[f"compiled_mb{mb}"] = r.child(spec(f"compiled_mb{mb}", mb, True, profile=True))
+    for mb in sorted(r.args.micro_batches, reverse=True):  # the likely best first, should --budget-s cut the rest
+        cases[f"compiled_mb{mb}"] = r.child(train_spec(r, sz, data, tmp, f"compiled_mb{mb}", mb, True, profile=True))
     ok = {k: v for k, v in cases.items() if "tokens_per_s" in v}
     if not ok:
         return out
     best_key = max(ok, key=lambda k: ok[k]["tokens_per_s"])
-    best_mb = int(best_key.removeprefix("compiled_mb"))
-    out["best_micro_batch"] = best_mb
-    if not a.compiled_only:
-        cases[f"eager_mb{best_mb}"] = r.child(spec(f"eager_mb{best_mb}", best_mb, False))
-        cases[f"fsdp2_1rank_mb{best_mb}"] = r.child(spec(f"fsdp2_mb{best_mb}", best_mb, True, mode="fsdp"))
-        ddp_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0",
-                   "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
-        cases[f"ddp_1rank_mb{best_mb}"] = r.child(spec(f"ddp_mb{best_mb}", best_mb, True, mode="ddp"), env=ddp_env)
+    out["best_micro_batch"] = int(best_key.removeprefix("compiled_mb"))
     best = cases[best_key]
     out["best_tokens_per_s"] = best["tokens_per_s"]
     out["best_mfu"] = best["mfu"]
     out["ratio_to_600k_target"] = round(best["tokens_per_s"] / 600_000, 3)
     return out
+
+
+def block_throughput_extras(r: Runner, sz: dict, data: Path, tmp: Path, out: dict) -> None:
+    """Eager, FSDP2 (one rank) and DDP (one rank) at the best micro-batch, into ``out["cases"]``."""
+    if r.args.compiled_only or "best_micro_batch" not in out:
+        return
+    mb, cases = out["best_micro_batch"], out["cases"]
+    cases[f"eager_mb{mb}"] = r.child(train_spec(r, sz, data, tmp, f"eager_mb{mb}", mb, False))
+    cases[f"fsdp2_1rank_mb{mb}"] = r.child(train_spec(r, sz, data, tmp, f"fsdp2_mb{mb}", mb, True, mode="fsdp"))
+    ddp_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0",
+               "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+    cases[f"ddp_1rank_mb{mb}"] = r.child(train_spec(r, sz, data, tmp, f"ddp_mb{mb}", mb, True, mode="ddp"), env=ddp_env)
+
+
+def block_lever(r: Runner, sz: dict, data: Path, tmp: Path, throughput: dict | None) -> dict:
+    """A = the best compiled throughput case (run here if the throughput block did not), B = the same
+    with ``--lever`` set, back to back on the same machine. Kept when B is faster and every step's
+    loss is within LEVER_TOLERANCE (relative) of A's."""
+    lever = r.args.lever
+    mb = (throughput or {}).get("best_micro_batch") or max(r.args.micro_batches)
+    a = (throughput or {}).get("cases", {}).get(f"compiled_mb{mb}")
+    if a is None or "tokens_per_s" not in a:
+        a = r.child(train_spec(r, sz, data, tmp, f"lever_off_mb{mb}", mb, True))
+    b = r.child(train_spec(r, sz, data, tmp, f"lever_on_mb{mb}", mb, True, model_attrs=lever))
+    out = {"lever": lever, "micro_batch": mb, "tolerance": LEVER_TOLERANCE, "off": a, "on": b}
+    if "tokens_per_s" in a and "tokens_per_s" in b:
+        rel = [abs(x - y) / abs(x) for x, y in zip(a["losses"], b["losses"])]
+        out.update(speedup=round(b["tokens_per_s"] / a["tokens_per_s"], 4), max_rel_loss_diff=round(max(rel), 5),
+                   losses_off=a["losses"], losses_on=b["losses"])
+        out["keep"] = out["speedup"] > 1.0 and out["max_rel_loss_diff"] <= LEVER_TOLERANCE
+    return out
+
+
+def block_generation(r: Runner, sz: dict) -> dict:
+    spec = {"kind": "generation", "label": "generation", "device": sz["device"], "preset": sz["decode_preset"],
+            "batches": list(sz["decode_batches"]), "modes": list(r.args.decode_modes or sz["decode_modes"]),
+            "gen_tokens": r.args.gen_tokens or (16 if r.args.smoke else 256), "budget_s": r.args.gen_budget_s,
+            "compile_backend": "aot_eager" if r.args.smoke else None}
+    return r.child(spec, timeout=r.args.gen_budget_s + 180)
 
 
 def block_correctness(r: Runner, sz: dict, data: Path, tmp: Path) -> dict:
@@ -479,6 +620,35 @@ def fmt(v, nd: int = 3) -> str:
     return str(v)
 
 
+def generation_rows(g: dict) -> list[tuple[str, str, str]]:
+    if "cases" not in g:
+        return [("generation", "error", g.get("skipped") or g.get("error", "?")[:200])]
+    rows = [("generation", "setup", f"{g['model']} ({g['params_m']}M, {g['dtype']}), prompt {g['prompt_tokens']}, "
+                                    f"{g['new_tokens']} new tokens, top-k {g['top_k']}; read bandwidth {g['read_bw_gbs']} GB/s")]
+    for name, c in g["cases"].items():
+        if "tokens_per_s" not in c:
+            rows.append(("generation", name, c.get("skipped") or c.get("error", "?")[:160]))
+            continue
+        same = {True: ", tokens = eager's", False: ", tokens differ from eager's", None: ""}[c["same_tokens_as_eager"]]
+        rows.append(("generation", name, f"{c['tokens_per_s']:,.0f} tok/s ({c['ms_per_step']} ms/step), "
+                     f"{100 * c['of_bound']:.1f}% of the read bound ({c['bound_tokens_per_s']:,} tok/s at "
+                     f"{c['bytes_per_step_mb']} MB/step); first call {c['first_call_s']} s (build {c['build_s']} s)"
+                     f"{'' if c['ttft_ms'] is None else '; TTFT ' + str(c['ttft_ms']) + ' ms (prefill + first pick)'}{same}"))
+    return rows
+
+
+def lever_rows(lv: dict) -> list[tuple[str, str, str]]:
+    name = ",".join(f"{k}={v}" for k, v in lv["lever"].items())
+    if "speedup" not in lv:
+        err = next((x.get("skipped") or x.get("error", "?") for x in (lv["off"], lv["on"]) if "tokens_per_s" not in x), "?")
+        return [("lever", name, str(err)[:200])]
+    on, off = lv["on"], lv["off"]
+    return [("lever", f"{name}, micro-batch {lv['micro_batch']}",
+             f"{on['tokens_per_s']:,} vs {off['tokens_per_s']:,} tok/s = {lv['speedup']:.4f}x; max step-loss rel diff "
+             f"{lv['max_rel_loss_diff']:.4g} (tol {lv['tolerance']}); peak {on['peak_mem_gb']} vs {off['peak_mem_gb']} GB; "
+             f"{'KEEP' if lv['keep'] else 'drop'}")]
+
+
 def table(res: dict) -> str:
     rows = [("block", "item", "value")]
     env = res["environment"]
@@ -487,6 +657,8 @@ def table(res: dict) -> str:
         t = res["tests"]
         rows.append(("tests", "pytest -m gpu", f"{t['passed']} passed, {t['failed']} failed, {t['errors']} errors, "
                                                f"{t['skipped']} skipped ({t['wall_s']}s)"))
+    if "generation" in res:
+        rows += generation_rows(res["generation"])
     if "throughput" in res:
         th = res["throughput"]
         for name, c in th["cases"].items():
@@ -506,6 +678,8 @@ def table(res: dict) -> str:
                 top = ", ".join(f"{e['name'][:40]} {100 * e['share']:.0f}%" for e in prof["top"][:5])
                 rows.append(("throughput", f"profile ({prof['by']}, 1 step)",
                              f"wall {prof['wall_ms']} ms, busy {prof['total_ms']} ms; top: {top}"))
+    if "lever" in res:
+        rows += lever_rows(res["lever"])
     if "correctness" in res:
         c = res["correctness"]
         if "bf16_vs_fp32" in c:
@@ -551,12 +725,24 @@ def environment(device: str) -> dict:
             "cuda": torch.version.cuda, "host": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
+def attr_setting(p: argparse.ArgumentParser, flag: str, item: str) -> dict:
+    """NAME=VALUE -> {NAME: VALUE}, VALUE read as JSON, else as a string."""
+    name, sep, value = item.partition("=")
+    if not sep or not name:
+        p.error(f"{flag} needs NAME=VALUE, got {item!r}")
+    try:
+        return {name: json.loads(value)}
+    except json.JSONDecodeError:
+        return {name: value}
+
+
 def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="run every block on CPU with tiny sizes")
     p.add_argument("--blocks", default=",".join(BLOCKS), help=f"comma-separated subset of {','.join(BLOCKS)}")
     p.add_argument("--micro-batches", default=None,
-                   help="micro-batches of the compiled throughput cases (default 16,32,64; --smoke: 2,4)")
+                   help="micro-batches of the compiled throughput cases (default 64, the best of 16/32/64 in both "
+                        "earlier runs; --smoke: 2,4)")
     p.add_argument("--warmup", type=int, default=None, help="steps after the first before timing (default 2; smoke 1)")
     p.add_argument("--steps", type=int, default=None, help="timed optimizer steps per case (default 5; smoke 2)")
     p.add_argument("--budget-s", type=float, default=420.0,
@@ -567,6 +753,14 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--model-attr", action="append", default=[], metavar="NAME=VALUE",
                    help="throughput: set an attribute of the model before the first step (an A/B switch; "
                         "VALUE is read as JSON, else as a string); repeatable")
+    p.add_argument("--lever", default="head_fp8=true", metavar="NAME=VALUE",
+                   help="lever: the model attribute the A/B sets (as --model-attr); default: the FP8 LM head")
+    p.add_argument("--gen-tokens", type=int, default=None, help="generation: new tokens per row (default 256; smoke 16)")
+    p.add_argument("--gen-budget-s", type=float, default=150.0,
+                   help="generation: start no new (mode, batch) case after this many seconds (default 150)")
+    p.add_argument("--decode-modes", default=None, type=lambda v: [m for m in v.split(",") if m],
+                   help="generation: comma-separated decode steps (default eager,graph,compile+graph,reduce-overhead,"
+                        "compile; smoke: eager,compile)")
     p.add_argument("--attention", choices=["default", "flash"], default="default",
                    help="correctness: the SDPA backends of the bf16 runs (flash = FLASH_ATTENTION only)")
     p.add_argument("--case", help=argparse.SUPPRESS)
@@ -576,20 +770,15 @@ def parse_args(argv: list[str] | None):
     if bad:
         p.error(f"--blocks: unknown block(s) {bad}; choose from {','.join(BLOCKS)}")
     args.blocks = blocks
-    mbs = args.micro_batches or ("2,4" if args.smoke else "16,32,64")
+    mbs = args.micro_batches or ("2,4" if args.smoke else "64")
     try:
         args.micro_batches = [int(x) for x in mbs.split(",")]
     except ValueError:
         p.error(f"--micro-batches must be comma-separated integers, got {mbs!r}")
     args.model_attrs = {}
     for item in args.model_attr:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            p.error(f"--model-attr needs NAME=VALUE, got {item!r}")
-        try:
-            args.model_attrs[name] = json.loads(value)
-        except json.JSONDecodeError:
-            args.model_attrs[name] = value
+        args.model_attrs.update(attr_setting(p, "--model-attr", item))
+    args.lever = attr_setting(p, "--lever", args.lever)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 2)
     args.steps = args.steps if args.steps is not None else (2 if args.smoke else 5)
     return args
@@ -612,12 +801,20 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
         tmp = Path(tmp)
         steps_total = (1 + args.warmup + args.steps + 6) * sz["global_tokens"] + sz["seq_len"] * 64
-        rand = synthetic_shards(tmp / "random", steps_total, val_tokens=70_000)
-        tiled = synthetic_shards(tmp / "tiled", 64 * sz["corr_micro"] * sz["seq_len"] * 2, val_tokens=70_000, period=4096)
+        rand = synthetic_shards(tmp / "random", 4 * sz["seq_len"] * 64, val_tokens=70_000)
+        # A learnable stream (period 4,096) for training, so losses fall within the measured steps.
+        tiled = synthetic_shards(tmp / "tiled", max(steps_total, 64 * sz["corr_micro"] * sz["seq_len"] * 2),
+                                 val_tokens=70_000, period=4096)
         if "tests" in args.blocks:
             res["tests"] = block_tests(r)
+        if "generation" in args.blocks:
+            res["generation"] = block_generation(r, sz)
         if "throughput" in args.blocks:
-            res["throughput"] = block_throughput(r, sz, rand, tmp)
+            res["throughput"] = block_throughput(r, sz, tiled, tmp)
+        if "lever" in args.blocks:
+            res["lever"] = block_lever(r, sz, tiled, tmp, res.get("throughput"))
+        if "throughput" in args.blocks:
+            block_throughput_extras(r, sz, tiled, tmp, res["throughput"])
         if "correctness" in args.blocks:
             res["correctness"] = block_correctness(r, sz, tiled, tmp)
         if "evals" in args.blocks:

@@ -369,3 +369,263 @@ def test_screened_sampling_draws_what_the_full_head_draws(monkeypatch):
                 m.setattr(gen_mod.ScreenedHead, "build", classmethod(lambda cls, model: None))
                 full = generate(model, PROMPTS, max_new_tokens=24, seed=3, eot_id=None, **kw)
             assert screened == full, (name, kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fixed-shape decode step, batched prompts, the per-row random stream, stop strings (issue 20)
+
+SETTINGS = [
+    dict(temperature=0),
+    dict(temperature=0.8, top_k=50),
+    dict(temperature=1.0, top_k=5, top_p=0.9),
+    dict(temperature=1.3, top_p=0.9),  # no top-k: the fp32 head over the whole vocabulary (DecodeHead)
+    dict(temperature=1.0),
+]
+RAGGED = [[464, 2068, 7586, 21831, 625, 262], [15496], [40, 1101, 257], [318, 257, 1332, 11, 290, 340, 373, 922, 13]]
+
+
+def _reference(model, prompt: list[int], n: int, seed: int, **kw) -> list[int]:
+    """The path before the static step, kept in the model for HellaSwag: a dynamic KVCache (a
+    Python-int position, keys sliced to the length so far, no mask), the full head through
+    ``forward(at="last")``, the row alone; sampling with its own stream (``uniforms``)."""
+    from pretrain.model import KVCache
+    from pretrain.model.generate import uniforms
+
+    cache = KVCache.empty(model.config, 1, len(prompt) + n, "cpu", torch.float32)
+    u = uniforms(torch.tensor([seed]), n)  # (1, n)
+    idx, out = torch.tensor([prompt]), []
+    with torch.no_grad():
+        for t in range(n):
+            logits = model(idx, kv_cache=cache, at="last")[0][:, -1]  # (1, padded V)
+            nxt = sample_next(logits, u=u[:, t], **kw)
+            out.append(nxt.item())
+            idx = nxt[:, None]
+    return out
+
+
+@pytest.mark.parametrize("kw", SETTINGS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_static_step_equals_the_dynamic_cache_path_alone_and_in_a_ragged_batch(kw):
+    """generate() (StaticKVCache: left padding, per-row positions, the mask over the preallocated
+    columns; the screened / transposed head) gives each row the tokens of the dynamic-cache path
+    run on that row alone with that row's seed -- at batch 1 and in a batch of different lengths."""
+    model = _model()
+    n = 20
+    alone = [generate(model, [p], max_new_tokens=n, seed=11 + i, eot_id=None, **kw)[0] for i, p in enumerate(RAGGED)]
+    batched = generate(model, RAGGED, max_new_tokens=n, seed=11, eot_id=None, **kw)
+    reference = [_reference(model, p, n, 11 + i, **kw) for i, p in enumerate(RAGGED)]
+    assert batched == alone == reference
+    assert len({tuple(r) for r in batched}) == len(RAGGED)  # the rows really differ
+
+
+def test_rows_do_not_depend_on_their_batch():
+    """Row i of a call with seed s draws with seed s + i, from a stream of its own: the same tokens
+    alone, in any batch size (``batch_size`` chunks), and for rows that run out of context early
+    (a 60-token prompt in a 64-token context gets 4 tokens while its batch goes on)."""
+    model = _model()
+    prompts = [*RAGGED, [7] * 60, [8, 9]]
+    kw = dict(max_new_tokens=24, temperature=1.1, top_k=40, top_p=0.95, eot_id=None)
+    whole = generate(model, prompts, seed=5, **kw)
+    assert [len(r) for r in whole] == [24, 24, 24, 24, 4, 24]
+    assert generate(model, prompts, seed=5, batch_size=2, **kw) == whole
+    assert generate(model, prompts, seed=[5 + i for i in range(len(prompts))], batch_size=4, **kw) == whole
+    for i in (0, 4, 5):
+        assert generate(model, [prompts[i]], seed=5 + i, **kw) == [whole[i]]
+    g = torch.Generator().manual_seed(3)
+    with_gen = generate(model, prompts, generator=g, **kw)
+    assert generate(model, prompts, generator=torch.Generator().manual_seed(3), **kw) == with_gen != whole
+    torch.manual_seed(4)
+    unseeded = generate(model, prompts, **kw)
+    torch.manual_seed(4)
+    assert generate(model, prompts, **kw) == unseeded  # seed=None follows torch.manual_seed
+
+
+def test_uniforms_are_uniform_and_independent():
+    """The counter-based stream: uniform on [0, 1) (moments, deciles), no correlation between
+    neighbouring draws or neighbouring seeds, reproducible, and the same for a seed whatever
+    else is in the batch."""
+    from pretrain.model.generate import uniforms
+
+    u = uniforms(torch.arange(500) + 12345, 400)  # (500, 400): 200k draws
+    assert u.dtype == torch.float64 and 0 <= u.min() and u.max() < 1
+    assert abs(u.mean() - 0.5) < 0.003 and abs(u.var() - 1 / 12) < 0.002  # 5 sigma: 0.0032, 0.0014
+    deciles = torch.histc(u.float(), 10, 0, 1) / u.numel()
+    assert (deciles - 0.1).abs().max() < 0.004  # binomial std 0.00067
+    corr = lambda a, b: torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].abs()  # noqa: E731
+    assert corr(u[:, :-1], u[:, 1:]) < 0.012 and corr(u[:-1], u[1:]) < 0.012  # 5 sigma at 200k pairs
+    assert torch.equal(uniforms(torch.tensor([12345 + 7]), 400)[0], u[7])
+    assert not torch.equal(u[0], u[1])
+
+
+def test_compiled_decode_step_does_not_recompile(monkeypatch):
+    """step='compile': one graph for the decode step, compiled once and not again across 64 decode
+    steps nor for the next call of the same batch size and cache bucket with other prompt lengths
+    (counted by torch._dynamo); the prefill stays eager. The same tokens as the eager step. (The
+    aot_eager backend traces exactly what inductor would get, without C++ compilation.)"""
+    import functools
+
+    from pretrain.model.decode import decoders
+    from pretrain.training.profiling import graph_breaks, reset_dynamo_counters
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    model = _model(block_size=128)
+    prompts, others = [[1, 2, 3], [4, 5, 6, 7, 8]], [[9] * 7, [10, 11]]
+    # top-p alone: the whole step compiles (no host sync); top-k on a CPU: the trunk alone (the
+    # screened head reads values on the host).
+    for kw in (dict(temperature=1.0, top_p=0.9), dict(temperature=0.9, top_k=20)):
+        with reset_dynamo_counters():
+            compiled = generate(model, prompts, max_new_tokens=65, seed=1, eot_id=None, step="compile", **kw)
+            first = graph_breaks()
+            again = generate(model, others, max_new_tokens=60, seed=2, eot_id=None, step="compile", **kw)
+            second = graph_breaks()
+        assert all(len(r) == 65 for r in compiled)
+        assert first["unique_graphs"] == 1 and first["graph_breaks"] == 0, first
+        assert second["unique_graphs"] == 1, second  # nothing new compiled for the second call
+        assert compiled == generate(model, prompts, max_new_tokens=65, seed=1, eot_id=None, step="eager", **kw)
+        assert again == generate(model, others, max_new_tokens=60, seed=2, eot_id=None, step="eager", **kw)
+    assert [(d.batch_size, d.max_len, d.mode) for d in decoders(model)] == [(2, 128, "compile")] * 2
+
+
+def test_decoders_are_kept_per_batch_size_and_cache_bucket(monkeypatch):
+    import functools
+
+    from pretrain.model.decode import cache_bucket, decoders
+
+    assert [cache_bucket(n) for n in (1, 64, 65, 200, 256, 257, 700)] == [64, 64, 128, 256, 256, 512, 768]
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    model = _model()
+    kw = dict(temperature=0, eot_id=None, step="compile")
+    generate(model, [[1, 2], [3]], max_new_tokens=10, **kw)
+    first = decoders(model)[0]
+    generate(model, [[1] * 20, [3]], max_new_tokens=30, **kw)  # 49 columns: the same bucket of 64
+    generate(model, [[1, 2], [3], [4]], max_new_tokens=10, **kw)  # another batch size
+    generate(model, [[1] * 50], max_new_tokens=14, **kw)  # 63 columns, batch 1
+    assert decoders(model)[0] is first
+    assert [(d.batch_size, d.max_len) for d in decoders(model)] == [(2, 64), (3, 64), (1, 64)]
+    generate(model, [[1, 2], [3]], max_new_tokens=10, temperature=0, eot_id=None)  # eager: nothing kept
+    assert len(decoders(model)) == 3
+
+
+def test_stop_strings_end_each_row_after_the_token_that_completes_them():
+    """``stop``: a row ends after the first token whose text completes one of its strings (the
+    string stays in the output, as lm-evaluation-harness cuts it itself); per row or for all; with
+    end-of-text, whichever comes first; the same with and without the cache."""
+    from data_pipeline.tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
+    model = _model()
+    kw = dict(max_new_tokens=24, temperature=0, eot_id=None)
+    full = generate(model, RAGGED[:3], **kw)
+
+    def expected(toks, strings):  # the shortest prefix whose text holds a string
+        return next((toks[:k] for k in range(1, len(toks) + 1) if any(s in tok.decode(toks[:k]) for s in strings)), toks)
+
+    s0 = tok.decode(full[0][6:8])[1:4] or tok.decode(full[0][6:8])  # from the middle of row 0's text
+    s1 = tok.decode(full[1][10:11])
+    stops = [[s0], [s1, "never in this text \u2603"], ["never"]]
+    got = generate(model, RAGGED[:3], stop=stops, **kw)
+    assert got == [expected(t, s) for t, s in zip(full, stops)]
+    assert len(got[0]) <= 8 and len(got[1]) <= 11 and got[2] == full[2]
+    assert generate(model, RAGGED[:3], stop=stops, use_kv_cache=False, **kw) == got
+    assert generate(model, RAGGED[:3], stop=[s0], **kw)[0] == got[0]  # one list for every row
+    with pytest.raises(GenerationError, match="one list, or one per prompt"):
+        generate(model, RAGGED[:3], stop=[["a"], ["b"]], **kw)
+
+
+def test_cli_several_prompts_print_in_order_each_as_generated_alone(exported, tmp_path, capsys):
+    """--prompt repeated and --prompts-file: one batch, printed in order under '--- sample i/n ---',
+    each sample the text it gets alone (greedy)."""
+    f = tmp_path / "prompts.txt"
+    f.write_text("The quick brown fox\nOnce upon a time there was\n", encoding="utf-8")
+    base = ["--model", str(exported), "--max-new-tokens", "8", "--temperature", "0"]
+    assert main([*base, "--prompt", "Hello", "--prompt", "A much longer prompt than the first", "--prompts-file", str(f)]) == 0
+    out = capsys.readouterr().out
+    samples = [s.strip("\n") for s in out.split("--- sample ")[1:]]
+    assert [s.split(" ---\n")[0] for s in samples] == ["1/4", "2/4", "3/4", "4/4"]
+    for s, prompt in zip(samples, ["Hello", "A much longer prompt than the first", "The quick brown fox",
+                                   "Once upon a time there was"]):
+        assert main([*base, "--prompt", prompt]) == 0
+        assert s.split(" ---\n", 1)[1] == capsys.readouterr().out.strip("\n")
+
+
+def test_cli_bad_prompts_file_is_one_line_exit_2(exported, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    for path, what in [(tmp_path / "missing.txt", "cannot read it"), (empty, "holds no prompts")]:
+        assert main(["--model", str(exported), "--prompts-file", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"gpt2-generate: error: --prompts-file {path}: {what}") and err.count("\n") == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode, reference", [("graph", "eager"), ("compile+graph", "compile"), ("reduce-overhead", "compile")])
+def test_cuda_captured_decode_step_replays_the_step_it_captured(mode, reference):
+    """On CUDA the decode step is captured once per (batch size, cache bucket, settings) and
+    replayed: the same tokens as running the same step without the graph (eager for 'graph', the
+    compiled step for the compiled modes), for seeded top-k / top-p sampling, and for a second batch
+    of other prompt lengths (a replay: nothing captured again); 'graph' also for greedy and under
+    autocast with fp32 weights (the trainer's in-loop sample). (The compiled modes compile the tiny
+    model's step twice each: kept to one setting for the GPU check's time.)"""
+    from pretrain.model.decode import decoders
+
+    model = _model().cuda()
+    kw = dict(max_new_tokens=40, seed=3, eot_id=None)
+    settings = [dict(temperature=0.9, top_k=50, top_p=0.95)] + ([dict(temperature=0)] if mode == "graph" else [])
+    for st in settings:
+        for prompts in (RAGGED, [p[::-1] + [5] for p in RAGGED[::-1]]):
+            assert generate(model, prompts, step=mode, **kw, **st) == generate(model, prompts, step=reference, **kw, **st)
+    kept = [d for d in decoders(model) if d.mode == mode]
+    assert len(kept) == len(settings) and all(d.build_s > 0 for d in kept)
+    if mode == "graph":
+        assert all(d.graph is not None for d in kept)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert generate(model, RAGGED, step=mode, **kw) == generate(model, RAGGED, step=reference, **kw)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_reads_the_current_weights():
+    """A captured graph reads the parameters' memory: after an in-place update (an optimizer step)
+    it decodes with the new values; after the parameters are replaced (new storage) the decoder is
+    captured again, never replaying a graph over freed memory."""
+    from pretrain.model.decode import decoders
+
+    model = _model().cuda()
+    kw = dict(max_new_tokens=24, temperature=0, eot_id=None)
+    before = generate(model, RAGGED, step="graph", **kw)
+    assert before == generate(model, RAGGED, step="eager", **kw)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-1.0)  # in place, as an optimizer step
+    flipped = generate(model, RAGGED, step="graph", **kw)
+    assert flipped == generate(model, RAGGED, step="eager", **kw) != before
+    first = decoders(model)[0]
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(fresh, assign=True)  # new storage for every parameter
+    assert generate(model, RAGGED, step="graph", **kw) == flipped
+    assert decoders(model)[0] is not first
+
+
+def test_fsdp_sharded_model_generates_what_the_plain_model_does():
+    """An FSDP2-sharded model decodes through ``forward`` (its hooks gather the parameters), eagerly,
+    under no_grad (FSDP2 reads version counters that inference tensors lack): the same tokens as the
+    plain model, for a ragged batch. One process, gloo."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        plain = _model()
+        sharded = _model()
+        for block in sharded.transformer.h:
+            fully_shard(block)
+        fully_shard(sharded)
+        kw = dict(max_new_tokens=10, temperature=0.9, top_k=20, seed=1, eot_id=None)
+        assert generate(sharded, RAGGED, **kw) == generate(plain, RAGGED, **kw)
+        with pytest.raises(GenerationError, match="FSDP-sharded model decodes eagerly"):
+            generate(sharded, RAGGED, step="compile", **kw)
+    finally:
+        dist.destroy_process_group()

@@ -149,7 +149,8 @@ def test_cuda_compiled_bf16_step_no_graph_breaks_one_sync(data, tmp_path):
 
 
 def test_gpu_check_smoke(tmp_path):
-    """benchmarks/gpu_check.py --smoke: every block on CPU with tiny sizes; the JSON holds real numbers."""
+    """benchmarks/gpu_check.py --smoke: every block on CPU with tiny sizes; the JSON holds real numbers
+    (the generation block's eager and compiled decode steps, the FP8-head lever's A/B included)."""
     out = tmp_path / "gpu_check.json"
     p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(out)],
                        cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -172,6 +173,17 @@ def test_gpu_check_smoke(tmp_path):
     assert corr["bf16_vs_fp32"]["ok"] and len(corr["bf16_vs_fp32"]["bf16"]) == 6
     assert corr["resume"]["bitwise_equal_to_uninterrupted"] and corr["resume"]["resumed_at_step"] == 3
     assert corr["flash_only_step"]["ok"]
+    gen = res["generation"]["cases"]
+    assert set(gen) == {"eager_b1", "eager_b4", "compile_b1", "compile_b4"}, gen
+    for name, c in gen.items():
+        assert c["tokens_per_s"] > 0 and 0 < c["of_bound"] and c["bound_tokens_per_s"] > 0, name
+        assert (c["ttft_ms"] > 0) if name.startswith("eager") else c["ttft_ms"] is None, name
+    assert gen["compile_b4"]["same_tokens_as_eager"] and gen["compile_b1"]["build_s"][0] > 0
+    lever = res["lever"]
+    assert lever["lever"] == {"head_fp8": True} and lever["off"] == cases[f"compiled_mb{best}"]  # A: the same run
+    assert lever["max_rel_loss_diff"] <= lever["tolerance"] and lever["speedup"] > 0 and isinstance(lever["keep"], bool)
+    assert len(lever["losses_on"]) == len(lever["losses_off"]) == 1 + 1 + 2  # first + warm-up + timed steps
+    assert "| generation" in p.stdout and "| lever" in p.stdout
     ev = res["evals"]
     assert ev["hellaswag"]["examples"] == 16 and ev["hellaswag"]["examples_per_s"] > 0
     assert ev["generate_kv_cache"]["batch_4"]["new_tokens"] == 64

@@ -394,3 +394,43 @@ def test_fused_loss_under_bf16_autocast_matches_the_full_path():
     for n in ref_g:  # bf16 matmuls; the fused head accumulates its weight gradient in fp32
         assert got_g[n].dtype == ref_g[n].dtype == torch.float32
         torch.testing.assert_close(got_g[n], ref_g[n], rtol=0.05, atol=2e-3, msg=n)
+
+
+def test_fp8_head_matches_the_bf16_head_within_fp8_precision():
+    """pretrain.model.head.fp8_linear (the GPU check's training lever): e4m3 operands, e5m2 output
+    gradient, dynamic per-tensor scales -- the output and both gradients point where the exact ones
+    do (cosine > 0.99, relative error within a few FP8 steps); a GPT with head_fp8 gives a loss within
+    1% of the exact head's, through torch.compile (aot_eager), and evaluation keeps the exact head."""
+    from pretrain.model.head import fp8_linear
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(96, 64, generator=g) * 3).requires_grad_()
+    w = (torch.randn(80, 64, generator=g) * 0.02).requires_grad_()
+    out = fp8_linear(x, w)
+    up = torch.randn(96, 80, generator=g)
+    (out.float() * up).sum().backward()
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = x2 @ w2.t()
+    (ref * up).sum().backward()
+    cos = lambda a, b: torch.nn.functional.cosine_similarity(a.flatten().float(), b.flatten().float(), dim=0)  # noqa: E731
+    for got, want in [(out, ref), (x.grad, x2.grad), (w.grad, w2.grad)]:
+        assert got.shape == want.shape and torch.isfinite(got).all()
+        assert cos(got, want) > 0.99
+        assert ((got.float() - want).norm() / want.norm()) < 0.15  # e4m3: 3 mantissa bits; e5m2: 2
+    assert out.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+
+    model = GPT(GPTConfig.from_preset("tiny-vocab", padded_vocab_size=640))
+    idx = torch.randint(0, 512, (4, 32), generator=g)
+    exact = model(idx, idx)[1]
+    compiled = torch.compile(model, backend="aot_eager")  # the full-logits path, where FP8 applies
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = compiled(idx, idx)[1].item()
+        model.head_fp8 = True
+        loss = compiled(idx, idx)[1]
+    loss.backward()
+    assert loss.item() != bf16 and abs(loss.item() - exact.item()) / exact.item() < 0.01
+    assert torch.isfinite(model.transformer.wte.weight.grad).all() and model.transformer.wte.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], GPT.logits(model, model.hidden_states(idx)))
+        model.head_fp8 = False
+        assert torch.equal(model(idx)[0], model.logits(model.hidden_states(idx)))

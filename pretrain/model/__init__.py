@@ -2,6 +2,6 @@
 chunked paths (``head.py``), loading weights from anywhere (``weights.py``), the Hugging Face
 conversion table and export (``hf.py``), and sampling (``generate.py``, ``decode.py``)."""
 
-from pretrain.model.gpt import ARCH_FIELDS, GPT, PRESETS, VOCAB_ROW_PARAMS, GPTConfig, KVCache
+from pretrain.model.gpt import ARCH_FIELDS, GPT, PRESETS, VOCAB_ROW_PARAMS, GPTConfig, KVCache, StaticKVCache
 
-__all__ = ["ARCH_FIELDS", "GPT", "PRESETS", "VOCAB_ROW_PARAMS", "GPTConfig", "KVCache"]
+__all__ = ["ARCH_FIELDS", "GPT", "PRESETS", "VOCAB_ROW_PARAMS", "GPTConfig", "KVCache", "StaticKVCache"]

@@ -1,4 +1,5 @@
-"""The LM head and the weight layout for decoding one token at a time (used by ``generate.py``).
+"""Decoding one token at a time (used by ``generate.py``): the LM head, the weight layout, and the
+fixed-shape decode step with its compiled / captured graphs.
 
 The LM head while sampling: only the last position of each row needs logits, so the trunk
 (``GPT.hidden_states``) runs and the head is applied to that one position. For top-k sampling
@@ -19,17 +20,31 @@ the token embedding reads by rows, is copied transposed by :class:`DecodeHead` i
 extra copy of those weights while sampling runs; ~45 ms for W1's), or screened in int8 by
 :class:`ScreenedHead` (~15-25 ms to build). Same fp32 arithmetic; only the summation order
 differs.
+
+The decode step (:class:`Decoder`). The prompt is prefilled by a normal forward; each further token
+is one call of a step whose tensors are all allocated once (a
+:class:`~pretrain.model.gpt.StaticKVCache`, the last tokens, each row's uniforms, the output) and
+whose changing values are tensors updated in place, so the step is one fixed graph: compiled once
+(``torch.compile``, no recompilation across steps) and, on CUDA, captured once in a CUDA graph and
+replayed -- a token costs one launch instead of ~150 kernels launched from Python (those launches,
+with cuDNN planning an attention graph per key length, since avoided, made a token of the 124M model
+47.6 ms at batch 1 on an H200; RESULTS.md, "gpu"). Decoders are kept per
+model, keyed by batch size, cache bucket (:func:`cache_bucket`), mode and settings
+(:func:`get_decoder`), so the compile / capture is paid by the first batch of a shape.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
 
-from pretrain.model.gpt import GPT
+from pretrain.model.gpt import GPT, StaticKVCache
 
 
 class DecodeHead:
@@ -200,3 +215,191 @@ def decode_layout(model: torch.nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for w, original in changed:
                 w.data = original  # the very tensor it had (same storage: nothing else notices)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fixed-shape decode step
+#
+#   prefill (eager, any prompt length)        decode step (fixed shapes: one graph)
+#   idx (B, T0) ──► trunk ──► pick ──► out[:, 0]     tok (B, 1) ──► trunk ──► pick ──► out[:, count]
+#   writes cache columns 0 .. T0-1                   writes cache column slot; slot, count += 1
+#
+# Every tensor a decode step reads or writes lives in the Decoder, allocated once; the step's
+# shapes depend on (B, L) only and its changing values (slot, count) are tensors updated in place.
+
+DECODE_MODES = ("eager", "compile", "graph", "compile+graph", "reduce-overhead")
+"""How the decode step runs. ``eager``: op by op from Python. ``compile``: ``torch.compile`` (inductor),
+one graph, no recompilation across steps. ``graph``: the eager step captured once in a
+``torch.cuda.CUDAGraph`` and replayed (one launch per token). ``compile+graph``: the compiled step
+captured the same way. ``reduce-overhead``: ``torch.compile(mode="reduce-overhead")`` (inductor's
+own CUDA graphs). The graph modes need CUDA and a sampler without host syncs."""
+
+
+EAGER_COLUMNS = 32
+"""An eager step attends over the columns written so far rounded up to this (not all L: on a CPU the
+keys and values read are a fair share of a token's bytes at batch 8)."""
+
+
+def eager_width(n: int, max_len: int) -> int:
+    """Columns an eager step attends over when n have been written (including its own)."""
+    return min(max_len, -(-n // EAGER_COLUMNS) * EAGER_COLUMNS)
+
+
+def cache_bucket(n: int) -> int:
+    """Cache columns for ``n`` needed: a power of two from 64 to 256, then a multiple of 256. Batches
+    whose prompt + continuation fall in one bucket share one decoder (one compiled / captured
+    graph), for at most twice the columns (the masked columns cost attention reads only)."""
+    if n <= 256:
+        return max(64, 1 << (n - 1).bit_length())
+    return -(-n // 256) * 256
+
+
+class Decoder:
+    """The decode step for B rows and a :class:`~pretrain.model.gpt.StaticKVCache` of L columns.
+
+    ``trunk(idx, cache) -> (B, C)`` runs the model and returns what ``pick(x, u) -> (B,)`` turns
+    into the next token of each row (``u`` (B, 1) float64: each row's uniform for this draw). ``start``
+    prefills (eager) and picks the first token; ``step`` produces one more per row; ``tokens(n)``
+    reads the first n of each row. A row that produced ``eot_id`` repeats it (``done``). Built once
+    per (batch, bucket, settings) and reused (:func:`get_decoder`); ``build_s`` is what compiling /
+    capturing cost, paid by the first batch."""
+
+    def __init__(self, model: GPT, batch_size: int, max_len: int, dtype: torch.dtype, trunk: Callable,
+                 pick: Callable, eot_id: int | None, mode: str, static_pick: bool) -> None:
+        if mode not in DECODE_MODES:
+            raise ValueError(f"decode mode must be one of {DECODE_MODES}, got {mode!r}")
+        device = model.transformer.wte.weight.device
+        if mode in ("graph", "compile+graph", "reduce-overhead") and (device.type != "cuda" or not static_pick):
+            raise ValueError(f"decode mode {mode!r} needs CUDA and a sampler without host syncs")
+        B, L = batch_size, max_len
+        self.cache = StaticKVCache.empty(model.config, B, L, device, dtype)
+        self.tok = torch.zeros(B, 1, dtype=torch.long, device=device)  # the last token of each row
+        self.u = torch.zeros(B, L, dtype=torch.float64, device=device)  # each row's uniforms, draw by draw
+        self.count = torch.zeros(1, dtype=torch.long, device=device)  # tokens picked so far
+        self.done = torch.zeros(B, dtype=torch.bool, device=device)  # rows past their eot_id
+        self.out = torch.zeros(B, L, dtype=torch.long, device=device)  # the picked tokens
+        self.trunk, self.pick, self.eot_id, self.mode = trunk, pick, eot_id, mode
+        self.step_trunk = trunk  # the decode step's (compiled alone when the pick cannot be)
+        self.step_cache = self.cache  # what the step reads: all L columns, or (eager) those written so far
+        self.written = 0  # columns written (host side; eager steps narrow the cache by it)
+        self.batch_size, self.max_len = B, L
+        self.graph: torch.cuda.CUDAGraph | None = None
+        t0 = time.perf_counter()
+        self._run = self._build(mode, static_pick)
+        self.build_s = time.perf_counter() - t0
+
+    def _step_eager(self) -> None:
+        u = self.u.index_select(1, self.count)  # (B, 1): this draw's uniforms
+        self._record(self.pick(self.step_trunk(self.tok, self.step_cache), u))
+
+    def _record(self, nxt: torch.Tensor) -> None:
+        if self.eot_id is not None:  # a finished row keeps emitting eot_id (cut off by the caller)
+            nxt = torch.where(self.done, self.eot_id, nxt)
+            self.done.logical_or_(nxt == self.eot_id)
+        nxt = nxt[:, None]  # (B, 1)
+        self.out.index_copy_(1, self.count, nxt)
+        self.tok.copy_(nxt)
+        self.count.add_(1)
+
+    def _build(self, mode: str, static_pick: bool) -> Callable[[], None]:
+        """The step as a callable; compiles and captures now (warm-up steps on this decoder's own
+        buffers, which ``start`` resets), so the first batch pays ``build_s`` and later ones do not."""
+        if mode == "eager":
+            return self._step_eager
+        if mode == "compile" and not static_pick:  # a sampler with host syncs (CPU): the trunk alone
+            self.step_trunk = torch.compile(self.trunk, fullgraph=True, dynamic=False)
+            fn = self._step_eager
+        elif mode == "reduce-overhead":
+            c = self.cache
+            for t in [*c.k, *c.v, c.start, c.start_rows, c.start_keys, c.slot, c.columns,
+                      self.tok, self.u, self.count, self.done, self.out]:
+                torch._dynamo.mark_static_address(t)  # mutated in place: must be static for CUDA graphs
+            fn = torch.compile(self._step_eager, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        elif mode in ("compile", "compile+graph"):
+            fn = torch.compile(self._step_eager, fullgraph=True, dynamic=False)
+        else:  # graph
+            fn = self._step_eager
+        if mode not in ("graph", "compile+graph"):
+            for _ in range(3):  # compile (and reduce-overhead's own warm-up and recording)
+                fn()
+            return fn
+        return self._capture(fn)
+
+    def _capture(self, fn: Callable[[], None]) -> Callable[[], None]:
+        # Warm up on a side stream (allocator, cuBLAS workspaces, the compile), then capture one
+        # step. Under autocast the cast weights must not come from autocast's cache: the graph
+        # would keep reading copies that the cache frees when the caller's autocast ends.
+        ac = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False) \
+            if torch.is_autocast_enabled("cuda") else nullcontext()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with ac, torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with ac, torch.cuda.graph(self.graph):
+            fn()
+        return self.graph.replay
+
+    def start(self, idx: torch.Tensor, start: torch.Tensor, u: torch.Tensor, pick: Callable | None = None) -> None:
+        """A new batch: prompts idx (B, T0) left-padded (row b's tokens begin at column start[b]),
+        u (B, n) each row's uniforms for n draws. Prefills (eager, whatever the prompt length: no
+        graph per length) and picks the first tokens.
+        ``pick``: this batch's sampler, for a step that calls it eagerly (one that is compiled or
+        captured keeps the one it was built with)."""
+        if pick is not None:
+            self.pick = pick
+        self.cache.reset(start)
+        self.count.zero_()
+        self.done.zero_()
+        self.u[:, : u.size(1)].copy_(u)
+        self.written = idx.size(1)
+        cache = self._narrowed() if self.mode == "eager" else self.cache
+        self._record(self.pick(self.trunk(idx, cache), self.u[:, :1]))
+
+    def _narrowed(self) -> StaticKVCache:
+        width = eager_width(self.written, self.max_len)
+        if self.step_cache.max_len != width:
+            self.step_cache = self.cache.narrow(width)
+        return self.step_cache
+
+    def step(self) -> None:
+        """One more token for every row."""
+        self.written += 1
+        if self.mode == "eager":
+            self._narrowed()
+        self._run()
+
+    def tokens(self, n: int) -> list[list[int]]:
+        return self.out[:, :n].tolist()
+
+
+# Decoders kept per model: compiled / captured graphs and their buffers, least recently used
+# dropped first. A model that is garbage-collected takes its decoders with it.
+_DECODERS: weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict] = weakref.WeakKeyDictionary()
+MAX_DECODERS = 8
+
+
+def get_decoder(model: GPT, key: tuple, build: Callable[[], Decoder]) -> Decoder:
+    """The model's decoder for ``key`` (batch, bucket, mode, sampling settings, dtypes), built on
+    first use. A captured graph reads the parameters' memory: a graph-mode decoder built before the
+    parameters were replaced (``load_state_dict(assign=True)``, ``.to()``) is rebuilt. (Compiled
+    steps take the parameters as inputs, so they follow a replacement by themselves.)"""
+    per_model = _DECODERS.setdefault(model, OrderedDict())
+    weights = tuple(p.data_ptr() for p in model.parameters())
+    found = per_model.get(key)
+    if found is not None and (found[0].mode in ("eager", "compile") or found[1] == weights):
+        per_model.move_to_end(key)
+        return found[0]
+    per_model.pop(key, None)
+    dec = build()
+    per_model[key] = (dec, weights)
+    while len(per_model) > MAX_DECODERS:
+        per_model.popitem(last=False)
+    return dec
+
+
+def decoders(model: GPT) -> list[Decoder]:
+    """The decoders kept for ``model`` (benchmarks print their build cost)."""
+    return [d for d, _ in _DECODERS.get(model, {}).values()]

@@ -1,29 +1,42 @@
-"""Sampling from a GPT: batched, with the KV cache (or without, for tests and benchmarks).
+"""Sampling from a GPT: batched prompts of any lengths, a fixed-shape decode step, stop strings.
 
-Batching without padding. GPT-2 has learned absolute positions, so a left-padded row would
-put its prompt at shifted positions (and need a per-row attention mask). Instead, prompts of
-equal length share a batch, and ``generate`` splits a ragged list of prompts into one batch
-per length, returning results in the input order. ``--num-samples N`` is one batch of N
-copies of the prompt.
+Batching. Prompts of different lengths share one batch, left-padded: row b's tokens start at
+column ``start[b]`` of a :class:`~pretrain.model.gpt.StaticKVCache`, each at the positions it has
+alone (GPT-2's positions are learned and absolute: padding shifts columns, not positions), and a
+mask keeps every query to its own row's keys. So each row's tokens are those of generating it
+alone (tested: greedy, and sampling). ``--num-samples N`` is N copies of each prompt.
+
+The decode step (``pretrain/model/decode.py``, :class:`Decoder`): the prompt is prefilled by a
+normal forward; every further token is one step whose shapes depend on (batch, cache bucket) only
+and whose changing values (the cache column, the draw count) are tensors updated in place -- one
+graph, compiled once by ``torch.compile`` and, on CUDA, captured once in a CUDA graph and replayed
+(one launch per token instead of ~150). Decoders are kept per (batch size, cache bucket, settings):
+the first batch of a shape pays the compile / capture, the next ones replay. ``step="auto"``: a
+captured graph on CUDA, eager on a CPU (where compiling costs more than it saves in one call).
 
 Sampling per step (on fp32 logits, padded-vocab columns removed):
 temperature 0 -> greedy argmax; else logits / temperature, then top-k (keep the k largest;
 ties with the k-th are kept), then top-p (keep the smallest set of most likely tokens whose
-probability reaches p), then one draw (by inversion of the cumulative distribution, one random
-number per row: :func:`draw`) from ``torch.Generator`` seeded by ``seed``. On a CPU, top-k
-works on the k candidates only (:func:`sample_next`): the same distribution, without passes
-over the whole vocabulary.
+probability reaches p), then one draw by inversion of the cumulative distribution (:func:`draw`)
+with one uniform number per row and token. The uniforms are a counter-based stream
+(:func:`uniforms`): draw t of a row is a hash of (the row's seed, t), so a row's tokens do not
+depend on the other rows of its batch, the device or a captured graph (no generator state to
+advance); row i of a call with ``seed=s`` uses seed ``s + i``, so
+``generate(m, ps, seed=s)[i] == generate(m, [ps[i]], seed=s + i)[0]``. On a CPU, top-k works on
+the k candidates only (:func:`sample_next`): the same distribution, without passes over the whole
+vocabulary.
 
 The LM head while sampling (``pretrain/model/decode.py``): only the last position of each row
 needs logits, so the trunk (``GPT.hidden_states``) runs and the head is applied to that one
 position, from the weight layout that reads fastest on the device (:func:`decode_layout`,
 :class:`DecodeHead`), or screened in int8 for top-k and greedy on a CPU (:class:`ScreenedHead`).
 
-Stopping: a row stops at its first ``<|endoftext|>`` (not included in the output; later
-steps of a finished row are ignored); the batch stops when every row has or after
-``max_new_tokens``. Context: prompt + continuation must fit in ``block_size`` positions, so
-at most ``block_size - len(prompt)`` tokens are generated (``max_new_tokens`` is reduced to
-that, and the CLI says so); a prompt longer than ``block_size`` is an error.
+Stopping, per row: at its first ``<|endoftext|>`` (not included in the output), after the first
+token that completes one of its ``stop`` strings (included: the caller cuts the text there, as
+lm-evaluation-harness does with ``until``), or after ``max_new_tokens``; the batch stops when
+every row has (checked every token on a CPU, every 16 on CUDA, where a check waits for the GPU).
+Context: prompt + continuation must fit in ``block_size`` positions, so a row generates at most
+``block_size - len(prompt)`` tokens (the CLI says so); a prompt longer than ``block_size`` is an error.
 """
 
 from __future__ import annotations
@@ -31,22 +44,31 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from data_pipeline.tokenizer import EOT_ID
 from pretrain.dist import is_fsdp
-from pretrain.model.decode import DecodeHead, ScreenedHead, decode_layout
-from pretrain.model.gpt import GPT, KVCache
+from pretrain.model.decode import (
+    DECODE_MODES,
+    DecodeHead,
+    Decoder,
+    ScreenedHead,
+    cache_bucket,
+    decode_layout,
+    eager_width,
+    get_decoder,
+)
+from pretrain.model.gpt import GPT, StaticKVCache
 
-# Attention backends while decoding. Not cuDNN's: it builds (and caches) a graph per shape, and
-# every decoded token is a new key length -- on an H200 the 124M model spent 599 of 759 ms of host
-# time generating 16 tokens in _cudnn_attention_forward (3.1 ms per layer and token; the GPU
-# check's host profile). Flash / memory-efficient / math take any length as it comes.
+# Attention backends while decoding. Not cuDNN's: it builds (and caches) a graph per shape -- on an
+# H200 the 124M model spent 599 of 759 ms of host time generating 16 tokens in
+# _cudnn_attention_forward when every token was a new key length (the GPU check's host profile).
+# Flash / memory-efficient / math take any shape as it comes (the decode step's mask: not flash).
 DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -77,24 +99,27 @@ def sample_next(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    u: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One token per row from logits (B, V): greedy when temperature is 0. Returns (B,) long."""
+    """One token per row from logits (B, V): greedy when temperature is 0. ``u`` (B,) or (B, 1): each
+    row's uniform in [0, 1) for the draw (else drawn from ``generator``). Returns (B,) long. No host
+    sync except on a CPU with top-k (the tie check), so on CUDA it can be captured in a graph."""
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
     if temperature != 1.0:
         logits = logits / temperature
     if top_k is not None and top_k < logits.size(-1) and logits.device.type == "cpu":
-        nxt = _sample_top_k(logits, top_k, top_p, generator)
+        nxt = _sample_top_k(logits, top_k, top_p, generator, u)
         if nxt is not None:
             return nxt
     logits = filter_logits(logits, top_k, top_p)
     probs = logits.softmax(dim=-1)  # (B, V)
-    return draw(probs, generator)
+    return draw(probs, generator, u)
 
 
 def _sample_top_k(logits: torch.Tensor, top_k: int, top_p: float | None,
-                  generator: torch.Generator | None) -> torch.Tensor | None:
+                  generator: torch.Generator | None, u: torch.Tensor | None = None) -> torch.Tensor | None:
     """:func:`sample_next` after top-k on the k candidates alone: softmax, top-p and the draw on
     (B, k) instead of (B, V) -- the same distribution as masking the full row. The candidates
     are put back in vocabulary order before the draw, so the inversion walks the same cumulative
@@ -103,11 +128,11 @@ def _sample_top_k(logits: torch.Tensor, top_k: int, top_p: float | None,
     top-k takes k + 1 values, and a tie exists exactly when the (k+1)-th equals the k-th. On CPU
     only: the tie check reads a value on the host (a device sync on a GPU)."""
     vals, ids = torch.topk(logits, top_k + 1, dim=-1)  # (B, k+1) each, values descending
-    return _sample_from_top(vals, ids, top_k, top_p, generator)
+    return _sample_from_top(vals, ids, top_k, top_p, generator, u)
 
 
 def _sample_from_top(vals: torch.Tensor, ids: torch.Tensor, top_k: int, top_p: float | None,
-                     generator: torch.Generator | None) -> torch.Tensor | None:
+                     generator: torch.Generator | None, u: torch.Tensor | None = None) -> torch.Tensor | None:
     """The second half of :func:`_sample_top_k`: vals (B, k+1), the k + 1 largest logits of each
     row (descending, temperature applied), ids (B, k+1) their token ids. (B,) long, or None on a
     tie with the k-th value."""
@@ -120,23 +145,82 @@ def _sample_from_top(vals: torch.Tensor, ids: torch.Tensor, top_k: int, top_p: f
         vals = vals.masked_fill(drop, float("-inf"))
     ids, order = ids.sort(dim=-1)  # (B, k): vocabulary order
     probs = vals.gather(-1, order).softmax(dim=-1)  # (B, k)
-    return ids.gather(-1, draw(probs, generator)[:, None]).squeeze(-1)  # (B,)
+    return ids.gather(-1, draw(probs, generator, u)[:, None]).squeeze(-1)  # (B,)
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None, u: torch.Tensor | None = None) -> torch.Tensor:
     """One index per row of ``probs`` (B, V), with probability proportional to its entry, by
-    inversion: the first index whose cumulative probability exceeds u ~ U(0, row total). One
-    random number per row, where ``torch.multinomial`` draws one per vocabulary entry (on a CPU
-    that was a third of the time of a token of a small model). Returns (B,) long."""
+    inversion: the first index whose cumulative probability exceeds u * (row total), u ~ U[0, 1)
+    given per row ((B,) or (B, 1)) or drawn from ``generator``. One random number per row, where
+    ``torch.multinomial`` draws one per vocabulary entry (on a CPU that was a third of the time of
+    a token of a small model). Returns (B,) long."""
     cdf = probs.double().cumsum(dim=-1)  # (B, V), fp64: exact enough over 50k entries
     total = cdf[:, -1:]  # (B, 1)
-    u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device, dtype=cdf.dtype) * total
-    # u < total strictly, so the index is a token with probability > 0 (never a filtered one).
-    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1)  # (B,)
+    if u is None:
+        u = torch.rand(probs.size(0), generator=generator, device=probs.device, dtype=cdf.dtype)
+    x = u.to(cdf.dtype).view(-1, 1) * total  # (B, 1)
+    # x < total strictly, so the index is a token with probability > 0 (never a filtered one).
+    x = torch.minimum(x, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, x, right=True).squeeze(-1)  # (B,)
 
 
-def _check_settings(max_new_tokens, temperature, top_k, top_p) -> None:
+# ---------------------------------------------------------------------------------------------
+# The random stream: counter-based, one per row
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 x in [0, 2**32) and c < 2**32, without int64 overflow: the high
+    and low 16 bits of x are multiplied separately (each product < 2**48)."""
+    return (((((x >> 16) * c) & 0xFFFF) << 16) + (x & 0xFFFF) * c) & 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijection of 32-bit integers with full avalanche ("triple32", C. Wellons' hash-prospector:
+    three xorshift-multiply rounds; bias 0.02 against an ideal random permutation)."""
+    x = x ^ (x >> 17)
+    x = _mul32(x, 0xED5AD4BB)
+    x = x ^ (x >> 11)
+    x = _mul32(x, 0xAC4C1B51)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x31848BAB)
+    return x ^ (x >> 14)
+
+
+def uniforms(seeds: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, n) float64 uniforms in [0, 1): entry (b, t) is a hash of (seeds[b], t), 53 random bits
+    from two 32-bit hashes. A counter-based stream: a row's numbers depend on its seed and the
+    draw's index only -- not on the batch, the device or any generator state -- so a row sampled in
+    a batch draws what it draws alone, and a captured decode step needs no RNG state. seeds: (B,)
+    int64 >= 0."""
+    lo, hi = seeds & 0xFFFFFFFF, seeds >> 32  # (B,) each, < 2**32 (seeds < 2**63)
+    key = _mix32(lo ^ _mix32(hi ^ 0x9E3779B9))[:, None]  # (B, 1)
+    key2 = _mix32(key ^ 0x85EBCA6B)  # (B, 1)
+    counter = torch.arange(2 * n, device=seeds.device, dtype=torch.long)[None, :]  # (1, 2n)
+    h = _mix32((_mix32(counter ^ key) + key2) & 0xFFFFFFFF)  # (B, 2n)
+    hi27, lo26 = h[:, 0::2] >> 5, h[:, 1::2] >> 6  # (B, n) each: 27 + 26 = 53 bits
+    return (hi27 * 2**26 + lo26).double() * 2.0**-53
+
+
+def row_seeds(n: int, seed: int | Sequence[int] | None, generator: torch.Generator | None, device) -> torch.Tensor:
+    """(n,) int64: row i's seed. ``seed`` an int: seed + i; a sequence: one per row; None: from
+    ``generator`` (one draw), else from torch's global generator (so ``torch.manual_seed`` holds)."""
+    if isinstance(seed, Sequence):
+        if len(seed) != n:
+            raise GenerationError(f"seed holds {len(seed)} values for {n} prompts; give one per prompt or one int")
+        values = [int(s) for s in seed]
+    else:
+        if seed is None:
+            g_device = generator.device if generator is not None else "cpu"
+            seed = int(torch.randint(0, 2**62, (), generator=generator, device=g_device))
+        values = [int(seed) + i for i in range(n)]
+    return torch.tensor([v % 2**63 for v in values], dtype=torch.long, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks, samplers, stop strings
+
+
+def _check_settings(max_new_tokens, temperature, top_k, top_p, step) -> None:
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if not 0 <= temperature < float("inf"):  # NaN fails every comparison
@@ -145,111 +229,11 @@ def _check_settings(max_new_tokens, temperature, top_k, top_p) -> None:
         raise GenerationError(f"top_k must be >= 1 (or None for no limit), got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise GenerationError(f"top_p must be in (0, 1] (or None), got {top_p!r}")
+    if step != "auto" and step not in DECODE_MODES:
+        raise GenerationError(f"step must be 'auto' or one of {', '.join(DECODE_MODES)}; got {step!r}")
 
 
-def _next_token_fn(model: GPT, temperature: float, top_k: int | None, top_p: float | None,
-                   generator: torch.Generator | None):
-    """``f(idx (B, T), cache) -> (B,)``: the next token of each row, sampled from the logits at
-    the last position, real vocabulary only (padded ids can never be produced). A plain GPT: the
-    trunk, then the head at that position -- :class:`ScreenedHead` for top-k and greedy on a CPU,
-    else :class:`DecodeHead`. An FSDP-sharded one goes through ``forward`` (its hooks gather the
-    parameters, and the head weight outside the forward is a shard)."""
-    V = model.config.vocab_size
-
-    def pick(logits: torch.Tensor) -> torch.Tensor:
-        return sample_next(logits, temperature, top_k, top_p, generator)
-
-    if is_fsdp(model):  # the head at the last position; padded columns are -inf, never drawn
-        return lambda idx, cache: pick(model(idx, kv_cache=cache, at="last")[0][:, -1])
-    greedy = temperature == 0
-    wanted = (greedy or (top_k is not None and top_k < V)) and not torch.is_autocast_enabled("cpu")
-    screened = ScreenedHead.build(model) if wanted else None  # under autocast the logits are not fp32
-    if screened is None:
-        head = DecodeHead(model)
-        return lambda idx, cache: pick(head(model.hidden_states(idx, kv_cache=cache)[:, -1]))
-
-    def screened_next(idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        h = model.hidden_states(idx, kv_cache=cache)[:, -1]  # (B, C)
-        found = screened.candidates(h, 1 if greedy else top_k + 1)
-        if found is not None:
-            cand, r = found  # (U,), (B, U)
-            if greedy:
-                return cand[r.argmax(dim=-1)]  # the first maximum, as over the full row
-            vals, pos = torch.topk(r, top_k + 1, dim=-1)  # (B, k+1) each
-            if temperature != 1.0:
-                vals = vals / temperature
-            nxt = _sample_from_top(vals, cand[pos], top_k, top_p, generator)
-            if nxt is not None:
-                return nxt
-        return pick(screened.full_logits(h))  # ties at the k-th value (or a non-finite screen)
-
-    return screened_next
-
-
-@torch.inference_mode()
-@sdpa_kernel(DECODE_BACKENDS)
-def _generate_batch(
-    model: GPT,
-    idx: torch.Tensor,
-    max_new_tokens: int,
-    next_token,
-    eot_id: int | None,
-    use_kv_cache: bool,
-) -> torch.Tensor:
-    """New tokens (B, n) for equal-length prompts idx (B, T0); n <= max_new_tokens."""
-    cfg = model.config
-    B, T0 = idx.shape
-    n_new = min(max_new_tokens, cfg.block_size - T0)
-    if n_new <= 0:
-        return idx.new_empty(B, 0)
-    cache = None
-    if use_kv_cache:
-        # The last sampled token is never fed back, so T0 + n_new - 1 positions suffice.
-        # k, v come out of the qkv projection: in the autocast dtype when autocast is on.
-        dtype = model.transformer.wte.weight.dtype
-        if torch.is_autocast_enabled(idx.device.type):
-            dtype = torch.get_autocast_dtype(idx.device.type)
-        cache = KVCache.empty(cfg, B, T0 + n_new - 1, idx.device, dtype)
-    nxt = next_token(idx, cache)  # (B,): the prefill
-    seq = idx
-    out = []
-    done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-    for step in range(n_new):
-        if eot_id is not None:
-            nxt = torch.where(done, torch.full_like(nxt, eot_id), nxt)
-            done |= nxt == eot_id
-        out.append(nxt)
-        if step == n_new - 1 or (eot_id is not None and bool(done.all())):
-            break
-        if use_kv_cache:
-            nxt = next_token(nxt[:, None], cache)  # (B,)
-        else:
-            seq = torch.cat([seq, nxt[:, None]], dim=1)  # (B, T0 + step + 1)
-            nxt = next_token(seq, None)  # (B,): the whole context, recomputed
-    return torch.stack(out, dim=1)  # (B, n)
-
-
-def generate(
-    model: GPT,
-    prompts: torch.Tensor | Sequence[Sequence[int]],
-    max_new_tokens: int = 64,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    generator: torch.Generator | None = None,
-    eot_id: int | None = EOT_ID,
-    use_kv_cache: bool = True,
-) -> list[list[int]]:
-    """Continue each prompt (token ids); returns the new tokens of each, in input order,
-    cut before the first ``eot_id`` (None = never stop early).
-
-    ``prompts``: a (B, T) long tensor or a list of id lists (any lengths; one batch per
-    length). ``seed`` seeds a fresh ``torch.Generator`` on the model's device (or pass
-    ``generator``); the same seed, settings and batch give the same tokens."""
-    _check_settings(max_new_tokens, temperature, top_k, top_p)
-    cfg = model.config
-    device = model.transformer.wte.weight.device
+def _check_prompts(prompts, cfg) -> list[list[int]]:
     rows = prompts.tolist() if isinstance(prompts, torch.Tensor) else [list(p) for p in prompts]
     for i, p in enumerate(rows):
         if not p:
@@ -262,25 +246,263 @@ def generate(
         bad = [t for t in p if not 0 <= t < cfg.vocab_size]
         if bad:
             raise GenerationError(f"prompt {i} holds token ids outside [0, {cfg.vocab_size}): {bad[:4]}")
-    if generator is None and seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+    return rows
 
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for i, p in enumerate(rows):
-        by_length[len(p)].append(i)
+
+def _sampler(model: GPT, temperature: float, top_k: int | None, top_p: float | None):
+    """``(trunk, pick, static)``: ``trunk(idx, cache)`` -> what ``pick(x, u)`` turns into the next
+    token of each row, from the logits at the last position, real vocabulary only (padded ids can
+    never be produced); ``static``: pick makes no host sync (it can be compiled whole or captured).
+    A plain GPT: the trunk, then the head at that position -- :class:`ScreenedHead` for top-k and
+    greedy on a CPU, else :class:`DecodeHead`. An FSDP-sharded one goes through ``forward`` (its
+    hooks gather the parameters, and the head weight outside the forward is a shard)."""
+    V = model.config.vocab_size
+
+    def pick_logits(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return sample_next(logits, temperature, top_k, top_p, u=u)
+
+    def hidden(idx: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        return model.hidden_states(idx, kv_cache=cache)[:, -1]  # (B, C)
+
+    cpu = model.transformer.wte.weight.device.type == "cpu"
+    static = not (cpu and temperature > 0 and top_k is not None and top_k < V)  # CPU top-k: a tie check
+    if is_fsdp(model):  # the head at the last position; padded columns are -inf, never drawn
+        return (lambda idx, cache: model(idx, kv_cache=cache, at="last")[0][:, -1]), pick_logits, False
+    greedy = temperature == 0
+    wanted = (greedy or (top_k is not None and top_k < V)) and not torch.is_autocast_enabled("cpu")
+    screened = ScreenedHead.build(model) if wanted else None  # under autocast the logits are not fp32
+    if screened is None:
+        head = DecodeHead(model)
+        return hidden, lambda h, u: pick_logits(head(h), u), static
+
+    def screened_pick(h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        found = screened.candidates(h, 1 if greedy else top_k + 1)
+        if found is not None:
+            cand, r = found  # (U,), (B, U)
+            if greedy:
+                return cand[r.argmax(dim=-1)]  # the first maximum, as over the full row
+            vals, pos = torch.topk(r, top_k + 1, dim=-1)  # (B, k+1) each
+            if temperature != 1.0:
+                vals = vals / temperature
+            nxt = _sample_from_top(vals, cand[pos], top_k, top_p, None, u)
+            if nxt is not None:
+                return nxt
+        return pick_logits(screened.full_logits(h), u)  # ties at the k-th value (or a non-finite screen)
+
+    return hidden, screened_pick, False
+
+
+class _StopStrings:
+    """Which rows have completed one of their stop strings, and after which token. Matched on the
+    tokens' bytes (GPT-2's BPE is byte-level, so a string is in the decoded text exactly when its
+    UTF-8 bytes are in the tokens' bytes), scanning only what is new since the last check."""
+
+    def __init__(self, stop: list[list[str]]) -> None:
+        from data_pipeline.tokenizer import get_tokenizer
+
+        self.tok = get_tokenizer()
+        self.stop = [[s.encode() for s in row if s] for row in stop]
+        self.buf = [b"" for _ in stop]
+        self.ends: list[list[int]] = [[] for _ in stop]  # byte offset after each token
+        self.cut: list[int | None] = [None for _ in stop]  # tokens to keep, once stopped
+
+    def update(self, b: int, tokens: list[int]) -> bool:
+        """Row b's tokens so far (up to its end-of-text); True once it has stopped."""
+        if self.cut[b] is not None or not self.stop[b]:
+            return self.cut[b] is not None
+        seen = len(self.ends[b])
+        old = len(self.buf[b])
+        for t in tokens[seen:]:
+            self.buf[b] += self.tok.decode_bytes([t])
+            self.ends[b].append(len(self.buf[b]))
+        longest = max(len(s) for s in self.stop[b])
+        window = max(0, old - longest + 1)  # a match ending in the new bytes starts after this
+        found = [i + len(s) for s in self.stop[b] if (i := self.buf[b].find(s, window)) >= 0]
+        if found:
+            end = min(found)
+            self.cut[b] = next(i + 1 for i, e in enumerate(self.ends[b]) if e >= end)
+        return self.cut[b] is not None
+
+
+def _stop_lists(stop, n: int) -> list[list[str]] | None:
+    if stop is None or len(stop) == 0:
+        return None
+    if isinstance(stop, str):
+        raise GenerationError("stop must be a list of strings (or one list per prompt), not a string")
+    if all(isinstance(s, str) for s in stop):
+        return [list(stop)] * n
+    if len(stop) != n:
+        raise GenerationError(f"stop holds {len(stop)} lists for {n} prompts; give one list, or one per prompt")
+    return [list(s) for s in stop]
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+def _decode_mode(step: str, model: GPT, static: bool) -> str:
+    if step == "auto":
+        cuda = model.transformer.wte.weight.device.type == "cuda"
+        return "graph" if cuda and static and not is_fsdp(model) else "eager"
+    if is_fsdp(model) and step != "eager":
+        raise GenerationError(f"step {step!r}: an FSDP-sharded model decodes eagerly (step='eager' or 'auto')")
+    if step in ("graph", "compile+graph", "reduce-overhead") and not static:
+        raise GenerationError(f"step {step!r} needs CUDA and a sampler without host syncs (not top-k on a CPU)")
+    return step
+
+
+def _cache_dtype(model: GPT, device: torch.device) -> torch.dtype:
+    """k, v come out of the qkv projection: in the autocast dtype when autocast is on."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return model.transformer.wte.weight.dtype
+
+
+@sdpa_kernel(DECODE_BACKENDS)
+def _decode_batch(model: GPT, rows: list[list[int]], limits: list[int], seeds: torch.Tensor, sampler, mode: str,
+                  eot_id: int | None, stops: _StopStrings | None, settings: tuple) -> list[list[int]]:
+    """New tokens of each row (cut at its limit and end-of-text) for one left-padded batch."""
+    device = model.transformer.wte.weight.device
+    B, T0, N = len(rows), max(map(len, rows)), max(limits)
+    trunk, pick, static = sampler
+    L = cache_bucket(T0 + N - 1)  # the last token is never fed back
+    dtype = _cache_dtype(model, device)
+
+    def build() -> Decoder:
+        return Decoder(model, B, L, dtype, trunk, pick, eot_id, mode, static)
+
+    autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+    key = (B, L, mode, dtype, autocast, eot_id, settings)
+    dec = build() if mode == "eager" else get_decoder(model, key, build)
+    pad = [T0 - len(r) for r in rows]
+    idx = torch.tensor([[eot_id or 0] * p + r for p, r in zip(pad, rows)], dtype=torch.long, device=device)  # (B, T0)
+    limit = torch.tensor(limits, device=device)  # (B,)
+    dec.start(idx, torch.tensor(pad, device=device), uniforms(seeds, N), None if static and mode != "eager" else pick)
+    # Rows end early only at end-of-text or a stop string: then check every token on a CPU, every
+    # 16 on CUDA (a check waits for the device; the extra tokens are cut off).
+    check = (1 if device.type == "cpu" else 16) if eot_id is not None or stops is not None else N
+    n = 1
+    while n < N:
+        dec.step()
+        n += 1
+        if n % check == 0 and _finished(dec, n, limit, limits, stops):
+            break
+    out = dec.tokens(n)
+    results = []
+    for b, toks in enumerate(out):
+        toks = toks[: limits[b]]
+        if eot_id is not None and eot_id in toks:
+            toks = toks[: toks.index(eot_id)]
+        if stops is not None and stops.update(b, toks):
+            toks = toks[: stops.cut[b]]
+        results.append(toks)
+    return results
+
+
+def _finished(dec: Decoder, n: int, limit: torch.Tensor, limits: list[int], stops: _StopStrings | None) -> bool:
+    """Every row has ended (end-of-text, its limit, or a stop string)."""
+    ended = dec.done | (limit <= n)  # (B,)
+    if stops is None:
+        return bool(ended.all())
+    ended, out = ended.tolist(), dec.tokens(n)
+    for b, toks in enumerate(out):
+        if not ended[b]:
+            toks = toks[: limits[b]]
+            eot = dec.eot_id
+            ended[b] = stops.update(b, toks[: toks.index(eot)] if eot is not None and eot in toks else toks)
+    return all(ended)
+
+
+@sdpa_kernel(DECODE_BACKENDS)
+def _recompute_batch(model: GPT, rows: list[list[int]], limits: list[int], seeds: torch.Tensor, sampler,
+                     eot_id: int | None) -> list[list[int]]:
+    """The reference without a cache: every token runs the whole left-padded context again, from an
+    emptied cache (as wide as the eager decode step's at that token, so that attention sees the same
+    masked columns: in bf16 the CPU kernel's rounding depends on how many there are)."""
+    device = model.transformer.wte.weight.device
+    trunk, pick, _ = sampler
+    T0, N = max(map(len, rows)), max(limits)
+    pad = [T0 - len(r) for r in rows]
+    seq = torch.tensor([[eot_id or 0] * p + r for p, r in zip(pad, rows)], dtype=torch.long, device=device)
+    u = uniforms(seeds, N)  # (B, N)
+    out, done = [], torch.zeros(len(rows), dtype=torch.bool, device=device)
+    L = cache_bucket(T0 + N - 1)
+    full = StaticKVCache.empty(model.config, len(rows), L, device, _cache_dtype(model, device))
+    for t in range(N):
+        full.reset(torch.tensor(pad, device=device))
+        nxt = pick(trunk(seq, full.narrow(eager_width(seq.size(1), L))), u[:, t])  # (B,)
+        if eot_id is not None:
+            nxt = torch.where(done, eot_id, nxt)
+            done |= nxt == eot_id
+        out.append(nxt)
+        seq = torch.cat([seq, nxt[:, None]], dim=1)  # (B, T0 + t + 1)
+    results = []
+    for b, toks in enumerate(torch.stack(out, 1).tolist()):
+        toks = toks[: limits[b]]
+        results.append(toks[: toks.index(eot_id)] if eot_id is not None and eot_id in toks else toks)
+    return results
+
+
+def generate(
+    model: GPT,
+    prompts: torch.Tensor | Sequence[Sequence[int]],
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+    eot_id: int | None = EOT_ID,
+    use_kv_cache: bool = True,
+    stop: Sequence[str] | Sequence[Sequence[str]] | None = None,
+    batch_size: int | None = None,
+    step: str = "auto",
+) -> list[list[int]]:
+    """Continue each prompt (token ids); returns the new tokens of each, in input order, cut before
+    the first ``eot_id`` (None = never stop early) and after the token that completes a ``stop``
+    string (one list for every prompt, or one list per prompt).
+
+    ``prompts``: a (B, T) long tensor or a list of id lists of any lengths, decoded together
+    (``batch_size`` rows at a time; None = all at once). ``seed``: row i samples with seed + i (or
+    give one seed per row); None draws one from ``generator`` or torch's global generator. The same
+    seeds and settings give the same tokens, whatever the batch. ``step``: how the decode step runs
+    (``auto`` or one of :data:`~pretrain.model.decode.DECODE_MODES`). ``use_kv_cache=False``
+    recomputes the whole context every token (a reference for tests and benchmarks)."""
+    _check_settings(max_new_tokens, temperature, top_k, top_p, step)
+    cfg = model.config
+    device = model.transformer.wte.weight.device
+    rows = _check_prompts(prompts, cfg)
+    if batch_size is not None and batch_size < 1:
+        raise GenerationError(f"batch_size must be >= 1 (or None), got {batch_size!r}")
+    stop_lists = _stop_lists(stop, len(rows))
+    seeds = row_seeds(len(rows), seed, generator, device)
+    limits = [min(max_new_tokens, cfg.block_size - len(p)) for p in rows]
+    settings = (temperature, top_k, top_p)
     results: list[list[int]] = [[] for _ in rows]
+    # Longest first, so a batch holds prompts of similar lengths (less padding); rows keep their seeds.
+    order = sorted((i for i in range(len(rows)) if limits[i] > 0), key=lambda i: -len(rows[i]))
+    size = batch_size or max(len(order), 1)
     was_training = model.training
     model.eval()
     try:
-        with nullcontext() if is_fsdp(model) else decode_layout(model), torch.inference_mode():
-            next_token = _next_token_fn(model, temperature, top_k, top_p, generator)
-            for length in sorted(by_length):
-                members = by_length[length]
-                idx = torch.tensor([rows[i] for i in members], dtype=torch.long, device=device)  # (B, T0)
-                new = _generate_batch(model, idx, max_new_tokens, next_token, eot_id, use_kv_cache).tolist()
+        # FSDP2 checks its parameters' version counters when it gathers them, which inference
+        # tensors do not have: no_grad for a sharded model (torch 2.13 raises under inference_mode).
+        fsdp = is_fsdp(model)
+        with nullcontext() if fsdp else decode_layout(model), torch.no_grad() if fsdp else torch.inference_mode():
+            sampler = _sampler(model, temperature, top_k, top_p)
+            mode = _decode_mode(step, model, sampler[2])
+            for at in range(0, len(order), size):
+                members = order[at : at + size]
+                args = ([rows[i] for i in members], [limits[i] for i in members], seeds[members], sampler)
+                if use_kv_cache:
+                    stops = _StopStrings([stop_lists[i] for i in members]) if stop_lists else None
+                    new = _decode_batch(model, *args, mode, eot_id, stops, settings)
+                else:
+                    new = _recompute_batch(model, *args, eot_id)
+                    if stop_lists:
+                        stops = _StopStrings([stop_lists[i] for i in members])
+                        new = [t[: stops.cut[b]] if stops.update(b, t) else t for b, t in enumerate(new)]
                 for i, toks in zip(members, new):
-                    if eot_id is not None and eot_id in toks:
-                        toks = toks[: toks.index(eot_id)]
                     results[i] = toks
     finally:
         model.train(was_training)
@@ -291,28 +513,63 @@ def generate(
 # CLI
 
 
+class _Prompts(argparse.Action):
+    """``--prompt`` may be repeated: the first use replaces the default ('' = unconditional)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        current = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, [*current, values] if isinstance(current, list) else [values])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpt2-generate",
-        description="Sample continuations of a prompt from a GPT-2 (HF directory, hub name or native checkpoint).",
+        description="Sample continuations of prompts from a GPT-2 (HF directory, hub name or native checkpoint).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--model", required=True, help="HF model directory / hub name, or a native checkpoint directory")
     parser.add_argument(
-        "--prompt", default="", help="text to continue (default: '%(default)s' = unconditional, starting at <|endoftext|>)"
+        "--prompt", default="", action=_Prompts,
+        help="text to continue; repeat for several prompts, generated as one batch "
+             "(default: '%(default)s' = unconditional, starting at <|endoftext|>)",
     )
+    parser.add_argument("--prompts-file", default=None, metavar="FILE",
+                        help="a UTF-8 text file, one prompt a line (after any --prompt)")
     parser.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate per sample")
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass >= p")
-    parser.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator")
-    parser.add_argument("--num-samples", type=int, default=1, help="samples of the prompt, generated as one batch")
+    parser.add_argument("--seed", type=int, default=1337, help="sample i draws with seed + i (whatever the batch)")
+    parser.add_argument("--num-samples", type=int, default=1, help="samples of each prompt, generated as one batch")
+    parser.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                        help="end a sample after this text (kept in the output); repeatable")
+    parser.add_argument("--batch-size", type=int, default=None, help="samples decoded at once; default: all")
+    parser.add_argument("--step", default="auto", choices=["auto", *DECODE_MODES],
+                        help="how the decode step runs: auto = a captured CUDA graph on CUDA, eager on a CPU")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...; auto = cuda when available")
     parser.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and activations dtype"
     )
     parser.add_argument("--no-kv-cache", action="store_true", help="recompute the whole context every step")
     return parser
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts in order: every ``--prompt``, then each line of ``--prompts-file``."""
+    prompts = list(args.prompt) if isinstance(args.prompt, list) else []
+    if args.prompts_file is not None:
+        path = Path(args.prompts_file)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise GenerationError(f"--prompts-file {path}: cannot read it ({e.strerror}); "
+                                  "give a text file with one prompt a line") from None
+        except UnicodeDecodeError:
+            raise GenerationError(f"--prompts-file {path}: not UTF-8 text; save it as UTF-8") from None
+        if not lines:
+            raise GenerationError(f"--prompts-file {path}: holds no prompts; write one prompt a line")
+        prompts += lines
+    return prompts or [args.prompt]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,34 +581,38 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.num_samples < 1:
             raise GenerationError(f"--num-samples must be >= 1, got {args.num_samples}")
-        _check_settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # before the model loads
+        _check_settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.step)  # before the model loads
+        if args.batch_size is not None and args.batch_size < 1:
+            raise GenerationError(f"--batch-size must be >= 1, got {args.batch_size}")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise GenerationError(f"--device {args.device}: CUDA is not available here; pass --device cpu")
+        texts = read_prompts(args)
         source = resolve(args.model)
         model = load_model(source).to(device=device, dtype=getattr(torch, args.dtype))
         if source.note:
             print(source.note, file=sys.stderr)
         tok = get_tokenizer()
-        ids = tok.encode(args.prompt) or [tok.eot_id]
-        room = model.config.block_size - len(ids)
-        if 0 <= room < args.max_new_tokens:
-            print(
-                f"note: the context holds {model.config.block_size} tokens and the prompt {len(ids)}; "
-                f"generating at most {room}",
-                file=sys.stderr,
-            )
+        ids = [tok.encode(t) or [tok.eot_id] for t in texts]
+        for i, p in enumerate(ids):
+            room = model.config.block_size - len(p)
+            if 0 <= room < args.max_new_tokens:
+                print(f"note: the context holds {model.config.block_size} tokens and prompt {i + 1} {len(p)}; "
+                      f"generating at most {room}", file=sys.stderr)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         outs = generate(
             model,
-            [ids] * args.num_samples,
+            [p for p in ids for _ in range(args.num_samples)],
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,
             seed=args.seed,
             use_kv_cache=not args.no_kv_cache,
+            stop=args.stop,
+            batch_size=args.batch_size,
+            step=args.step,
         )
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -359,14 +620,15 @@ def main(argv: list[str] | None = None) -> int:
     except (GenerationError, WeightsError) as e:
         print(f"gpt2-generate: error: {e}", file=sys.stderr)
         return 2
-    for i, new in enumerate(outs):
-        if args.num_samples > 1:
-            print(f"--- sample {i + 1}/{args.num_samples} ---")
-        print(args.prompt + tok.decode(new))
+    texts = [t for t in texts for _ in range(args.num_samples)]
+    for i, (text, new) in enumerate(zip(texts, outs)):
+        if len(outs) > 1:
+            print(f"--- sample {i + 1}/{len(outs)} ---")
+        print(text + tok.decode(new))
     n = sum(len(o) for o in outs)
     print(
-        f"{n} new tokens in {dt:.2f} s: {n / max(dt, 1e-9):.1f} tokens/s "
-        f"(batch {args.num_samples}, {'no ' if args.no_kv_cache else ''}KV cache, {device}, {args.dtype})",
+        f"{n} new tokens in {dt:.2f} s: {n / max(dt, 1e-9):.1f} tokens/s (batch {args.batch_size or len(outs)}, "
+        f"{'no KV cache' if args.no_kv_cache else 'KV cache, step ' + args.step}, {device}, {args.dtype})",
         file=sys.stderr,
     )
     return 0

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pretrain.model.head import linear_cross_entropy, target_logprobs
+from pretrain.model.head import fp8_linear, linear_cross_entropy, target_logprobs
 
 
 @dataclass
@@ -149,7 +150,9 @@ class KVCache:
     """Keys and values of past positions for incremental decoding, one pair per layer.
 
     ``k[i]``, ``v[i]``: (B, nh, T_max, hs), filled up to ``pos``. Preallocated so decoding
-    never reallocates; ``pos`` is the number of positions already written."""
+    never reallocates; ``pos`` is the number of positions already written, a Python int: every
+    call attends over the ``pos + T`` keys written so far, so shapes grow with each token (fine
+    eagerly; HellaSwag's shared prefixes use it). :class:`StaticKVCache` is the fixed-shape one."""
 
     k: list[torch.Tensor] = field(default_factory=list)
     v: list[torch.Tensor] = field(default_factory=list)
@@ -167,6 +170,75 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.k[0].size(2)
+
+
+@dataclass
+class StaticKVCache:
+    """A KV cache whose shapes and Python values never change while decoding, so that one decode
+    step is one fixed graph (``torch.compile`` compiles it once; a CUDA graph replays it).
+
+    ::
+
+        columns   0   1   2   3   4   5   6   7      (L = 8 preallocated)
+        row 0     p   p   a   b   c | x   y   .      start[0] = 2 (left padding p), then the prompt
+        row 1     d   e   f   g   h | x   y   .      start[1] = 0
+                                      ^ slot = 7: the column the next token is written to
+
+    ``k[i]``, ``v[i]``: (B, nh, L, hs). ``start`` (B,) long: the first column of each row's
+    tokens (columns before it are left padding); ``slot`` (1,) long: the column of the next token,
+    the same for every row, advanced in place -- a tensor, not a Python int, so nothing a graph
+    was traced with changes. Column j of row b is position ``j - start[b]`` (learned positions,
+    RoPE), so a left-padded prompt keeps the positions it has alone. Attention runs over all L
+    columns with a mask: the query at column q of row b sees keys ``start[b] <= j <= q``; a
+    padding query (q < start[b]) sees the padding columns q .. start[b] (itself at least, so its
+    output stays finite; it is never used)."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    start: torch.Tensor
+    slot: torch.Tensor
+    columns: torch.Tensor  # (L,) 0 .. L-1, made once (no arange per step)
+
+    def __post_init__(self) -> None:
+        # Views of ``start`` shaped for broadcasting, made once (they follow ``reset``).
+        B = self.start.size(0)
+        self.start_rows = self.start.view(B, 1)  # (B, 1): against positions (B, T)
+        self.start_keys = self.start.view(B, 1, 1, 1)  # (B, 1, 1, 1): against the mask (B, nh, T, L)
+
+    @classmethod
+    def empty(cls, config: GPTConfig, batch_size: int, max_len: int, device, dtype) -> StaticKVCache:
+        dyn = KVCache.empty(config, batch_size, max_len, device, dtype)
+        return cls(k=dyn.k, v=dyn.v, start=torch.zeros(batch_size, dtype=torch.long, device=device),
+                   slot=torch.zeros(1, dtype=torch.long, device=device),
+                   columns=torch.arange(max_len, device=device))
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].size(2)
+
+    def reset(self, start: torch.Tensor) -> None:
+        """Begin a new batch: rows start at columns ``start`` (B,), the next write is column 0.
+        In place (a captured graph keeps reading these tensors); old keys are never seen again:
+        a query only sees columns written since (``<= q``)."""
+        self.start.copy_(start)
+        self.slot.zero_()
+
+    def narrow(self, n: int) -> StaticKVCache:
+        """The same cache over its first n columns (views: writes land in this cache, ``slot`` and
+        ``start`` are shared). Eager decoding attends over the columns written so far this way; a
+        compiled or captured step keeps all L."""
+        return StaticKVCache(k=[k[:, :, :n] for k in self.k], v=[v[:, :, :n] for v in self.v],
+                             start=self.start, slot=self.slot, columns=self.columns[:n])
+
+
+class _StaticLayer(NamedTuple):
+    """What one attention layer needs for a :class:`StaticKVCache` step."""
+
+    k: torch.Tensor  # (B, nh, L, hs)
+    v: torch.Tensor  # (B, nh, L, hs)
+    cols: torch.Tensor  # (T,) the cache columns of this chunk's tokens
+    mask: torch.Tensor  # (B, 1, T, L) additive: 0 where a query may look, -inf elsewhere
+    pos: torch.Tensor  # (B, T) position of each token in its own row
 
 
 class CausalSelfAttention(nn.Module):
@@ -191,7 +263,7 @@ class CausalSelfAttention(nn.Module):
         self.qk_norm = config.qk_norm
         self.rotary_base = config.rotary_base if config.rotary else None
 
-    def forward(self, x: torch.Tensor, layer_cache: tuple[torch.Tensor, torch.Tensor, int] | None = None):
+    def forward(self, x: torch.Tensor, layer_cache: tuple[torch.Tensor, torch.Tensor, int] | _StaticLayer | None = None):
         B, T, C = x.size()
         hs = C // self.n_head
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 × (B, T, C)
@@ -200,11 +272,18 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         if self.qk_norm:  # research option: unit-RMS queries and keys per head
             q, k = F.rms_norm(q, (hs,)), F.rms_norm(k, (hs,))
+        static = isinstance(layer_cache, _StaticLayer)
         if self.rotary_base is not None:  # research option: rotate q, k by absolute position
-            start = layer_cache[2] if layer_cache is not None else 0
-            q, k = apply_rotary(q, start, self.rotary_base), apply_rotary(k, start, self.rotary_base)
+            where = layer_cache.pos if static else layer_cache[2] if layer_cache is not None else 0
+            q, k = apply_rotary(q, where, self.rotary_base), apply_rotary(k, where, self.rotary_base)
 
-        if layer_cache is not None:
+        if static:
+            # Fixed shapes: write this chunk's k, v at its columns (a tensor index) and attend over
+            # all L columns; the mask keeps each query to its own row's keys up to itself.
+            layer_cache.k.index_copy_(2, layer_cache.cols, k)
+            layer_cache.v.index_copy_(2, layer_cache.cols, v)
+            y = F.scaled_dot_product_attention(q, layer_cache.k, layer_cache.v, attn_mask=layer_cache.mask)  # (B, nh, T, hs)
+        elif layer_cache is not None:
             # Incremental decoding: write this chunk's k, v at [pos, pos+T) and attend over
             # everything written so far. A query at absolute position pos+i may see keys
             # 0..pos+i, so the mask is causal with an offset of pos. One new token (T == 1, every
@@ -227,14 +306,18 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
-def apply_rotary(x: torch.Tensor, start: int, base: float) -> torch.Tensor:
-    """Rotary position embedding of x (B, nh, T, hs) at positions start .. start+T-1, in the
-    "rotate half" layout: channel i pairs with channel i + hs/2 and the pair turns by angle
+def apply_rotary(x: torch.Tensor, start: int | torch.Tensor, base: float) -> torch.Tensor:
+    """Rotary position embedding of x (B, nh, T, hs) at positions start .. start+T-1 (an int), or
+    at ``start`` itself when it is a (B, T) tensor of positions (a :class:`StaticKVCache` step), in
+    the "rotate half" layout: channel i pairs with channel i + hs/2 and the pair turns by angle
     position * base**(-2i/hs). Scores q·k then depend on positions only through their difference."""
     T, hs = x.size(-2), x.size(-1)
     inv_freq = base ** (-torch.arange(0, hs, 2, device=x.device, dtype=torch.float32) / hs)  # (hs/2,)
-    pos = torch.arange(start, start + T, device=x.device, dtype=torch.float32)  # (T,)
-    angle = torch.outer(pos, inv_freq)  # (T, hs/2)
+    if isinstance(start, torch.Tensor):
+        angle = (start[..., None].float() * inv_freq)[:, None]  # (B, 1, T, hs/2)
+    else:
+        pos = torch.arange(start, start + T, device=x.device, dtype=torch.float32)  # (T,)
+        angle = torch.outer(pos, inv_freq)  # (T, hs/2)
     cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
     x1, x2 = x[..., : hs // 2], x[..., hs // 2 :]  # (B, nh, T, hs/2) each
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, nh, T, hs)
@@ -306,6 +389,9 @@ class GPT(nn.Module):
         # 0 = the full-logits path (for A/B comparisons), None = automatic. Not a GPTConfig field:
         # it changes how the loss is computed, not the architecture.
         self.loss_chunk_size: int | None = None
+        # The LM head's matmuls in FP8 while training (pretrain/model/head.py fp8_linear): a lever
+        # for the GPU check's A/B, off by default; evaluation and sampling keep the exact head.
+        self.head_fp8 = False
         self.init_weights()
 
     def init_buffers(self) -> None:
@@ -346,10 +432,12 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | StaticKVCache | None = None) -> torch.Tensor:
         """The trunk without the LM head: idx (B, T) -> the final hidden states (B, T, C), after
         ``ln_f``. ``forward`` applies the head to them; samplers that need one position's logits
         apply it to that position only. With ``kv_cache``: as in :meth:`forward`."""
+        if isinstance(kv_cache, StaticKVCache):
+            return self._static_hidden_states(idx, kv_cache)
         B, T = idx.size()
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.block_size:
@@ -371,6 +459,30 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         return x  # (B, T, C)
 
+    def _static_hidden_states(self, idx: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        """:meth:`hidden_states` for tokens written at columns ``slot .. slot+T-1`` of a
+        :class:`StaticKVCache` (all rows at the same columns; each row at its own positions).
+        Every shape depends on T and the cache's size only, and ``slot`` advances in place."""
+        T = idx.size(1)
+        cols = cache.slot + cache.columns[:T]  # (T,): the columns of these tokens
+        # Each row's own positions (left padding shifts columns, not positions); padding columns
+        # and columns past the context (rows that ran out of room, discarded) are clamped.
+        pos = (cols - cache.start_rows).clamp_(0, self.config.block_size - 1)  # (B, T)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if not self.config.rotary:
+            x = x + self.transformer.wpe(pos)  # (B, T, C)
+        # Query column q sees key column j when (j - start) * (q - j) >= 0: start <= j <= q for a
+        # real query; q <= j <= start for a padding one (itself at least: finite, never used).
+        # (B, 1, 1, L) * (T, L) -> (B, 1, T, L), the same for every head. Additive, in the cache's
+        # (= the queries') dtype, built once per call rather than converted in every layer.
+        see = (cache.columns - cache.start_keys) * (cols.view(T, 1) - cache.columns) >= 0
+        mask = torch.where(see, 0.0, float("-inf")).to(cache.k[0].dtype)  # (B, 1, T, L)
+        x = self.transformer.drop(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, _StaticLayer(cache.k[i], cache.v[i], cols, mask, pos))
+        cache.slot.add_(T)
+        return self.transformer.ln_f(x)  # (B, T, C)
+
     # ---- the LM head: one home for it and for the padded vocabulary ---------------------------
     #
     #   hidden_states (B, T, C) ──► logits(h)          full: (..., vocab_rows), padded columns -inf
@@ -384,10 +496,14 @@ class GPT(nn.Module):
         return self.lm_head.weight[: self.config.vocab_size]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """The full head: hidden states (..., C) -> logits (..., vocab_rows). Padded vocabulary
+        """The full head: hidden states (..., C) -> logits (..., vocab_rows); in FP8 while training
+        when ``head_fp8`` is set (the full-logits path: compiled training). Padded vocabulary
         columns are -inf (set in place: no mask tensor, and Linear's backward does not need its
         output), so they never receive probability mass."""
-        logits = self.lm_head(h)  # (..., vocab_rows)
+        if self.head_fp8 and torch.is_grad_enabled() and self.lm_head.bias is None:
+            logits = fp8_linear(h, self.lm_head.weight)  # (..., vocab_rows), bf16
+        else:
+            logits = self.lm_head(h)  # (..., vocab_rows)
         if self.config.vocab_size < logits.size(-1):
             logits[..., self.config.vocab_size :] = float("-inf")
         return logits
@@ -436,7 +552,7 @@ class GPT(nn.Module):
         self,
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | StaticKVCache | None = None,
         reduction: str = "mean",
         return_logits: bool | None = None,
         at: str | tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -452,7 +568,8 @@ class GPT(nn.Module):
         default, **no logits** (None): the head and the loss run fused, so the (B, T, V) logits
         and their gradient never exist. ``return_logits=True`` asks for both (the full-logits
         path). With ``kv_cache``, idx holds positions [kv_cache.pos, kv_cache.pos + T) and the
-        cache is advanced by T."""
+        cache is advanced by T; with a :class:`StaticKVCache`, idx is written at its columns
+        [slot, slot + T) and ``slot`` advances by T."""
         x = self.hidden_states(idx, kv_cache)  # (B, T, C)
         if at == "last":
             x = x[:, -1:]  # (B, 1, C)

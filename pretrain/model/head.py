@@ -1,5 +1,6 @@
 """The LM head's two chunked paths: the head fused with the cross-entropy (training, validation
-loss) and the log-probabilities of given tokens (scoring). Both give the numbers of
+loss) and the log-probabilities of given tokens (scoring); and the head's matmul in FP8
+(:func:`fp8_linear`, a training lever, off by default). Both give the numbers of
 ``log_softmax(h @ W[:vocab_size].T)`` without ever holding the (rows x vocabulary) logits: the
 fused loss walks the rows in chunks (its backward is computed in the same pass), the scorer
 walks the vocabulary in slices (each slice's logits stay in cache). ``GPT.loss`` and
@@ -148,3 +149,53 @@ def target_logprobs(hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tens
     top = m_all.amax(dim=1, keepdim=True)  # (U, 1)
     lse = (top + (s_all * (m_all - top).exp()).sum(dim=1, keepdim=True).log()).squeeze(1)  # (U,)
     return tgt_logit - lse[rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# The head's matmul in FP8 (a training lever; ``GPT.head_fp8``)
+
+
+def _to_fp8(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t`` scaled so its largest magnitude is the format's largest finite value, cast to ``dtype``;
+    and the fp32 inverse scale that ``torch._scaled_mm`` multiplies back (tensor-wise dynamic
+    scaling, torchao's default float8 recipe). No host sync: the scale stays on the device."""
+    amax = t.detach().abs().amax().float().clamp(min=1e-12)  # 0-dim
+    scale = torch.finfo(dtype).max / amax
+    return (t.float() * scale).to(dtype), scale.reciprocal()
+
+
+class _Fp8Linear(torch.autograd.Function):
+    """``x @ w.T`` with both operands in float8 e4m3 and fp32 accumulation (``torch._scaled_mm``);
+    the backward's two products take the output gradient in e5m2 (more range, as gradients need):
+    modded-nanogpt's FP8 LM head, with dynamic per-tensor scales instead of fixed ones. x: (M, K),
+    w: (N, K) -> (M, N) bf16. On CUDA it needs sm89+ (H100/H200) and M, K, N multiples of 16."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        x8, x_inv = _to_fp8(x, torch.float8_e4m3fn)  # (M, K)
+        w8, w_inv = _to_fp8(w, torch.float8_e4m3fn)  # (N, K)
+        ctx.save_for_backward(x8, x_inv, w8, w_inv)
+        ctx.dtypes = (x.dtype, w.dtype)
+        # _scaled_mm wants its first operand row-major and its second column-major: w8.t() is.
+        return torch._scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=torch.bfloat16,
+                                use_fast_accum=True)  # (M, N)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x8, x_inv, w8, w_inv = ctx.saved_tensors
+        g8, g_inv = _to_fp8(grad.contiguous(), torch.float8_e5m2)  # (M, N)
+        # dx = g @ w: (M, N) @ (N, K), the second operand column-major (a transposed copy of w8).
+        dx = torch._scaled_mm(g8, w8.t().contiguous().t(), scale_a=g_inv, scale_b=w_inv, out_dtype=torch.bfloat16)
+        # dw = g.T @ x: (N, M) @ (M, K): g.T row-major (a copy), x column-major (a copy).
+        dw = torch._scaled_mm(g8.t().contiguous(), x8.t().contiguous().t(), scale_a=g_inv, scale_b=x_inv,
+                              out_dtype=torch.float32)
+        return dx.to(ctx.dtypes[0]), dw.to(ctx.dtypes[1])
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ weight (N, K).T in float8 (:class:`_Fp8Linear`): bf16 (..., N), gradients for
+    both. A lever for the LM head's matmuls (27% of GPT-2 small's training FLOPs), A/B-tested by
+    ``benchmarks/gpu_check.py`` against the bf16 head before it is used by default."""
+    lead = x.shape[:-1]
+    out = _Fp8Linear.apply(x.reshape(-1, x.size(-1)), weight)  # (M, N)
+    return out.view(*lead, weight.size(0))
