@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-INSTALL_HINT = "pip install -e '.[lm-eval]' (or pip install 'lm-eval>=0.4.9,<0.5')"
+INSTALL_HINT = "pip install -e '.[lm-eval]' (or pip install 'lm-eval>=0.4.13,<0.5')"
 DEFAULT_BOOTSTRAP_ITERS = 100_000  # the harness CLI's: the standard errors of bootstrapped metrics
 
 # OpenAI GPT-2 124M (openai-community/gpt2) in lm-evaluation-harness, as published; evals/README.md
@@ -108,6 +109,11 @@ def run_tasks(model, tasks: Sequence[str], *, include_path: str | Path | None = 
 
     lm = lm if lm is not None else GPTLM(model, batch_size=batch_size, device=device)
     py_state, np_state = random.getstate(), np.random.get_state()
+    # The harness bootstraps standard errors in a multiprocessing.Pool: forked copies of this process
+    # (a trainer's threads, process group and CUDA context, its SIGTERM handler, which makes them
+    # survive the pool's terminate() holding its stdout) -- so in this process, one at a time.
+    multiproc = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
     try:
         return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=tm, limit=limit,
                                        num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters,
@@ -115,6 +121,10 @@ def run_tasks(model, tasks: Sequence[str], *, include_path: str | Path | None = 
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
+        if multiproc is None:
+            del os.environ["DISABLE_MULTIPROC"]
+        else:
+            os.environ["DISABLE_MULTIPROC"] = multiproc
 
 
 def flatten(results: dict | None, prefix: str = "tasks/") -> dict[str, float]:

@@ -63,9 +63,9 @@ def resume_command(argv: list[str]) -> str:
 
 
 def build_evaluators(plan, rank: int, world_size: int, device) -> list:
-    """Val loss, HellaSwag and the sample, from evals/ (imported here, never by the trainer). They
-    read their data (val shards, the HellaSwag file) when built, so building them before the
-    model checks those inputs early."""
+    """Val loss, HellaSwag, the sample and harness tasks, from evals/ (imported here, never by the
+    trainer). They read their data (val shards, the HellaSwag file, the tasks' documents) when
+    built, so building them before the model checks those inputs early."""
     cfg, e = plan.cfg, plan.cfg.eval
     if e.interval <= 0:
         return []
@@ -83,6 +83,11 @@ def build_evaluators(plan, rank: int, world_size: int, device) -> list:
     if e.sample_prompt and e.sample_tokens > 0:
         evaluators.append(SampleEvaluator(e.sample_prompt, e.sample_tokens, e.sample_top_k, cfg.train.seed,
                                           cfg.train.dtype))
+    if e.tasks:  # lm-evaluation-harness (the optional extra; load_config checked it is installed)
+        from evals.tasks import TaskEvaluator
+
+        evaluators.append(TaskEvaluator(e.tasks, e.tasks_limit, batch, device, include_path=e.tasks_include_path,
+                                        fsdp=cfg.distributed.mode == "fsdp", world_size=world_size))
     return evaluators
 
 

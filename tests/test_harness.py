@@ -160,3 +160,40 @@ def test_without_lm_eval_one_line_says_what_to_install(monkeypatch, tmp_path, ca
     assert main(["--model", str(tmp_path / "whatever"), "--tasks", "lambada_openai"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install -e '.[lm-eval]'" in err[0], err
+
+
+def test_in_loop_tasks_are_logged_once_per_step_across_a_resume(setup, tmp_path):
+    """eval.tasks on the demo-sized model (configs/demo.yaml's 4 x 128 GPT-2, vocabulary 50257):
+    tasks/<task>/<metric> in metrics.jsonl and TensorBoard at every eval step; rank 0 dies after
+    step 6, the resumed run redoes 5..8 and each step (and its task figures) is logged once;
+    gpt2-plot draws the task rows."""
+    pytest.importorskip("tensorboard")
+    from helpers import make_synthetic_shards, metrics, python_cmd, run, tiny_overrides
+
+    from pretrain.training import plot
+    from pretrain.training.tb_logger import read_scalars
+
+    _, include, _, _ = setup
+    data = make_synthetic_shards(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    cmd = python_cmd(tiny_overrides(data, run_dir, **{
+        "model.preset": "gpt2", "model.n_layer": 4, "model.n_head": 4, "model.n_embd": 128, "model.block_size": 256,
+        "eval.interval": 4, "eval.val_tokens": 0, "eval.tasks": "[arc_easy_local,lambada_openai_local]",
+        "eval.tasks_limit": 4, "eval.tasks_include_path": str(include), "logging.tensorboard": "true",
+        "train.fault_inject": "crash:6"}))
+    assert run(cmd, check=False, timeout=300).returncode == 13
+    out = run(cmd, timeout=300).stdout
+    assert "resumed from" in out
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    keys = ("tasks/arc_easy_local/acc", "tasks/arc_easy_local/acc_norm", "tasks/lambada_openai_local/acc",
+            "tasks/lambada_openai_local/perplexity")
+    for r in rows:
+        assert all((k in r) == (r["step"] in (4, 8)) for k in keys), r
+    assert all(0 <= rows[3][k] <= 1 for k in keys[:3]) and rows[3][keys[3]] > 1
+    assert "time/tasks_s" in rows[7]
+    scalars = read_scalars(run_dir / "tensorboard")
+    assert [s for s, _ in scalars["tasks/arc_easy_local/acc"]] == [4, 8]
+    titles = [t for t, _, _ in plot.task_panels(plot.load_runs([run_dir]))]
+    assert titles == ["Harness tasks", "Harness tasks (lower is better)"]
+    assert plot.main([str(run_dir)]) == 0 and (run_dir / "loss.png").stat().st_size > 10_000
