@@ -203,6 +203,10 @@ class TrainSection:
     """A spike is a loss / grad norm above the window's mean + spike_threshold x its std."""
     log_interval: int = 1
     """Print and write metrics every N steps."""
+    peak_tflops: float | None = None
+    """Dense peak TFLOP/s of one device for MFU, e.g. 989.5 (H100 SXM bf16); None = the table in
+    pretrain/training/metrics.py (PEAK_FLOPS) for a known CUDA device, else no MFU. The run report
+    says which peak it used."""
     fault_inject: str = ""
     """Test-only fault injection: 'crash:S' (rank 0 dies at step S, once per run_dir), 'nan:S'
     (rank W-1's loss is NaN at step S), 'nan_from:S' (from step S on), 'sleep:SECONDS' (every step)."""
@@ -541,7 +545,7 @@ def world_size_from_env() -> int:
 POSITIVE = ("data.seq_len", "train.global_batch_tokens", "train.micro_batch_size", "train.log_interval",
             "train.max_nonfinite_in_a_row", "train.spike_threshold", "optim.lr", "optim.eps", "schedule.max_steps",
             "distributed.timeout_s", "checkpoint.keep_last", "eval.sample_top_k", "eval.batch_size",
-            "eval.hellaswag_limit", "eval.tasks_limit")
+            "eval.hellaswag_limit", "eval.tasks_limit", "train.peak_tflops")
 NONNEGATIVE = ("optim.weight_decay", "optim.grad_clip", "schedule.warmup_steps", "eval.interval", "eval.val_tokens",
                "eval.sample_tokens", "checkpoint.interval")
 

@@ -91,6 +91,18 @@ def build_evaluators(plan, rank: int, world_size: int, device) -> list:
     return evaluators
 
 
+def write_run_report(run_dir) -> None:
+    """RUN_DIR/report.md once a run has finished (``pretrain/report.py``; ``gpt2-report RUN_DIR``
+    writes it on demand). A report that cannot be written is a warning: the run itself is done."""
+    from pretrain.report import write_report
+
+    try:
+        print(f"run report: {write_report(run_dir)}", flush=True)
+    except Exception as e:  # noqa: BLE001 - the checkpoints and metrics are safe; say why and go on
+        print(f"gpt2-train: warning: could not write {run_dir}/report.md ({type(e).__name__}: {e}); "
+              f"run gpt2-report {run_dir} to retry", file=sys.stderr)
+
+
 def _error(msg: str) -> int:
     print(f"gpt2-train: error: {msg}", file=sys.stderr)
     return EXIT_CONFIG
@@ -148,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             return _error(str(e))
         rc = trainer.train()
         clean = True
+        if rc == 0 and rank == 0:
+            write_run_report(plan.run_dir)
         if rc in (EXIT_PREEMPTED, EXIT_INTERRUPTED) and rank == 0:
             print(f"gpt2-train: stopped at step {trainer.step} (checkpointed); resume with: "
                   f"{resume_command(argv)}", file=sys.stderr)

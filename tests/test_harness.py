@@ -197,3 +197,9 @@ def test_in_loop_tasks_are_logged_once_per_step_across_a_resume(setup, tmp_path)
     titles = [t for t, _, _ in plot.task_panels(plot.load_runs([run_dir]))]
     assert titles == ["Harness tasks", "Harness tasks (lower is better)"]
     assert plot.main([str(run_dir)]) == 0 and (run_dir / "loss.png").stat().st_size > 10_000
+    # The finished run wrote its report (rank 0, after the trainer returned), task figures included.
+    assert "run report: " in out
+    report = (run_dir / "report.md").read_text()
+    assert "| `tasks/arc_easy_local/acc` |" in report and "start_step" not in report
+    starts = json.loads((run_dir / "environment.json").read_text())
+    assert [e["start_step"] for e in starts] == [0, 4]  # the first start and the resume from step 4
