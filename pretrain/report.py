@@ -78,7 +78,7 @@ def throughput(records: list[dict]) -> dict[str, Any]:
     }
 
 
-def _hms(s: float | None) -> str:
+def duration(s: float | None) -> str:
     if s is None or not math.isfinite(s):
         return "?"
     h, rem = divmod(int(round(s)), 3600)
@@ -135,7 +135,7 @@ def render(run_dir: Path) -> str:
     t = throughput(records)
     last_loss = next((r["loss"] for r in reversed(records) if isinstance(r.get("loss"), (int, float))), None)
     lines = [f"# Run report: {run_dir.name}", "",
-             f"{t['steps']} steps, {t['tokens'] or 0:,} tokens, wall time {_hms(t['wall_s'])}; final train loss "
+             f"{t['steps']} steps, {t['tokens'] or 0:,} tokens, wall time {duration(t['wall_s'])}; final train loss "
              f"{_fmt(last_loss)}. Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} by gpt2-report from "
              f"`{run_dir}`.", "", "## Environment", ""]
     if envs:
@@ -154,7 +154,7 @@ def render(run_dir: Path) -> str:
     lines += ["", "## Throughput", "",
               f"- tokens/s (median over the logged steps after the first tenth): {tps}",
               f"- MFU (median): {mfu}; peak used: {peak}",
-              f"- wall time, first to last logged step: {_hms(t['wall_s'])}"
+              f"- wall time, first to last logged step: {duration(t['wall_s'])}"
               + (f" (over {len(envs)} starts: includes the time between a stop and its resume)" if len(envs) > 1 else "")]
     rows = evaluation_rows(records, final)
     lines += ["", "## Evaluations", ""]
