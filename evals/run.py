@@ -206,7 +206,7 @@ def _run_tasks(args, model, tasks: list[str], manager, device, timings: dict, lo
                         manager=manager, lm=lm)
     timings["tasks"] = dt = time.perf_counter() - t0
     n = sum(lm.requests.values())
-    log(f"tasks: {n} requests ({dict(lm.requests)}) in {dt:.1f}s: {n / max(dt, 1e-9):.1f} requests/s")
+    log(f"tasks: {n} requests on rank 0 ({dict(lm.requests)}) in {dt:.1f}s: {n / max(dt, 1e-9):.1f} requests/s")
     return harness, dict(lm.requests)
 
 

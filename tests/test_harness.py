@@ -203,3 +203,27 @@ def test_in_loop_tasks_are_logged_once_per_step_across_a_resume(setup, tmp_path)
     assert "| `tasks/arc_easy_local/acc` |" in report and "start_step" not in report
     starts = json.loads((run_dir / "environment.json").read_text())
     assert [e["start_step"] for e in starts] == [0, 4]  # the first start and the resume from step 4
+
+
+def test_two_ranks_split_the_documents_and_give_the_single_process_numbers(setup, tmp_path):
+    """torchrun -m evals.run --tasks: the harness gives each rank every other document and gathers
+    the metrics on rank 0 (GPTLM.all_gather / gather_object over pretrain.dist)."""
+    import sys
+
+    from helpers import free_port, run
+
+    from evals.run import main
+
+    root, include, _, _ = setup
+    args = ["--model", str(root / "hf"), "--tasks", ",".join(TASKS), "--include-path", str(include),
+            "--limit", "6", "--device", "cpu"]
+    assert main(args + ["--out", str(tmp_path / "one.json")]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--rdzv_backend=c10d", "-m", "evals.run", *args,
+           "--out", str(tmp_path / "two.json")]
+    assert run(cmd, timeout=300).returncode == 0
+    one = _flat(json.loads((tmp_path / "one.json").read_text())["harness"])
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["world_size"] == 2 and sum(two["requests"].values()) < sum(
+        json.loads((tmp_path / "one.json").read_text())["requests"].values())  # rank 0 served about half
+    _check_equal(_flat(two["harness"]), one)
