@@ -205,6 +205,7 @@ def test_in_loop_tasks_are_logged_once_per_step_across_a_resume(setup, tmp_path)
     assert [e["start_step"] for e in starts] == [0, 4]  # the first start and the resume from step 4
 
 
+@pytest.mark.slow
 def test_two_ranks_split_the_documents_and_give_the_single_process_numbers(setup, tmp_path):
     """torchrun -m evals.run --tasks: the harness gives each rank every other document and gathers
     the metrics on rank 0 (GPTLM.all_gather / gather_object over pretrain.dist)."""
