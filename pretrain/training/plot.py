@@ -154,7 +154,8 @@ def plot_runs(runs: Sequence[Run], out: str | Path) -> Path:
                     xs, ys = run.series(x_key, key)
                     if not xs:
                         continue
-                    label = f"{run.name} {suffix}".strip() if len(keys) > 1 else run.name
+                    named = len(keys) > 1 or key.startswith(TASK_PREFIX)  # a task row: always say which
+                    label = f"{run.name} {suffix}".strip() if named else run.name
                     ax.plot(xs, ys, linestyle=style, marker=marker, markersize=3, color=color,
                             label=label, linewidth=1.2)
                     drawn += 1
