@@ -56,6 +56,19 @@ def resolve_peak(device: torch.device, dtype: str, peak_tflops: float | None = N
     return None, f"none: {name!r} is not in PEAK_FLOPS (set train.peak_tflops for MFU)"
 
 
+def _cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def run_environment(device: torch.device, world_size: int, mode: str, dtype: str, compile: bool,
                     peak: float | None, peak_source: str) -> dict[str, Any]:
     """What a run ran on, for ``run_dir/environment.json`` and the run report: device, torch,
@@ -69,7 +82,7 @@ def run_environment(device: torch.device, world_size: int, mode: str, dtype: str
                                 capture_output=True, text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return {
         "device": str(device), "device_name": name, "world_size": world_size, "mode": mode, "dtype": dtype,
         "compile": compile, "torch": torch.__version__, "python": platform.python_version(),
