@@ -35,6 +35,7 @@ This module imports ``lm_eval`` (the optional extra ``.[lm-eval]``): import it t
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from typing import Any
 
@@ -53,7 +54,8 @@ FIRST_ROUND = 16  # new tokens of the first generation round; each later round d
 class GPTLM(LM):
     """An ``lm_eval`` model over a ``GPT`` (or anything ``score_sequences`` scores) and the GPT-2
     tokenizer. ``batch_size``: candidate rows per scoring forward and prompts per generation batch.
-    ``requests`` counts the requests served, by type (the benchmark's requests/s)."""
+    ``requests`` counts the requests served and ``seconds`` the time spent, by type (the
+    benchmark's requests/s)."""
 
     def __init__(self, model, tokenizer=None, *, batch_size: int = 32, device: str | torch.device | None = None,
                  max_gen_toks: int = 256) -> None:
@@ -69,15 +71,19 @@ class GPTLM(LM):
         self._device = torch.device(device) if device is not None else next(model.parameters()).device
         self._rank, self._world_size = dist.rank(), dist.world_size()
         self.requests: Counter[str] = Counter()
+        self.seconds: Counter[str] = Counter()
 
     # ---- the three request types ------------------------------------------------------------
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        t0 = time.perf_counter()
         pairs = [encode_pair(self.tok.encode, ctx, cont, self.tok.eot_id) for ctx, cont in (r.args for r in requests)]
-        self.requests["loglikelihood"] += len(requests)
-        return self._score([c for c, _ in pairs], [k for _, k in pairs])
+        out = self._score([c for c, _ in pairs], [k for _, k in pairs])
+        self._count("loglikelihood", len(requests), t0)
+        return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        t0 = time.perf_counter()
         ctx, cont, owner = [], [], []
         for i, req in enumerate(requests):
             (text,) = req.args
@@ -90,10 +96,11 @@ class GPTLM(LM):
         totals = [0.0] * len(requests)
         for i, (lp, _) in zip(owner, self._score(ctx, cont)):
             totals[i] += lp
-        self.requests["loglikelihood_rolling"] += len(requests)
+        self._count("loglikelihood_rolling", len(requests), t0)
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        t0 = time.perf_counter()
         out: list[str] = [""] * len(requests)
         groups: dict[str, list[int]] = {}  # same settings, one batch (the harness groups by gen_kwargs too)
         for i, req in enumerate(requests):
@@ -114,8 +121,12 @@ class GPTLM(LM):
                                        kwargs.get("top_k"), kwargs.get("top_p"))
                 for i, text in zip(members[start:start + self.batch_size], texts):
                     out[i] = postprocess_generated_text(text, until, None)
-        self.requests["generate_until"] += len(requests)
+        self._count("generate_until", len(requests), t0)
         return out
+
+    def _count(self, kind: str, n: int, t0: float) -> None:
+        self.requests[kind] += n
+        self.seconds[kind] += time.perf_counter() - t0
 
     # ---- scoring and generation -------------------------------------------------------------
 

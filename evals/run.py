@@ -203,7 +203,7 @@ def _run_tasks(args, model, tasks: list[str], manager, device, timings: dict, lo
     lm = GPTLM(model, batch_size=args.batch_size, device=device)
     t0 = time.perf_counter()
     harness = run_tasks(model, tasks, limit=args.limit, num_fewshot=args.num_fewshot, bootstrap_iters=args.bootstrap_iters,
-                        manager=manager, lm=lm)
+                        manager=manager, lm=lm, fork_bootstrap=True)  # as the harness's own CLI
     timings["tasks"] = dt = time.perf_counter() - t0
     n = sum(lm.requests.values())
     log(f"tasks: {n} requests on rank 0 ({dict(lm.requests)}) in {dt:.1f}s: {n / max(dt, 1e-9):.1f} requests/s")

@@ -96,11 +96,13 @@ def load_tasks(tm, tasks: Sequence[str]) -> dict:
 def run_tasks(model, tasks: Sequence[str], *, include_path: str | Path | None = None, limit: int | float | None = None,
               num_fewshot: int | None = None, batch_size: int = 32, device=None,
               bootstrap_iters: int = DEFAULT_BOOTSTRAP_ITERS, manager=None, lm=None,
-              log_samples: bool = False) -> dict | None:
+              log_samples: bool = False, fork_bootstrap: bool = False) -> dict | None:
     """The harness's results dict (``lm_eval.simple_evaluate``: ``results``, ``versions``,
     ``n-shot``, ``n-samples``, ``config``, ...) for ``model`` on ``tasks``; None on ranks other
     than 0 (the harness gathers there). Python's and NumPy's global RNG states are restored after
-    (the harness seeds them; torch's is the caller's: the trainer evaluates under ``fork_rng``)."""
+    (the harness seeds them; torch's is the caller's: the trainer evaluates under ``fork_rng``).
+    ``fork_bootstrap``: let the harness bootstrap standard errors in a ``multiprocessing.Pool`` as
+    its CLI does (``gpt2-eval``); off (in this process) for a trainer, see below."""
     tm = manager if manager is not None else task_manager(tasks, include_path)
     _quiet()
     import lm_eval
@@ -113,7 +115,8 @@ def run_tasks(model, tasks: Sequence[str], *, include_path: str | Path | None = 
     # (a trainer's threads, process group and CUDA context, its SIGTERM handler, which makes them
     # survive the pool's terminate() holding its stdout) -- so in this process, one at a time.
     multiproc = os.environ.get("DISABLE_MULTIPROC")
-    os.environ["DISABLE_MULTIPROC"] = "1"
+    if not fork_bootstrap:
+        os.environ["DISABLE_MULTIPROC"] = "1"
     try:
         return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=tm, limit=limit,
                                        num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters,
@@ -122,7 +125,7 @@ def run_tasks(model, tasks: Sequence[str], *, include_path: str | Path | None = 
         random.setstate(py_state)
         np.random.set_state(np_state)
         if multiproc is None:
-            del os.environ["DISABLE_MULTIPROC"]
+            os.environ.pop("DISABLE_MULTIPROC", None)
         else:
             os.environ["DISABLE_MULTIPROC"] = multiproc
 
