@@ -143,9 +143,12 @@ def target_logprobs(hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tens
         inside = (targets >= lo) & (targets < hi)
         picked = logits[rows, (targets - lo).clamp(0, hi - lo - 1)]  # (S,)
         tgt_logit = torch.where(inside, picked, tgt_logit)
-        m, first = logits.max(dim=1, keepdim=True)  # (U, 1) each: the slice's max and its first index
+        if greedy:
+            m, first = logits.max(dim=1, keepdim=True)  # (U, 1) each: the slice's max and its first index
+            firsts.append(first + lo)
+        else:
+            m = logits.amax(dim=1, keepdim=True)  # (U, 1)
         maxes.append(m)
-        firsts.append(first + lo)
         sums.append(logits.sub_(m).exp_().sum(dim=1, keepdim=True))  # (U, 1)
     m_all, s_all = torch.cat(maxes, dim=1), torch.cat(sums, dim=1)  # (U, n_slices)
     top, top_slice = m_all.max(dim=1, keepdim=True)  # (U, 1): the first slice holding the row's max
