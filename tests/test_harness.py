@@ -228,3 +228,22 @@ def test_two_ranks_split_the_documents_and_give_the_single_process_numbers(setup
     assert two["world_size"] == 2 and sum(two["requests"].values()) < sum(
         json.loads((tmp_path / "one.json").read_text())["requests"].values())  # rank 0 served about half
     _check_equal(_flat(two["harness"]), one)
+
+
+def test_few_shot_prompts_equal_lm_eval_hf(setup):
+    """--num-fewshot: the harness samples the same examples (its seeded sampler) into the same
+    prompts on both sides, so the figures still agree."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from evals.tasks import run_tasks, task_manager
+
+    root, include, model, _ = setup
+    ours = run_tasks(model, ["arc_easy_local"], limit=6, num_fewshot=2, batch_size=4,
+                     manager=task_manager(["arc_easy_local"], include))
+    theirs = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={root / 'hf'},dtype=float32", tasks=["arc_easy_local"], limit=6,
+        num_fewshot=2, task_manager=TaskManager(include_path=str(include), include_defaults=False), batch_size=4,
+        device="cpu", log_samples=False)
+    assert ours["n-shot"]["arc_easy_local"] == 2
+    _check_equal(_flat(ours), _flat(theirs), n=2)
