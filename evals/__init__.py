@@ -1,8 +1,8 @@
-"""Evaluations: HellaSwag (``evals.hellaswag``), validation loss (``evals.val_loss``) and the
-``gpt2-eval`` CLI (``evals.run``). The evaluator classes are importable from here; nothing is
-imported until first use."""
+"""Evaluations: HellaSwag (``evals.hellaswag``), validation loss (``evals.val_loss``),
+lm-evaluation-harness tasks (``evals.tasks``, ``evals.harness``) and the ``gpt2-eval`` CLI
+(``evals.run``). The evaluator classes are importable from here; nothing is imported until first use."""
 
-__all__ = ["HellaSwagEvaluator", "ValLossEvaluator"]
+__all__ = ["HellaSwagEvaluator", "TaskEvaluator", "ValLossEvaluator"]
 
 
 def __getattr__(name: str):
@@ -10,6 +10,10 @@ def __getattr__(name: str):
         from evals.hellaswag import HellaSwagEvaluator
 
         return HellaSwagEvaluator
+    if name == "TaskEvaluator":
+        from evals.tasks import TaskEvaluator
+
+        return TaskEvaluator
     if name == "ValLossEvaluator":
         from evals.val_loss import ValLossEvaluator
 

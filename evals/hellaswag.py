@@ -247,9 +247,13 @@ def harness_doc(ex: dict) -> tuple[str, list[str]]:
 
 
 def encode_pair(encode, context: str, continuation: str, eot_id: int) -> tuple[list[int], list[int]]:
-    """The harness's ``HFLM._encode_pair`` (and its empty-context case in ``loglikelihood``)."""
+    """The harness's ``TemplateLM._encode_pair`` and its empty-context case in ``loglikelihood``
+    (lm-eval 0.4.x ``lm_eval/api/model.py``): an empty context becomes the end-of-text token,
+    unless the continuation already starts with it (then that token is the context). One home for
+    these token boundaries: HellaSwag and every harness task (``evals/harness.py``) use it."""
     if context == "":
-        return [eot_id], encode(continuation)
+        cont = encode(continuation)
+        return ([eot_id], cont) if cont[:1] != [eot_id] else (cont[:1], cont[1:])
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces > 0:
         continuation = context[-n_spaces:] + continuation
@@ -348,8 +352,8 @@ class _ScoredTokens:
     """Hidden states waiting for the LM head, and which (sequence, target token) each scores;
     :meth:`flush` adds the log-probabilities into ``sums``."""
 
-    def __init__(self, model, sums: torch.Tensor) -> None:
-        self.model, self.sums = model, sums
+    def __init__(self, model, sums: torch.Tensor, misses: torch.Tensor | None = None) -> None:
+        self.model, self.sums, self.misses = model, sums, misses
         self.hidden: list[torch.Tensor] = []
         self.num_hidden = 0
         self.rows: list[int] = []
@@ -371,10 +375,15 @@ class _ScoredTokens:
         if not self.rows:
             return
         dev = self.sums.device
+        seqs = torch.tensor(self.seqs, device=dev)
         with autocast_for(dev):  # the head in bf16 on CUDA, as in the model's own forward
-            lp = self.model.token_logprobs(torch.cat(self.hidden), torch.tensor(self.rows, device=dev),
-                                           torch.tensor(self.targets, device=dev))  # (S,)
-        self.sums.index_add_(0, torch.tensor(self.seqs, device=dev), lp)
+            out = self.model.token_logprobs(torch.cat(self.hidden), torch.tensor(self.rows, device=dev),
+                                            torch.tensor(self.targets, device=dev),
+                                            greedy=self.misses is not None)  # (S,) [, (S,) bool]
+        if self.misses is not None:
+            out, is_top = out
+            self.misses.index_add_(0, seqs, (~is_top).float())
+        self.sums.index_add_(0, seqs, out)
         self.hidden, self.num_hidden, self.rows, self.targets, self.seqs = [], 0, [], [], []
 
 
@@ -445,6 +454,7 @@ class EvalStopped(Exception):
 
 def _score_shared_prefix(model, inputs: list[list[int]], cont_lens: list[int], *, batch_size: int,
                          device: torch.device, head_rows: int = 1024, split_cost: int | None = None,
+                         misses: torch.Tensor | None = None,
                          stopped: Callable[[], bool] = lambda: False) -> torch.Tensor:
     """Sums of continuation log-probabilities, running each distinct prefix once.
 
@@ -459,12 +469,13 @@ def _score_shared_prefix(model, inputs: list[list[int]], cont_lens: list[int], *
     through the LM head once. The head runs in batches of ``head_rows`` hidden states
     (``GPT.token_logprobs``). The continuations of a batch are cut into forwards
     of similar length where the padding saved outweighs ``split_cost`` positions per extra
-    forward (default 16 on CPU, where a small forward's overhead is about that; 256 elsewhere)."""
+    forward (default 16 on CPU, where a small forward's overhead is about that; 256 elsewhere).
+    ``misses`` (n,), when given, counts each row's scored tokens that are not the argmax."""
     from pretrain.model import KVCache
 
     n = len(inputs)
     sums = torch.zeros(n, dtype=torch.float32, device=device)
-    scored = _ScoredTokens(model, sums)
+    scored = _ScoredTokens(model, sums, misses)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, toks in enumerate(inputs):
         groups.setdefault(tuple(toks[: len(toks) - cont_lens[i]]), []).append(i)
@@ -508,15 +519,16 @@ def _score_shared_prefix(model, inputs: list[list[int]], cont_lens: list[int], *
 
 def _score_packed(model, inputs: list[list[int]], cont_lens: list[int], *, block_size: int, batch_size: int,
                   pad_multiple: int, vocab_size: int | None, device: torch.device, sync_batches: bool,
-                  head_trick: bool, stopped: Callable[[], bool] = lambda: False) -> torch.Tensor:
+                  head_trick: bool, misses: torch.Tensor | None = None,
+                  stopped: Callable[[], bool] = lambda: False) -> torch.Tensor:
     """The packed path of :func:`score_sequences`: every row, sorted by length, ``batch_size`` per
-    forward, right-padded to a multiple of ``pad_multiple``."""
+    forward, right-padded to a multiple of ``pad_multiple``; ``misses`` as in :func:`_score_shared_prefix`."""
     n = len(inputs)
     order = sorted(range(n), key=lambda i: -len(inputs[i]))
     batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
     num_batches = len(batches)
     if sync_batches:
-        num_batches = int(dist.all_reduce(torch.tensor([num_batches]), "hellaswag batch count", op="max").item())
+        num_batches = int(dist.all_reduce(torch.tensor([num_batches]), "scoring batch count", op="max").item())
 
     sums = torch.zeros(n, dtype=torch.float32, device=device)
     for b in range(num_batches):
@@ -548,8 +560,12 @@ def _score_packed(model, inputs: list[list[int]], cont_lens: list[int], *, block
         if vocab_size is not None:
             picked = picked[:, :vocab_size]  # padded vocab rows carry -inf anyway
         logp = F.log_softmax(picked.float(), dim=-1)  # (S, V)
-        tok_lp = logp.gather(1, torch.tensor(sel_tgt, device=device)[:, None]).squeeze(1)  # (S,)
-        sums.index_add_(0, torch.tensor(sel_seq, device=device), tok_lp)
+        tgt = torch.tensor(sel_tgt, device=device)
+        tok_lp = logp.gather(1, tgt[:, None]).squeeze(1)  # (S,)
+        seq = torch.tensor(sel_seq, device=device)
+        sums.index_add_(0, seq, tok_lp)
+        if misses is not None:  # argmax: the first maximum, as the harness's logits.argmax()
+            misses.index_add_(0, seq, (picked.argmax(dim=-1) != tgt).float())
     return sums
 
 
@@ -558,9 +574,12 @@ def score_sequences(model, context: Sequence[list[int]], continuation: Sequence[
                     block_size: int, batch_size: int = 32, pad_multiple: int = 32,
                     vocab_size: int | None = None, device: str | torch.device = "cpu",
                     sync_batches: bool = True, head_positions_only: bool | None = None,
-                    share_prefix: bool | None = None,
-                    stop: Callable[[], bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Sum of log p(continuation token | prefix) over each continuation, and its token count.
+                    share_prefix: bool | None = None, greedy: bool = False,
+                    stop: Callable[[], bool] | None = None) -> tuple[np.ndarray, ...]:
+    """Sum of log p(continuation token | prefix) over each continuation, and its token count;
+    with ``greedy`` also whether every continuation token is the model's argmax (bool array:
+    lm-evaluation-harness's ``is_greedy``). ``stop`` (the trainer's) ends the scoring early with
+    :class:`EvalStopped`.
 
     Sequences are left-truncated to ``block_size + 1`` tokens as the harness does. Two paths
     give the same numbers (up to float summation order):
@@ -597,14 +616,17 @@ def score_sequences(model, context: Sequence[list[int]], continuation: Sequence[
         toks = (ctx + cont)[-(block_size + 1):]
         inputs.append(toks)
         cont_lens.append(len(cont))
+    misses = torch.zeros(len(inputs), dtype=torch.float32, device=device) if greedy else None
+    stopped = stop_check(model, stop)
     if share_prefix:
-        sums = _score_shared_prefix(model, inputs, cont_lens, batch_size=batch_size, device=device,
-                                    stopped=stop_check(model, stop))
+        sums = _score_shared_prefix(model, inputs, cont_lens, batch_size=batch_size, device=device, misses=misses,
+                                    stopped=stopped)
     else:
         sums = _score_packed(model, inputs, cont_lens, block_size=block_size, batch_size=batch_size,
                              pad_multiple=pad_multiple, vocab_size=vocab_size, device=device,
-                             sync_batches=sync_batches, head_trick=head_trick, stopped=stop_check(model, stop))
-    return sums.double().cpu().numpy(), np.asarray(cont_lens, dtype=np.int64)
+                             sync_batches=sync_batches, head_trick=head_trick, misses=misses, stopped=stopped)
+    out = sums.double().cpu().numpy(), np.asarray(cont_lens, dtype=np.int64)
+    return out + (misses.cpu().numpy() == 0,) if greedy else out
 
 
 def example_predictions(prep: Prepared, sums: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:

@@ -1,7 +1,15 @@
-"""Evaluate a checkpoint: HellaSwag (harness and completion styles) and validation loss.
+"""Evaluate a checkpoint: HellaSwag (harness and completion styles), validation loss and any
+lm-evaluation-harness task.
 
     gpt2-eval --model CHECKPOINT_OR_HF_DIR [--hellaswag PATH] [--val-data DIR] [--limit N] [--out results.json]
+    gpt2-eval --model ... --tasks lambada_openai,arc_easy [--include-path DIR] [--num-fewshot K] [--limit N]
     torchrun --nproc_per_node 8 -m evals.run --model ... # examples split over ranks, counts all-reduced
+
+``--tasks`` runs the harness (the optional extra ``.[lm-eval]``) as a library on the model in
+memory (``evals/tasks.py``, ``evals/harness.py``): the JSON holds the harness's results dict
+under ``harness`` and the flat ``tasks/<task>/<metric>`` figures under ``results``; figures
+whose task, metric and few-shot count match GPT-2 124M's published ones are printed beside them.
+With ``--tasks``, HellaSwag (the project's own scorer) runs only when ``--hellaswag PATH`` is given.
 
 ``--model`` is a Hugging Face GPT-2 directory (``gpt2-export`` writes one), a hub name, or a
 native checkpoint directory written by the trainer (``pretrain.model.weights.load_model``). Without
@@ -35,7 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hellaswag-split", default="validation", choices=["validation", "train"],
                    help="which HellaSwag split to download when --hellaswag is not given")
     p.add_argument("--no-hellaswag", action="store_true", help="skip HellaSwag")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N HellaSwag examples")
+    p.add_argument("--limit", type=int, default=None,
+                   help="score only the first N examples of HellaSwag and of each --tasks task")
+    p.add_argument("--tasks", default=None, metavar="NAMES",
+                   help="comma-separated lm-evaluation-harness tasks (e.g. lambada_openai,arc_easy,piqa); "
+                        "needs pip install -e '.[lm-eval]'")
+    p.add_argument("--include-path", default=None, metavar="DIR",
+                   help="directory of local harness task YAMLs (offline tasks on local data files)")
+    p.add_argument("--num-fewshot", type=int, default=None,
+                   help="few-shot examples per --tasks prompt (default: each task's own, else 0)")
+    p.add_argument("--bootstrap-iters", type=int, default=100_000,
+                   help="bootstrap resamples for the standard errors of perplexity-type task metrics (0 = none)")
     p.add_argument("--val-data", default=None, metavar="DIR",
                    help="directory of token shards; its val split gives val/loss (skipped when not set)")
     p.add_argument("--val-tokens", type=int, default=None,
@@ -68,6 +86,21 @@ def check_args(args) -> str | None:
     if args.limit is not None and args.limit < 1:
         return (f"--limit {args.limit}: nothing to score; pass --limit N with N >= 1 (or leave it out to score "
                 "every example, or pass --no-hellaswag)")
+    if args.tasks is not None:
+        from evals.tasks import missing
+
+        if not [t for t in args.tasks.split(",") if t.strip()]:
+            return "--tasks: no task names; pass comma-separated harness task names, e.g. --tasks lambada_openai"
+        if missing():
+            return f"--tasks: {missing()}"
+        if args.include_path is not None and not Path(args.include_path).exists():
+            return f"--include-path {args.include_path}: no such file or directory; pass a directory of task YAMLs"
+    elif args.include_path is not None or args.num_fewshot is not None:
+        return "--include-path / --num-fewshot apply to harness tasks; pass --tasks NAMES too"
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        return f"--num-fewshot {args.num_fewshot}: must be >= 0"
+    if args.bootstrap_iters < 0:
+        return f"--bootstrap-iters {args.bootstrap_iters}: must be >= 0 (0 = no bootstrapped standard errors)"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         return f"--device {args.device}: CUDA is not available here; pass --device cpu (or auto)"
     if args.batch_size < 1:
@@ -106,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args, rank: int, world: int, device: torch.device) -> int:
     from evals.hellaswag import HellaSwagError, HellaSwagEvaluator
+    from evals.tasks import TaskError, task_manager
     from evals.val_loss import ValLossEvaluator
     from pretrain.checkpoint import CheckpointError
     from pretrain.model.weights import load_model, resolve
@@ -114,11 +148,14 @@ def _run(args, rank: int, world: int, device: torch.device) -> int:
         if rank == 0:
             print(msg, file=sys.stderr, flush=True)
 
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
     try:
-        evaluators = []
-        if not args.no_hellaswag:
+        evaluators, manager = [], None
+        if not args.no_hellaswag and (not tasks or args.hellaswag is not None):
             evaluators.append(HellaSwagEvaluator(args.hellaswag, args.limit, args.batch_size, rank, world, device,
                                                  split=args.hellaswag_split))
+        if tasks:
+            manager = task_manager(tasks, args.include_path)  # unknown names: before the model is loaded
         source = resolve(args.model)
         model = load_model(source).to(device).eval()
         if args.val_data is not None:
@@ -130,11 +167,12 @@ def _run(args, rank: int, world: int, device: torch.device) -> int:
             evaluators.append(ValLossEvaluator(args.val_data, seq_len, args.batch_size, tokens, rank, world, device,
                                                vocab_size=model.config.vocab_size, at_most=args.val_tokens is None,
                                                knob="--val-tokens"))
-    except (HellaSwagError, CheckpointError, ValueError, OSError) as e:
+    except (HellaSwagError, TaskError, CheckpointError, ValueError, OSError) as e:
         print(f"gpt2-eval: error: {e}", file=sys.stderr)
         return 2
-    if not evaluators:
-        print("gpt2-eval: error: nothing to evaluate; drop --no-hellaswag or pass --val-data DIR", file=sys.stderr)
+    if not evaluators and not tasks:
+        print("gpt2-eval: error: nothing to evaluate; drop --no-hellaswag, pass --val-data DIR or --tasks NAMES",
+              file=sys.stderr)
         return 2
     scored = torch.compile(model) if args.compile else model
     if source.note:
@@ -149,27 +187,70 @@ def _run(args, rank: int, world: int, device: torch.device) -> int:
         results.update(ev(scored, None))
         timings[ev.name] = time.perf_counter() - t0
         log(f"{ev.name}: {timings[ev.name]:.1f}s")
+    harness, requests = None, {}
+    if tasks:
+        try:
+            harness, requests = _run_tasks(args, scored, tasks, manager, device, timings, log)
+        except TaskError as e:
+            print(f"gpt2-eval: error: {e}", file=sys.stderr)
+            return 2
+        from evals.tasks import flatten
+
+        results.update(flatten(harness))
     if rank == 0:
-        print(format_table(results))
-        if args.out:
-            payload = {
-                "model": str(args.model),
-                "results": results,
-                "hellaswag": None if args.no_hellaswag else {
-                    "path": str(evaluators[0].path), "examples": evaluators[0].num_examples,
-                    "split": args.hellaswag_split if args.hellaswag is None else "file",
-                },
-                "val_data": args.val_data,
-                "world_size": world,
-                "device": str(device),
-                "seconds": timings,
-                "args": vars(args),
-            }
-            out = Path(args.out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(payload, indent=2) + "\n")
-            log(f"wrote {out}")
+        _report(args, results, harness, evaluators, world, device, timings, requests, log)
     return 0
+
+
+def _run_tasks(args, model, tasks: list[str], manager, device, timings: dict, log) -> tuple[dict | None, dict]:
+    """The harness tasks on ``model``: (the harness's results dict on rank 0 / None, requests served)."""
+    from evals.harness import GPTLM
+    from evals.tasks import load_tasks, run_tasks
+
+    load_tasks(manager, tasks)  # a task's data that cannot be read: one line, before any scoring
+    lm = GPTLM(model, batch_size=args.batch_size, device=device)
+    t0 = time.perf_counter()
+    harness = run_tasks(model, tasks, limit=args.limit, num_fewshot=args.num_fewshot, bootstrap_iters=args.bootstrap_iters,
+                        manager=manager, lm=lm, fork_bootstrap=True)  # as the harness's own CLI
+    timings["tasks"] = dt = time.perf_counter() - t0
+    n = sum(lm.requests.values())
+    log(f"tasks: {n} requests on rank 0 ({dict(lm.requests)}) in {dt:.1f}s: {n / max(dt, 1e-9):.1f} requests/s")
+    return harness, dict(lm.requests)
+
+
+def _report(args, results, harness, evaluators, world, device, timings, requests, log) -> None:
+    """Rank 0: the table, GPT-2 124M's figures beside ours where they match, and the JSON."""
+    from evals.tasks import format_reference, reference_rows
+
+    print(format_table(results))
+    ours = {"results": {"hellaswag": {f"{m},none": results[f"hellaswag/{m}"] for m in ("acc", "acc_norm")
+                                      if f"hellaswag/{m}" in results}}, "n-shot": {"hellaswag": 0}}
+    rows = reference_rows(ours) + reference_rows(harness)
+    if rows:
+        print("\nGPT-2 124M (OpenAI) in lm-evaluation-harness, same task, metric and shots (evals/README.md):")
+        print(format_reference(rows))
+    if not args.out:
+        return
+    hs = next((ev for ev in evaluators if ev.name == "hellaswag"), None)
+    payload = {
+        "model": str(args.model),
+        "results": results,
+        "hellaswag": None if hs is None else {
+            "path": str(hs.path), "examples": hs.num_examples,
+            "split": args.hellaswag_split if args.hellaswag is None else "file",
+        },
+        "val_data": args.val_data,
+        "harness": harness,
+        "requests": requests,
+        "world_size": world,
+        "device": str(device),
+        "seconds": timings,
+        "args": vars(args),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)) + "\n")
+    log(f"wrote {out}")
 
 
 def cli() -> None:

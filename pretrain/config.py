@@ -232,6 +232,10 @@ class TrainSection:
     """A spike is a loss / grad norm above the window's mean + spike_threshold x its std."""
     log_interval: int = 1
     """Print and write metrics every N steps."""
+    peak_tflops: float | None = None
+    """Dense peak TFLOP/s of one device for MFU, e.g. 989.5 (H100 SXM bf16); None = the table in
+    pretrain/training/metrics.py (PEAK_FLOPS) for a known CUDA device, else no MFU. The run report
+    says which peak it used."""
     fault_inject: str = ""
     """Test-only fault injection: 'crash:S' (rank 0 dies at step S, once per run_dir), 'nan:S'
     (rank W-1's loss is NaN at step S), 'nan_from:S' (from step S on), 'sleep:SECONDS' (every step)."""
@@ -259,6 +263,14 @@ class EvalSection:
     """Tokens to generate for the sample."""
     sample_top_k: int = 50
     """Top-k of the sample (1 = greedy)."""
+    tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks run at each eval (evals/tasks.py), e.g. [lambada_openai, arc_easy];
+    logged as tasks/<task>/<metric>. Empty = none. Needs pip install -e '.[lm-eval]'; the tasks'
+    data is read when the run starts (hub datasets need the network once, or use eval.tasks_include_path)."""
+    tasks_limit: int | None = None
+    """Documents per task at each eval (the harness's --limit); None = all."""
+    tasks_include_path: str | None = None
+    """Directory of local harness task YAMLs (tasks on local data files, offline); None = the harness's own."""
 
 
 @dataclass
@@ -622,7 +634,7 @@ def world_size_from_env() -> int:
 POSITIVE = ("data.seq_len", "train.global_batch_tokens", "train.micro_batch_size", "train.log_interval",
             "train.max_nonfinite_in_a_row", "train.spike_threshold", "optim.lr", "optim.eps", "schedule.max_steps",
             "distributed.timeout_s", "checkpoint.keep_last", "eval.sample_top_k", "eval.batch_size",
-            "eval.hellaswag_limit")
+            "eval.hellaswag_limit", "eval.tasks_limit", "train.peak_tflops")
 NONNEGATIVE = ("optim.weight_decay", "optim.grad_clip", "schedule.warmup_steps", "eval.interval", "eval.val_tokens",
                "eval.sample_tokens", "checkpoint.interval")
 
@@ -699,6 +711,7 @@ def validate_run(cfg: Config) -> None:
                 "logging.tensorboard=true needs the tensorboard package, which is not installed; "
                 "pip install -e '.[tensorboard]' (or pip install tensorboard), or set logging.tensorboard=false"
             )
+    validate_tasks(cfg)
     r = cfg.checkpoint.resume
     if r not in ("auto", "none") and not r:
         raise ConfigError("checkpoint.resume must be auto, none or a checkpoint path")
@@ -712,6 +725,27 @@ def validate_run(cfg: Config) -> None:
 
         if not torch.cuda.is_available():
             raise ConfigError("train.device=cuda but CUDA is not available here; use train.device=auto or cpu")
+
+
+def validate_tasks(cfg: Config) -> None:
+    """eval.tasks: names, the optional package, the tokenizer the harness's prompts need, the task
+    directory. The task definitions and their data are read by the evaluator when the run starts."""
+    e = cfg.eval
+    if not e.tasks:
+        return
+    if any(not t.strip() for t in e.tasks):
+        raise ConfigError(f"eval.tasks={e.tasks!r} holds an empty name; list harness task names, e.g. [lambada_openai]")
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError("eval.tasks needs lm-evaluation-harness, which is not installed; pip install -e '.[lm-eval]' "
+                          "(or pip install 'lm-eval>=0.4.13,<0.5'), or set eval.tasks=[]")
+    if cfg.gpt_config.vocab_size < 50257:
+        raise ConfigError(f"eval.tasks: the harness's prompts are GPT-2 BPE text (50257 ids) but model.vocab_size is "
+                          f"{cfg.gpt_config.vocab_size}; train with the GPT-2 vocabulary or set eval.tasks=[]")
+    if e.tasks_include_path is not None and not Path(e.tasks_include_path).exists():
+        raise ConfigError(f"eval.tasks_include_path={e.tasks_include_path!r} does not exist; pass a directory of "
+                          "harness task YAMLs or null")
 
 
 def validate_optim_schedule(cfg: Config) -> None:

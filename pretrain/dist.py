@@ -309,3 +309,15 @@ def barrier(what: str, group: Any = None) -> None:
     if group_up():
         with collective(f"barrier({what})", group):
             dist.all_reduce(torch.zeros(1, device=_backend_device(group)), group=group)
+
+
+def all_gather_object(obj: Any, what: str, group: Any = None) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` without a group.
+    Under :func:`collective`. For small results (the harness's per-rank request counts and
+    per-example metrics, ``evals/harness.py``), not tensors on a hot path."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    with collective(f"all_gather_object({what})", group):
+        dist.all_gather_object(out, obj, group=group)
+    return out

@@ -63,9 +63,9 @@ def resume_command(argv: list[str]) -> str:
 
 
 def build_evaluators(plan, rank: int, world_size: int, device) -> list:
-    """Val loss, HellaSwag and the sample, from evals/ (imported here, never by the trainer). They
-    read their data (val shards, the HellaSwag file) when built, so building them before the
-    model checks those inputs early."""
+    """Val loss, HellaSwag, the sample and harness tasks, from evals/ (imported here, never by the
+    trainer). They read their data (val shards, the HellaSwag file, the tasks' documents) when
+    built, so building them before the model checks those inputs early."""
     cfg, e = plan.cfg, plan.cfg.eval
     if e.interval <= 0:
         return []
@@ -89,7 +89,24 @@ def build_evaluators(plan, rank: int, world_size: int, device) -> list:
         mp = uses_mp_policy(cfg.distributed.mode, device, cfg.train.dtype)
         evaluators.append(SampleEvaluator(e.sample_prompt, e.sample_tokens, e.sample_top_k, cfg.train.seed,
                                           autocast=partial(training_autocast, device, cfg.train.dtype, mp)))
+    if e.tasks:  # lm-evaluation-harness (the optional extra; load_config checked it is installed)
+        from evals.tasks import TaskEvaluator
+
+        evaluators.append(TaskEvaluator(e.tasks, e.tasks_limit, batch, device, include_path=e.tasks_include_path,
+                                        fsdp=cfg.distributed.mode == "fsdp", world_size=world_size))
     return evaluators
+
+
+def write_run_report(run_dir) -> None:
+    """RUN_DIR/report.md once a run has finished (``pretrain/report.py``; ``gpt2-report RUN_DIR``
+    writes it on demand). A report that cannot be written is a warning: the run itself is done."""
+    from pretrain.report import write_report
+
+    try:
+        print(f"run report: {write_report(run_dir)}", flush=True)
+    except Exception as e:  # noqa: BLE001 - the checkpoints and metrics are safe; say why and go on
+        print(f"gpt2-train: warning: could not write {run_dir}/report.md ({type(e).__name__}: {e}); "
+              f"run gpt2-report {run_dir} to retry", file=sys.stderr)
 
 
 def _error(msg: str) -> int:
@@ -149,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             return _error(str(e))
         rc = trainer.train()
         clean = True
+        if rc == 0 and rank == 0:
+            write_run_report(plan.run_dir)
         if rc in (EXIT_PREEMPTED, EXIT_INTERRUPTED) and rank == 0:
             print(f"gpt2-train: stopped at step {trainer.step} (checkpointed); resume with: "
                   f"{resume_command(argv)}", file=sys.stderr)

@@ -4,9 +4,10 @@
 #   prepare   builtin:python-docs (CPython's own documentation) -> GPT-2 token shards
 #   train     a small GPT-2 (configs/demo.yaml) with the real trainer, pretrain/train.py
 #   evaluate  validation loss (and HellaSwag when HELLASWAG=path/to/hellaswag_val.jsonl) via evals.run
-#   export    the checkpoint to Hugging Face format (pretrain.model.export)
+#   export    the checkpoint to Hugging Face format with its model card, README.md (pretrain.model.export)
 #   generate  load the export with transformers (offline) and continue a prompt
-#   plot      loss / lr / tokens/s / HellaSwag curves (pretrain.training.plot)
+#   plot      loss / lr / tokens/s / HellaSwag curves (pretrain.training.plot), and the run report,
+#             RUN/report.md (pretrain.report: environment, config, throughput, evaluations, plot, sample)
 #
 # Every run gets its own directory, DEMO_DIR/run-YYYYmmdd-HHMMSS, so a rerun never touches an
 # earlier result; DEMO_DIR/latest points at the newest and DEMO_DIR/loss.png overlays all runs.
@@ -104,7 +105,7 @@ line() { printf '%*s\n' 72 '' | tr ' ' '='; }
 stage() { echo; echo "[demo $1/6] $2   (+$(( SECONDS - T_START ))s)"; }
 
 line
-echo "gpt2-pretrain demo: prepare -> train -> evaluate -> export -> generate -> plot"
+echo "gpt2-pretrain demo: prepare -> train -> evaluate -> export -> generate -> plot + report"
 echo "  corpus   builtin:python-docs (CPython's documentation, ships with Python; PSF license)"
 echo "  data     $DATA  (validation split: first $DEMO_VAL_TOKENS tokens)"
 echo "  model    GPT-2 architecture, ${MODEL/,/ }, vocab 50257 ($DEMO_CONFIG)"
@@ -152,7 +153,7 @@ fi
 "${EVAL[@]}"
 
 # ---------------------------------------------------------------------------------------------
-stage 4 "export: Hugging Face format -> $EXPORT"
+stage 4 "export: Hugging Face format and model card -> $EXPORT"
 "$PY" -m pretrain.model.export export --checkpoint "$CKPT" --out "$EXPORT" --overwrite
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +184,7 @@ print("-" * 72)
 PYEOF
 
 # ---------------------------------------------------------------------------------------------
-stage 6 "plot: $PLOT"
+stage 6 "plot and report: $PLOT, $RUN/report.md"
 "$PY" -m pretrain.training.plot "$RUN" --out "$PLOT"
 mapfile -t ALL_RUNS < <(ls -d "$DEMO_DIR"/run-*/ 2>/dev/null | while read -r d; do
   [ -f "$d/metrics.jsonl" ] && echo "${d%/}"; done)
@@ -192,6 +193,8 @@ if [ "${#ALL_RUNS[@]}" -gt 1 ]; then
 else
   cp "$PLOT" "$DEMO_DIR/loss.png"
 fi
+# The trainer wrote report.md when training finished; again now, with eval.json and sample.txt.
+"$PY" -m pretrain.report "$RUN"
 
 # ---------------------------------------------------------------------------------------------
 trap - INT TERM
@@ -220,6 +223,8 @@ echo "demo done in $(( ELAPSED / 60 ))m$(printf %02d $(( ELAPSED % 60 )))s"
 echo "$SUMMARY"
 echo "  checkpoint      $CKPT"
 echo "  HF export       $EXPORT   (AutoModelForCausalLM.from_pretrained(\"$EXPORT\"))"
+echo "  model card      $EXPORT/README.md   (huggingface_hub.ModelCard.load; push: gpt2-export ... --push-to-hub OWNER/NAME)"
+echo "  run report      $RUN/report.md"
 echo "  metrics         $RUN/metrics.jsonl, $RUN/eval.json"
 echo "  plot            $PLOT   (all demo runs overlaid: $DEMO_DIR/loss.png)"
 echo "  sample          $(head -c 400 "$RUN/sample.txt" | tr -s '[:space:]' ' ')"

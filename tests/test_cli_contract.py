@@ -252,6 +252,15 @@ CASES = [
     ("plot: --out under a file", "pretrain.training.plot",
      lambda r: [str(r / "run"), "--out", str(r / "a_file" / "loss.png")], "a_file"),
     ("plot: no metrics", "pretrain.training.plot", lambda r: [str(r / "empty_dir")], "empty_dir"),
+    ("report: not a run directory", "pretrain.report", lambda r: [str(r / "empty_dir")], "empty_dir"),
+    ("eval: --include-path without --tasks", "evals.run",
+     lambda r: ["--model", str(r / "run"), "--include-path", str(r / "empty_dir")], "--tasks"),
+    ("eval: unknown harness task", "evals.run",
+     lambda r: ["--model", str(r / "run"), "--tasks", "no_such_task", "--include-path", str(r / "empty_dir")],
+     "no_such_task"),
+    ("export: --push-to-hub not OWNER/NAME", "pretrain.model.export",
+     lambda r: ["export", "--checkpoint", str(r / "run" / "checkpoints"), "--out", str(r / "export"),
+                "--push-to-hub", "no-slash"], "--push-to-hub"),
 ]
 
 
@@ -279,7 +288,8 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(world, case, capsys
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     prog = {"pretrain.train": "gpt2-train", "data_pipeline.prepare": "gpt2-prepare", "evals.run": "gpt2-eval",
-            "pretrain.model.export": "gpt2-export", "pretrain.model.generate": "gpt2-generate", "pretrain.training.plot": "gpt2-plot"}[module]
+            "pretrain.model.export": "gpt2-export", "pretrain.model.generate": "gpt2-generate", "pretrain.training.plot": "gpt2-plot",
+            "pretrain.report": "gpt2-report"}[module]
     assert lines[0].startswith(f"{prog}: error"), lines[0]
     assert needle in lines[0], lines[0]
     assert "resume with --resume PATH" not in lines[0]  # the advice fits every command that reads a checkpoint

@@ -63,8 +63,17 @@ def test_demo_end_to_end(tmp_path):
         assert f"[demo {stage}/6]" in out
     assert sum("HELLASWAG=" in line for line in out.splitlines()) == 1
     assert "demo done in" in out and f"final val loss  {val:.4f}" in out
-    for path in (str(ckpt), str(run / "export"), str(run / "loss.png")):
+    for path in (str(ckpt), str(run / "export"), str(run / "loss.png"), str(run / "export" / "README.md"),
+                 str(run / "report.md")):
         assert path in out
+    # The model card (from the run's own figures) and the run report.
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(run / "export" / "README.md")
+    assert {r.metric_type: r.metric_value for r in card.data.eval_results}["loss"] == round(val, 6)
+    report = (run / "report.md").read_text()
+    assert report.startswith("# Run report: run-a") and "| `val/loss` |" in report and f"{val:.4f}" in report
+    assert "The list type" in report  # the sample
     assert "The list type" in out.split("demo done in")[1]
 
 

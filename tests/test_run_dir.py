@@ -100,8 +100,10 @@ def test_overwrite_moves_the_whole_previous_run_aside(data, tmp_path, capsys):
     assert (aside / "checkpoints" / "step_00000004" / "COMMITTED").exists()
     assert [r["step"] for r in metrics(aside)] == [1, 2, 3, 4]
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2]
+    assert {"environment.json", "report.md", "loss.png"} <= {p.name for p in aside.iterdir()}  # the old run's too
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [LOCK_NAME, aside.name, "checkpoints", "config.yaml", "metrics.jsonl"])
+        [LOCK_NAME, aside.name, "checkpoints", "config.yaml", "metrics.jsonl", "environment.json", "report.md",
+         "loss.png"])
 
 
 def test_resume_auto_may_be_followed_by_more_overrides(data, tmp_path, capsys):

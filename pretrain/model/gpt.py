@@ -541,12 +541,14 @@ class GPT(nn.Module):
             return loss.view(B, T) if reduction == "none" else loss
         return cross_entropy(self.logits(h), targets, reduction)
 
-    def token_logprobs(self, h: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def token_logprobs(self, h: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
+                       greedy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """log p(targets[s] | hidden state h[rows[s]]) for each scored position s, fp32 (S,), from
         h (U, C) (several positions may share a row), over the real vocabulary, in vocabulary
-        slices (:func:`pretrain.model.head.target_logprobs`). For scoring (HellaSwag, harness tasks)."""
+        slices (:func:`pretrain.model.head.target_logprobs`). For scoring (HellaSwag, harness tasks).
+        ``greedy``: also (S,) bool, whether each target is its row's argmax."""
         return target_logprobs(h, self.lm_head.weight, rows, targets, vocab_size=self.config.vocab_size,
-                               bias=self.lm_head.bias)
+                               bias=self.lm_head.bias, greedy=greedy)
 
     def forward(
         self,

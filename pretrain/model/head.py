@@ -123,7 +123,7 @@ def linear_cross_entropy(
 
 def target_logprobs(hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, *,
                     vocab_size: int | None = None, bias: torch.Tensor | None = None,
-                    vocab_chunk: int = 2048) -> torch.Tensor:
+                    vocab_chunk: int = 2048, greedy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``log_softmax(hidden @ weight.T + bias)[rows, targets]`` in fp32, without building the
     full (U, V) logits: the vocabulary is walked in slices of ``vocab_chunk`` rows of ``weight``
     and the log-sum-exp is combined online (max-shifted per slice), so each slice's logits stay
@@ -132,23 +132,33 @@ def target_logprobs(hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tens
 
     hidden: (U, C), one row per distinct prefix; weight: (V_rows, C) (only the first
     ``vocab_size`` rows count); rows, targets: (S,) the hidden row and the token of each scored
-    position (several positions may share a row). Returns (S,) fp32."""
+    position (several positions may share a row). Returns (S,) fp32; with ``greedy`` also (S,)
+    bool: whether the target is the row's argmax (``logits.argmax()``: the first maximum), which
+    lm-evaluation-harness reports with each log-likelihood (``is_greedy``, LAMBADA's ``acc``)."""
     V = weight.size(0) if vocab_size is None else vocab_size
     tgt_logit = torch.zeros(rows.numel(), dtype=torch.float32, device=hidden.device)
-    maxes, sums = [], []
+    maxes, sums, firsts = [], [], []
     for lo in range(0, V, vocab_chunk):
         hi = min(lo + vocab_chunk, V)
         logits = F.linear(hidden, weight[lo:hi], None if bias is None else bias[lo:hi]).float()  # (U, hi-lo)
         inside = (targets >= lo) & (targets < hi)
         picked = logits[rows, (targets - lo).clamp(0, hi - lo - 1)]  # (S,)
         tgt_logit = torch.where(inside, picked, tgt_logit)
-        m = logits.amax(dim=1, keepdim=True)  # (U, 1)
+        if greedy:
+            m, first = logits.max(dim=1, keepdim=True)  # (U, 1) each: the slice's max and its first index
+            firsts.append(first + lo)
+        else:
+            m = logits.amax(dim=1, keepdim=True)  # (U, 1)
         maxes.append(m)
         sums.append(logits.sub_(m).exp_().sum(dim=1, keepdim=True))  # (U, 1)
     m_all, s_all = torch.cat(maxes, dim=1), torch.cat(sums, dim=1)  # (U, n_slices)
-    top = m_all.amax(dim=1, keepdim=True)  # (U, 1)
+    top, top_slice = m_all.max(dim=1, keepdim=True)  # (U, 1): the first slice holding the row's max
     lse = (top + (s_all * (m_all - top).exp()).sum(dim=1, keepdim=True).log()).squeeze(1)  # (U,)
-    return tgt_logit - lse[rows]
+    logp = tgt_logit - lse[rows]
+    if not greedy:
+        return logp
+    argmax = torch.cat(firsts, dim=1).gather(1, top_slice).squeeze(1)  # (U,)
+    return logp, argmax[rows] == targets
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,13 @@ import torch
 from pretrain import dist
 from pretrain.model import GPT
 from pretrain.plan import RunPlan
-from pretrain.training.metrics import MetricsLogger, flops_per_token, peak_flops, startup_summary
+from pretrain.training.metrics import (
+    MetricsLogger,
+    flops_per_token,
+    resolve_peak,
+    run_environment,
+    startup_summary,
+)
 from pretrain.training.optim import build_optimizer
 from pretrain.training.parallel import Wrapped, wrap_model
 from pretrain.training.spikes import LossSpikeDetector
@@ -107,6 +113,25 @@ def move_previous_run_aside(plan: RunPlan, info: dist.DistInfo) -> None:
     dist.barrier("after moving the previous run aside")
 
 
+def record_environment(plan: RunPlan, env: dict) -> None:
+    """Append this start's environment to ``run_dir/environment.json`` (one entry per start or
+    resume, with the step it starts at; a fresh start replaces the file): the run report's
+    device, torch, commit and MFU peak."""
+    import json
+
+    path = plan.run_dir / "environment.json"
+    starts = []
+    if plan.resume_from is not None and path.is_file():
+        try:
+            starts = [s for s in json.loads(path.read_text()) if s.get("start_step", 0) < plan.resume_step]
+        except (json.JSONDecodeError, AttributeError, TypeError):
+            starts = []
+    starts.append({"start_step": plan.resume_step if plan.resume_from is not None else 0, **env})
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(starts, indent=1) + "\n")
+    tmp.replace(path)
+
+
 def build_trainer(plan: RunPlan, evaluators: list | tuple = (), hooks: list | None = None):
     """The Trainer of ``plan``, every part built and the resumed checkpoint (if any) loaded."""
     from pretrain.checkpoint import Checkpointer, restore_rng_state
@@ -151,15 +176,18 @@ def build_trainer(plan: RunPlan, evaluators: list | tuple = (), hooks: list | No
         wandb_name=cfg.logging.wandb_name, config=cfg.to_dict(), resume_step=plan.resume_step if resuming else None,
         tensorboard=cfg.logging.tensorboard, resume_tokens=plan.resume_tokens if resuming else None,
     )
+    peak, peak_source = resolve_peak(info.device, t.dtype, t.peak_tflops)
     if info.is_main:
         (plan.run_dir / "config.yaml").write_text(cfg.to_yaml())
-    peak = peak_flops(info.device, t.dtype)
+        record_environment(plan, run_environment(info.device, info.world_size, wrapped.mode, t.dtype, t.compile,
+                                                 peak, peak_source))
     logger.print("resolved config:\n" + cfg.to_yaml().rstrip())
     logger.print(startup_summary(
         world_size=info.world_size, mode=wrapped.mode, device=info.device, n_params=n_params,
         tokens_per_step=plan.batch.tokens_per_step, micro_batch=t.micro_batch_size, seq_len=cfg.data.seq_len,
         accum=plan.batch.grad_accum_steps, max_steps=cfg.schedule.max_steps, start_step=plan.resume_step,
         total_tokens=plan.batch.total_tokens, flops_token=flops_token, peak=peak, dtype=t.dtype, compile=t.compile,
+        peak_source=peak_source,
     ))
     if resuming:
         logger.print(f"resumed from {plan.resume_from} at step {plan.resume_step} ({plan.resume_tokens:,} tokens seen)")

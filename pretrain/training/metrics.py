@@ -40,15 +40,55 @@ PEAK_FLOPS: list[tuple[str, float, float]] = [
 ]
 
 
-def peak_flops(device: torch.device, dtype: str) -> float | None:
-    """The per-device peak for ``dtype`` (bf16 | fp32 -> TF32), or None (CPU, unknown GPU)."""
+def resolve_peak(device: torch.device, dtype: str, peak_tflops: float | None = None) -> tuple[float | None, str]:
+    """(peak FLOP/s per device, where it came from): ``train.peak_tflops`` when set (a device the
+    table lacks, or a measured peak), else the ``PEAK_FLOPS`` row whose name is in the CUDA device's,
+    else None (no MFU) with the reason. The run report prints the second element."""
+    if peak_tflops:
+        return peak_tflops * 1e12, f"train.peak_tflops={peak_tflops:g} (set in the config)"
     if device.type != "cuda":
-        return None
+        return None, f"none: {device.type} is not in PEAK_FLOPS (set train.peak_tflops for MFU)"
     name = torch.cuda.get_device_name(device)
     for key, bf16, tf32 in PEAK_FLOPS:
         if key in name:
-            return bf16 if dtype == "bf16" else tf32
-    return None
+            kind = "bf16" if dtype == "bf16" else "tf32"
+            return (bf16 if dtype == "bf16" else tf32), f"PEAK_FLOPS {key!r} {kind} dense (device {name!r})"
+    return None, f"none: {name!r} is not in PEAK_FLOPS (set train.peak_tflops for MFU)"
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_environment(device: torch.device, world_size: int, mode: str, dtype: str, compile: bool,
+                    peak: float | None, peak_source: str) -> dict[str, Any]:
+    """What a run ran on, for ``run_dir/environment.json`` and the run report: device, torch,
+    commit (``git describe`` of the code's checkout, ``-dirty`` with local changes), peak FLOP/s."""
+    import platform
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=repo,
+                                capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return {
+        "device": str(device), "device_name": name, "world_size": world_size, "mode": mode, "dtype": dtype,
+        "compile": compile, "torch": torch.__version__, "python": platform.python_version(),
+        "host": platform.node(), "cpu_count": os.cpu_count(), "commit": commit,
+        "peak_flops": peak, "peak_source": peak_source,
+    }
 
 
 def flops_per_token(n_params: int, n_layer: int, n_head: int, head_dim: int, seq_len: int) -> float:
@@ -200,7 +240,8 @@ def format_step(r: dict[str, Any]) -> str:
 
 def startup_summary(*, world_size: int, mode: str, device: torch.device, n_params: int, tokens_per_step: int,
                     micro_batch: int, seq_len: int, accum: int, max_steps: int, start_step: int,
-                    total_tokens: int, flops_token: float, peak: float | None, dtype: str, compile: bool) -> str:
+                    total_tokens: int, flops_token: float, peak: float | None, dtype: str, compile: bool,
+                    peak_source: str = "") -> str:
     total = total_tokens
     lines = [
         "=" * 72,
@@ -209,7 +250,7 @@ def startup_summary(*, world_size: int, mode: str, device: torch.device, n_param
         f"tokens/step {tokens_per_step:,} = micro-batch {micro_batch} x seq {seq_len} x world {world_size}"
         f" x accum {accum}",
         f"steps {start_step} -> {max_steps}, total tokens {total:,} ({total / 1e9:.2f}B)",
-        f"FLOPs/token {flops_token:.3e}",
+        f"FLOPs/token {flops_token:.3e}" + (f"; MFU peak: {peak_source}" if peak_source else ""),
     ]
     if peak:
         # At a typical 40% MFU; the first logged steps give the real figure.

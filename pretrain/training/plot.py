@@ -4,7 +4,8 @@
     gpt2-plot runs/a runs/b --out compare.png                   # several runs overlaid
 
 One PNG, a grid of panels: rows are train/val loss, learning rate, tokens/s and HellaSwag
-accuracy; the left column plots them against optimizer steps, the right against tokens seen.
+accuracy, and, when a run logged lm-evaluation-harness tasks (``eval.tasks``: ``tasks/<task>/<metric>``),
+their scores and their perplexity-type metrics (log scale); the left column plots them against optimizer steps, the right against tokens seen.
 Each run has one colour (legend = the run directory's name); train loss is a solid line, val
 loss dashed with dots, HellaSwag acc_norm solid and acc dotted. A panel no run has data for
 says "no data". Matplotlib's Agg backend: no display needed.
@@ -112,6 +113,25 @@ PANELS: list[tuple[str, str, list[tuple[str, str, str | None, str]]]] = [
     ("HellaSwag", "accuracy", [("hellaswag/acc_norm", "-", "o", "acc_norm"), ("hellaswag/acc", ":", "s", "acc")]),
 ]
 X_AXES = [("step", "optimizer step"), ("tokens_seen", "tokens seen")]
+TASK_PREFIX = "tasks/"  # lm-evaluation-harness figures (eval.tasks): tasks/<task>/<metric>
+_LOWER_IS_BETTER = ("perplexity", "bits_per_byte")
+
+
+def task_panels(runs: Sequence[Run]) -> list[tuple[str, str, list[tuple[str, str, str | None, str]]]]:
+    """Rows for the harness tasks the runs logged (none when no run has any): scores (accuracies,
+    exact match) in one, perplexity-type metrics (log scale) in another; one line per task and metric."""
+    keys = sorted({k for r in runs for rec in r.records for k in rec
+                   if k.startswith(TASK_PREFIX) and not k.endswith("_stderr")})
+    styles = ["-", "--", ":", "-."]
+    scores = [k for k in keys if not any(w in k for w in _LOWER_IS_BETTER)]
+    ppl = [k for k in keys if any(w in k for w in _LOWER_IS_BETTER)]
+    rows = []
+    for title, ylabel, group in (("Harness tasks", "score", scores), ("Harness tasks (lower is better)",
+                                                                      "perplexity / bits per byte", ppl)):
+        if group:
+            rows.append((title, ylabel, [(k, styles[i % len(styles)], "o", k[len(TASK_PREFIX):])
+                                         for i, k in enumerate(group)]))
+    return rows
 
 
 def plot_runs(runs: Sequence[Run], out: str | Path) -> Path:
@@ -121,9 +141,10 @@ def plot_runs(runs: Sequence[Run], out: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(PANELS), len(X_AXES), figsize=(13, 3.2 * len(PANELS)), squeeze=False)
+    panels = PANELS + task_panels(runs)
+    fig, axes = plt.subplots(len(panels), len(X_AXES), figsize=(13, 3.2 * len(panels)), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for row, (title, ylabel, keys) in enumerate(PANELS):
+    for row, (title, ylabel, keys) in enumerate(panels):
         for col, (x_key, x_label) in enumerate(X_AXES):
             ax = axes[row][col]
             drawn = 0
@@ -133,7 +154,8 @@ def plot_runs(runs: Sequence[Run], out: str | Path) -> Path:
                     xs, ys = run.series(x_key, key)
                     if not xs:
                         continue
-                    label = f"{run.name} {suffix}".strip() if len(keys) > 1 else run.name
+                    named = len(keys) > 1 or key.startswith(TASK_PREFIX)  # a task row: always say which
+                    label = f"{run.name} {suffix}".strip() if named else run.name
                     ax.plot(xs, ys, linestyle=style, marker=marker, markersize=3, color=color,
                             label=label, linewidth=1.2)
                     drawn += 1
@@ -155,6 +177,8 @@ def plot_runs(runs: Sequence[Run], out: str | Path) -> Path:
                         ha="right", va="bottom", fontsize=7, color="gray")
             if title == "Learning rate":
                 ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+            if title == "Harness tasks (lower is better)":
+                ax.set_yscale("log")
             ax.legend(fontsize=7, loc="best")
     fig.suptitle(", ".join(r.name for r in runs), fontsize=11)
     fig.tight_layout()

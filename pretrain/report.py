@@ -1,0 +1,199 @@
+"""The run report: one page, ``RUN_DIR/report.md``, that says what a run was and what it gave.
+
+    gpt2-report runs/gpt2-124m                 # on demand (any run directory, finished or not)
+    pretrain/train.py                          # writes it itself when a run finishes (rank 0)
+
+Read from what the run left in its directory, nothing else: ``environment.json`` (device, torch,
+commit and the MFU peak of every start, ``pretrain/training/build.py``), ``config.yaml`` (shown as
+its differences from the defaults), ``metrics.jsonl`` (throughput, MFU, wall time, the in-training
+evaluations, the sample), ``eval.json`` when ``gpt2-eval --out RUN_DIR/eval.json`` wrote one, and
+the loss plot (``loss.png``, drawn by ``gpt2-plot`` if it is missing or older than the metrics).
+Evaluation figures are set beside OpenAI GPT-2 124M's published ones where task and metric match
+(``evals/tasks.py`` ``REFERENCE``; sources in evals/README.md).
+
+This module composes the training side and ``evals`` (like ``pretrain/train.py``); the trainer
+never imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+REPORT_FILE = "report.md"
+
+
+class ReportError(ValueError):
+    """A directory the report cannot be made from: one line naming it and the fix."""
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def config_differences(config_yaml: Path) -> list[tuple[str, Any, Any]]:
+    """(key, default, this run's value) for every config key the run changed."""
+    import yaml
+
+    from pretrain.config import Config, from_dict
+
+    if not config_yaml.is_file():
+        return []
+    ran = from_dict(yaml.safe_load(config_yaml.read_text()) or {}).to_dict()
+    default = Config().to_dict()
+    return [(f"{section}.{k}", default[section][k], v) for section, values in ran.items()
+            for k, v in values.items() if default[section].get(k) != v]
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 1e4 else f"{v:.4g}"
+    return "`null`" if v is None else f"`{v}`"
+
+
+def throughput(records: list[dict]) -> dict[str, Any]:
+    """Median tokens/s and MFU over the logged steps after the first tenth (warm-up, first
+    compile), and the wall time from the first to the last logged step."""
+    steps = [r for r in records if isinstance(r.get("tokens_per_s"), (int, float))]
+    steady = steps[len(steps) // 10:] or steps
+    tps = [r["tokens_per_s"] for r in steady]
+    mfus = [r["mfu"] for r in steady if isinstance(r.get("mfu"), (int, float))]
+    times = [r["time"] for r in records if isinstance(r.get("time"), (int, float))]
+    first_dt = (records[0].get("dt_ms") or 0) / 1000 if records else 0
+    return {
+        "tokens_per_s": statistics.median(tps) if tps else None,
+        "mfu": statistics.median(mfus) if mfus else None,
+        "wall_s": (times[-1] - times[0] + first_dt) if times else None,
+        "steps": records[-1]["step"] if records else 0,
+        "tokens": records[-1].get("tokens_seen") if records else None,
+    }
+
+
+def duration(s: float | None) -> str:
+    if s is None or not math.isfinite(s):
+        return "?"
+    h, rem = divmod(int(round(s)), 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m{sec:02d}s" if h else f"{m}m{sec:02d}s"
+
+
+def evaluation_rows(records: list[dict], final: dict[str, float]) -> list[tuple[str, str, str, str]]:
+    """(metric, last in-training value @ step, gpt2-eval value, GPT-2 124M reference) per eval key."""
+    from evals.tasks import REFERENCE
+
+    last: dict[str, tuple[int, float]] = {}
+    for r in records:
+        for k, v in r.items():
+            if "/" in k and not k.startswith(("time/", "sample/")) and isinstance(v, (int, float)):
+                last[k] = (r["step"], float(v))
+    keys = [k for k in dict.fromkeys([*last, *final]) if not k.endswith(("_stderr", "num_examples", "/tokens"))]
+    rows = []
+    for k in keys:
+        parts = k.split("/")
+        task, metric = (parts[1], parts[2]) if parts[0] == "tasks" and len(parts) == 3 else (parts[0], parts[-1])
+        ref = REFERENCE.get((task, metric, 0))
+        rows.append((f"`{k}`", f"{last[k][1]:.4f} @ {last[k][0]}" if k in last else "",
+                     f"{final[k]:.4f}" if k in final else "", f"{ref[0]:.4f} ({ref[1]})" if ref else ""))
+    return rows
+
+
+def _plot(run_dir: Path) -> Path | None:
+    from pretrain.training import plot
+
+    png, metrics = run_dir / "loss.png", run_dir / plot.METRICS_FILE
+    if not png.is_file() or png.stat().st_mtime < metrics.stat().st_mtime:
+        plot.plot_runs(plot.load_runs([run_dir]), png)
+    return png
+
+
+def _sample(run_dir: Path, records: list[dict]) -> str | None:
+    if (run_dir / "sample.txt").is_file():
+        return (run_dir / "sample.txt").read_text(encoding="utf-8", errors="replace").strip()
+    texts = [(r["step"], r["sample/text"]) for r in records if isinstance(r.get("sample/text"), str)]
+    return f"(step {texts[-1][0]}) {texts[-1][1]}" if texts else None
+
+
+def render(run_dir: Path) -> str:
+    """The report's Markdown for ``run_dir`` (see the module docstring for what it reads)."""
+    from pretrain.training.plot import PlotError, load_runs
+
+    try:
+        records = load_runs([run_dir])[0].records
+    except PlotError as e:
+        raise ReportError(str(e)) from None
+    envs = _read_json(run_dir / "environment.json") or []
+    final = ((_read_json(run_dir / "eval.json") or {}).get("results")) or {}
+    t = throughput(records)
+    last_loss = next((r["loss"] for r in reversed(records) if isinstance(r.get("loss"), (int, float))), None)
+    lines = [f"# Run report: {run_dir.name}", "",
+             f"{t['steps']} steps, {t['tokens'] or 0:,} tokens, wall time {duration(t['wall_s'])}; final train loss "
+             f"{_fmt(last_loss)}. Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} by gpt2-report from "
+             f"`{run_dir}`.", "", "## Environment", ""]
+    if envs:
+        lines += ["| from step | device | world | mode | dtype | compile | torch | commit | host |", "|---" * 9 + "|"]
+        lines += [f"| {e.get('start_step')} | {e.get('device_name') or e.get('device')} ({e.get('device')}) | "
+                  f"{e.get('world_size')} | {e.get('mode')} | {e.get('dtype')} | {e.get('compile')} | {e.get('torch')} | "
+                  f"`{e.get('commit')}` | {e.get('host')} |" for e in envs]
+    else:
+        lines.append("No environment.json (a run started before the report existed).")
+    diffs = config_differences(run_dir / "config.yaml")
+    lines += ["", "## Configuration: differences from the defaults", "",
+              "| key | default | this run |", "|---|---|---|"] + [f"| `{k}` | {_fmt(d)} | {_fmt(v)} |" for k, d, v in diffs]
+    peak = envs[-1].get("peak_source") if envs else "unknown (no environment.json)"
+    mfu = f"{100 * t['mfu']:.1f}%" if t["mfu"] is not None else "n/a"
+    tps = f"{t['tokens_per_s']:,.0f}" if t["tokens_per_s"] is not None else "n/a"
+    lines += ["", "## Throughput", "",
+              f"- tokens/s (median over the logged steps after the first tenth): {tps}",
+              f"- MFU (median): {mfu}; peak used: {peak}",
+              f"- wall time, first to last logged step: {duration(t['wall_s'])}"
+              + (f" (over {len(envs)} starts: includes the time between a stop and its resume)" if len(envs) > 1 else "")]
+    rows = evaluation_rows(records, final)
+    lines += ["", "## Evaluations", ""]
+    if rows:
+        lines += ["| metric | in training (last, @ step) | gpt2-eval (eval.json) | OpenAI GPT-2 124M (0-shot, source) |",
+                  "|---|---|---|---|"] + [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    else:
+        lines.append("No evaluations logged (eval.interval=0 and no eval.json).")
+    png = _plot(run_dir)
+    lines += ["", "## Loss curves", "", f"![loss curves]({png.name})"]
+    sample = _sample(run_dir, records)
+    lines += ["", "## Sample", "", "```text", sample if sample else "(no sample logged)", "```", ""]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Render and write ``RUN_DIR/report.md`` (atomically); returns its path."""
+    run_dir = Path(run_dir)
+    text = render(run_dir)
+    out = run_dir / REPORT_FILE
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="gpt2-report", description="Write RUN_DIR/report.md: environment, config "
+                                "differences, tokens/s and MFU, wall time, evaluations against GPT-2 124M, plot, sample.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (train.run_dir, holding metrics.jsonl)")
+    args = p.parse_args(argv)
+    try:
+        out = write_report(args.run_dir)
+    except (ReportError, OSError) as e:
+        print(f"gpt2-report: error: {e}", file=sys.stderr)
+        return 2
+    print(f"gpt2-report: wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
