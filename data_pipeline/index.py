@@ -27,6 +27,7 @@ import numpy as np
 
 from data_pipeline import integrity
 from data_pipeline import tokenizer as tok
+from data_pipeline.job import MANIFEST_VERSION, PrepareError, check_out_dir, tokenizer_info
 from data_pipeline.shards import (
     HEADER_BYTES,
     TOKEN_DTYPE,
@@ -63,7 +64,6 @@ def _scan(path: Path) -> tuple[str, int, int]:
 
 def index(data_dir: str, val_glob: str = "*_val_*", workers: int | None = None) -> dict:
     """Check and index the llm.c shards in ``data_dir`` (see the module doc); returns the manifest."""
-    from data_pipeline.prepare import MANIFEST_VERSION, PrepareError, check_out_dir, tokenizer_info
 
     d = local_path(data_dir)
     if is_url(data_dir) or not d.is_dir():

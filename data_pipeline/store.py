@@ -214,7 +214,7 @@ class ShardStore:
             return None
         settings = m.get("settings")
         if isinstance(settings, dict):
-            from data_pipeline.prepare import command_line  # only on error paths: it imports the tokenizer
+            from data_pipeline.job import command_line  # only on error paths: it imports the tokenizer
 
             task = entry.get("task") if isinstance(entry, dict) else None
             cmd = command_line(settings, self.where, task_id=task if isinstance(task, int) else None)

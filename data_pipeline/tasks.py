@@ -46,6 +46,16 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.job import (
+    _FLAGS,
+    MANIFEST_VERSION,
+    Job,
+    PrepareError,
+    _DocReader,
+    _ordered_map,
+    check_out_dir,
+    command_line,
+)
 from data_pipeline.shards import (
     MANIFEST_NAME,
     is_url,
@@ -119,7 +129,6 @@ class TaskSource(Source):
 
 
 def _split_units(cfg, source: Source) -> list[tuple[int, int | None]]:
-    from data_pipeline.prepare import PrepareError
 
     if not isinstance(source, FileSource):
         raise PrepareError(
@@ -138,7 +147,6 @@ def val_cut(cfg, files: FileSource, units: list[tuple[int, int | None]]) -> dict
     """Where the validation documents end: ``{"unit", "row"}`` of the first row after them, their
     ``tokens`` and ``documents`` (the first whole documents of the first file holding >= val_tokens;
     all of that file, ``unit`` = its last unit + 1, when it holds fewer)."""
-    from data_pipeline.prepare import _DocReader, _ordered_map
 
     first_file = [u for u, (f, _) in enumerate(units) if f == 0]
     if cfg.val_tokens == 0:
@@ -173,8 +181,7 @@ def task_segments(task: int, tasks: int, n_units: int, cut: dict | None) -> list
 
 
 def task_job(cfg, source: Source, manifest: dict | None):
-    """The :class:`data_pipeline.prepare.Job` of task ``cfg.task_id`` (``manifest``: its part so far)."""
-    from data_pipeline.prepare import Job
+    """The :class:`data_pipeline.job.Job` of task ``cfg.task_id`` (``manifest``: its part so far)."""
 
     units = _split_units(cfg, source)
     I, N = cfg.task_id, cfg.tasks
@@ -233,7 +240,6 @@ def _read_parts(d: Path) -> tuple[int, dict[int, dict | None]]:
     """The number of tasks and each task's manifest (None: missing), or PrepareError."""
     import re
 
-    from data_pipeline.prepare import PrepareError
 
     found = {}
     for p in part_manifests(d):
@@ -252,7 +258,6 @@ def _read_parts(d: Path) -> tuple[int, dict[int, dict | None]]:
 
 def _check_parts(d: Path, n: int, parts: dict[int, dict | None]) -> dict:
     """Every task present, complete, run alike, its shards there: the common settings, or PrepareError."""
-    from data_pipeline.prepare import PrepareError, command_line
 
     missing = [i for i, m in parts.items() if m is None]
     unfinished = [i for i, m in parts.items() if m is not None and not m.get("complete")]
@@ -292,7 +297,6 @@ def _ids(ids: list[int]) -> str:
 def merge(out_dir: str) -> dict:
     """``gpt2-prepare --merge OUT``: write OUT's manifest.json from its complete task manifests (see the
     module doc); returns it. Writes nothing when a check fails."""
-    from data_pipeline.prepare import MANIFEST_VERSION, PrepareError, check_out_dir
 
     d = local_path(out_dir)
     if is_url(out_dir) or not d.is_dir():
@@ -330,7 +334,6 @@ def merge(out_dir: str) -> dict:
 # ---- all tasks on this machine -------------------------------------------------------------------
 def task_argv(cfg, task: int, workers: int) -> list[str]:
     """The command line of task ``task`` of ``cfg`` as a process of its own."""
-    from data_pipeline.prepare import _FLAGS
 
     args = [sys.executable, "-m", "data_pipeline.prepare", cfg.source, cfg.out_dir, "--tasks", str(cfg.tasks),
             "--task-id", str(task), "--workers", str(workers), "--backend", cfg.backend,
@@ -350,7 +353,6 @@ def task_argv(cfg, task: int, workers: int) -> list[str]:
 def run_local(cfg) -> int:
     """``--tasks N --local``: the N tasks as processes here (``cfg.workers`` shared among them), then
     the merge. Returns the exit status (130 after Ctrl-C, which every task gets too)."""
-    from data_pipeline.prepare import PrepareError
 
     per = max(1, cfg.workers // cfg.tasks)
     procs = [subprocess.Popen(task_argv(cfg, i, per)) for i in range(cfg.tasks)]

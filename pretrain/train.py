@@ -114,11 +114,12 @@ def _error(msg: str) -> int:
     return EXIT_CONFIG
 
 
-def main(argv: list[str] | None = None) -> int:
+def start(argv: list[str]):
+    """Config -> run plan -> evaluators: every check that can refuse, before anything is written.
+    Returns ``(plan, rank, evaluators)``, or the exit code (a refusal, ``--print-config``, Ctrl-C)."""
     from data_pipeline.shards import ShardError
     from pretrain.config import ConfigError, load_config, world_size_from_env
 
-    argv = sys.argv[1:] if argv is None else list(argv)
     # intermixed: options may come after key=value overrides and before further ones
     args = build_parser().parse_intermixed_args(argv)
     overrides = list(args.overrides)
@@ -134,30 +135,57 @@ def main(argv: list[str] | None = None) -> int:
 
         plan = make_plan(cfg, world_size_from_env())
         rank = env_int("RANK", 0)
-        evaluators = build_evaluators(plan, rank, plan.world_size, pick_device(cfg.train.device, env_int("LOCAL_RANK", 0)))
+        device = pick_device(cfg.train.device, env_int("LOCAL_RANK", 0))
+        return plan, rank, build_evaluators(plan, rank, plan.world_size, device)
     except (ConfigError, ShardError, ValueError, OSError) as e:  # evaluator inputs: val shards, the HellaSwag file
         return _error(str(e))
     except KeyboardInterrupt:
         print("gpt2-train: interrupted (Ctrl-C) during the start-up checks; nothing was written", file=sys.stderr)
         return 130
 
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.training.build import build_trainer
+
+def lock_run_dir(plan, argv: list[str]):
+    """Rank 0 takes train.run_dir's lock (one trainer per run directory, from before anything in it
+    changes). Returns the lock, or the exit code of a refusal."""
     from pretrain.training.rundir import RunDirBusy, RunDirLock
+
+    lock = RunDirLock(plan.run_dir)
+    try:
+        lock.acquire(command=shlex.join(["gpt2-train", *argv]))
+    except RunDirBusy as e:
+        return _error(str(e))
+    except OSError as e:
+        return _error(f"train.run_dir={str(plan.run_dir)!r}: cannot create or lock it ({e.strerror or e}); choose a "
+                      "writable train.run_dir on a filesystem with POSIX locks (launch/README.md)")
+    return lock
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    started = start(argv)
+    if isinstance(started, int):
+        return started
+    plan, rank, evaluators = started
+    lock = lock_run_dir(plan, argv) if rank == 0 else None
+    if isinstance(lock, int):
+        return lock
+    try:
+        return train(plan, rank, evaluators, argv)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train(plan, rank: int, evaluators: list, argv: list[str]) -> int:
+    """Build the parts, train, and turn every way a run ends into its exit code and one line."""
+    from data_pipeline.shards import ShardError
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.config import ConfigError
+    from pretrain.training.build import build_trainer
     from pretrain.training.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED
     from pretrain.training.spikes import LossSpikeError
     from pretrain.training.trainer import NonFiniteError
 
-    lock = RunDirLock(cfg.train.run_dir)
-    if rank == 0:  # one trainer per run directory, from before anything in it changes
-        try:
-            lock.acquire(command=shlex.join(["gpt2-train", *argv]))
-        except RunDirBusy as e:
-            return _error(str(e))
-        except OSError as e:
-            return _error(f"train.run_dir={cfg.train.run_dir!r}: cannot create or lock it "
-                          f"({e.strerror or e}); choose a writable train.run_dir on a filesystem with "
-                          "POSIX locks (launch/README.md)")
     trainer, clean = None, False
     try:
         try:
@@ -187,15 +215,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpt2-train: rank {rank}: {type(e).__name__}: {e}", file=sys.stderr)
         raise
     finally:
-        try:
-            if trainer is not None:
-                trainer.close(clean)
-            else:
-                from pretrain.dist import teardown
+        if trainer is not None:
+            trainer.close(clean)
+        else:
+            from pretrain.dist import teardown
 
-                teardown(clean=False)
-        finally:
-            lock.release()
+            teardown(clean=False)
 
 
 def cli() -> None:

@@ -16,8 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from data_pipeline.job import encode_documents
 from data_pipeline.loader import DistributedTokenLoader
-from data_pipeline.prepare import PrepareConfig, PrepareError, build_parser, encode_documents, run
+from data_pipeline.prepare import PrepareConfig, PrepareError, build_parser, run
 from data_pipeline.shards import HEADER_BYTES, MAGIC, ShardError, read_header, read_shard
 from data_pipeline.sources import SourceError
 from data_pipeline.tokenizer import EOT_ID, gpt2_encoding
@@ -408,7 +409,9 @@ def test_a_permission_error_while_writing_is_an_input_fault(tmp_path, capsys, mo
     def denied(*a, **k):
         raise PermissionError(13, "Permission denied", str(tmp_path / "o" / "val_000000.bin"))
 
-    monkeypatch.setattr(prepare, "write_shard", denied)
+    from data_pipeline import job  # the shard writer
+
+    monkeypatch.setattr(job, "write_shard", denied)
     assert prepare.main([str(src), str(tmp_path / "o"), "--no-progress", "--val-tokens", "10"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Permission denied (errno 13)" in err[0] and "free space" not in err[0]
