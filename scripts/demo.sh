@@ -4,7 +4,7 @@
 #   prepare   builtin:python-docs (CPython's own documentation) -> GPT-2 token shards
 #   train     a small GPT-2 (configs/demo.yaml) with the real trainer, pretrain/train.py
 #   evaluate  validation loss (and HellaSwag when HELLASWAG=path/to/hellaswag_val.jsonl) via evals.run
-#   export    the checkpoint to Hugging Face format with its model card, README.md (pretrain.model.export)
+#   export    the checkpoint to Hugging Face format with its model card, README.md (pretrain.export)
 #   generate  load the export with transformers (offline) and continue a prompt
 #   plot      loss / lr / tokens/s / HellaSwag curves (pretrain.training.plot), and the run report,
 #             RUN/report.md (pretrain.report: environment, config, throughput, evaluations, plot, sample)
@@ -154,7 +154,7 @@ fi
 
 # ---------------------------------------------------------------------------------------------
 stage 4 "export: Hugging Face format and model card -> $EXPORT"
-"$PY" -m pretrain.model.export export --checkpoint "$CKPT" --out "$EXPORT" --overwrite
+"$PY" -m pretrain.export export --checkpoint "$CKPT" --out "$EXPORT" --overwrite
 
 # ---------------------------------------------------------------------------------------------
 stage 5 "generate: transformers AutoModelForCausalLM from $EXPORT"

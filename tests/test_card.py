@@ -9,7 +9,7 @@ import json
 import pytest
 from helpers import make_synthetic_shards, tiny_overrides
 
-from pretrain.model.export import main as export
+from pretrain.export import main as export
 
 
 @pytest.fixture(scope="module")

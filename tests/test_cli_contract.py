@@ -195,7 +195,7 @@ CASES = [
     ("eval: --val-tokens beyond the split", "evals.run",
      lambda r: ["--model", str(r / "run"), "--no-hellaswag", "--val-data", str(r / "data"), "--val-tokens",
                 "99999999"], "lower --val-tokens"),
-    ("export: an incomplete checkpoint", "pretrain.model.export",
+    ("export: an incomplete checkpoint", "pretrain.export",
      lambda r: ["export", "--checkpoint", str(r / "partial_ckpt"), "--out", str(r / "export2")], "incomplete"),
     ("generate: a damaged export", "pretrain.model.generate", lambda r: ["--model", str(r / "export_bad")],
      "content does not match"),
@@ -230,10 +230,10 @@ CASES = [
     ("eval: not a model", "evals.run",
      lambda r: ["--model", str(r / "empty_dir"), "--hellaswag", str(r / "hs_ok.jsonl"), "--device", "cpu"],
      "empty_dir"),
-    ("export: --out holds the user's own config.json", "pretrain.model.export",
+    ("export: --out holds the user's own config.json", "pretrain.export",
      lambda r: ["export", "--checkpoint", str(r / "run" / "checkpoints"), "--out", str(r / "my_model")],
      "my_model"),
-    ("export: not a model", "pretrain.model.export",
+    ("export: not a model", "pretrain.export",
      lambda r: ["export", "--checkpoint", str(r / "empty_dir"), "--out", str(r / "export")], "empty_dir"),
     ("generate: not a model", "pretrain.model.generate", lambda r: ["--model", str(r / "empty_dir")], "empty_dir"),
     ("generate: --num-samples 0", "pretrain.model.generate",
@@ -258,7 +258,7 @@ CASES = [
     ("eval: unknown harness task", "evals.run",
      lambda r: ["--model", str(r / "run"), "--tasks", "no_such_task", "--include-path", str(r / "empty_dir")],
      "no_such_task"),
-    ("export: --push-to-hub not OWNER/NAME", "pretrain.model.export",
+    ("export: --push-to-hub not OWNER/NAME", "pretrain.export",
      lambda r: ["export", "--checkpoint", str(r / "run" / "checkpoints"), "--out", str(r / "export"),
                 "--push-to-hub", "no-slash"], "--push-to-hub"),
 ]
@@ -288,7 +288,7 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(world, case, capsys
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     prog = {"pretrain.train": "gpt2-train", "data_pipeline.prepare": "gpt2-prepare", "evals.run": "gpt2-eval",
-            "pretrain.model.export": "gpt2-export", "pretrain.model.generate": "gpt2-generate", "pretrain.training.plot": "gpt2-plot",
+            "pretrain.export": "gpt2-export", "pretrain.model.generate": "gpt2-generate", "pretrain.training.plot": "gpt2-plot",
             "pretrain.report": "gpt2-report"}[module]
     assert lines[0].startswith(f"{prog}: error"), lines[0]
     assert needle in lines[0], lines[0]

@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from data_pipeline.tokenizer import gpt2_encoding  # noqa: E402
+from pretrain.export import main  # noqa: E402
 from pretrain.model import GPT, GPTConfig  # noqa: E402
-from pretrain.model.export import main  # noqa: E402
 from pretrain.model.hf import EXPORT_FILES, WEIGHT_MAP, HFConversionError, export_hf  # noqa: E402
 from pretrain.model.weights import WeightsError, load_hf, load_model  # noqa: E402
 
@@ -362,7 +362,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     assert err.startswith("gpt2-export: error: ") and err.count("\n") == 1
     # The real entry point: no traceback.
     r = subprocess.run(
-        [sys.executable, "-m", "pretrain.model.export", "export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o")],
+        [sys.executable, "-m", "pretrain.export", "export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o")],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -10,7 +10,7 @@ rows (``VOCAB_ROW_PARAMS``) are added on the way in and dropped on the way out.
     export_hf(model, "out/gpt2-hf")               # a directory `transformers` loads offline
 
 Reading a HF directory or hub name is ``pretrain/model/weights.py``; the ``gpt2-export`` command
-is ``pretrain/model/export.py``.
+is ``pretrain/export.py``.
 """
 
 from __future__ import annotations

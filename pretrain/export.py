@@ -4,7 +4,7 @@ to the Hugging Face Hub.
 
     gpt2-export export --checkpoint runs/x/checkpoints --out gpt2-124m-hf [--overwrite] [--dtype bfloat16]
     gpt2-export export --checkpoint runs/x/checkpoints --out DIR --push-to-hub OWNER/NAME [--private] [--revision BRANCH]
-    python -m pretrain.model.export export --checkpoint PATH --out DIR
+    python -m pretrain.export export --checkpoint PATH --out DIR
 
 ``--out`` is checked before anything is loaded; a refusal exits 2 with one line. The card
 (``README.md``, and ``loss.png``) is written with every export and recorded in
