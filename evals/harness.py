@@ -48,8 +48,6 @@ from evals.common import eval_mode
 from evals.hellaswag import encode_pair, model_block_size, model_vocab_size, score_sequences
 from pretrain import dist
 
-FIRST_ROUND = 16  # new tokens of the first generation round; each later round doubles
-
 
 class GPTLM(LM):
     """An ``lm_eval`` model over a ``GPT`` (or anything ``score_sequences`` scores) and the GPT-2
@@ -116,11 +114,9 @@ class GPTLM(LM):
                                  f"{self.block_size} tokens; nothing is left for the prompt")
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
             prompts = [self.tok.encode(requests[i].args[0])[-max_ctx:] or [self.tok.eot_id] for i in members]
-            for start in range(0, len(members), self.batch_size):
-                texts = self._generate(prompts[start:start + self.batch_size], max_gen, until, temperature,
-                                       kwargs.get("top_k"), kwargs.get("top_p"))
-                for i, text in zip(members[start:start + self.batch_size], texts):
-                    out[i] = postprocess_generated_text(text, until, None)
+            texts = self._generate(prompts, max_gen, until, temperature, kwargs.get("top_k"), kwargs.get("top_p"))
+            for i, text in zip(members, texts):
+                out[i] = postprocess_generated_text(text, until, None)
         self._count("generate_until", len(requests), t0)
         return out
 
@@ -141,24 +137,13 @@ class GPTLM(LM):
     def _generate(self, prompts: list[list[int]], max_new: int, until: list[str], temperature: float,
                   top_k: int | None, top_p: float | None) -> list[str]:
         """Each prompt's continuation, as text, up to ``max_new`` tokens, ``<|endoftext|>`` or the
-        first of ``until`` (the text may run past the stop string; the caller cuts it). Rounds of
-        16, 32, ... tokens: a row that finished (a stop string, end of text, its budget or the
-        model's context) leaves the batch, the others go on from prompt + what they have."""
+        token that completes the first of ``until`` (the text may run past the stop string; the
+        caller cuts it): one call of the project's batched sampler (prompts of any lengths in one
+        left-padded batch of ``batch_size`` rows, each row as it would be alone)."""
         from pretrain.model.generate import generate
 
-        new: list[list[int]] = [[] for _ in prompts]
-        live, n = list(range(len(prompts))), FIRST_ROUND
-        while live:
-            n = min(n, max_new - len(new[live[0]]))  # rows still live have generated the same count
-            got = generate(self.model, [prompts[i] + new[i] for i in live], max_new_tokens=n,
-                           temperature=temperature, top_k=top_k, top_p=top_p)
-            still = []
-            for i, toks in zip(live, got):
-                new[i] += toks
-                stopped = len(toks) < n or len(new[i]) >= max_new  # end of text, context full, budget spent
-                if not stopped and not any(s and s in self.tok.decode(new[i]) for s in until):
-                    still.append(i)
-            live, n = still, 2 * n
+        new = generate(self.model, prompts, max_new_tokens=max_new, temperature=temperature, top_k=top_k,
+                       top_p=top_p, stop=[s for s in until if s] or None, batch_size=self.batch_size)
         return [self.tok.decode(t) for t in new]
 
     # ---- ranks (lm_eval.evaluator.evaluate calls these when world_size > 1) -----------------
