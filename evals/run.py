@@ -256,14 +256,9 @@ def _report(args, results, harness, evaluators, world, device, timings, requests
 def cli() -> None:
     """The ``gpt2-eval`` command: :func:`main`, then ``pretrain.dist.exit_process``; a Ctrl-C ends
     in one line, exit 130 (nothing is written before the results)."""
-    try:
-        from pretrain.dist import exit_process
+    from pretrain.cli import run
 
-        rc = main()
-    except KeyboardInterrupt:
-        print("gpt2-eval: interrupted (Ctrl-C); no results were written", file=sys.stderr)
-        sys.exit(130)
-    exit_process(rc)
+    run(main, "gpt2-eval: interrupted (Ctrl-C); no results were written")
 
 
 if __name__ == "__main__":

@@ -227,14 +227,9 @@ def cli() -> None:
     """The ``gpt2-train`` command (and ``python pretrain/train.py``): :func:`main`, then an exit
     that gloo's threads cannot turn into an abort (``pretrain.dist.exit_process``). A Ctrl-C
     before training starts (while torch and the rest are imported) ends in one line, exit 130."""
-    try:
-        from pretrain.dist import exit_process
+    from pretrain.cli import run
 
-        rc = main()
-    except KeyboardInterrupt:
-        print("gpt2-train: interrupted (Ctrl-C) during start-up; nothing was written", file=sys.stderr)
-        sys.exit(130)
-    exit_process(rc)
+    run(main, "gpt2-train: interrupted (Ctrl-C) during start-up; nothing was written")
 
 
 if __name__ == "__main__":
