@@ -55,6 +55,7 @@ from data_pipeline.tokenizer import EOT_ID
 from pretrain.dist import is_fsdp
 from pretrain.model.decode import (
     DECODE_MODES,
+    BatchScreenedHead,
     DecodeHead,
     Decoder,
     ScreenedHead,
@@ -249,13 +250,15 @@ def _check_prompts(prompts, cfg) -> list[list[int]]:
     return rows
 
 
-def _sampler(model: GPT, temperature: float, top_k: int | None, top_p: float | None):
+def _sampler(model: GPT, temperature: float, top_k: int | None, top_p: float | None, rows: int = 1):
     """``(trunk, pick, static)``: ``trunk(idx, cache)`` -> what ``pick(x, u)`` turns into the next
     token of each row, from the logits at the last position, real vocabulary only (padded ids can
     never be produced); ``static``: pick makes no host sync (it can be compiled whole or captured).
-    A plain GPT: the trunk, then the head at that position -- :class:`ScreenedHead` for top-k and
-    greedy on a CPU, else :class:`DecodeHead`. An FSDP-sharded one goes through ``forward`` (its
-    hooks gather the parameters, and the head weight outside the forward is a shard)."""
+    A plain GPT: the trunk, then the head at that position -- screened for top-k and greedy on a
+    CPU (:class:`ScreenedHead` for one row, :class:`BatchScreenedHead` for ``rows`` >= 2, the
+    batch size of an eager step: the table there), else :class:`DecodeHead`. An FSDP-sharded one
+    goes through ``forward`` (its hooks gather the parameters, and the head weight outside the
+    forward is a shard)."""
     V = model.config.vocab_size
 
     def pick_logits(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -270,9 +273,12 @@ def _sampler(model: GPT, temperature: float, top_k: int | None, top_p: float | N
         return (lambda idx, cache: model(idx, kv_cache=cache, at="last")[0][:, -1]), pick_logits, False
     greedy = temperature == 0
     wanted = (greedy or (top_k is not None and top_k < V)) and not torch.is_autocast_enabled("cpu")
-    screened = ScreenedHead.build(model) if wanted else None  # under autocast the logits are not fp32
+    screened = None
+    if wanted:  # under autocast the logits are not fp32
+        screened = BatchScreenedHead.build(model) if rows >= 2 else None
+        screened = screened or ScreenedHead.build(model)  # (no oneDNN bf16 here: int8 for every batch)
     if screened is None:
-        head = DecodeHead(model)
+        head = DecodeHead(model, rows)
         return hidden, lambda h, u: pick_logits(head(h), u), static
 
     def screened_pick(h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -488,8 +494,12 @@ def generate(
         # FSDP2 checks its parameters' version counters when it gathers them, which inference
         # tensors do not have: no_grad for a sharded model (torch 2.13 raises under inference_mode).
         fsdp = is_fsdp(model)
-        with nullcontext() if fsdp else decode_layout(model), torch.no_grad() if fsdp else torch.inference_mode():
-            sampler = _sampler(model, temperature, top_k, top_p)
+        # The rows of an eager decode step choose the weights' layout and the head (decode.py: the
+        # figures); a compiled or captured step traces the plain modules.
+        step_rows = min(size, max(len(order), 1))
+        with nullcontext() if fsdp else decode_layout(model, step_rows), \
+                torch.no_grad() if fsdp else torch.inference_mode():
+            sampler = _sampler(model, temperature, top_k, top_p, step_rows)
             mode = _decode_mode(step, model, sampler[2])
             for at in range(0, len(order), size):
                 members = order[at : at + size]
