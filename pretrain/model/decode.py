@@ -8,6 +8,14 @@ vocabulary and only the candidates it cannot rule out get their fp32 logits: the
 top-k logits, reading a quarter of the head's bytes per token. Otherwise (:class:`DecodeHead`)
 the fp32 head over the whole vocabulary.
 
+One row or several (a CPU decides by the batch size; the figures are beside each choice). At one
+row a token is memory reads: MKL over the layout below, the int8 screen. A batch of 8 rows is
+compute on one core (W1, issue 20: 8.2 ms a step before this split, of which the int8 kernel's 8
+rows 2.5 ms, rescoring the union of ~3,800 candidates 2.0, MKL's GEMMs ~1.6), so from two rows on
+every nn.Linear runs through oneDNN with packed weights (:func:`decode_layout`), the head is
+screened in bf16 through oneDNN (:class:`BatchScreenedHead`: a tighter bound, ~1,000 candidates)
+and the full head, where needed, is packed too (:class:`DecodeHead`).
+
 Weight layout while decoding on a CPU (:func:`decode_layout`). At batch 1 a token's cost is
 reading every weight once (W1: 65 MB, 51.5 of them the head). ``F.linear`` computes
 ``x @ W^T`` with ``W`` in nn.Linear's (out, in) row-major layout, which a CPU BLAS runs as one
@@ -79,24 +87,21 @@ def onednn_pack(weight: torch.Tensor) -> torch.Tensor | None:
 @torch.library.custom_op("pretrain::onednn_linear", mutates_args=())
 def _onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     # An op of our own around oneDNN's, so that torch.compile (inductor too) calls it as it is and a
-    # compiled step computes what the eager step computes; x (M, in) -> (M, out).
+    # compiled step computes what the eager step computes.
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 @_onednn_linear.register_fake
 def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return x.new_empty(x.size(0), packed.size(0))
+    return x.new_empty(*x.shape[:-1], packed.size(0))
 
 
 def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear through oneDNN with a packed weight: x (..., in) -> (..., out). The same oneDNN
     call eager and compiled; eagerly without the custom op's dispatch (~8 us a call)."""
-    x2 = x.reshape(-1, x.size(-1))  # (M, in)
     if torch.compiler.is_compiling():
-        y = _onednn_linear(x2, packed, bias)
-    else:
-        y = torch.ops.mkldnn._linear_pointwise(x2, packed, bias, "none", [], "")  # (M, out)
-    return y.view(*x.shape[:-1], y.size(-1))
+        return _onednn_linear(x, packed, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 class DecodeHead:

@@ -29,7 +29,9 @@ vocabulary.
 The LM head while sampling (``pretrain/model/decode.py``): only the last position of each row
 needs logits, so the trunk (``GPT.hidden_states``) runs and the head is applied to that one
 position, from the weight layout that reads fastest on the device (:func:`decode_layout`,
-:class:`DecodeHead`), or screened in int8 for top-k and greedy on a CPU (:class:`ScreenedHead`).
+:class:`DecodeHead`), or screened for top-k and greedy on a CPU (:class:`ScreenedHead` in int8 for
+one row; :class:`BatchScreenedHead` in bf16 through oneDNN for a batch, whose Linear layers run
+through oneDNN too: chosen by the batch size, decode.py).
 
 Stopping, per row: at its first ``<|endoftext|>`` (not included in the output), after the first
 token that completes one of its ``stop`` strings (included: the caller cuts the text there, as
