@@ -258,7 +258,7 @@ def _sampler(model: GPT, temperature: float, top_k: int | None, top_p: float | N
     never be produced); ``static``: pick makes no host sync (it can be compiled whole or captured).
     A plain GPT: the trunk, then the head at that position -- screened for top-k and greedy on a
     CPU (:class:`ScreenedHead` for one row, :class:`BatchScreenedHead` for ``rows`` >= 2, the
-    batch size of an eager step: the table there), else :class:`DecodeHead`. An FSDP-sharded one
+    batch size of a step: the table there), else :class:`DecodeHead`. An FSDP-sharded one
     goes through ``forward`` (its hooks gather the parameters, and the head weight outside the
     forward is a shard)."""
     V = model.config.vocab_size
@@ -496,8 +496,8 @@ def generate(
         # FSDP2 checks its parameters' version counters when it gathers them, which inference
         # tensors do not have: no_grad for a sharded model (torch 2.13 raises under inference_mode).
         fsdp = is_fsdp(model)
-        # The rows of an eager decode step choose the weights' layout and the head (decode.py: the
-        # figures); a compiled or captured step traces the plain modules.
+        # The rows of a decode step (the batch size) choose a CPU model's weight layout and head
+        # (decode.py: the figures); eager and compiled steps alike.
         step_rows = min(size, max(len(order), 1))
         with nullcontext() if fsdp else decode_layout(model, step_rows), \
                 torch.no_grad() if fsdp else torch.inference_mode():
