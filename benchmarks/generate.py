@@ -11,14 +11,15 @@ memory-bandwidth bound; a batch of prompts of different lengths against generati
 fixed-shape decode step, eager on a CPU) and nanoGPT's ``generate`` loop (no cache: the whole context
 through the body every token, the head at the last position only, ``torch.multinomial``). (2) Eight
 prompts of 5 to 64 tokens, 192 new tokens each: one left-padded batch against eight calls one by one
-(every row's tokens are checked to equal its call alone). Interleaved ``--repeats`` times, medians.
+(every row's tokens are checked to equal its call alone; the screen the batch uses and the candidates
+it rescores per step are printed). Interleaved ``--repeats`` times, medians.
 The bound: weights read per token (every parameter once, the position table one row, plus the KV
 cache read so far on average) over the measured read bandwidth of a 256 MB tensor (a streaming
 ``amax``, bytes read per second; the copy rate is printed too, but a copy also writes). Printed
 twice: for the fp32 weights, and for what is read with the head screened in int8 (the int8 head,
 its scales and the candidates' fp32 rows instead of the fp32 head; ``ScreenedHead``). Then the aten
 operator calls per decoded token (top-level calls, ``torch.profiler``; the difference between a
-240- and a 120-token call over 120). ``--compile``: the same with ``step='compile'``, after printing
+240- and a 120-token call over 120; for the batch of 8 the same per decode step, 192 vs 96 tokens). ``--compile``: the same with ``step='compile'``, after printing
 what the first call's compile costs.
 
 ``--ops-only`` prints that count alone, so the same script counts the code before the fixed-shape
@@ -111,29 +112,38 @@ def copy_bandwidth(mb: int = 256, repeats: int = 5) -> float:
     return src.numel() * 4 / sorted(times)[repeats // 2]
 
 
-def screened_bytes_per_token(model: GPT, prompts: torch.Tensor, n: int, per_token: float) -> float:
-    """Bytes read per token when the head is screened: ``per_token`` (fp32 weights + cache) with the
-    fp32 head replaced by its int8 copy and bf16 scales plus the fp32 rows of the candidates it
-    rescores (their mean count over one top-k 50 run of ``n`` tokens, counted here)."""
+def screen_candidates(model: GPT, prompts, n: int) -> tuple[str, float] | None:
+    """(the screen's class, the mean number of candidates it rescores per decode step) over one
+    top-k 50 run of ``n`` tokens of ``prompts`` (for a batch: the union of the rows'); None when no
+    screen applies here (another dtype, a width not a multiple of 16)."""
     import pretrain.model.decode as dec
 
-    counts = []
+    counts, kinds = [], set()
     real = dec.ScreenedHead.candidates
 
     def counting(self, h, k):
         found = real(self, h, k)
-        counts.append(found[0].numel() if found is not None else self.q.size(0))
+        counts.append(found[0].numel() if found is not None else self.weight.size(0))
+        kinds.add(type(self).__name__)
         return found
 
-    dec.ScreenedHead.candidates = counting
+    dec.ScreenedHead.candidates = counting  # BatchScreenedHead inherits it
     try:
         generate(model, prompts, max_new_tokens=n, temperature=1.0, top_k=50, seed=0, eot_id=None)
     finally:
         dec.ScreenedHead.candidates = real
-    if not counts:  # the screen does not apply here (another dtype, a width not a multiple of 16)
+    return (", ".join(sorted(kinds)), statistics.mean(counts)) if counts else None
+
+
+def screened_bytes_per_token(model: GPT, prompts: torch.Tensor, n: int, per_token: float) -> float:
+    """Bytes read per token at batch 1 when the head is screened: ``per_token`` (fp32 weights +
+    cache) with the fp32 head replaced by its int8 copy and bf16 scales plus the fp32 rows of the
+    candidates it rescores (their mean count, :func:`screen_candidates`)."""
+    found = screen_candidates(model, prompts, n)
+    if found is None:
         return per_token
     V, C = model.config.vocab_size, model.config.n_embd
-    return per_token - V * C * 4 + V * C + V * 2 + statistics.mean(counts) * C * 4
+    return per_token - V * C * 4 + V * C + V * 2 + found[1] * C * 4
 
 
 def aten_ops(fn: Callable[[], object]) -> int:
@@ -173,14 +183,15 @@ def main_w1(args) -> None:
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, cfg.vocab_size, (B, T0), generator=g)
     kw = dict(temperature=1.0, top_k=50, seed=0, eot_id=None)
+    ragged = [torch.randint(0, cfg.vocab_size, (k,), generator=g).tolist() for k in RAGGED_LENGTHS]
+    n_r = cfg.block_size - max(RAGGED_LENGTHS)  # 192: every row fits its context
     if args.ops_only:
         import pretrain.model.generate as gen
 
         print(f"{gen.__file__}: aten ops per decoded token (W1, batch 1, top-k 50, top-level calls): "
-              f"{ops_per_token(model, prompts, n // 2, n, **kw):.1f}")
+              f"{ops_per_token(model, prompts, n // 2, n, **kw):.1f}; per decode step of the batch of 8 ragged: "
+              f"{ops_per_token(model, ragged, n_r // 2, n_r, **kw):.1f}")
         return
-    ragged = [torch.randint(0, cfg.vocab_size, (k,), generator=g).tolist() for k in RAGGED_LENGTHS]
-    n_r = cfg.block_size - max(RAGGED_LENGTHS)  # 192: every row fits its context
     print(machine("cpu"))
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     weights -= model.transformer.wpe.weight.numel() * 4 - cfg.n_embd * 4  # one position row per token
@@ -216,6 +227,10 @@ def main_w1(args) -> None:
           f"screened head reads (medians of {args.repeats})")
     print(f"ragged batch: prompts of {', '.join(map(str, RAGGED_LENGTHS))} tokens, {n_r} new tokens each; "
           "every row's tokens equal generating it alone (checked)")
+    found = screen_candidates(model, ragged, n_r)
+    if found is not None:
+        print(f"  its head: {found[0]}, {found[1]:.0f} candidates rescored per step (the rows' union); "
+              f"batch 1: {screen_candidates(model, prompts, n)[1]:.0f} per step")
     print(f"{'mode':<20} {'tokens/s':>9} {'tokens/CPU-s':>13}  runs (tokens/s)")
     for k, (w, c) in med.items():
         print(f"{k:<20} {w:>9.1f} {c:>13.1f}  {[round(x, 1) for x, _ in res[k]]}")
@@ -227,6 +242,8 @@ def main_w1(args) -> None:
           f"{ratio('batch of 8 ragged', 'the 8 one by one', 1):.1f}x CPU")
     ops = ops_per_token(model, prompts, n // 2, n, **kw)
     print(f"aten ops per decoded token (batch 1, top-k 50, top-level calls): eager step {ops:.1f}")
+    ops_r = ops_per_token(model, ragged, n_r // 2, n_r, **kw)
+    print(f"aten ops per decode step of the batch of 8 ragged: {ops_r:.1f} ({ops_r / 8:.1f} per token)")
     if args.compile:
         compiled(model, prompts, n, kw)
 

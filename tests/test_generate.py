@@ -371,6 +371,58 @@ def test_screened_sampling_draws_what_the_full_head_draws(monkeypatch):
             assert screened == full, (name, kw)
 
 
+def test_batch_screen_bound_holds_and_its_top_n_is_the_exact_top_n():
+    """pretrain.model.decode.BatchScreenedHead (several rows: the head in bf16 through oneDNN): the
+    same checks as for the int8 screen, for 8 rows at once -- every token within the bound, the union
+    of the rows' candidates holding each row's exact top n and ties, with their fp32 logits -- and
+    fewer candidates than the int8 screen keeps for the same rows (its bound is tighter)."""
+    from pretrain.model.decode import BatchScreenedHead, ScreenedHead
+
+    g = torch.Generator().manual_seed(8)
+    for name, model in _screen_cases():
+        screen = BatchScreenedHead.build(model)
+        if screen is None:
+            pytest.skip("this torch has no oneDNN bf16 kernels")
+        W = model.lm_head.weight[: model.config.vocab_size].detach()  # (V, C)
+        for scale in (0.3, 1.0, 8.0):
+            h = F.layer_norm(torch.randn(8, W.size(1), generator=g), (W.size(1),)) * scale  # (B, C)
+            exact = h @ W.t()  # (B, V)
+            a = screen.approximate(h)
+            assert ((a - exact).abs() <= screen.bound(h, a)).all(), (name, scale)
+            for n in (1, 2, 51, 300):
+                cand, r = screen.candidates(h, n)
+                assert torch.equal(cand, cand.sort().values)
+                torch.testing.assert_close(r, exact[:, cand], rtol=1e-5, atol=1e-5)
+                nth = exact.topk(n, dim=-1).values[:, -1:]  # (B, 1)
+                must = (exact >= nth).any(dim=0).nonzero().squeeze(1)  # the top n of each row and its ties
+                assert torch.isin(must, cand).all(), (name, scale, n)
+                if name == "gpt2-init" and n <= 51:
+                    assert cand.numel() <= ScreenedHead.build(model).candidates(h, n)[0].numel(), (scale, n)
+                    assert cand.numel() < model.config.vocab_size // 20, (scale, n, cand.numel())
+
+
+def test_batches_decode_through_onednn_and_leave_the_modules_as_they_were(monkeypatch):
+    """A CPU batch of several rows runs its Linear layers through oneDNN with packed weights and
+    screens the head with BatchScreenedHead (pretrain.model.decode.decode_layout: the choice by
+    rows); one row keeps MKL and the int8 screen. Afterwards no module keeps a forward of its own."""
+    from pretrain.model import decode
+
+    model = _model()
+    used = []
+    for cls in (decode.ScreenedHead, decode.BatchScreenedHead):
+        real = cls.approximate
+        monkeypatch.setattr(cls, "approximate", lambda self, h, real=real: used.append(type(self).__name__) or real(self, h))
+    packed = []
+    real_linear = decode.onednn_linear
+    monkeypatch.setattr(decode, "onednn_linear", lambda x, p, b: packed.append(x.size(0)) or real_linear(x, p, b))
+    generate(model, RAGGED, max_new_tokens=3, seed=0, top_k=5, eot_id=None)
+    assert set(used) == {"BatchScreenedHead"} and packed
+    used.clear(), packed.clear()
+    generate(model, RAGGED[:1], max_new_tokens=3, seed=0, top_k=5, eot_id=None)
+    assert set(used) == {"ScreenedHead"} and not packed
+    assert not [m for m in model.modules() if "forward" in m.__dict__]
+
+
 # ---------------------------------------------------------------------------------------------
 # The fixed-shape decode step, batched prompts, the per-row random stream, stop strings (issue 20)
 

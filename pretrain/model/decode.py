@@ -8,6 +8,14 @@ vocabulary and only the candidates it cannot rule out get their fp32 logits: the
 top-k logits, reading a quarter of the head's bytes per token. Otherwise (:class:`DecodeHead`)
 the fp32 head over the whole vocabulary.
 
+One row or several (a CPU decides by the batch size; the figures are beside each choice). At one
+row a token is memory reads: MKL over the layout below, the int8 screen. A batch of 8 rows is
+compute on one core (W1, issue 20: 8.2 ms a step before this split, of which the int8 kernel's 8
+rows 2.5 ms, rescoring the union of ~3,800 candidates 2.0, MKL's GEMMs ~1.6), so from two rows on
+every nn.Linear runs through oneDNN with packed weights (:func:`decode_layout`), the head is
+screened in bf16 through oneDNN (:class:`BatchScreenedHead`: a tighter bound, ~1,000 candidates)
+and the full head, where needed, is packed too (:class:`DecodeHead`).
+
 Weight layout while decoding on a CPU (:func:`decode_layout`). At batch 1 a token's cost is
 reading every weight once (W1: 65 MB, 51.5 of them the head). ``F.linear`` computes
 ``x @ W^T`` with ``W`` in nn.Linear's (out, in) row-major layout, which a CPU BLAS runs as one
@@ -46,16 +54,73 @@ import torch.nn.functional as F
 
 from pretrain.model.gpt import GPT, StaticKVCache
 
+ONEDNN_ROWS = 8
+"""The rows oneDNN's weight packing is laid out for (``torch.ops.mkldnn._reorder_linear_weight``'s
+batch hint): the batches this packing is used for (2 or more rows) run at the same speed with it
+(W1's bf16 head, cold cache, 1 thread: 792-1,123 us for 2-8 rows packed for 8 or for their own count)."""
+
+
+def onednn_applies(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> bool:
+    """oneDNN (``torch.ops.mkldnn``) can run ``x @ weight^T`` in ``dtype`` here, in full precision: a
+    CPU fp32 weight, this torch built with oneDNN (and its bf16 kernels for ``dtype`` bf16), fp32
+    matmuls not set to a reduced precision (``torch.backends.mkldnn.matmul.fp32_precision``), no
+    CPU autocast (which would cast F.linear's inputs, not ours)."""
+    mkldnn = torch.backends.mkldnn
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
+            and mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and getattr(mkldnn.matmul, "fp32_precision", "none") in ("none", "ieee")
+            and not torch.is_autocast_enabled("cpu")
+            and (dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())))
+
+
+def onednn_pack(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight`` (out, in) packed for ``onednn_linear`` (an opaque oneDNN layout, a copy), or None
+    where this torch's oneDNN refuses it."""
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), ONEDNN_ROWS)
+        onednn_linear(torch.zeros(2, weight.size(1), dtype=weight.dtype), packed, None)
+    except RuntimeError:
+        return None
+    return packed
+
+
+@torch.library.custom_op("pretrain::onednn_linear", mutates_args=())
+def _onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # An op of our own around oneDNN's, so that torch.compile (inductor too) calls it as it is and a
+    # compiled step computes what the eager step computes.
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@_onednn_linear.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], packed.size(0))
+
+
+def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear through oneDNN with a packed weight: x (..., in) -> (..., out). The same oneDNN
+    call eager and compiled; eagerly without the custom op's dispatch (~8 us a call)."""
+    if torch.compiler.is_compiling():
+        return _onednn_linear(x, packed, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
 
 class DecodeHead:
     """The LM head for sampling: logits (B, V) of the real vocabulary at one position per row.
     Padded vocabulary rows are sliced off, so sampled ids are always < ``config.vocab_size``.
-    On a CPU it multiplies by ``W^T`` (C, V) directly: a view when :func:`decode_layout` has
-    laid the weight out column-major, else a copy made once here."""
+    On a CPU, for one row, it multiplies by ``W^T`` (C, V) directly: a view when
+    :func:`decode_layout` has laid the weight out column-major, else a copy made once here. For
+    ``rows`` >= 2 (the batch it will see), through oneDNN with a packed copy of ``W``: W1's
+    50,257 x 256 fp32 head at 8 rows, 1 thread, 2.1 ms (the 51.5 MB at the read rate) against
+    5.5 ms for the column-major product (MKL; 6.8 ms row-major) -- at one row MKL's column-major
+    product is the faster (1.8 vs 2.6 ms)."""
 
-    def __init__(self, model: GPT) -> None:
+    def __init__(self, model: GPT, rows: int = 1) -> None:
         weight = model.head_weight()  # (V, C): the real vocabulary's rows
-        self.weight = self.weight_t = None
+        self.weight = self.weight_t = self.packed = None
+        if rows >= 2 and onednn_applies(weight):
+            self.packed = onednn_pack(weight)
+        if self.packed is not None:
+            return
         if weight.device.type == "cpu":
             wt = weight.t()  # (C, V)
             self.weight_t = wt if wt.stride(1) == 1 else wt.contiguous()
@@ -64,6 +129,8 @@ class DecodeHead:
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         """h: (B, C) hidden states (after ``ln_f``) -> logits (B, V)."""
+        if self.packed is not None:
+            return onednn_linear(h.float(), self.packed, None)
         if self.weight_t is None:
             return F.linear(h, self.weight)
         return h.to(self.weight_t.dtype) @ self.weight_t  # (B, C) @ (C, V)
@@ -71,27 +138,30 @@ class DecodeHead:
 
 class ScreenedHead:
     """The n largest logits of the LM head at one position, exact (fp32), on a CPU, after reading
-    an int8 copy of the head (a quarter of the fp32 bytes) instead of the fp32 weights: top-k
-    sampling and greedy decoding need the exact logits of the k + 1 largest only (the softmax of
-    top-k sampling runs over the k kept tokens; the (k+1)-th is the tie check).
+    a low-precision copy of the head (the screen) instead of the fp32 weights: top-k sampling and
+    greedy decoding need the exact logits of the k + 1 largest only (the softmax of top-k sampling
+    runs over the k kept tokens; the (k+1)-th is the tie check).
 
-    1. The screen: approximate logits of every token, ``a = bf16(h) @ (q * s)^T`` with ``q`` (V, C)
-       int8 and ``s`` (V,) bf16 per-row scales (``torch._weight_int8pack_mm``: fp32 accumulation,
-       bf16 output), W1's head 12.9 MB instead of 51.5.
+    1. The screen: approximate logits of every token, ``a = bf16(h) @ w~^T``. This class, for one
+       row: ``w~ = q * s`` with ``q`` (V, C) int8 and ``s`` (V,) bf16 per-row scales
+       (``torch._weight_int8pack_mm``: fp32 accumulation, bf16 output), W1's head 12.9 MB instead
+       of 51.5. :class:`BatchScreenedHead`, for several rows: ``w~ = bf16(w)`` through oneDNN.
     2. The bound: for every token j, ``|a_j - r_j| <= D + rho * |a_j|``, where ``r_j`` is the exact
        fp32 logit computed in step 3. ``D = ||h|| * c``, with ``c`` from the head's rows, measured
        once when the screen is built: ``||w~_j - w_j|| (1+u) + ||w_j|| u + gamma (||w~_j|| (1+u)
        + ||w_j||)`` (the quantisation error of the row, the bf16 rounding of ``h`` (u = 2^-8
        relative), fp32 accumulation over C terms on both sides (gamma = C 2^-24 / (1 - C 2^-24)),
        Cauchy-Schwarz for each), maximised over rows; ``rho = u / (1 - u)`` is the bf16 rounding of
-       the output. ``q_j * s_j`` (a 7-bit integer times an 8-bit mantissa) is exact in fp32. Both
-       terms are taken 1.25x larger than derived.
+       the output. ``w~_j`` is exact in fp32 (int8: a 7-bit integer times an 8-bit mantissa; bf16:
+       an fp32 value) and ``bf16(h)_i w~_ji`` too, so the screen's products are exact and only its
+       sums round. Both terms are taken 1.25x larger than derived.
     3. The candidates: ``g`` = the n-th largest of the maxima of groups of 64 approximate logits (a
        lower bound of the n-th largest ``a``: the n largest group maxima are n distinct entries);
        every token in the exact top n has ``r_j >= g - D - rho |g|``, hence ``a_j + D + rho |a_j|
        >= g - D - rho |g|``: one threshold on ``a``. The candidates' fp32 rows of the head (the
        row-major weight: contiguous rows) give their exact logits ``r = h @ W[cand]^T``; the top n
        of them is the exact top n, ties included (every token tying with the n-th is a candidate).
+       For several rows the candidates are the union of the rows'.
 
     Exact means as the fp32 head computes it, up to the order of summation (as for
     :func:`decode_layout`). W1, 1 thread: 0.8 ms for the screen plus ~0.3 ms for the candidates
@@ -104,45 +174,61 @@ class ScreenedHead:
     SAFETY = 1.25  # the derived bound, taken this much larger
     _ROWS = 2048  # head rows quantised at a time (bounded temporaries)
 
-    def __init__(self, weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, c: float, rho: float) -> None:
-        self.weight, self.q, self.scale, self.c, self.rho = weight, q, scale, c, rho
+    def __init__(self, weight: torch.Tensor, screen: tuple[torch.Tensor, ...], c: float, rho: float) -> None:
+        self.weight, self.screen, self.c, self.rho = weight, screen, c, rho
+
+    @classmethod
+    def _applies(cls, weight: torch.Tensor) -> bool:
+        # the op's CPU kernels step through C in 8s or 16s with aligned loads
+        return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.size(1) % 16 == 0
+                and weight.is_contiguous() and hasattr(torch.ops.aten, "_weight_int8pack_mm"))
+
+    @classmethod
+    def _quantise(cls, weight: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """(the screen's tensors, ``||w~_j - w_j||`` (V,)): int8 rows ``q`` and bf16 scales ``s``."""
+        V, C = weight.shape
+        q = torch.empty(V, C, dtype=torch.int8)
+        scale = torch.empty(V, dtype=torch.bfloat16)
+        err = torch.empty(V)
+        for i in range(0, V, cls._ROWS):
+            w = weight[i : i + cls._ROWS]  # (R, C)
+            s = (w.abs().amax(dim=1) / 127).to(torch.bfloat16)  # (R,): |w| / s <= 127, up to rounding
+            s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero row: any scale
+            t = w.div(s.float()[:, None]).round_().clamp_(-127, 127)  # (R, C), integer-valued
+            q[i : i + cls._ROWS] = t
+            scale[i : i + cls._ROWS] = s
+            err[i : i + cls._ROWS] = t.mul_(s.float()[:, None]).sub_(w).norm(dim=1)  # ||w~ - w|| per row
+        return (q, scale), err
 
     @classmethod
     def build(cls, model: GPT) -> ScreenedHead | None:
         weight = model.head_weight()  # (V, C): the real rows
+        if not cls._applies(weight):
+            return None
         V, C = weight.shape
-        if (weight.device.type != "cpu" or weight.dtype != torch.float32
-                or C % 16 or not weight.is_contiguous() or not hasattr(torch.ops.aten, "_weight_int8pack_mm")):
-            return None  # the op's CPU kernels step through C in 8s or 16s with aligned loads
-        q = torch.empty(V, C, dtype=torch.int8)
-        scale = torch.empty(V, dtype=torch.bfloat16)
-        err, norm = torch.empty(V), torch.empty(V)
         with torch.no_grad():
-            for i in range(0, V, cls._ROWS):
-                w = weight[i : i + cls._ROWS]  # (R, C)
-                s = (w.abs().amax(dim=1) / 127).to(torch.bfloat16)  # (R,): |w| / s <= 127, up to rounding
-                s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero row: any scale
-                t = w.div(s.float()[:, None]).round_().clamp_(-127, 127)  # (R, C), integer-valued
-                q[i : i + cls._ROWS] = t
-                scale[i : i + cls._ROWS] = s
-                err[i : i + cls._ROWS] = t.mul_(s.float()[:, None]).sub_(w).norm(dim=1)  # ||w~ - w|| per row
-                norm[i : i + cls._ROWS] = w.norm(dim=1)
+            try:
+                screen, err = cls._quantise(weight)
+            except RuntimeError:  # a private op refused the weight
+                return None
+            norm = weight.norm(dim=1)  # (V,)
         E, N = err.max().item(), norm.max().item()
         u, u32 = 2.0**-8, 2.0**-24
         gamma = C * u32 / (1 - C * u32)
         c = cls.SAFETY * (E * (1 + u) + N * u + gamma * ((N + E) * (1 + u) + N))  # ||w~|| <= N + E
         if not (c == c and c < float("inf")):  # NaN or inf weights
             return None
-        head = cls(weight, q, scale, c, cls.SAFETY * u / (1 - u))
+        head = cls(weight, screen, c, cls.SAFETY * u / (1 - u))
         try:  # a private op: if this torch's kernel refuses these shapes, the full head it is
-            head.approximate(torch.zeros(1, C))
+            head.approximate(torch.zeros(2, C))
         except RuntimeError:
             return None
         return head
 
     def approximate(self, h: torch.Tensor) -> torch.Tensor:
         """The screen: approximate logits (B, V) fp32 of h (B, C), within ``bound(h)`` of the exact."""
-        return torch._weight_int8pack_mm(h.to(torch.bfloat16).contiguous(), self.q, self.scale).float()
+        q, scale = self.screen
+        return torch._weight_int8pack_mm(h.to(torch.bfloat16).contiguous(), q, scale).float()
 
     def _offset(self, norm):
         """D of the bound for hidden states of this norm (a float, or a tensor of norms)."""
@@ -156,7 +242,7 @@ class ScreenedHead:
         """h: (B, C) fp32 hidden states (after ``ln_f``). Returns ``cand`` (U,) ascending token ids,
         a superset of every row's top n, and ``r`` (B, U) their exact logits; None when the screen
         finds fewer than n (non-finite hidden states)."""
-        B, V = h.size(0), self.q.size(0)
+        B, V = h.size(0), self.weight.size(0)
         a = self.approximate(h)  # (B, V)
         G = self.GROUP
         if V // G >= n:
@@ -171,8 +257,15 @@ class ScreenedHead:
             y = g_b - D - self.rho * abs(g_b) - D  # lower bound of the n-th exact logit, minus D
             t = y / (1 + self.rho) if y >= 0 else y / (1 - self.rho)  # a_j >= t  <=>  a_j + D + rho|a_j| >= y + D
             thresholds.append(t - 1e-6 * (1 + abs(t)))  # margin for this arithmetic itself
-        keep = a >= torch.tensor(thresholds, dtype=a.dtype)[:, None]  # (B, V)
-        cand = (keep[0] if B == 1 else keep.any(dim=0)).nonzero().squeeze(1)  # (U,) ascending
+        t = torch.tensor(thresholds, dtype=a.dtype)[:, None]  # (B, 1)
+        if B == 1:
+            keep = (a >= t)[0]  # (V,)
+        else:
+            # The union: some row has a_j >= t_b, i.e. max over rows of a_j - t_b >= 0 (a rounded
+            # difference keeps its sign, so no candidate is lost). W1, 8 rows: 0.1 ms, where
+            # (a >= t).any(dim=0) took 0.34 (bool comparisons and reductions are slow kernels on a CPU).
+            keep = a.sub_(t).amax(dim=0) >= 0  # (V,)
+        cand = keep.nonzero().squeeze(1)  # (U,) ascending
         if cand.numel() < n:
             return None
         return cand, h @ self.weight.index_select(0, cand).t()  # (B, C) @ (C, U) -> (B, U)
@@ -182,20 +275,83 @@ class ScreenedHead:
         return F.linear(h, self.weight)
 
 
+class BatchScreenedHead(ScreenedHead):
+    """:class:`ScreenedHead` for several rows: the screen is the head in bf16 (``w~ = bf16(w)``,
+    half the fp32 bytes), multiplied through oneDNN with a packed copy; the same bound with this
+    ``w~``'s error, which is ~3x smaller than int8's (2^-8 relative per entry), so ~1/4 of the
+    candidates (W1, 8 ragged rows of random init: ~1,000 for the union vs ~3,800).
+
+    Which screen, by rows (W1's head, 1 thread, cold cache, one call; RESULTS.md "issue 20"):
+
+    ======  =========================  ===================
+    rows    int8 (_weight_int8pack_mm) bf16 (oneDNN, packed)
+    ======  =========================  ===================
+    1       764 us                     840 us
+    2       917                        792
+    4       1,204                      886
+    8       2,427                      1,123
+    ======  =========================  ===================
+
+    int8's kernel is at the read rate for one row and compute-bound beyond (it widens each int8
+    weight again for every row); oneDNN's bf16 kernel (AVX512-BF16 dot products) reads the head
+    once for all rows. So: one row, :class:`ScreenedHead`; two or more, this class."""
+
+    @classmethod
+    def _applies(cls, weight: torch.Tensor) -> bool:
+        return weight.is_contiguous() and onednn_applies(weight, torch.bfloat16)
+
+    @classmethod
+    def _quantise(cls, weight: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """(the packed bf16 head,), ``||bf16(w_j) - w_j||`` (V,)."""
+        V, C = weight.shape
+        wb = torch.empty(V, C, dtype=torch.bfloat16).copy_(weight)  # round to nearest even: 2^-8 relative
+        err = torch.empty(V)
+        for i in range(0, V, cls._ROWS):
+            err[i : i + cls._ROWS] = wb[i : i + cls._ROWS].float().sub_(weight[i : i + cls._ROWS]).norm(dim=1)
+        packed = onednn_pack(wb)
+        if packed is None:
+            raise RuntimeError("oneDNN refuses the bf16 head")  # build returns None
+        return (packed,), err
+
+    def approximate(self, h: torch.Tensor) -> torch.Tensor:
+        """The screen: approximate logits (B, V) fp32 of h (B, C), within ``bound(h)`` of the exact
+        (oneDNN: bf16 products, exact in fp32, summed in fp32; bf16 output, rounded to nearest)."""
+        return onednn_linear(h.to(torch.bfloat16), self.screen[0], None).float()
+
+
+def _packed_forward(packed: torch.Tensor, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return onednn_linear(x, packed, bias)
+
+    return forward
+
+
 @contextmanager
-def decode_layout(model: torch.nn.Module) -> Iterator[None]:
-    """While active, every 2-D nn.Linear weight of a CPU model with more outputs than inputs is
-    a column-major copy (same values and shape; ``W.t()`` is contiguous), which is how a CPU BLAS
-    reads such a matrix fastest when one token goes through (see the module docstring). Weights
-    with as many outputs as inputs or fewer (attention's and the MLP's output projections) stay
-    row-major: there one dot product per output is long and is the faster order (the MLP's
-    (256, 1024) projection, cold cache, 1 thread: 99-121 us row-major vs 160-184 us column-major;
-    its (1024, 256) expansion 100-107 vs 185-203 us the other way round). Afterwards each
-    parameter gets back the very tensor it had (same storage, strides and version: the
-    optimizer, DDP's bucket views and compiled graphs see nothing). Costs one extra copy of
-    those weights while active. Weights on other devices, weights shared with an Embedding (the tied head: DecodeHead copies
-    it) and tied weights seen twice are left alone."""
+def decode_layout(model: torch.nn.Module, rows: int = 1) -> Iterator[None]:
+    """While active, the weights of a CPU model's nn.Linear layers are laid out for a decode step
+    of ``rows`` rows (the batch size), and each parameter gets back the very tensor it had
+    afterwards (same storage, strides and version: the optimizer, DDP's bucket views and compiled
+    graphs see nothing). Weights on other devices, weights shared with an Embedding (the tied head:
+    the sampler's head lays it out itself) and tied weights seen twice are left alone.
+
+    One row: every 2-D weight with more outputs than inputs is a column-major copy (same values
+    and shape; ``W.t()`` is contiguous), which is how MKL reads such a matrix fastest when one
+    token goes through (see the module docstring). Weights with as many outputs as inputs or
+    fewer (attention's and the MLP's output projections) stay row-major: there one dot product per
+    output is long and is the faster order (the MLP's (256, 1024) projection, cold cache, 1 thread:
+    99-121 us row-major vs 160-184 us column-major; its (1024, 256) expansion 100-107 vs 185-203 us
+    the other way round). Costs one extra copy of those weights while active.
+
+    Two rows or more: every such nn.Linear runs through oneDNN with a packed copy of its weight
+    (the module's ``forward``, for the duration: ``torch.ops.pretrain.onednn_linear``, which a
+    compiled step calls too, so eager and compiled steps compute the same; fp32 arithmetic, another
+    summation order than MKL's). W1's 16 body matmuls, 1
+    thread, cold cache: 8 rows 771 us vs 1,231 us for MKL on the one-row layout (4 rows 676 vs 984;
+    a prefill of 8 x 64 rows 13.8 vs 31.6 ms); at one row MKL is as fast or faster with the cache
+    warm (14 vs 22 us for the (768, 256) qkv), so one row keeps the layout above. Costs one packed
+    copy of those weights while active."""
     changed: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+    forwards: list[torch.nn.Module] = []
     # A weight an Embedding also uses (GPT-2's tied head) stays row-major: a token's lookup reads
     # one contiguous row of it; column-major it would be C scattered reads. DecodeHead copies it.
     seen: set[int] = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
@@ -204,8 +360,16 @@ def decode_layout(model: torch.nn.Module) -> Iterator[None]:
             for module in model.modules():
                 w = getattr(module, "weight", None)
                 if (not isinstance(module, torch.nn.Linear) or w is None or w.device.type != "cpu"
-                        or w.dim() != 2 or id(w) in seen or not w.is_contiguous()
-                        or w.size(0) <= w.size(1)):
+                        or w.dim() != 2 or id(w) in seen or not w.is_contiguous()):
+                    continue
+                if rows >= 2 and "forward" not in module.__dict__ and onednn_applies(w):
+                    packed = onednn_pack(w)
+                    if packed is not None:
+                        seen.add(id(w))
+                        forwards.append(module)
+                        module.forward = _packed_forward(packed, module.bias)
+                        continue
+                if w.size(0) <= w.size(1):
                     continue
                 seen.add(id(w))
                 changed.append((w, w.data))
@@ -215,6 +379,8 @@ def decode_layout(model: torch.nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for w, original in changed:
                 w.data = original  # the very tensor it had (same storage: nothing else notices)
+        for module in forwards:
+            del module.forward  # the class's forward again
 
 
 # ---------------------------------------------------------------------------------------------

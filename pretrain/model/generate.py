@@ -29,7 +29,9 @@ vocabulary.
 The LM head while sampling (``pretrain/model/decode.py``): only the last position of each row
 needs logits, so the trunk (``GPT.hidden_states``) runs and the head is applied to that one
 position, from the weight layout that reads fastest on the device (:func:`decode_layout`,
-:class:`DecodeHead`), or screened in int8 for top-k and greedy on a CPU (:class:`ScreenedHead`).
+:class:`DecodeHead`), or screened for top-k and greedy on a CPU (:class:`ScreenedHead` in int8 for
+one row; :class:`BatchScreenedHead` in bf16 through oneDNN for a batch, whose Linear layers run
+through oneDNN too: chosen by the batch size, decode.py).
 
 Stopping, per row: at its first ``<|endoftext|>`` (not included in the output), after the first
 token that completes one of its ``stop`` strings (included: the caller cuts the text there, as
@@ -55,6 +57,7 @@ from data_pipeline.tokenizer import EOT_ID
 from pretrain.dist import is_fsdp
 from pretrain.model.decode import (
     DECODE_MODES,
+    BatchScreenedHead,
     DecodeHead,
     Decoder,
     ScreenedHead,
@@ -249,13 +252,15 @@ def _check_prompts(prompts, cfg) -> list[list[int]]:
     return rows
 
 
-def _sampler(model: GPT, temperature: float, top_k: int | None, top_p: float | None):
+def _sampler(model: GPT, temperature: float, top_k: int | None, top_p: float | None, rows: int = 1):
     """``(trunk, pick, static)``: ``trunk(idx, cache)`` -> what ``pick(x, u)`` turns into the next
     token of each row, from the logits at the last position, real vocabulary only (padded ids can
     never be produced); ``static``: pick makes no host sync (it can be compiled whole or captured).
-    A plain GPT: the trunk, then the head at that position -- :class:`ScreenedHead` for top-k and
-    greedy on a CPU, else :class:`DecodeHead`. An FSDP-sharded one goes through ``forward`` (its
-    hooks gather the parameters, and the head weight outside the forward is a shard)."""
+    A plain GPT: the trunk, then the head at that position -- screened for top-k and greedy on a
+    CPU (:class:`ScreenedHead` for one row, :class:`BatchScreenedHead` for ``rows`` >= 2, the
+    batch size of a step: the table there), else :class:`DecodeHead`. An FSDP-sharded one
+    goes through ``forward`` (its hooks gather the parameters, and the head weight outside the
+    forward is a shard)."""
     V = model.config.vocab_size
 
     def pick_logits(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -270,9 +275,12 @@ def _sampler(model: GPT, temperature: float, top_k: int | None, top_p: float | N
         return (lambda idx, cache: model(idx, kv_cache=cache, at="last")[0][:, -1]), pick_logits, False
     greedy = temperature == 0
     wanted = (greedy or (top_k is not None and top_k < V)) and not torch.is_autocast_enabled("cpu")
-    screened = ScreenedHead.build(model) if wanted else None  # under autocast the logits are not fp32
+    screened = None
+    if wanted:  # under autocast the logits are not fp32
+        screened = BatchScreenedHead.build(model) if rows >= 2 else None
+        screened = screened or ScreenedHead.build(model)  # (no oneDNN bf16 here: int8 for every batch)
     if screened is None:
-        head = DecodeHead(model)
+        head = DecodeHead(model, rows)
         return hidden, lambda h, u: pick_logits(head(h), u), static
 
     def screened_pick(h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -488,8 +496,12 @@ def generate(
         # FSDP2 checks its parameters' version counters when it gathers them, which inference
         # tensors do not have: no_grad for a sharded model (torch 2.13 raises under inference_mode).
         fsdp = is_fsdp(model)
-        with nullcontext() if fsdp else decode_layout(model), torch.no_grad() if fsdp else torch.inference_mode():
-            sampler = _sampler(model, temperature, top_k, top_p)
+        # The rows of a decode step (the batch size) choose a CPU model's weight layout and head
+        # (decode.py: the figures); eager and compiled steps alike.
+        step_rows = min(size, max(len(order), 1))
+        with nullcontext() if fsdp else decode_layout(model, step_rows), \
+                torch.no_grad() if fsdp else torch.inference_mode():
+            sampler = _sampler(model, temperature, top_k, top_p, step_rows)
             mode = _decode_mode(step, model, sampler[2])
             for at in range(0, len(order), size):
                 members = order[at : at + size]
