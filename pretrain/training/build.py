@@ -184,7 +184,7 @@ def build_trainer(plan: RunPlan, evaluators: list | tuple = (), hooks: list | No
     logger.print("resolved config:\n" + cfg.to_yaml().rstrip())
     logger.print(startup_summary(
         world_size=info.world_size, mode=wrapped.mode, device=info.device, n_params=n_params,
-        tokens_per_step=plan.batch.tokens_per_step, micro_batch=t.micro_batch_size, seq_len=cfg.data.seq_len,
+        tokens_per_step=plan.batch.tokens_per_step, micro_batch=plan.batch.micro_batch_size, seq_len=cfg.data.seq_len,
         accum=plan.batch.grad_accum_steps, max_steps=cfg.schedule.max_steps, start_step=plan.resume_step,
         total_tokens=plan.batch.total_tokens, flops_token=flops_token, peak=peak, dtype=t.dtype, compile=t.compile,
         peak_source=peak_source,
