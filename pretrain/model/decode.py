@@ -184,12 +184,14 @@ class ScreenedHead:
                 and weight.is_contiguous() and hasattr(torch.ops.aten, "_weight_int8pack_mm"))
 
     @classmethod
-    def _quantise(cls, weight: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """(the screen's tensors, ``||w~_j - w_j||`` (V,)): int8 rows ``q`` and bf16 scales ``s``."""
+    def _quantise(cls, weight: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+        """(the screen's tensors, ``||w~_j - w_j||`` (V,), ``||w_j||`` (V,)): int8 rows ``q`` and
+        bf16 scales ``s``. One pass over the head, a block of rows at a time (each block read
+        while it is in cache)."""
         V, C = weight.shape
         q = torch.empty(V, C, dtype=torch.int8)
         scale = torch.empty(V, dtype=torch.bfloat16)
-        err = torch.empty(V)
+        err, norm = torch.empty(V), torch.empty(V)
         for i in range(0, V, cls._ROWS):
             w = weight[i : i + cls._ROWS]  # (R, C)
             s = (w.abs().amax(dim=1) / 127).to(torch.bfloat16)  # (R,): |w| / s <= 127, up to rounding
@@ -198,7 +200,8 @@ class ScreenedHead:
             q[i : i + cls._ROWS] = t
             scale[i : i + cls._ROWS] = s
             err[i : i + cls._ROWS] = t.mul_(s.float()[:, None]).sub_(w).norm(dim=1)  # ||w~ - w|| per row
-        return (q, scale), err
+            norm[i : i + cls._ROWS] = w.norm(dim=1)
+        return (q, scale), err, norm
 
     @classmethod
     def build(cls, model: GPT) -> ScreenedHead | None:
@@ -208,10 +211,9 @@ class ScreenedHead:
         V, C = weight.shape
         with torch.no_grad():
             try:
-                screen, err = cls._quantise(weight)
+                screen, err, norm = cls._quantise(weight)
             except RuntimeError:  # a private op refused the weight
                 return None
-            norm = weight.norm(dim=1)  # (V,)
         E, N = err.max().item(), norm.max().item()
         u, u32 = 2.0**-8, 2.0**-24
         gamma = C * u32 / (1 - C * u32)
@@ -301,17 +303,19 @@ class BatchScreenedHead(ScreenedHead):
         return weight.is_contiguous() and onednn_applies(weight, torch.bfloat16)
 
     @classmethod
-    def _quantise(cls, weight: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """(the packed bf16 head,), ``||bf16(w_j) - w_j||`` (V,)."""
+    def _quantise(cls, weight: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+        """(the packed bf16 head,), ``||bf16(w_j) - w_j||`` (V,), ``||w_j||`` (V,)."""
         V, C = weight.shape
         wb = torch.empty(V, C, dtype=torch.bfloat16).copy_(weight)  # round to nearest even: 2^-8 relative
-        err = torch.empty(V)
+        err, norm = torch.empty(V), torch.empty(V)
         for i in range(0, V, cls._ROWS):
-            err[i : i + cls._ROWS] = wb[i : i + cls._ROWS].float().sub_(weight[i : i + cls._ROWS]).norm(dim=1)
+            w = weight[i : i + cls._ROWS]  # (R, C)
+            err[i : i + cls._ROWS] = wb[i : i + cls._ROWS].float().sub_(w).norm(dim=1)
+            norm[i : i + cls._ROWS] = w.norm(dim=1)
         packed = onednn_pack(wb)
         if packed is None:
             raise RuntimeError("oneDNN refuses the bf16 head")  # build returns None
-        return (packed,), err
+        return (packed,), err, norm
 
     def approximate(self, h: torch.Tensor) -> torch.Tensor:
         """The screen: approximate logits (B, V) fp32 of h (B, C), within ``bound(h)`` of the exact
