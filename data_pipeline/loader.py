@@ -314,7 +314,10 @@ class DistributedTokenLoader:
         verify: bool = True,
         cache_dir: str | os.PathLike | None = None,
         allow_incomplete: bool = False,
+        info: SplitInfo | None = None,
     ) -> None:
+        """``info``: the split as :func:`inspect_split` already checked it with these arguments (the
+        run plan's), so that it is not listed and read again; None checks it here."""
         for name, v in (("seq_len", seq_len), ("micro_batch_size", micro_batch_size),
                         ("global_batch_seqs", global_batch_seqs), ("world_size", world_size)):
             if not isinstance(v, int) or v <= 0:
@@ -339,8 +342,8 @@ class DistributedTokenLoader:
 
         self.vocab_size = vocab_size
         self._verify = bool(verify)
-        self.info = inspect_split(data_dir, split, seq_len, micro_batch_size, global_batch_seqs, vocab_size,
-                                  verify, cache_dir=cache_dir, allow_incomplete=allow_incomplete)
+        self.info = info or inspect_split(data_dir, split, seq_len, micro_batch_size, global_batch_seqs,
+                                          vocab_size, verify, cache_dir=cache_dir, allow_incomplete=allow_incomplete)
         self.data_dir = self.info.data_dir  # where the shard files are read (remote data: the cache)
         self.files, self.shard_tokens = self.info.files, self.info.shard_tokens
         self._expected = list(self.info.expected)  # a checkpoint may add records (load_state_dict)

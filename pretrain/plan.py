@@ -29,10 +29,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pretrain.config import Config, ConfigError
 from pretrain.model.weights import WeightsError, WeightsSource
 from pretrain.training.optim import batch_tokens_at, lr_at, tokens_before
+
+if TYPE_CHECKING:
+    from data_pipeline.loader import SplitInfo
 
 
 @dataclass(frozen=True)
@@ -121,8 +125,14 @@ class RunPlan:
     """The log line when model.init_from is ignored (a resumed run)."""
     move_aside: bool
     """checkpoint.overwrite: an earlier run in run_dir is moved into run_dir/overwritten-<date>/."""
-    train_tokens: int
-    """Tokens of the training split (for the start-up summary)."""
+    train_split: SplitInfo
+    """The training split as checked (``data_pipeline.loader.inspect_split``): the loader is built
+    on it, so the data is listed and its headers read once per start."""
+
+    @property
+    def train_tokens(self) -> int:
+        """Tokens of the training split (for the start-up summary)."""
+        return int(self.train_split.shard_tokens.sum())
 
     @property
     def world_size(self) -> int:
@@ -167,7 +177,7 @@ def make_plan(cfg: Config, world_size: int) -> RunPlan:
         resume_step=int(state["step"]) if state is not None else 0,
         resume_tokens=int(state.get("tokens_seen", 0)) if state is not None else 0,
         init_source=init_source, init_note=init_note, move_aside=move_aside,
-        train_tokens=int(split.shard_tokens.sum()),
+        train_split=split,
     )
 
 

@@ -95,7 +95,7 @@ def build_loader(plan: RunPlan, info: dist.DistInfo):
         d.dir, "train", d.seq_len, b.micro_batch_size, b.loader_batch_seqs, rank=info.rank,
         world_size=info.world_size, seed=d.seed, shuffle=d.shuffle, device=info.device,
         vocab_size=plan.cfg.gpt_config.vocab_size,  # ids >= vocab_size are refused at the data
-        cache_dir=d.cache_dir, allow_incomplete=d.allow_incomplete,
+        cache_dir=d.cache_dir, allow_incomplete=d.allow_incomplete, info=plan.train_split,
     )
 
 
