@@ -328,6 +328,30 @@ def _screen_cases():
     return [("gpt2-init", gpt2_init), ("peaked", _model()), ("outliers-zeros-duplicates", outliers)]
 
 
+
+def _check_screen(screen, model, name: str, rows: int, g: torch.Generator, at_most=None) -> None:
+    """For hidden states of ``rows`` rows at three scales: every approximate logit within the
+    screen's bound of the exact one, and for n = 1, 2, 51, 300 the (sorted) candidates holding each
+    row's exact top n with its ties, with their fp32 logits; on GPT-2 init (n <= 51) under 5% of the
+    vocabulary and, given ``at_most`` (another screen), no more candidates than it keeps."""
+    W = model.lm_head.weight[: model.config.vocab_size].detach()  # (V, C)
+    for scale in (0.3, 1.0, 8.0):
+        h = F.layer_norm(torch.randn(rows, W.size(1), generator=g), (W.size(1),)) * scale  # (B, C)
+        exact = h @ W.t()  # (B, V)
+        a = screen.approximate(h)
+        assert ((a - exact).abs() <= screen.bound(h, a)).all(), (name, scale)
+        for n in (1, 2, 51, 300):
+            cand, r = screen.candidates(h, n)
+            assert torch.equal(cand, cand.sort().values)
+            torch.testing.assert_close(r, exact[:, cand], rtol=1e-5, atol=1e-5)
+            nth = exact.topk(n, dim=-1).values[:, -1:]  # (B, 1)
+            must = (exact >= nth).any(dim=0).nonzero().squeeze(1)  # the top n of each row and its ties
+            assert torch.isin(must, cand).all(), (name, scale, n)
+            if name == "gpt2-init" and n <= 51:
+                if at_most is not None:
+                    assert cand.numel() <= at_most.candidates(h, n)[0].numel(), (scale, n)
+                assert cand.numel() < model.config.vocab_size // 20, (scale, n, cand.numel())
+
 def test_screened_head_bound_holds_and_its_top_n_is_the_exact_top_n():
     """pretrain.model.generate.ScreenedHead: for every token the int8 screen's logit is within the
     derived bound of the fp32 logit, and the candidates it keeps hold every token of the exact
@@ -339,21 +363,7 @@ def test_screened_head_bound_holds_and_its_top_n_is_the_exact_top_n():
     for name, model in _screen_cases():
         screen = ScreenedHead.build(model)
         assert screen is not None, name
-        W = model.lm_head.weight[: model.config.vocab_size].detach()  # (V, C)
-        for scale in (0.3, 1.0, 8.0):
-            h = F.layer_norm(torch.randn(3, W.size(1), generator=g), (W.size(1),)) * scale  # (B, C)
-            exact = h @ W.t()  # (B, V)
-            a = screen.approximate(h)
-            assert ((a - exact).abs() <= screen.bound(h, a)).all(), (name, scale)
-            for n in (1, 2, 51, 300):
-                cand, r = screen.candidates(h, n)
-                assert torch.equal(cand, cand.sort().values)
-                torch.testing.assert_close(r, exact[:, cand], rtol=1e-5, atol=1e-5)
-                nth = exact.topk(n, dim=-1).values[:, -1:]  # (B, 1)
-                must = (exact >= nth).any(dim=0).nonzero().squeeze(1)  # the top n of each row and its ties
-                assert torch.isin(must, cand).all(), (name, scale, n)
-                if name == "gpt2-init" and n <= 51:
-                    assert cand.numel() < model.config.vocab_size // 20, (scale, n, cand.numel())
+        _check_screen(screen, model, name, rows=3, g=g)
 
 
 def test_screened_sampling_draws_what_the_full_head_draws(monkeypatch):
@@ -383,22 +393,7 @@ def test_batch_screen_bound_holds_and_its_top_n_is_the_exact_top_n():
         screen = BatchScreenedHead.build(model)
         if screen is None:
             pytest.skip("this torch has no oneDNN bf16 kernels")
-        W = model.lm_head.weight[: model.config.vocab_size].detach()  # (V, C)
-        for scale in (0.3, 1.0, 8.0):
-            h = F.layer_norm(torch.randn(8, W.size(1), generator=g), (W.size(1),)) * scale  # (B, C)
-            exact = h @ W.t()  # (B, V)
-            a = screen.approximate(h)
-            assert ((a - exact).abs() <= screen.bound(h, a)).all(), (name, scale)
-            for n in (1, 2, 51, 300):
-                cand, r = screen.candidates(h, n)
-                assert torch.equal(cand, cand.sort().values)
-                torch.testing.assert_close(r, exact[:, cand], rtol=1e-5, atol=1e-5)
-                nth = exact.topk(n, dim=-1).values[:, -1:]  # (B, 1)
-                must = (exact >= nth).any(dim=0).nonzero().squeeze(1)  # the top n of each row and its ties
-                assert torch.isin(must, cand).all(), (name, scale, n)
-                if name == "gpt2-init" and n <= 51:
-                    assert cand.numel() <= ScreenedHead.build(model).candidates(h, n)[0].numel(), (scale, n)
-                    assert cand.numel() < model.config.vocab_size // 20, (scale, n, cand.numel())
+        _check_screen(screen, model, name, rows=8, g=g, at_most=ScreenedHead.build(model))
 
 
 def test_batches_decode_through_onednn_and_leave_the_modules_as_they_were(monkeypatch):
