@@ -64,7 +64,6 @@ def _scan(path: Path) -> tuple[str, int, int]:
 
 def index(data_dir: str, val_glob: str = "*_val_*", workers: int | None = None) -> dict:
     """Check and index the llm.c shards in ``data_dir`` (see the module doc); returns the manifest."""
-
     d = local_path(data_dir)
     if is_url(data_dir) or not d.is_dir():
         raise PrepareError(f"{data_dir}: not a local directory; --index reads the shards on this machine (index "

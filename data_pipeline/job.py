@@ -101,8 +101,9 @@ class PrepareConfig:
                                    "fewer source files instead")
 
 
-_FLAGS = {"text_field": "--text-field", "hf_config": "--hf-config", "hf_split": "--hf-split",
-          "shard_tokens": "--shard-tokens", "val_tokens": "--val-tokens", "max_tokens": "--max-tokens"}
+SETTING_FLAGS = {"text_field": "--text-field", "hf_config": "--hf-config", "hf_split": "--hf-split",
+                 "shard_tokens": "--shard-tokens", "val_tokens": "--val-tokens", "max_tokens": "--max-tokens"}
+"""The gpt2-prepare flag of each setting a manifest records (its command line is rebuilt from them)."""
 
 
 def command_line(settings: dict, out_dir: str, task_id: int | None = None) -> str:
@@ -115,7 +116,7 @@ def command_line(settings: dict, out_dir: str, task_id: int | None = None) -> st
     args = ["gpt2-prepare", str(settings.get("source", "SOURCE")), str(out_dir)]
     if isinstance(settings.get("tasks"), int):
         args += ["--tasks", str(settings["tasks"]), "--task-id", "I" if task_id is None else str(task_id)]
-    for key, flag in _FLAGS.items():
+    for key, flag in SETTING_FLAGS.items():
         v = settings.get(key)
         if v is not None and v != defaults[key]:
             args += [flag, str(v)]
@@ -171,7 +172,7 @@ class _Chunk:
     filtered_before: list[int]
 
 
-class _DocReader:
+class DocReader:
     """Rows of a source -> non-empty, filtered, cleaned document texts in chunks."""
 
     def __init__(self, source: Source, cfg: PrepareConfig, start_row: int, empty: int, filtered: int):
@@ -229,7 +230,7 @@ class _DocReader:
             yield chunk
 
 
-def _ordered_map(cfg: PrepareConfig, chunks: Iterator[_Chunk]) -> Iterator[tuple[_Chunk, tuple]]:
+def ordered_map(cfg: PrepareConfig, chunks: Iterator[_Chunk]) -> Iterator[tuple[_Chunk, tuple]]:
     """(chunk, encode_documents(chunk.texts)) in submission order, ``workers`` at a time."""
     depth = 2 * cfg.workers + 1
     if cfg.backend == "processes" and cfg.workers > 1:
@@ -286,7 +287,7 @@ class Job:
         return [".val_[0-9]*.tmp-*", ".train_[0-9]*.tmp-*", f".{self.manifest_name}.tmp-*"]
 
 
-class _Writer:
+class ShardWriter:
     """Cuts the token stream at shard boundaries; commits shard, then manifest (the first manifest
     write comes with the first shard, so a run refused before it leaves nothing behind)."""
 
@@ -356,7 +357,7 @@ class _Writer:
 
 # Signals that stop a run at a safe point (as Ctrl-C does): SIGINT; SIGTERM (scancel, preemption) and
 # SIGUSR1 (SLURM's --signal=B:USR1 lead time, passed on by launch/slurm/prepare_array.sbatch) once
-# main() has made them raise KeyboardInterrupt (:func:`_stop_on_signals`).
+# main() has made them raise KeyboardInterrupt (:func:`stop_on_signals`).
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -380,7 +381,7 @@ def _sigint_deferred():
 
 
 @contextlib.contextmanager
-def _stop_on_signals():
+def stop_on_signals():
     """SIGTERM and SIGUSR1 stop the run like Ctrl-C (a safe point, exit 130) instead of killing it.
     A background job of a non-interactive shell starts with SIGINT ignored, so a batch script cannot
     stop it with SIGINT; it passes SIGUSR1 on instead."""

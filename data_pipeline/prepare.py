@@ -73,15 +73,15 @@ from data_pipeline import integrity
 from data_pipeline.job import (
     EXIT_INTERRUPTED,
     MANIFEST_VERSION,
+    DocReader,
     Job,
     PrepareConfig,
     PrepareError,
-    _DocReader,
-    _ordered_map,
-    _stop_on_signals,
-    _Writer,
+    ShardWriter,
     check_out_dir,
     command_line,
+    ordered_map,
+    stop_on_signals,
     tokenizer_info,
 )
 from data_pipeline.shards import (
@@ -247,13 +247,13 @@ def write(job: Job, manifest: dict | None) -> dict:
     cfg = job.cfg
     _clean_temps(job)
     manifest = manifest if manifest is not None else _new_manifest(job)
-    writer = _Writer(job, manifest)
+    writer = ShardWriter(job, manifest)
     r = manifest["shards"][-1]["resume"] if manifest["shards"] else {}
     start_row, skip_tokens = r.get("row", 0), r.get("skip_tokens", 0)
     if manifest["shards"]:
         print(f"prepare: resuming {join(cfg.out_dir, job.manifest_name)} after {len(manifest['shards'])} shards "
               f"({writer.pos:,} tokens) at source row {start_row}")
-    reader = _DocReader(job.source, cfg, start_row, r.get("skipped_empty", 0), r.get("filtered", 0))
+    reader = DocReader(job.source, cfg, start_row, r.get("skipped_empty", 0), r.get("filtered", 0))
     t0 = time.perf_counter()
     n_tok, stop = _stream(job, writer, reader, start_row, skip_tokens)
     end = stop if stop is not None else (reader.row, reader.empty, reader.filtered)
@@ -261,7 +261,7 @@ def write(job: Job, manifest: dict | None) -> dict:
     return _finish(job, manifest, writer, end, n_tok, time.perf_counter() - t0)
 
 
-def _stream(job: Job, writer: _Writer, reader: _DocReader, start_row: int, skip_tokens: int,
+def _stream(job: Job, writer: ShardWriter, reader: DocReader, start_row: int, skip_tokens: int,
             ) -> tuple[int, tuple[int, int, int] | None]:
     """Encode the reader's documents in order and hand their tokens to the writer, dropping the
     ``skip_tokens`` of the document at ``start_row`` a previous run already wrote. Returns the tokens
@@ -272,7 +272,7 @@ def _stream(job: Job, writer: _Writer, reader: _DocReader, start_row: int, skip_
     stop: tuple[int, int, int] | None = None
     bar = _progress(cfg, job.source, writer.pos)
     t0, n_docs, n_tok, first = time.perf_counter(), 0, 0, True
-    for chunk, (flat, lens) in _ordered_map(cfg, reader.chunks()):
+    for chunk, (flat, lens) in ordered_map(cfg, reader.chunks()):
         if first and skip_tokens and (chunk.rows[0] != start_row or lens[0] < skip_tokens):
             # The document the last shard ended in is not where the manifest says: the source changed.
             raise PrepareError(
@@ -306,7 +306,7 @@ def _stream(job: Job, writer: _Writer, reader: _DocReader, start_row: int, skip_
     return n_tok, stop
 
 
-def _finish(job: Job, manifest: dict, writer: _Writer, end: tuple[int, int, int], n_tok: int,
+def _finish(job: Job, manifest: dict, writer: ShardWriter, end: tuple[int, int, int], n_tok: int,
             dt: float) -> dict:
     """Check the stream held what a dataset needs, then mark the manifest complete with its totals."""
     cfg, total = job.cfg, writer.pos
@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         args.task_id = 0  # the settings every task shares are checked as task 0's; each then runs as itself
     cfg = None if other is not None else PrepareConfig(**vars(args))
     try:
-        with _stop_on_signals():
+        with stop_on_signals():
             return _dispatch(other, cfg, local, val_glob, args.workers)
     except KeyboardInterrupt:
         return _interrupted(cfg, argv) if cfg is not None else EXIT_INTERRUPTED

@@ -38,6 +38,7 @@ reads OUT as it reads a plain prepare's directory.
 from __future__ import annotations
 
 import itertools
+import re
 import signal
 import subprocess
 import sys
@@ -47,14 +48,14 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.job import (
-    _FLAGS,
     MANIFEST_VERSION,
+    SETTING_FLAGS,
+    DocReader,
     Job,
     PrepareError,
-    _DocReader,
-    _ordered_map,
     check_out_dir,
     command_line,
+    ordered_map,
 )
 from data_pipeline.shards import (
     MANIFEST_NAME,
@@ -129,7 +130,6 @@ class TaskSource(Source):
 
 
 def _split_units(cfg, source: Source) -> list[tuple[int, int | None]]:
-
     if not isinstance(source, FileSource):
         raise PrepareError(
             f"{cfg.source}: --tasks splits a source of files (local paths, globs or fsspec URLs of parquet / "
@@ -147,14 +147,13 @@ def val_cut(cfg, files: FileSource, units: list[tuple[int, int | None]]) -> dict
     """Where the validation documents end: ``{"unit", "row"}`` of the first row after them, their
     ``tokens`` and ``documents`` (the first whole documents of the first file holding >= val_tokens;
     all of that file, ``unit`` = its last unit + 1, when it holds fewer)."""
-
     first_file = [u for u, (f, _) in enumerate(units) if f == 0]
     if cfg.val_tokens == 0:
         return {"unit": 0, "row": 0, "tokens": 0, "documents": 0}
     head = TaskSource(files, units, [(u, 0, None) for u in first_file])
-    reader = _DocReader(head, cfg, 0, 0, 0)
+    reader = DocReader(head, cfg, 0, 0, 0)
     total = docs = 0
-    for chunk, (_, lens) in _ordered_map(cfg, reader.chunks()):
+    for chunk, (_, lens) in ordered_map(cfg, reader.chunks()):
         cum = total + np.cumsum(lens)
         k = int(np.searchsorted(cum, cfg.val_tokens, side="left"))  # the document that reaches val_tokens
         if k < len(lens):
@@ -182,7 +181,6 @@ def task_segments(task: int, tasks: int, n_units: int, cut: dict | None) -> list
 
 def task_job(cfg, source: Source, manifest: dict | None):
     """The :class:`data_pipeline.job.Job` of task ``cfg.task_id`` (``manifest``: its part so far)."""
-
     units = _split_units(cfg, source)
     I, N = cfg.task_id, cfg.tasks
     mine = range(I, len(units), N)
@@ -238,9 +236,6 @@ def foreign_files(d: Path, cfg) -> str | None:
 # ---- the merge ----------------------------------------------------------------------------------
 def _read_parts(d: Path) -> tuple[int, dict[int, dict | None]]:
     """The number of tasks and each task's manifest (None: missing), or PrepareError."""
-    import re
-
-
     found = {}
     for p in part_manifests(d):
         m = re.match(r"^manifest\.task-(\d+)-of-(\d+)\.json$", p.name)
@@ -258,7 +253,6 @@ def _read_parts(d: Path) -> tuple[int, dict[int, dict | None]]:
 
 def _check_parts(d: Path, n: int, parts: dict[int, dict | None]) -> dict:
     """Every task present, complete, run alike, its shards there: the common settings, or PrepareError."""
-
     missing = [i for i, m in parts.items() if m is None]
     unfinished = [i for i, m in parts.items() if m is not None and not m.get("complete")]
     settings = next(m for m in parts.values() if m is not None).get("settings") or {}
@@ -297,7 +291,6 @@ def _ids(ids: list[int]) -> str:
 def merge(out_dir: str) -> dict:
     """``gpt2-prepare --merge OUT``: write OUT's manifest.json from its complete task manifests (see the
     module doc); returns it. Writes nothing when a check fails."""
-
     d = local_path(out_dir)
     if is_url(out_dir) or not d.is_dir():
         raise PrepareError(f"{out_dir}: not a local directory; --merge reads the task manifests in a directory here")
@@ -334,11 +327,10 @@ def merge(out_dir: str) -> dict:
 # ---- all tasks on this machine -------------------------------------------------------------------
 def task_argv(cfg, task: int, workers: int) -> list[str]:
     """The command line of task ``task`` of ``cfg`` as a process of its own."""
-
     args = [sys.executable, "-m", "data_pipeline.prepare", cfg.source, cfg.out_dir, "--tasks", str(cfg.tasks),
             "--task-id", str(task), "--workers", str(workers), "--backend", cfg.backend,
             "--chunk-chars", str(cfg.chunk_chars), "--no-progress"]
-    for key, flag in _FLAGS.items():
+    for key, flag in SETTING_FLAGS.items():
         if getattr(cfg, key) is not None:
             args += [flag, str(getattr(cfg, key))]
     for f in cfg.filters:
@@ -353,7 +345,6 @@ def task_argv(cfg, task: int, workers: int) -> list[str]:
 def run_local(cfg) -> int:
     """``--tasks N --local``: the N tasks as processes here (``cfg.workers`` shared among them), then
     the merge. Returns the exit status (130 after Ctrl-C, which every task gets too)."""
-
     per = max(1, cfg.workers // cfg.tasks)
     procs = [subprocess.Popen(task_argv(cfg, i, per)) for i in range(cfg.tasks)]
     try:
