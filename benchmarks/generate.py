@@ -135,11 +135,10 @@ def screen_candidates(model: GPT, prompts, n: int) -> tuple[str, float] | None:
     return (", ".join(sorted(kinds)), statistics.mean(counts)) if counts else None
 
 
-def screened_bytes_per_token(model: GPT, prompts: torch.Tensor, n: int, per_token: float) -> float:
+def screened_bytes_per_token(model: GPT, found: tuple[str, float] | None, per_token: float) -> float:
     """Bytes read per token at batch 1 when the head is screened: ``per_token`` (fp32 weights +
     cache) with the fp32 head replaced by its int8 copy and bf16 scales plus the fp32 rows of the
-    candidates it rescores (their mean count, :func:`screen_candidates`)."""
-    found = screen_candidates(model, prompts, n)
+    candidates it rescores (``found``: :func:`screen_candidates` at batch 1)."""
     if found is None:
         return per_token
     V, C = model.config.vocab_size, model.config.n_embd
@@ -197,7 +196,8 @@ def main_w1(args) -> None:
     weights -= model.transformer.wpe.weight.numel() * 4 - cfg.n_embd * 4  # one position row per token
     kv = 2 * cfg.n_layer * cfg.n_embd * 4 * (T0 + n / 2)  # keys + values read, on average
     per_token = weights + kv
-    screened = screened_bytes_per_token(model, prompts, n, per_token)
+    one_row = screen_candidates(model, prompts, n)
+    screened = screened_bytes_per_token(model, one_row, per_token)
     print(f"model W1: {model.num_params() / 1e6:.1f}M params; batch {B}, prompt {T0}, {n} new tokens, top-k 50; "
           f"{per_token / 1e6:.1f} MB of fp32 weights and cache per token; read with the int8 screen of the head "
           f"(pretrain.model.decode.ScreenedHead): {screened / 1e6:.1f} MB")
@@ -228,9 +228,9 @@ def main_w1(args) -> None:
     print(f"ragged batch: prompts of {', '.join(map(str, RAGGED_LENGTHS))} tokens, {n_r} new tokens each; "
           "every row's tokens equal generating it alone (checked)")
     found = screen_candidates(model, ragged, n_r)
-    if found is not None:
+    if found is not None and one_row is not None:
         print(f"  its head: {found[0]}, {found[1]:.0f} candidates rescored per step (the rows' union); "
-              f"batch 1: {screen_candidates(model, prompts, n)[1]:.0f} per step")
+              f"batch 1: {one_row[1]:.0f} per step")
     print(f"{'mode':<20} {'tokens/s':>9} {'tokens/CPU-s':>13}  runs (tokens/s)")
     for k, (w, c) in med.items():
         print(f"{k:<20} {w:>9.1f} {c:>13.1f}  {[round(x, 1) for x, _ in res[k]]}")
