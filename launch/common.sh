@@ -5,7 +5,7 @@
 #   parse_launch_args "$@"   [--dry-run] [--nproc N] CONFIG [train.py args ...]
 #   enter_repo               cd to the repository root, check CONFIG exists
 #   setup_python             venv, $PYTHON, the torchrun command (TORCHRUN_CMD)
-#   set_runtime_env NPROC    PYTHONFAULTHANDLER, OMP_NUM_THREADS, NCCL error handling, ...
+#   set_runtime_env NPROC GPUS PYTHONFAULTHANDLER, OMP_NUM_THREADS, NCCL error handling, ...
 #   run_forwarding ...       run a command in the background, forward signals, wait for it
 #
 # Environment knobs (all optional; see launch/README.md):
@@ -121,7 +121,7 @@ count_gpus() {
 
 # Exports the runtime defaults every launcher wants; an already-set variable wins.
 set_runtime_env() {
-    local nproc=$1 cpus threads
+    local nproc=$1 gpus=$2 cpus threads
     # Python tracebacks of every thread on a fatal signal (a hung or crashed rank says where).
     export PYTHONFAULTHANDLER=${PYTHONFAULTHANDLER:-1}
     # A failed or timed-out NCCL collective aborts the process instead of hanging the job.
@@ -132,11 +132,16 @@ set_runtime_env() {
     # store: they would read the crashed attempt's peer addresses and hang in init
     # (pytorch/pytorch#135712).
     export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
-    # CPU threads per rank: the node's (or the SLURM task's) cores split between the ranks.
+    # CPU threads per rank. GPU ranks: the node's (or the SLURM task's) cores split between them.
+    # CPU ranks compute on those threads, and the thread count changes the sums' order: one thread
+    # each, so that every layout (2 nodes x 1, 1 node x 2, ...) trains to the same losses.
     if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
-        cpus=${SLURM_CPUS_PER_TASK:-$(nproc 2>/dev/null || echo 1)}
-        threads=$((cpus / nproc))
-        ((threads >= 1)) || threads=1
+        threads=1
+        if ((gpus > 0)); then
+            cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-$(nproc 2>/dev/null || echo 1)}}
+            threads=$((cpus / nproc))
+            ((threads >= 1)) || threads=1
+        fi
         export OMP_NUM_THREADS=$threads
     fi
 }
@@ -251,19 +256,23 @@ slurm_main() {
     fi
     local job_id=${SLURM_JOB_ID:-0} nnodes=${SLURM_NNODES:-1} restarts=${SLURM_RESTART_COUNT:-0}
 
-    local nproc=${NPROC_ARG:-${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-}}}
+    local gpus=${SLURM_GPUS_ON_NODE:-}
+    [[ -n "$gpus" ]] || gpus=$(count_gpus)
+    local nproc=${NPROC_ARG:-${NPROC_PER_NODE:-}}
     if [[ -z "$nproc" ]]; then
-        nproc=$(count_gpus)
+        nproc=$gpus
         if ((nproc < 1)); then
-            launch_log "no GPUs in this allocation (SLURM_GPUS_ON_NODE unset, no nvidia-smi): 1 CPU process per node; set NPROC_PER_NODE to change"
+            launch_log "no GPUs in this allocation (SLURM_GPUS_ON_NODE unset, no nvidia-smi): 1 CPU process per node; on a GPU cluster submit with --gpus-per-node=N, or set NPROC_PER_NODE"
             nproc=1
         fi
     fi
     [[ "$nproc" =~ ^[1-9][0-9]*$ ]] || launch_die "processes per node must be a positive integer, got '$nproc' (NPROC_PER_NODE / --nproc)"
-    set_runtime_env "$nproc"
+    set_runtime_env "$nproc" "$gpus"
     # Slurm >= 22.05: srun no longer inherits --cpus-per-task from sbatch; without this the
-    # one task per node (torchrun and all its ranks) would be pinned to a single core.
-    if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
+    # one task per node (torchrun and all its ranks) would be pinned to a single core. Without
+    # --cpus-per-task (the scripts ask for --exclusive), the task gets the node's CPUs.
+    local task_cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-}}
+    if [[ -n "$task_cpus" ]]; then export SRUN_CPUS_PER_TASK=$task_cpus; fi
 
     # The rendezvous host: the first node of the allocation, by address (its hostname may not
     # resolve the same way from every node).

@@ -29,13 +29,14 @@ parse_launch_args "$@"
 enter_repo
 setup_python
 
+gpus=$(count_gpus)
 nproc=${NPROC_ARG:-${NPROC_PER_NODE:-}}
 if [[ -z "$nproc" ]]; then
-    nproc=$(count_gpus)
+    nproc=$gpus
     ((nproc >= 1)) || nproc=1
 fi
 [[ "$nproc" =~ ^[1-9][0-9]*$ ]] || launch_die "NPROC_PER_NODE must be a positive integer, got '$nproc'"
-set_runtime_env "$nproc"
+set_runtime_env "$nproc" "$gpus"
 torchrun_tail
 
 cmd=("${TORCHRUN_CMD[@]}" --standalone --nnodes=1 --nproc-per-node="$nproc" "${TORCHRUN_TAIL[@]}")

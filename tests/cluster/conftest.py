@@ -1,0 +1,98 @@
+"""A real SLURM cluster for the launcher tests: two compute nodes (slurmd) and a controller, each in
+a network namespace of this machine on a private bridge (10.77.0.0/24), brought up once per session
+by ``launch/slurm/local_cluster.sh`` (the same script users run) and torn down completely at the end,
+also when a test fails or the run is interrupted.
+
+Needs root, network namespaces and Debian's ``slurm-wlm``/``munge`` (installed by name here where
+missing, once). Elsewhere every cluster test skips with one line saying why.
+"""
+
+from __future__ import annotations
+
+import atexit
+import fcntl
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "launch" / "slurm" / "local_cluster.sh"
+CLUSTER_DIR = Path("/tmp/gpt2-slurm")
+LOCK = Path("/tmp/gpt2-slurm.lock")  # one cluster per machine: its names and addresses are fixed
+NODES = ("gpt2-n1", "gpt2-n2")
+
+
+def pytest_collection_modifyitems(config, items):
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.cluster)
+
+
+def _why_not() -> str | None:
+    """Why this machine cannot run the cluster, or None."""
+    if os.name != "posix" or not hasattr(os, "geteuid"):
+        return "cluster tests need Linux"
+    if os.geteuid() != 0:
+        return "cluster tests need root (network namespaces, slurmd); run them as root or in CI"
+    for tool in ("ip", "nsenter", "unshare"):
+        if shutil.which(tool) is None:
+            return f"cluster tests need `{tool}` (apt-get install iproute2 util-linux)"
+    if subprocess.run(["unshare", "--net", "--uts", "true"], capture_output=True).returncode != 0:
+        return "cluster tests need network and UTS namespaces (unshare --net --uts failed here)"
+    return None
+
+
+def _install_packages() -> str | None:
+    """apt-get install slurm-wlm munge by name where missing; the reason it failed, or None."""
+    if all(shutil.which(b) for b in ("slurmctld", "slurmd", "munged", "sbatch")):
+        return None
+    if shutil.which("apt-get") is None:
+        return "cluster tests need slurm-wlm and munge (no apt-get here to install them)"
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    cmd = ["apt-get", "install", "-y", "-qq", "slurm-wlm", "munge"]
+    if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if p.returncode != 0:
+            return f"apt-get install slurm-wlm munge failed: {p.stderr.strip().splitlines()[-1:]}"
+    return None
+
+
+def _down(env: dict) -> None:
+    subprocess.run(["bash", str(SCRIPT), "down"], env=env, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The cluster, up: yields the environment (SLURM_CONF ...) for sbatch/srun/scontrol."""
+    why = _why_not() or _install_packages()
+    if why:
+        pytest.skip(why)
+    lock = open(LOCK, "w")
+    fcntl.lockf(lock, fcntl.LOCK_EX)  # another session's cluster tests: wait for them to finish
+    env = dict(os.environ, CLUSTER_DIR=str(CLUSTER_DIR))
+    _down(env)  # a session killed outright (SIGKILL) left its cluster: clear it first
+    done = []
+
+    def teardown():
+        if not done:
+            done.append(1)
+            _down(env)
+            lock.close()
+
+    atexit.register(teardown)
+    old_term = signal.signal(signal.SIGTERM, lambda *_: (teardown(), os._exit(143)))
+    try:
+        p = subprocess.run(["bash", str(SCRIPT), "up"], env=env, capture_output=True, text=True, timeout=120)
+        if p.returncode != 0:
+            pytest.fail(f"local_cluster.sh up failed:\n{p.stderr[-3000:]}")
+        env["SLURM_CONF"] = str(CLUSTER_DIR / "slurm.conf")
+        yield env
+    finally:
+        teardown()
+        signal.signal(signal.SIGTERM, old_term)
