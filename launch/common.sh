@@ -14,7 +14,8 @@
 #                      the submit directory)
 #   VENV               virtualenv to activate (default: REPO_DIR/.venv when it exists)
 #   PYTHON             python interpreter (default: `python3` on PATH after activation)
-#   TORCHRUN           torchrun command line (default: "$PYTHON -m torch.distributed.run")
+#   TORCHRUN           torchrun command line (default: "$PYTHON launch/torchrun.py", torchrun with one
+#                      line instead of a traceback when a signal stops it)
 #   TRAIN_SCRIPT       the torchrun target (default: pretrain/train.py)
 #   NPROC_PER_NODE     processes per node (default: GPUs on the node, else 1)
 #   SHUTDOWN_TIMEOUT   seconds torchrun gives workers to checkpoint after a forwarded signal
@@ -103,7 +104,7 @@ setup_python() {
             || launch_die "no python on PATH; set VENV (or PYTHON) to the environment made by scripts/setup.sh"
     fi
     # TORCHRUN may hold several words ("python -m torch.distributed.run"); split on blanks.
-    read -r -a TORCHRUN_CMD <<<"${TORCHRUN:-$PYTHON -m torch.distributed.run}"
+    read -r -a TORCHRUN_CMD <<<"${TORCHRUN:-$PYTHON launch/torchrun.py}"
 }
 
 # GPUs visible on this machine: CUDA_VISIBLE_DEVICES, else nvidia-smi, else 0.

@@ -201,7 +201,7 @@ def test_local_dry_run_prints_the_command(tmp_path):
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 1, r.stdout
     cmd = shlex.split(lines[0])
-    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert cmd[:2] == [sys.executable, "launch/torchrun.py"]  # torchrun, one line when a signal stops it
     assert "--standalone" in cmd and "--nproc-per-node=3" in cmd
     signals = next(a for a in cmd if a.startswith("--signals-to-handle="))
     assert {"SIGUSR1", "SIGTERM"} <= set(signals.split("=", 1)[1].split(","))
