@@ -96,3 +96,13 @@ def slurm_cluster():
     finally:
         teardown()
         signal.signal(signal.SIGTERM, old_term)
+
+
+@pytest.fixture(scope="session")
+def site(slurm_cluster, tmp_path_factory):
+    """The submit directory (logs land here) and the job environment: the user's, with the launchers'
+    own defaults (OMP_NUM_THREADS unset), REPO_DIR naming the checkout (launch/README.md, section 0)."""
+    d = tmp_path_factory.mktemp("submit")
+    env = dict(slurm_cluster, REPO_DIR=str(REPO), PYTHONUNBUFFERED="1")
+    env.pop("OMP_NUM_THREADS", None)
+    return d, env

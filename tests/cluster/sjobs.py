@@ -10,6 +10,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 SLURM = REPO / "launch" / "slurm"
+DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}  # final states
 STEPS = 12  # every training run here: the smoke config's model for this many steps
 
 

@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 from sjobs import (
+    DONE,
     REPO,
     SLURM,
     STEPS,
@@ -20,18 +21,6 @@ from sjobs import (
     wait_state,
     wait_step,
 )
-
-DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
-
-
-@pytest.fixture(scope="session")
-def site(slurm_cluster, tmp_path_factory):
-    """The submit directory (logs land here) and the job environment: the user's, with the launchers'
-    own defaults (OMP_NUM_THREADS unset), REPO_DIR naming the checkout."""
-    d = tmp_path_factory.mktemp("submit")
-    env = dict(slurm_cluster, REPO_DIR=str(REPO), PYTHONUNBUFFERED="1")
-    env.pop("OMP_NUM_THREADS", None)
-    return d, env
 
 
 @pytest.fixture(scope="session")
