@@ -1,19 +1,26 @@
-"""torchrun, ending in one line instead of a traceback when a signal stopped it.
+"""torchrun, ending in one line instead of a traceback when a signal stopped it or a rank failed.
 
 The launchers (launch/common.sh) start this instead of ``python -m torch.distributed.run``: a
 preemption (SLURM's SIGTERM, the SIGUSR1 a batch shell forwards) makes torchrun raise
 ``SignalException`` after it has passed the signal to its ranks, which then checkpoint and exit;
-torchrun's own traceback says nothing more. Exit status 128 + the signal number.
+torchrun's own traceback says nothing more. Exit status 128 + the signal number. A failed rank
+has printed its own error already: torchrun adds one line naming it (exit status 1, as torchrun's).
 """
 
 import sys
 
 if __name__ == "__main__":
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main
 
     try:
         main()
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        print(f"torchrun: rank {rank} failed (exit status {failure.exitcode}; its error is above); "
+              f"the other ranks of this node were stopped", file=sys.stderr, flush=True)
+        sys.exit(1)
     except SignalException as e:
         print(f"torchrun: stopped by {e.sigval.name} (passed on to its ranks, which checkpoint and exit)",
               file=sys.stderr, flush=True)

@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from sjobs import DONE, SLURM, multinode, submit, wait_state
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "launch" / "slurm" / "local_cluster.sh"
@@ -106,3 +107,29 @@ def site(slurm_cluster, tmp_path_factory):
     env = dict(slurm_cluster, REPO_DIR=str(REPO), PYTHONUNBUFFERED="1")
     env.pop("OMP_NUM_THREADS", None)
     return d, env
+
+
+@pytest.fixture(scope="session")
+def corpus(site):
+    """`sbatch launch/slurm/prepare.sbatch builtin:python-docs DIR --val-tokens 65536`, as documented."""
+    d, env = site
+    out = d / "python-docs"
+    jid = submit(["sbatch", SLURM / "prepare.sbatch", "builtin:python-docs", out, "--val-tokens", "65536"], env, d)
+    log = d / f"gpt2-prepare-{jid}.out"
+    j = wait_state(env, jid, DONE, 90, log)
+    text = log.read_text()
+    assert j["JobState"] == "COMPLETED", text
+    assert (out / "manifest.json").exists()
+    # progress lines, not progress bars: no carriage returns, no tqdm bars in the job's log
+    assert "\r" not in text and "it/s]" not in text, text[-2000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def two_nodes(site, corpus, tmp_path_factory):
+    """An uninterrupted 2-node run: `sbatch --nodes=2 launch/slurm/train_multinode.sbatch ...`."""
+    _, env = site
+    run = tmp_path_factory.mktemp("two-nodes") / "run"
+    jid, log = multinode(site, corpus, run)
+    j = wait_state(env, jid, DONE, 120, log)
+    return run, jid, j, log.read_text()

@@ -88,3 +88,33 @@ def model_bytes(run_dir: Path, step: int = STEPS) -> bytes:
 def checkpoints(run_dir: Path) -> list[int]:
     d = Path(run_dir) / "checkpoints"
     return sorted(int(p.name[5:]) for p in d.glob("step_*") if (p / "COMMITTED").exists()) if d.exists() else []
+
+
+def multinode(site, corpus, run, *sbatch_opts, **overrides):
+    """`sbatch --nodes=2 launch/slurm/train_multinode.sbatch configs/smoke_cpu.yaml ...`: (job id, log)."""
+    d, env = site
+    jid = submit(["sbatch", "--nodes=2", *sbatch_opts, SLURM / "train_multinode.sbatch", *train_args(corpus, run, **overrides)],
+                 env, d)
+    return jid, d / f"gpt2-124m-multinode-{jid}.out"
+
+
+def requeue_now(env: dict, jid: int | str) -> None:
+    """`scontrol requeue`, then `scontrol update StartTime=now` once the job is pending again (the
+    documented way past SLURM's wait of cred_expire before a requeued job may start)."""
+    sh(["scontrol", "requeue", jid], env)
+    wait_state(env, jid, {"PENDING"}, 60)
+    sh(["scontrol", "update", f"JobId={jid}", "StartTime=now"], env)
+
+
+def node_pids(node: str, pattern: str) -> list[int]:
+    """The processes inside a node's network namespace whose command line contains `pattern`."""
+    out = subprocess.run(["ip", "netns", "pids", node], capture_output=True, text=True).stdout.split()
+    pids = []
+    for p in out:
+        try:
+            cmd = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if pattern in cmd:
+            pids.append(int(p))
+    return pids

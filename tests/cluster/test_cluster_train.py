@@ -15,28 +15,13 @@ from sjobs import (
     checkpoints,
     losses_by_step,
     model_bytes,
+    multinode,
     sh,
     submit,
     train_args,
     wait_state,
     wait_step,
 )
-
-
-@pytest.fixture(scope="session")
-def corpus(site):
-    """`sbatch launch/slurm/prepare.sbatch builtin:python-docs DIR --val-tokens 65536`, as documented."""
-    d, env = site
-    out = d / "python-docs"
-    jid = submit(["sbatch", SLURM / "prepare.sbatch", "builtin:python-docs", out, "--val-tokens", "65536"], env, d)
-    log = d / f"gpt2-prepare-{jid}.out"
-    j = wait_state(env, jid, DONE, 90, log)
-    text = log.read_text()
-    assert j["JobState"] == "COMPLETED", text
-    assert (out / "manifest.json").exists()
-    # progress lines, not progress bars: no carriage returns, no tqdm bars in the job's log
-    assert "\r" not in text and "it/s]" not in text, text[-2000:]
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -50,23 +35,6 @@ def local_2proc(site, corpus, tmp_path_factory):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "OMP_NUM_THREADS=1" in p.stderr
     return run
-
-
-def multinode(site, corpus, run, *sbatch_opts):
-    d, env = site
-    jid = submit(["sbatch", "--nodes=2", *sbatch_opts, SLURM / "train_multinode.sbatch", *train_args(corpus, run)],
-                 env, d)
-    return jid, d / f"gpt2-124m-multinode-{jid}.out"
-
-
-@pytest.fixture(scope="session")
-def two_nodes(site, corpus, tmp_path_factory):
-    """An uninterrupted 2-node run: `sbatch --nodes=2 launch/slurm/train_multinode.sbatch ...`."""
-    _, env = site
-    run = tmp_path_factory.mktemp("two-nodes") / "run"
-    jid, log = multinode(site, corpus, run)
-    j = wait_state(env, jid, DONE, 120, log)
-    return run, jid, j, log.read_text()
 
 
 def test_train_sbatch_one_node(site, corpus, tmp_path):

@@ -1,0 +1,112 @@
+"""Faults across the two nodes: a node's training processes killed, a rank that hangs, a slow and
+lossy network. Each ends in one error line, leaves only complete checkpoints, and a requeue resumes
+from the last good one to the uninterrupted run's exact result."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+from sjobs import (
+    DONE,
+    checkpoints,
+    losses_by_step,
+    model_bytes,
+    multinode,
+    node_pids,
+    requeue_now,
+    wait_state,
+    wait_step,
+)
+
+TIMEOUT_S = 20  # distributed.timeout_s of every run here (sjobs.train_args)
+NODES = ("gpt2-n1", "gpt2-n2")
+
+
+def _resumes_to_reference(env, jid, log, run, ref_run, before: list[int]):
+    """After the fault: only complete checkpoints, all of them from before; a requeue resumes from the
+    newest and ends bitwise equal to the uninterrupted run."""
+    assert not [p for p in (run / "checkpoints").iterdir() if not (p / "COMMITTED").exists() and p.name.startswith("step_")]
+    assert checkpoints(run) and checkpoints(run)[-1] >= 4
+    requeue_now(env, jid)
+    j = wait_state(env, jid, DONE, 120, log)
+    text = log.read_text()
+    assert (j["JobState"], j["ExitCode"]) == ("COMPLETED", "0:0"), text[-4000:]
+    assert losses_by_step(run) == losses_by_step(ref_run)
+    assert model_bytes(run) == model_bytes(ref_run)
+    return text
+
+
+def test_node_processes_killed(site, corpus, tmp_path, two_nodes):
+    _, env = site
+    run = tmp_path / "run"
+    jid, log = multinode(site, corpus, run)
+    wait_step(run, 5, 90)
+    t0 = time.monotonic()
+    victims = node_pids("gpt2-n2", "pretrain/train.py")
+    assert victims
+    for p in victims:
+        os.kill(p, signal.SIGKILL)
+    j = wait_state(env, jid, DONE, TIMEOUT_S + 60, log)
+    took = time.monotonic() - t0
+    text = log.read_text()
+    assert j["JobState"] == "FAILED", j
+    assert took < TIMEOUT_S + 30
+    # the surviving rank names the collective and the cause; torchrun adds one line, no traceback
+    assert "failed on rank 0 of 2" in text and "a peer closed its connection" in text, text[-3000:]
+    assert "torchrun: rank 0 failed" in text and "ChildFailedError" not in text
+    _resumes_to_reference(env, jid, log, run, two_nodes[0], checkpoints(run))
+
+
+def test_hanging_rank(site, corpus, tmp_path, two_nodes):
+    _, env = site
+    run = tmp_path / "run"
+    jid, log = multinode(site, corpus, run)
+    wait_step(run, 5, 90)
+    victims = node_pids("gpt2-n2", "pretrain/train.py")
+    assert victims
+    t0 = time.monotonic()
+    for p in victims:
+        os.kill(p, signal.SIGSTOP)
+    deadline = t0 + TIMEOUT_S + 40
+    while "timed out" not in log.read_text().lower() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    took = time.monotonic() - t0
+    text = log.read_text()
+    # the waiting rank names the collective, within distributed.timeout_s (+ the step it was in)
+    assert "gradient reduction (backward) timed out after 20s on rank 0 of 2" in text, text[-3000:]
+    assert took < TIMEOUT_S + 40
+    _resumes_to_reference(env, jid, log, run, two_nodes[0], checkpoints(run))
+
+
+def _shape_links() -> str:
+    """Slows both nodes' links: netem delay + loss where the kernel has it (sch_netem), else a token
+    bucket limiting them to 100 Mbit/s (this CI kernel has no netem). Returns what was applied."""
+    netem = ["netem", "delay", "20ms", "5ms", "loss", "2%"]
+    tbf = ["tbf", "rate", "100mbit", "burst", "64kb", "latency", "100ms"]
+    for shape in (netem, tbf):
+        ok = all(subprocess.run(["tc", "-n", n, "qdisc", "replace", "dev", "eth0", "root", *shape],
+                                capture_output=True).returncode == 0 for n in NODES)
+        if ok:
+            return " ".join(shape)
+    raise AssertionError("tc could not shape the nodes' links (neither netem nor tbf)")
+
+
+def test_slow_lossy_network(site, corpus, tmp_path, two_nodes):
+    """A slow (and, with netem, lossy) network between the nodes: the run completes, exactly."""
+    _, env = site
+    run = tmp_path / "run"
+    try:
+        shape = _shape_links()
+        print(f"links shaped: {shape}")
+        jid, log = multinode(site, corpus, run)
+        j = wait_state(env, jid, DONE, 150, log)
+    finally:
+        for n in NODES:
+            subprocess.run(["tc", "-n", n, "qdisc", "del", "dev", "eth0", "root"], capture_output=True)
+    text = log.read_text()
+    assert (j["JobState"], j["ExitCode"]) == ("COMPLETED", "0:0"), text[-4000:]
+    assert losses_by_step(run) == losses_by_step(two_nodes[0])
+    assert model_bytes(run) == model_bytes(two_nodes[0])
