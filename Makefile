@@ -11,7 +11,8 @@ test: setup
 	@bash scripts/test.sh
 
 test-all: setup
-	@OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q -n "$${TEST_WORKERS:-2}" tests -m "slow or not slow"
+	@OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q -n "$${TEST_WORKERS:-2}" tests -m "not cluster"
+	@OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q -n 0 -m cluster tests/cluster
 
 lint: setup
 	@.venv/bin/ruff check .
