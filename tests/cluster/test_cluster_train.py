@@ -4,6 +4,7 @@ the embedded corpus (builtin:python-docs, prepared by prepare.sbatch)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pytest
@@ -78,7 +79,10 @@ def _preempted_run(site, corpus, tmp_path, two_nodes, signal_it):
     assert int(j["Restarts"]) == 1
     # both lives in the one log: the first stopped with a checkpoint, the second resumed from it
     assert f"job {jid} (gpt2-124m-multinode) restart 0:" in text and f"job {jid} (gpt2-124m-multinode) restart 1:" in text
-    assert "resum" in text.split("restart 1:", 1)[1].lower()
+    # the second life continued from the first's checkpoint: its first step is the one after it
+    second = text.split("restart 1:", 1)[1]
+    first_step = int(re.search(r"^step +(\d+) \|", second, re.M).group(1))
+    assert first_step > 1 and first_step - 1 in checkpoints(run), second[-3000:]
     ref_run = two_nodes[0]
     assert losses_by_step(run) == losses_by_step(ref_run)
     assert model_bytes(run) == model_bytes(ref_run)
