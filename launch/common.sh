@@ -339,8 +339,17 @@ slurm_main() {
         set -e
     fi
     trap - USR1
-    if [[ "$SIGNALLED" == USR1 ]] && ((STEP_RC != 0)); then
-        # torchrun exits 1 after a forwarded signal (the ranks' 75 does not pass through it).
+    # launch/torchrun.py exits 128 + the signal that stopped it (the ranks' 75 does not pass
+    # through torchrun). SIGUSR1 to this shell (--signal=B:USR1@T), or SIGUSR1/SIGTERM sent to the
+    # job's steps only (--signal=TERM@T, scancel --signal without --batch; this shell got nothing):
+    # the ranks checkpointed for a time limit -> requeue. A SIGTERM this shell got too (scancel,
+    # a preemption SLURM requeues itself) is not requeued here.
+    local step_sig=""
+    if [[ -z "$SIGNALLED" ]] && ((STEP_RC == 128 + 10 || STEP_RC == 128 + 15)); then
+        step_sig=$(kill -l "$((STEP_RC - 128))")
+        launch_log "the job's steps were sent SIG$step_sig (not this shell): a time-limit signal"
+    fi
+    if { [[ "$SIGNALLED" == USR1 ]] && ((STEP_RC != 0)); } || [[ -n "$step_sig" ]]; then
         launch_log "preempted: requeueing job $job_id; the requeued job resumes from the newest checkpoint"
         scontrol requeue "$job_id" || launch_log "scontrol requeue $job_id failed: resubmit the same sbatch command to resume"
         exit "$EX_TEMPFAIL"

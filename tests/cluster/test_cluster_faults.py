@@ -23,6 +23,7 @@ from sjobs import (
 
 TIMEOUT_S = 20  # distributed.timeout_s of every run here (sjobs.train_args)
 NODES = ("gpt2-n1", "gpt2-n2")
+HANG_TIMEOUT_S = 10  # the hang test's distributed.timeout_s: the wait it measures
 
 
 def _resumes_to_reference(env, jid, log, run, ref_run, before: list[int]):
@@ -33,13 +34,15 @@ def _resumes_to_reference(env, jid, log, run, ref_run, before: list[int]):
     requeue_now(env, jid)
     j = wait_state(env, jid, DONE, 120, log)
     text = log.read_text()
-    assert (j["JobState"], j["ExitCode"]) == ("COMPLETED", "0:0"), text[-4000:]
+    assert (j["JobState"], j["ExitCode"]) == ("COMPLETED", "0:0"), f"{j}\n{text[-4000:]}"
     assert losses_by_step(run) == losses_by_step(ref_run)
     assert model_bytes(run) == model_bytes(ref_run)
     return text
 
 
 def test_node_processes_killed(site, corpus, tmp_path, two_nodes):
+    """A node's training processes killed mid-run: the job fails within seconds, the surviving rank
+    naming the collective; a requeue resumes from the last complete checkpoint."""
     _, env = site
     run = tmp_path / "run"
     jid, log = multinode(site, corpus, run)
@@ -61,23 +64,25 @@ def test_node_processes_killed(site, corpus, tmp_path, two_nodes):
 
 
 def test_hanging_rank(site, corpus, tmp_path, two_nodes):
+    """A rank that stops (SIGSTOP: alive, silent): the other fails after distributed.timeout_s naming
+    the collective; a requeue resumes from the last complete checkpoint."""
     _, env = site
     run = tmp_path / "run"
-    jid, log = multinode(site, corpus, run)
+    jid, log = multinode(site, corpus, run, **{"distributed.timeout_s": HANG_TIMEOUT_S})
     wait_step(run, 5, 90)
     victims = node_pids("gpt2-n2", "pretrain/train.py")
     assert victims
     t0 = time.monotonic()
     for p in victims:
         os.kill(p, signal.SIGSTOP)
-    deadline = t0 + TIMEOUT_S + 40
+    deadline = t0 + HANG_TIMEOUT_S + 40
     while "timed out" not in log.read_text().lower() and time.monotonic() < deadline:
         time.sleep(0.5)
     took = time.monotonic() - t0
     text = log.read_text()
     # the waiting rank names the collective, within distributed.timeout_s (+ the step it was in)
-    assert "gradient reduction (backward) timed out after 20s on rank 0 of 2" in text, text[-3000:]
-    assert took < TIMEOUT_S + 40
+    assert f"gradient reduction (backward) timed out after {HANG_TIMEOUT_S}s on rank 0 of 2" in text, text[-3000:]
+    assert took < HANG_TIMEOUT_S + 40
     _resumes_to_reference(env, jid, log, run, two_nodes[0], checkpoints(run))
 
 

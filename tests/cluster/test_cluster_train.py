@@ -64,54 +64,40 @@ def test_two_nodes_equal_two_processes_on_one_host(two_nodes, local_2proc):
     assert model_bytes(run) == model_bytes(local_2proc)
 
 
-def _preempted_run(site, corpus, tmp_path, two_nodes, signal_it):
-    """A 2-node run, interrupted at step >= 3 by `signal_it(jid)`; it must be requeued, resume from
-    its checkpoint and end bitwise equal to the uninterrupted run."""
+def test_preemption_three_ways_resumes_bitwise(site, corpus, tmp_path, two_nodes):
+    """One 2-node job preempted three times, each the way a cluster does it, each life resumed:
+    1. `scontrol requeue` (an admin; a preemption with PreemptMode=REQUEUE): SIGTERM to every
+       process, the job pending again;
+    2. SIGUSR1 to the batch shell only (what `#SBATCH --signal=B:USR1@120` does before the time
+       limit): the launcher passes it to the ranks, they checkpoint, it requeues the job;
+    3. SIGTERM to the job's steps only (`sbatch --signal=TERM@T`, `scancel --signal=TERM`): the
+       ranks checkpoint, torchrun says so in one line, the launcher requeues the job.
+    After each, `scontrol update StartTime=now` once it is PENDING (SLURM's documented wait).
+    The job ends COMPLETED, its one log shows the four lives, each starting right after the
+    previous one's checkpoint, no traceback, and the result is bitwise the uninterrupted run's."""
     _, env = site
     run = tmp_path / "run"
     jid, log = multinode(site, corpus, run)
-    wait_state(env, jid, {"RUNNING"} | DONE, 30, log)
-    wait_step(run, 3, 60)
-    signal_it(env, jid)
+    ways = [["scontrol", "requeue", jid], ["scancel", "--signal=USR1", "--batch", jid],
+            ["scancel", "--signal=TERM", jid]]
+    stops = [0]
+    for cmd in ways:
+        wait_step(run, stops[-1] + 2, 120)  # this life has trained two steps
+        sh(cmd, env)
+        wait_state(env, jid, {"PENDING"}, 60, log)
+        sh(["scontrol", "update", f"JobId={jid}", "StartTime=now"], env)
+        stops.append(checkpoints(run)[-1])
     j = wait_state(env, jid, DONE, 120, log)
     text = log.read_text()
-    assert (j["JobState"], j["ExitCode"]) == ("COMPLETED", "0:0"), text[-4000:]
-    assert int(j["Restarts"]) == 1
-    # both lives in the one log: the first stopped with a checkpoint, the second resumed from it
-    assert f"job {jid} (gpt2-124m-multinode) restart 0:" in text and f"job {jid} (gpt2-124m-multinode) restart 1:" in text
-    # the second life continued from the first's checkpoint: its first step is the one after it
-    second = text.split("restart 1:", 1)[1]
-    first_step = int(re.search(r"^step +(\d+) \|", second, re.M).group(1))
-    assert first_step > 1 and first_step - 1 in checkpoints(run), second[-3000:]
+    assert (j["JobState"], j["ExitCode"], j["Restarts"]) == ("COMPLETED", "0:0", "3"), f"{j}\n{text[-4000:]}"
+    assert stops == sorted(set(stops)) and stops[-1] < STEPS, stops
+    for life in (1, 2, 3):
+        after = text.split(f"job {jid} (gpt2-124m-multinode) restart {life}:", 1)[1]
+        first_step = int(re.search(r"^step +(\d+) \|", after, re.M).group(1))
+        assert first_step == stops[life] + 1, (life, first_step, stops)  # resumed, not started over
+    assert "torchrun: stopped by SIGUSR1" in text and "torchrun: stopped by SIGTERM" in text
+    assert text.count("preempted: requeueing job") == 2  # the launcher's own requeues: USR1, TERM
+    assert "Traceback" not in text, text[-4000:]
     ref_run = two_nodes[0]
     assert losses_by_step(run) == losses_by_step(ref_run)
     assert model_bytes(run) == model_bytes(ref_run)
-    return text
-
-
-def test_scontrol_requeue_resumes_bitwise(site, corpus, tmp_path, two_nodes):
-    """The scheduler's requeue (preemption with PreemptMode=REQUEUE, an admin's requeue): SIGTERM to
-    every process, then the job pending again; StartTime=now skips the credential wait."""
-
-    def requeue(env, jid):
-        sh(["scontrol", "requeue", jid], env)
-        # only a PENDING job takes a new start time (while its processes end it is COMPLETING)
-        wait_state(env, jid, {"PENDING"}, 30)
-        sh(["scontrol", "update", f"JobId={jid}", "StartTime=now"], env)
-
-    text = _preempted_run(site, corpus, tmp_path, two_nodes, requeue)
-    assert "Traceback" not in text, text[-4000:]
-
-
-def test_usr1_to_batch_shell_requeues_itself(site, corpus, tmp_path, two_nodes):
-    """What `#SBATCH --signal=B:USR1@120` does before the time limit: SIGUSR1 to the batch shell
-    only. The launcher passes it to the ranks, they checkpoint, the launcher requeues the job
-    (with StartTime=now: no 2-minute credential wait) and the requeued job resumes."""
-
-    def usr1(env, jid):
-        sh(["scancel", "--signal=USR1", "--batch", jid], env)
-
-    text = _preempted_run(site, corpus, tmp_path, two_nodes, usr1)
-    assert "preempted: requeueing job" in text
-    assert "Traceback" not in text, text[-4000:]
-
