@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import time
@@ -52,8 +53,17 @@ def wait_state(env: dict, jid: int | str, states: set[str], timeout: float, log:
         if time.monotonic() > deadline:
             tail = log.read_text()[-3000:] if log and log.exists() else ""
             raise AssertionError(f"job {jid} is {j['JobState']} ({j.get('Reason')}) after {timeout}s, "
-                                 f"not {states}\n{tail}")
+                                 f"not {states}\n{tail}\n{controller_log(jid)}")
         time.sleep(0.3)
+
+
+def controller_log(jid: int | str) -> str:
+    """slurmctld's lines about a job (for a failing test's message)."""
+    f = Path(os.environ.get("CLUSTER_DIR", "/tmp/gpt2-slurm")) / "log" / "slurmctld.log"
+    if not f.exists():
+        return ""
+    pat = re.compile(rf"JobId={jid}\b|job_?id[ =:]?{jid}\b", re.I)
+    return "slurmctld.log:\n" + "\n".join([x for x in f.read_text(errors="replace").splitlines() if pat.search(x)][-30:])
 
 
 def wait_step(run_dir: Path, step: int, timeout: float) -> None:

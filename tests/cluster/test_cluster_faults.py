@@ -12,6 +12,7 @@ import time
 from sjobs import (
     DONE,
     checkpoints,
+    controller_log,
     losses_by_step,
     model_bytes,
     multinode,
@@ -34,7 +35,7 @@ def _resumes_to_reference(env, jid, log, run, ref_run, before: list[int]):
     requeue_now(env, jid)
     j = wait_state(env, jid, DONE, 120, log)
     text = log.read_text()
-    assert (j["JobState"], j["ExitCode"]) == ("COMPLETED", "0:0"), f"{j}\n{text[-4000:]}"
+    assert (j["JobState"], j["ExitCode"]) == ("COMPLETED", "0:0"), f"{j}\n{text[-4000:]}\n{controller_log(jid)}"
     assert losses_by_step(run) == losses_by_step(ref_run)
     assert model_bytes(run) == model_bytes(ref_run)
     return text
