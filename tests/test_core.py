@@ -303,3 +303,38 @@ def test_math_of_centred_accuracy():
     out = summarize(tasks, [1.0, 2.0], limited=False)
     assert out["core/a/centered"] == 0.0 and out["core/b/centered"] == 1.0 and out["core/CORE"] == 0.5
     assert math.isclose(out["core/a/acc"], 0.25)
+
+
+def test_in_loop_core_is_logged_at_eval_steps_across_a_resume(tmp_path):
+    """eval.core / eval.core_limit in training: core/... in metrics.jsonl at every eval step; rank 0
+    dies after step 6, the resumed run logs each step (and its CORE figures) once; the report shows
+    them beside OpenAI GPT-2's CORE."""
+    from helpers import make_synthetic_shards, metrics, python_cmd, run, tiny_overrides
+
+    bundle = write_bundle(tmp_path / "bundle", mixed_tasks(None, seed=7))
+    data = make_synthetic_shards(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    cmd = python_cmd(tiny_overrides(data, run_dir, **{
+        "model.preset": "tiny", "eval.interval": 4, "eval.val_tokens": 256, "eval.core": str(bundle),
+        "eval.core_limit": 5, "train.fault_inject": "crash:6"}))
+    assert run(cmd, check=False, timeout=300).returncode == 13
+    assert "resumed from" in run(cmd, timeout=300).stdout
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    keys = ("core/mean_centered", "core/mc_fewshot/acc", "core/lm_zero/centered", "val/bpb")
+    for r in rows:
+        assert all((k in r) == (r["step"] in (4, 8)) for k in keys), r
+    assert "core/CORE" not in rows[3] and rows[3]["core/num_examples"] == 25
+    report = (run_dir / "report.md").read_text()
+    assert "| `core/mean_centered` |" in report and "| `val/bpb` |" in report and "OpenAI GPT-2 CORE" in report
+
+
+def test_config_refuses_a_bad_bundle_path_before_any_work(tmp_path):
+    from pretrain.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="eval.core=.*nope.* is not a CORE bundle directory"):
+        load_config(None, [f"eval.core={tmp_path / 'nope'}"])
+    with pytest.raises(ConfigError, match="eval.core_limit=3 without eval.core"):
+        load_config(None, ["eval.core_limit=3"])
+    with pytest.raises(ConfigError, match="eval.core_limit=0 must be > 0"):
+        load_config(None, [f"eval.core={tmp_path}", "eval.core_limit=0"])
