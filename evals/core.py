@@ -388,7 +388,7 @@ class CoreEvaluator:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.tasks = load_bundle(bundle, limit) if isinstance(bundle, (str, os.PathLike)) else list(bundle)
-        self.limit, self.limited = limit, any(t.total > len(t.items) for t in self.tasks) or limit is not None
+        self.limit, self.limited = limit, any(t.total > len(t.items) for t in self.tasks)  # some item left out
         self.batch_size, self.rank, self.world_size, self.device = batch_size, rank, world_size, torch.device(device)
         self.num_examples = sum(len(t.items) for t in self.tasks)
         self.tokenizer, self._prepared = tokenizer, {}

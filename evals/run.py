@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--core", default=None, metavar="BUNDLE_DIR",
                    help="DCLM CORE on nanochat's eval_bundle directory (core.yaml, eval_meta_data.csv, eval_data/; "
                         "evals/README.md says where to download it)")
+    p.add_argument("--core-limit", type=int, default=None, metavar="N",
+                   help="items per --core task (default: --limit); the mean is then core/mean_centered, not CORE")
     p.add_argument("--val-data", default=None, metavar="DIR",
                    help="directory of token shards; its val split gives val/loss (skipped when not set)")
     p.add_argument("--val-tokens", type=int, default=None,
@@ -93,6 +95,9 @@ def check_args(args) -> str | None:
     if args.limit is not None and args.limit < 1:
         return (f"--limit {args.limit}: nothing to score; pass --limit N with N >= 1 (or leave it out to score "
                 "every example, or pass --no-hellaswag)")
+    if args.core_limit is not None and (args.core is None or args.core_limit < 1):
+        return (f"--core-limit {args.core_limit}: pass N >= 1 with --core BUNDLE_DIR (or leave it out to score "
+                "every item: CORE)")
     if args.tasks is not None:
         from evals.tasks import missing
 
@@ -164,11 +169,12 @@ def _run(args, rank: int, world: int, device: torch.device) -> int:
                                                  split=args.hellaswag_split))
         if tasks:
             manager = task_manager(tasks, args.include_path)  # unknown names: before the model is loaded
-        core = load_bundle(args.core, args.limit) if args.core is not None else None  # a bad bundle: before the model
+        core_limit = args.limit if args.core_limit is None else args.core_limit
+        core = load_bundle(args.core, core_limit) if args.core is not None else None  # a bad bundle: before the model
         source = resolve(args.model)
         model = load_model(source).to(device).eval()
         if core is not None:
-            evaluators.append(CoreEvaluator(core, args.limit, args.batch_size, rank, world, device,
+            evaluators.append(CoreEvaluator(core, core_limit, args.batch_size, rank, world, device,
                                             block_size=model.config.block_size))
         if args.val_data is not None:
             seq_len = args.seq_len or model.config.block_size
@@ -246,7 +252,8 @@ def _report(args, results, harness, evaluators, world, device, timings, requests
 
         print(f"\nCORE {results['core/CORE']:.4f}; {core_reference_line()}")
     elif "core/mean_centered" in results:
-        print(f"\ncore/mean_centered {results['core/mean_centered']:.4f} over the first {args.limit} items of each "
+        limit = args.limit if args.core_limit is None else args.core_limit
+        print(f"\ncore/mean_centered {results['core/mean_centered']:.4f} over the first {limit} items of each "
               "task: not CORE (CORE scores every item; drop --limit)")
     if not args.out:
         return
@@ -259,7 +266,8 @@ def _report(args, results, harness, evaluators, world, device, timings, requests
             "split": args.hellaswag_split if args.hellaswag is None else "file",
         },
         "val_data": args.val_data,
-        "core": None if args.core is None else {"bundle": str(args.core), "limit": args.limit,
+        "core": None if args.core is None else {"bundle": str(args.core),
+                                                "limit": args.limit if args.core_limit is None else args.core_limit,
                                                 "is_core": "core/CORE" in results},
         "harness": harness,
         "requests": requests,

@@ -338,3 +338,16 @@ def test_config_refuses_a_bad_bundle_path_before_any_work(tmp_path):
         load_config(None, ["eval.core_limit=3"])
     with pytest.raises(ConfigError, match="eval.core_limit=0 must be > 0"):
         load_config(None, [f"eval.core={tmp_path}", "eval.core_limit=0"])
+
+
+def test_card_shows_core_and_bpb_beside_gpt2(tmp_path):
+    from pretrain.card import RunFacts, body, eval_results
+
+    facts = RunFacts(figures={"val/loss": 3.3, "val/bpb": 1.1, "core/CORE": 0.05, "core/copa/acc": 0.6,
+                              "core/copa/centered": 0.2, "core/num_examples": 100.0},
+                     figures_from="gpt2-eval (RUN_DIR/eval.json)")
+    text = body(tiny_model(), facts, "m", None)
+    assert "| `core/CORE` | 0.0500 | 0.1139 |" in text and "| `val/bpb` | 1.1000 |" in text
+    assert "OpenAI GPT-2 CORE: 124M 0.1139, 355M 0.1849, 774M 0.2146, 1.5B 0.2565" in text
+    names = {(r.dataset_name, r.metric_type) for r in eval_results(facts)}
+    assert {("DCLM CORE", "CORE"), ("DCLM CORE: copa", "acc"), ("DCLM CORE: copa", "centered")} <= names
