@@ -31,8 +31,9 @@ The scoring is the reference's, rule by rule (``scripts/base_eval.py`` ``evaluat
 - sequences longer than the model's context keep their last ``block_size`` tokens, the indices
   shifted (``evaluate_example``); a continuation that does not fit is refused in one line;
 - multiple choice and schema predict the choice with the lowest mean loss over its continuation
-  tokens (``list.index(min(...))``: the first on ties; an empty continuation's mean is NaN there,
-  and here); language modelling is right when every continuation token is the argmax;
+  tokens (``list.index(min(...))``: the first on ties; an empty continuation's mean, or one with no
+  token before it, is NaN there, and here); language modelling is right when every continuation
+  token is the argmax;
 - items are split ``idx = rank, rank + world_size, ...`` and the counts all-reduced
   (``evaluate_task``); centred accuracy ``(acc - 0.01 b) / (1 - 0.01 b)`` with ``b`` the task's
   ``Random baseline``; CORE is their mean over the tasks.
@@ -278,7 +279,9 @@ def item_rows(task: CoreTask, token_lists: list[list[int]], idx: int, block_size
     out = []
     for toks, start in rows:
         crop = max(0, len(toks) - block_size)
-        if start - crop < 1:
+        # The reference asserts start - crop >= 0; at 0 (no token before the continuation) its mean loss
+        # slice is empty: NaN for a choice (kept, not scored, as here), a shape error for language modelling.
+        if start - crop < (1 if task.task_type == "language_modeling" else 0):
             raise CoreError(f"{task.path}: item {idx} of task {task.label!r} (after the shuffle): its continuation "
                             f"({len(toks) - start} tokens) does not fit the model's context of {block_size} tokens "
                             "after at least one token of prompt")
@@ -327,7 +330,7 @@ def _decide(prep: PreparedTask, rows: list[int], scored: list[int], out: tuple[n
     k_of = {r: k for k, r in enumerate(scored)}
     losses: dict[int, list[float]] = {}
     for r in rows:
-        k = k_of.get(r)  # an empty continuation's mean loss is NaN in core_eval.py too
+        k = k_of.get(r)  # no continuation token, or none before it: the mean loss is NaN in core_eval.py too
         losses.setdefault(prep.item_of[r], []).append(-out[0][k] / out[1][k] if k is not None else math.nan)
     return {local: float(m.index(min(m)) == prep.task.items[prep.items[local]]["gold"])  # the first minimum
             for local, m in losses.items()}
@@ -344,7 +347,7 @@ def score_task(model, prep: PreparedTask, *, block_size: int, batch_size: int, d
         by_item.setdefault(local, []).append(r)
     for c in range(calls):
         rows = [r for local in range(c * per_call, min(len(prep.items), (c + 1) * per_call)) for r in by_item[local]]
-        scored = [r for r in rows if prep.rows[r][1] < len(prep.rows[r][0])]  # a continuation of >= 1 token
+        scored = [r for r in rows if 1 <= prep.rows[r][1] < len(prep.rows[r][0])]  # a prompt token, a continuation
         out = score_sequences(model, [prep.rows[r][0][:prep.rows[r][1]].tolist() for r in scored],
                               [prep.rows[r][0][prep.rows[r][1]:].tolist() for r in scored],
                               block_size=block_size, batch_size=batch_size, vocab_size=model_vocab_size(model),

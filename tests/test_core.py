@@ -131,7 +131,7 @@ def reference_core(model, bundle: Path, limit=None, crops=None) -> dict[str, flo
     out, centred = {}, []
     for t in cfg["icl_tasks"]:
         kind, k, d = t["icl_task_type"], t["num_fewshot"][0], t.get("continuation_delimiter", " ")
-        data = [json.loads(line) for line in open(bundle / "eval_data" / t["dataset_uri"], encoding="utf-8")]
+        data = [json.loads(line) for line in (bundle / "eval_data" / t["dataset_uri"]).read_text("utf-8").splitlines()]
         random.Random(1337).shuffle(data)
         data = data[:limit] if limit else data
         tmpl = jinja2.Template(TEMPLATES[kind])
@@ -163,9 +163,11 @@ def reference_core(model, bundle: Path, limit=None, crops=None) -> dict[str, flo
                 s, a, b = s[cut:], a - cut, b - cut
                 with torch.no_grad():
                     logits = model(torch.tensor([s]))[0][0]  # (T, V)
-                nll = F.cross_entropy(logits[a - 1:b - 1], torch.tensor(s[a:b]), reduction="none")
-                losses.append(nll.mean().item())
-                ok = ok and bool((logits[a - 1:b - 1].argmax(-1) == torch.tensor(s[a:b])).all())
+                nll = F.cross_entropy(logits, torch.tensor(s[1:] + s[:1]), reduction="none")  # targets rolled by one
+                nll[-1] = math.nan  # no target after the last token
+                losses.append(nll[a - 1:b - 1].mean().item())  # a = 0: an empty slice, NaN
+                if kind == "language_modeling":
+                    ok = ok and bool((logits[a - 1:b - 1].argmax(-1) == torch.tensor(s[a:b])).all())
             right += ok if kind == "language_modeling" else losses.index(min(losses)) == item["gold"]
         acc = right / len(data)
         out[t["label"]] = acc
@@ -351,3 +353,20 @@ def test_card_shows_core_and_bpb_beside_gpt2(tmp_path):
     assert "OpenAI GPT-2 CORE: 124M 0.1139, 355M 0.1849, 774M 0.2146, 1.5B 0.2565" in text
     names = {(r.dataset_name, r.metric_type) for r in eval_results(facts)}
     assert {("DCLM CORE", "CORE"), ("DCLM CORE: copa", "acc"), ("DCLM CORE: copa", "centered")} <= names
+
+
+def test_choices_without_scored_tokens_decide_as_the_reference(tmp_path):
+    """A choice whose tokens are a prefix of another's (no continuation token of its own) and schema
+    options that tokenize the same (no token before the continuation): NaN mean losses in the
+    reference, whose min / index then decide; the same decisions here."""
+    rng = random.Random(4)
+    mc = mc_items(rng, 4) + [{"query": "Pick one:", "choices": ["cat", "cat dog", "cat blue"], "gold": 0},
+                             {"query": "Pick one:", "choices": ["cat dog", "cat", "cat blue"], "gold": 2}]
+    schema = schema_items(rng, 4) + [{"context_options": ["Same text", "Same text"], "continuation": "ends.",
+                                      "gold": 1}]
+    bundle = write_bundle(tmp_path, [{"label": "mc", "type": "multiple_choice", "shots": 0, "items": mc},
+                                     {"label": "sc", "type": "schema", "shots": 0, "items": schema}])
+    model = tiny_model(3)
+    want = reference_core(model, bundle)
+    got = CoreEvaluator(bundle)(model)
+    assert (got["core/mc/acc"], got["core/sc/acc"]) == (want["mc"], want["sc"])
