@@ -226,6 +226,9 @@ def test_limit_takes_the_first_items_after_the_shuffle_and_is_not_core(tmp_path)
     want = reference_core(model, bundle, limit=5)
     assert "core/CORE" not in got and got["core/mean_centered"] == pytest.approx(want["CORE"], abs=1e-6)
     assert got["core/num_examples"] == 5 * 5
+    from evals.core import evaluate_core
+
+    assert evaluate_core(model, bundle, limit=5, batch_size=3) == got  # the Python API
     with pytest.raises(CoreError, match=r"mc_fewshot.* draws 3 few-shot examples .* first 3 .* raise the limit"):
         load_bundle(bundle, limit=3)
 
