@@ -247,13 +247,13 @@ def _report(args, results, harness, evaluators, world, device, timings, requests
     if rows:
         print("\nGPT-2 124M (OpenAI) in lm-evaluation-harness, same task, metric and shots (evals/README.md):")
         print(format_reference(rows))
-    if "core/CORE" in results:
+    if "core/CORE" in results:  # a bundle scored whole: beside OpenAI GPT-2's
         from evals.tasks import core_reference_line
 
         print(f"\nCORE {results['core/CORE']:.4f}; {core_reference_line()}")
-    elif "core/mean_centered" in results:
-        limit = args.limit if args.core_limit is None else args.core_limit
-        print(f"\ncore/mean_centered {results['core/mean_centered']:.4f} over the first {limit} items of each "
+    core = next((ev for ev in evaluators if ev.name == "core"), None)
+    if "core/mean_centered" in results:
+        print(f"\ncore/mean_centered {results['core/mean_centered']:.4f} over the first {core.limit} items of each "
               "task: not CORE (CORE scores every item; drop --limit)")
     if not args.out:
         return
@@ -266,9 +266,8 @@ def _report(args, results, harness, evaluators, world, device, timings, requests
             "split": args.hellaswag_split if args.hellaswag is None else "file",
         },
         "val_data": args.val_data,
-        "core": None if args.core is None else {"bundle": str(args.core),
-                                                "limit": args.limit if args.core_limit is None else args.core_limit,
-                                                "is_core": "core/CORE" in results},
+        "core": None if core is None else {"bundle": str(args.core), "limit": core.limit,
+                                           "is_core": "core/CORE" in results},
         "harness": harness,
         "requests": requests,
         "world_size": world,
