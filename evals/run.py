@@ -254,7 +254,7 @@ def _report(args, results, harness, evaluators, world, device, timings, requests
     core = next((ev for ev in evaluators if ev.name == "core"), None)
     if "core/mean_centered" in results:
         print(f"\ncore/mean_centered {results['core/mean_centered']:.4f} over the first {core.limit} items of each "
-              "task: not CORE (CORE scores every item; drop --limit)")
+              "task: not CORE (CORE scores every item; drop the limit)")
     if not args.out:
         return
     hs = next((ev for ev in evaluators if ev.name == "hellaswag"), None)
