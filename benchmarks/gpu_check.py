@@ -32,7 +32,8 @@ Blocks (``--blocks``, comma-separated; default all), run in this order:
                init, the losses within 2% of each other; resume on CUDA (10 steps, save, a new Trainer
                resumes, steps 11-20) against two uninterrupted runs, with deterministic algorithms on;
                one training step under a FLASH_ATTENTION-only SDPA context.
-  evals        HellaSwag examples/s on the 124M preset (1,000 synthetic examples, both scoring styles),
+  evals        HellaSwag examples/s on the 124M preset (1,000 synthetic examples, both scoring styles), CORE
+               items/s (evals/core.py on benchmarks/core.py's CORE-shaped synthetic bundle, ``core_items`` per task),
                generation tokens/s at batch 1 and 16 the way the trainer samples (fp32 weights under bf16
                autocast, ``step='auto'``), and how long an asynchronous 124M checkpoint save blocks
                training (vs a synchronous one).
@@ -81,10 +82,12 @@ def sizes(smoke: bool) -> dict:
     """The model and batch of every block: the real ones, or tiny ones for --smoke on CPU."""
     if smoke:
         return dict(config="smoke_cpu.yaml", model=["model.preset=tiny"], seq_len=64, global_tokens=512,
-                    corr_micro=4, corr_steps=6, hs_examples=16, gen_tokens=16, gen_batches=(1, 4), device="cpu",
+                    corr_micro=4, corr_steps=6, hs_examples=16, core_items=11, gen_tokens=16, gen_batches=(1, 4),
+                    device="cpu",
                     decode_preset="tiny", decode_batches=(1, 4), decode_modes=("eager", "compile"))
     return dict(config="gpt2_124m.yaml", model=[], seq_len=1024, global_tokens=524288,
-                corr_micro=8, corr_steps=20, hs_examples=1000, gen_tokens=256, gen_batches=(1, 16), device="cuda",
+                corr_micro=8, corr_steps=20, hs_examples=1000, core_items=200, gen_tokens=256, gen_batches=(1, 16),
+                device="cuda",
                 decode_preset="gpt2", decode_batches=(1, 8, 64),
                 decode_modes=("eager", "graph", "compile+graph", "reduce-overhead", "compile"))
 
@@ -283,6 +286,28 @@ def synthetic_hellaswag(n: int, seed: int = 0) -> list[dict]:
             for _ in range(n)]
 
 
+def core_throughput(model, t, spec: dict) -> dict:
+    """CORE items/s (evals/core.py) on benchmarks/core.py's CORE-shaped synthetic bundle, after a
+    warm-up pass over the same items (the first call's CUDA kernels and autotuning are not counted)."""
+    import importlib.util
+
+    from evals.core import CoreEvaluator
+
+    spec_ = importlib.util.spec_from_file_location("core_bench", Path(__file__).with_name("core.py"))
+    bench = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(bench)
+    bundle = bench.synthetic_bundle(Path(spec["run_root"]) / "core_bundle", spec["core_items"])
+    ev = CoreEvaluator(bundle, batch_size=spec["hs_batch"], device=t.device, block_size=model.config.block_size)
+    ev(model)
+    _sync(t)
+    t0 = time.perf_counter()
+    res = ev(model)
+    _sync(t)
+    dt = time.perf_counter() - t0
+    return {"items": ev.num_examples, "items_per_s": round(ev.num_examples / dt, 1), "seconds": round(dt, 2),
+            "core": res["core/CORE"]}
+
+
 def case_evals(spec: dict) -> dict:
     """HellaSwag examples/s, generation tokens/s, async checkpoint blocking time."""
     import torch
@@ -314,6 +339,7 @@ def case_evals(spec: dict) -> dict:
         dt = time.perf_counter() - t0
         out["hellaswag"] = {"examples": len(prep), "examples_per_s": round(len(prep) / dt, 1), "seconds": round(dt, 2),
                             "acc_norm": res["hellaswag/acc_norm"]}
+        out["core"] = core_throughput(model, t, spec)
 
         gen = {}
         prompt = list(range(1000, 1016))  # 16 tokens
@@ -602,6 +628,7 @@ def block_evals(r: Runner, sz: dict, data: Path, tmp: Path) -> dict:
                         f"train.global_batch_tokens={4 * sz['seq_len']}", f"train.run_dir={tmp / 'evals'}",
                         "checkpoint.resume=none"]
     spec = {"kind": "evals", "label": "evals", "config": sz["config"], "overrides": ov, "hs_examples": sz["hs_examples"],
+            "core_items": sz["core_items"],
             "hs_batch": 32, "gen_tokens": sz["gen_tokens"], "gen_batches": list(sz["gen_batches"]),
             "run_root": str(tmp / "evals-ckpt")}
     return r.child(spec)
@@ -701,6 +728,9 @@ def table(res: dict) -> str:
         if "hellaswag" in e:
             rows.append(("evals", "HellaSwag", f"{e['hellaswag']['examples_per_s']} examples/s "
                                                f"({e['hellaswag']['examples']} examples)"))
+            if "core" in e:
+                rows.append(("evals", "CORE", f"{e['core']['items_per_s']} items/s ({e['core']['items']} items, "
+                                              "CORE-shaped synthetic bundle)"))
             for k, g in e["generate_kv_cache"].items():
                 if k.startswith("profile"):
                     continue

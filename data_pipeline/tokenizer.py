@@ -148,5 +148,15 @@ class GPT2Tokenizer:
         return self.enc.decode_bytes(list(ids))
 
 
+@functools.lru_cache(maxsize=1)
+def token_byte_lengths() -> tuple[int, ...]:
+    """UTF-8 bytes of each token id's byte sequence (``decode_single_token_bytes``; VOCAB_SIZE
+    entries), 0 for ``<|endoftext|>``, which is a document separator, not text. Counted per
+    token, so a token holding part of a multi-byte character counts the bytes it holds and a
+    sequence's bytes are the sum over its tokens (bits per byte: ``evals/val_loss.py``)."""
+    enc = gpt2_encoding()
+    return tuple(0 if i == EOT_ID else len(enc.decode_single_token_bytes(i)) for i in range(VOCAB_SIZE))
+
+
 def get_tokenizer() -> GPT2Tokenizer:
     return GPT2Tokenizer()

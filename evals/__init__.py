@@ -1,11 +1,15 @@
-"""Evaluations: HellaSwag (``evals.hellaswag``), validation loss (``evals.val_loss``),
+"""Evaluations: HellaSwag (``evals.hellaswag``), validation loss (``evals.val_loss``), DCLM CORE (``evals.core``),
 lm-evaluation-harness tasks (``evals.tasks``, ``evals.harness``) and the ``gpt2-eval`` CLI
 (``evals.run``). The evaluator classes are importable from here; nothing is imported until first use."""
 
-__all__ = ["HellaSwagEvaluator", "TaskEvaluator", "ValLossEvaluator"]
+__all__ = ["CoreEvaluator", "HellaSwagEvaluator", "TaskEvaluator", "ValLossEvaluator"]
 
 
 def __getattr__(name: str):
+    if name == "CoreEvaluator":
+        from evals.core import CoreEvaluator
+
+        return CoreEvaluator
     if name == "HellaSwagEvaluator":
         from evals.hellaswag import HellaSwagEvaluator
 

@@ -3,13 +3,16 @@ lm-evaluation-harness task.
 
     gpt2-eval --model CHECKPOINT_OR_HF_DIR [--hellaswag PATH] [--val-data DIR] [--limit N] [--out results.json]
     gpt2-eval --model ... --tasks lambada_openai,arc_easy [--include-path DIR] [--num-fewshot K] [--limit N]
+    gpt2-eval --model ... --core eval_bundle [--limit N]    # DCLM CORE (evals/core.py); a limit: not CORE
     torchrun --nproc_per_node 8 -m evals.run --model ... # examples split over ranks, counts all-reduced
 
 ``--tasks`` runs the harness (the optional extra ``.[lm-eval]``) as a library on the model in
 memory (``evals/tasks.py``, ``evals/harness.py``): the JSON holds the harness's results dict
 under ``harness`` and the flat ``tasks/<task>/<metric>`` figures under ``results``; figures
 whose task, metric and few-shot count match GPT-2 124M's published ones are printed beside them.
-With ``--tasks``, HellaSwag (the project's own scorer) runs only when ``--hellaswag PATH`` is given.
+With ``--tasks`` or ``--core``, HellaSwag (the project's own scorer) runs only when ``--hellaswag PATH``
+is given. ``--core BUNDLE_DIR`` scores nanochat's eval_bundle (``evals/core.py``): per-task accuracy,
+centred accuracy and CORE, printed beside OpenAI GPT-2's CORE.
 
 ``--model`` is a Hugging Face GPT-2 directory (``gpt2-export`` writes one), a hub name, or a
 native checkpoint directory written by the trainer (``pretrain.model.weights.load_model``). Without
@@ -44,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which HellaSwag split to download when --hellaswag is not given")
     p.add_argument("--no-hellaswag", action="store_true", help="skip HellaSwag")
     p.add_argument("--limit", type=int, default=None,
-                   help="score only the first N examples of HellaSwag and of each --tasks task")
+                   help="score only the first N examples of HellaSwag and of each --tasks / --core task "
+                        "(with --core the mean is then reported as core/mean_centered, not CORE)")
     p.add_argument("--tasks", default=None, metavar="NAMES",
                    help="comma-separated lm-evaluation-harness tasks (e.g. lambada_openai,arc_easy,piqa); "
                         "needs pip install -e '.[lm-eval]'")
@@ -54,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="few-shot examples per --tasks prompt (default: each task's own, else 0)")
     p.add_argument("--bootstrap-iters", type=int, default=100_000,
                    help="bootstrap resamples for the standard errors of perplexity-type task metrics (0 = none)")
+    p.add_argument("--core", default=None, metavar="BUNDLE_DIR",
+                   help="DCLM CORE on nanochat's eval_bundle directory (core.yaml, eval_meta_data.csv, eval_data/; "
+                        "evals/README.md says where to download it)")
+    p.add_argument("--core-limit", type=int, default=None, metavar="N",
+                   help="items per --core task (default: --limit); the mean is then core/mean_centered, not CORE")
     p.add_argument("--val-data", default=None, metavar="DIR",
                    help="directory of token shards; its val split gives val/loss (skipped when not set)")
     p.add_argument("--val-tokens", type=int, default=None,
@@ -86,6 +95,9 @@ def check_args(args) -> str | None:
     if args.limit is not None and args.limit < 1:
         return (f"--limit {args.limit}: nothing to score; pass --limit N with N >= 1 (or leave it out to score "
                 "every example, or pass --no-hellaswag)")
+    if args.core_limit is not None and (args.core is None or args.core_limit < 1):
+        return (f"--core-limit {args.core_limit}: pass N >= 1 with --core BUNDLE_DIR (or leave it out to score "
+                "every item: CORE)")
     if args.tasks is not None:
         from evals.tasks import missing
 
@@ -138,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args, rank: int, world: int, device: torch.device) -> int:
+    from evals.core import CoreEvaluator, load_bundle
     from evals.hellaswag import HellaSwagError, HellaSwagEvaluator
     from evals.tasks import TaskError, task_manager
     from evals.val_loss import ValLossEvaluator
@@ -151,13 +164,18 @@ def _run(args, rank: int, world: int, device: torch.device) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
     try:
         evaluators, manager = [], None
-        if not args.no_hellaswag and (not tasks or args.hellaswag is not None):
+        if not args.no_hellaswag and (not (tasks or args.core) or args.hellaswag is not None):
             evaluators.append(HellaSwagEvaluator(args.hellaswag, args.limit, args.batch_size, rank, world, device,
                                                  split=args.hellaswag_split))
         if tasks:
             manager = task_manager(tasks, args.include_path)  # unknown names: before the model is loaded
+        core_limit = args.limit if args.core_limit is None else args.core_limit
+        core = load_bundle(args.core, core_limit) if args.core is not None else None  # a bad bundle: before the model
         source = resolve(args.model)
         model = load_model(source).to(device).eval()
+        if core is not None:
+            evaluators.append(CoreEvaluator(core, core_limit, args.batch_size, rank, world, device,
+                                            block_size=model.config.block_size))
         if args.val_data is not None:
             seq_len = args.seq_len or model.config.block_size
             if seq_len > model.config.block_size:
@@ -171,7 +189,7 @@ def _run(args, rank: int, world: int, device: torch.device) -> int:
         print(f"gpt2-eval: error: {e}", file=sys.stderr)
         return 2
     if not evaluators and not tasks:
-        print("gpt2-eval: error: nothing to evaluate; drop --no-hellaswag, pass --val-data DIR or --tasks NAMES",
+        print("gpt2-eval: error: nothing to evaluate; drop --no-hellaswag, pass --val-data DIR, --core DIR or --tasks NAMES",
               file=sys.stderr)
         return 2
     scored = torch.compile(model) if args.compile else model
@@ -229,6 +247,14 @@ def _report(args, results, harness, evaluators, world, device, timings, requests
     if rows:
         print("\nGPT-2 124M (OpenAI) in lm-evaluation-harness, same task, metric and shots (evals/README.md):")
         print(format_reference(rows))
+    if "core/CORE" in results:  # a bundle scored whole: beside OpenAI GPT-2's
+        from evals.tasks import core_reference_line
+
+        print(f"\nCORE {results['core/CORE']:.4f}; {core_reference_line()}")
+    core = next((ev for ev in evaluators if ev.name == "core"), None)
+    if "core/mean_centered" in results:
+        print(f"\ncore/mean_centered {results['core/mean_centered']:.4f} over the first {core.limit} items of each "
+              "task: not CORE (CORE scores every item; drop the limit)")
     if not args.out:
         return
     hs = next((ev for ev in evaluators if ev.name == "hellaswag"), None)
@@ -240,6 +266,8 @@ def _report(args, results, harness, evaluators, world, device, timings, requests
             "split": args.hellaswag_split if args.hellaswag is None else "file",
         },
         "val_data": args.val_data,
+        "core": None if core is None else {"bundle": str(args.core), "limit": core.limit,
+                                           "is_core": "core/CORE" in results},
         "harness": harness,
         "requests": requests,
         "world_size": world,

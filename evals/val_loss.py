@@ -7,6 +7,13 @@ Rank r takes sequences ``r::world_size``; each rank runs the same number of fixe
 ``(batch_size, seq_len)`` forwards (the last one padded with ignored targets), and the summed
 loss and token count are all-reduced, so ``val/loss`` is the token-weighted mean over the slice.
 
+``val/bpb`` (bits per byte, comparable across tokenizers) is nanochat's ``evaluate_bpb``
+(``nanochat/loss_eval.py``): the summed nats of the slice's target tokens over ln 2 and the UTF-8
+bytes those tokens stand for, each token counted by the bytes of its own byte sequence
+(``data_pipeline.tokenizer.token_byte_lengths``; a token holding part of a multi-byte character
+counts the bytes it holds, so nothing depends on where a character is split). ``<|endoftext|>``
+is a separator, not text: 0 bytes, and its nats are left out of the numerator too.
+
 The shards the slice reads are checked once, when the evaluator is built, through the same
 ``data_pipeline.store.ShardStore`` as the training loader: a half-finished prepare is refused
 (unless ``allow_incomplete``), a remote ``data_dir`` (fsspec URL) has the shards it reads copied
@@ -27,13 +34,14 @@ import torch
 
 from data_pipeline.shards import expected, read_shard
 from data_pipeline.store import ShardStore, token_range_error
+from data_pipeline.tokenizer import token_byte_lengths
 from evals.common import autocast_for, eval_mode, stop_check
 from pretrain import dist
 
 
 class ValLossEvaluator:
     """``ValLossEvaluator(data_dir, seq_len, batch_size, num_tokens, rank, world_size, device)``;
-    ``evaluator(model, step) -> {"val/loss", "val/ppl", "val/tokens"}`` on every rank together.
+    ``evaluator(model, step) -> {"val/loss", "val/ppl", "val/bpb", "val/tokens"}`` on every rank together.
     ``num_tokens=None`` evaluates the whole val split."""
 
     name = "val_loss"
@@ -84,6 +92,8 @@ class ValLossEvaluator:
                 raise token_range_error(path, self.shards[s], vocab_size)
         per_rank = -(-wanted // world_size)  # ceil: every rank runs as many batches as rank 0
         self.num_batches = -(-per_rank // batch_size)
+        self.token_bytes = np.zeros(2**16, dtype=np.int64)  # by token id (uint16 shards); ids past GPT-2's: 0
+        self.token_bytes[:len(token_byte_lengths())] = token_byte_lengths()
 
     def _batch(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         B, T = self.batch_size, self.seq_len
@@ -102,23 +112,33 @@ class ValLossEvaluator:
     def evaluate(self, model, stop: Callable[[], bool] | None = None) -> dict[str, float]:
         """The metrics, or ``{}`` when ``stop()`` became True on any rank before the last batch."""
         stopped = stop_check(model, stop)
-        total = torch.zeros(3, dtype=torch.float64, device=self.device)  # [loss sum, tokens, ranks stopped]
+        # [loss sum, tokens, ranks stopped, nats of the tokens that are text, their UTF-8 bytes]
+        total = torch.zeros(5, dtype=torch.float64, device=self.device)
         for b in range(self.num_batches):
             if stopped():
                 total[2] = 1
                 break
             x, y = self._batch(b)
+            nbytes = torch.from_numpy(self.token_bytes[y.clamp(min=0).numpy()])  # (B, T); padding rows: masked below
+            nbytes[y == -100] = 0
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            nbytes = nbytes.to(self.device, non_blocking=True)
             with autocast_for(self.device):
-                _, loss = model(x, y, reduction="sum")
-            total[0] += loss.double()
+                _, loss = model(x, y, reduction="none")  # (B, T) nats; 0 where ignored
+            loss = loss.double().masked_fill(y == -100, 0.0)
+            total[0] += loss.sum()
             total[1] += (y != -100).sum()
+            total[3] += loss.masked_fill(nbytes == 0, 0.0).sum()
+            total[4] += nbytes.sum()
         dist.all_reduce(total, "val loss")
-        loss_sum, tokens, interrupted = total.tolist()
+        loss_sum, tokens, interrupted, text_nats, text_bytes = total.tolist()
         if interrupted:
             return {}
         mean = loss_sum / tokens
-        return {"val/loss": mean, "val/ppl": math.exp(min(mean, 700.0)), "val/tokens": tokens}
+        out = {"val/loss": mean, "val/ppl": math.exp(min(mean, 700.0))}
+        if text_bytes > 0:
+            out["val/bpb"] = text_nats / math.log(2) / text_bytes
+        return {**out, "val/tokens": tokens}
 
     def __call__(self, model, step: int | None = None, stop: Callable[[], bool] | None = None) -> dict[str, float]:
         with eval_mode(model):

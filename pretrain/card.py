@@ -107,6 +107,10 @@ def eval_results(facts: RunFacts) -> list:
             out.append(EvalResult(task_type="text-generation", dataset_type=HELLASWAG_DATASET, dataset_name="HellaSwag",
                                   dataset_split="validation", dataset_args={"num_few_shot": 0}, metric_type=parts[1],
                                   metric_value=round(value, 6)))
+        elif parts[0] == "core":  # DCLM CORE (evals/core.py): the mean, and each task's acc / centered
+            out.append(EvalResult(task_type="text-generation", dataset_type="core", metric_type=parts[-1],
+                                  dataset_name="DCLM CORE" + (f": {parts[1]}" if len(parts) == 3 else ""),
+                                  metric_value=round(value, 6)))
         elif parts[0] == "tasks" and len(parts) == 3:
             out.append(EvalResult(task_type="text-generation", dataset_type=parts[1], dataset_name=parts[1],
                                   metric_type=parts[2], metric_value=round(value, 6),
@@ -137,7 +141,7 @@ def _recipe(facts: RunFacts) -> list[str]:
 def body(model, facts: RunFacts, name: str, repo_id: str | None) -> str:
     """The card's Markdown below its metadata."""
     from evals.tasks import REFERENCE
-    from pretrain.report import duration, throughput
+    from pretrain.report import core_notes, duration, throughput
 
     g = model.config
     where = repo_id or "PATH_TO_THIS_DIRECTORY"
@@ -169,6 +173,7 @@ def body(model, facts: RunFacts, name: str, repo_id: str | None) -> str:
             task, metric = (parts[1], parts[2]) if parts[0] == "tasks" and len(parts) == 3 else (parts[0], parts[-1])
             ref = REFERENCE.get((task, metric, 0))
             lines.append(f"| `{key}` | {value:.4f} | {f'{ref[0]:.4f}' if ref else ''} |")
+        lines += core_notes(list(facts.figures))
     if (facts.run_dir is not None) and facts.records:
         lines += ["", "## Loss curves", "", f"![loss curves]({PLOT_FILE})"]
     lines += ["", "## Usage", "", "Offline, with `transformers`:", "", "```python",

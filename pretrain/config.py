@@ -271,6 +271,13 @@ class EvalSection:
     """Documents per task at each eval (the harness's --limit); None = all."""
     tasks_include_path: str | None = None
     """Directory of local harness task YAMLs (tasks on local data files, offline); None = the harness's own."""
+    core: str | None = None
+    """DCLM CORE at each eval (evals/core.py): nanochat's eval_bundle directory (core.yaml,
+    eval_meta_data.csv, eval_data/; evals/README.md says where to download it); logged as
+    core/CORE and core/<task>/acc, core/<task>/centered. None = no CORE."""
+    core_limit: int | None = None
+    """Items per CORE task at each eval (the first N after the reference's shuffle); the mean is then
+    logged as core/mean_centered, not core/CORE. None = all (CORE)."""
 
 
 @dataclass
@@ -634,7 +641,7 @@ def world_size_from_env() -> int:
 POSITIVE = ("data.seq_len", "train.global_batch_tokens", "train.micro_batch_size", "train.log_interval",
             "train.max_nonfinite_in_a_row", "train.spike_threshold", "optim.lr", "optim.eps", "schedule.max_steps",
             "distributed.timeout_s", "checkpoint.keep_last", "eval.sample_top_k", "eval.batch_size",
-            "eval.hellaswag_limit", "eval.tasks_limit", "train.peak_tflops")
+            "eval.hellaswag_limit", "eval.tasks_limit", "eval.core_limit", "train.peak_tflops")
 NONNEGATIVE = ("optim.weight_decay", "optim.grad_clip", "schedule.warmup_steps", "eval.interval", "eval.val_tokens",
                "eval.sample_tokens", "checkpoint.interval")
 
@@ -712,6 +719,7 @@ def validate_run(cfg: Config) -> None:
                 "pip install -e '.[tensorboard]' (or pip install tensorboard), or set logging.tensorboard=false"
             )
     validate_tasks(cfg)
+    validate_core(cfg)
     r = cfg.checkpoint.resume
     if r not in ("auto", "none") and not r:
         raise ConfigError("checkpoint.resume must be auto, none or a checkpoint path")
@@ -746,6 +754,23 @@ def validate_tasks(cfg: Config) -> None:
     if e.tasks_include_path is not None and not Path(e.tasks_include_path).exists():
         raise ConfigError(f"eval.tasks_include_path={e.tasks_include_path!r} does not exist; pass a directory of "
                           "harness task YAMLs or null")
+
+
+def validate_core(cfg: Config) -> None:
+    """eval.core: the bundle directory and its core.yaml exist, and the model reads GPT-2 BPE text.
+    The bundle's tasks and items are read and checked by the evaluator when the run starts."""
+    e = cfg.eval
+    if e.core is None:
+        if e.core_limit is not None:
+            raise ConfigError(f"eval.core_limit={e.core_limit} without eval.core; set eval.core to the eval_bundle "
+                              "directory, or drop eval.core_limit")
+        return
+    if not Path(e.core).is_dir() or not (Path(e.core) / "core.yaml").is_file():
+        raise ConfigError(f"eval.core={e.core!r} is not a CORE bundle directory (core.yaml, eval_meta_data.csv, "
+                          "eval_data/); pass nanochat's eval_bundle (evals/README.md) or null")
+    if cfg.gpt_config.vocab_size < 50257:
+        raise ConfigError(f"eval.core: the CORE prompts are GPT-2 BPE text (50257 ids) but model.vocab_size is "
+                          f"{cfg.gpt_config.vocab_size}; train with the GPT-2 vocabulary or set eval.core=null")
 
 
 def validate_optim_schedule(cfg: Config) -> None:

@@ -106,6 +106,24 @@ def evaluation_rows(records: list[dict], final: dict[str, float]) -> list[tuple[
     return rows
 
 
+def core_notes(keys: list[str]) -> list[str]:
+    """Under an evaluation table holding CORE figures: OpenAI GPT-2's CORE at each size (evals/tasks.py),
+    and what core/mean_centered is (a per-task limit: not CORE); bits per byte said in words."""
+    from evals.tasks import core_reference_line
+
+    keys = [k.strip("`") for k in keys]
+    out = []
+    if any(k.startswith("core/") for k in keys):
+        out.append(f"- {core_reference_line()}.")
+    if "core/mean_centered" in keys:
+        out.append("- `core/mean_centered`: the mean centred accuracy over the first N items of each task "
+                   "(eval.core_limit / --limit): not CORE, which scores every item.")
+    if "val/bpb" in keys:
+        out.append("- `val/bpb`: validation bits per byte (nats / ln 2 / UTF-8 bytes of the text tokens), "
+                   "comparable across tokenizers.")
+    return [""] + out if out else []
+
+
 def _plot(run_dir: Path) -> Path | None:
     from pretrain.training import plot
 
@@ -163,6 +181,7 @@ def render(run_dir: Path) -> str:
                   "|---|---|---|---|"] + [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     else:
         lines.append("No evaluations logged (eval.interval=0 and no eval.json).")
+    lines += core_notes([k for k, *_ in rows])
     png = _plot(run_dir)
     lines += ["", "## Loss curves", "", f"![loss curves]({png.name})"]
     sample = _sample(run_dir, records)

@@ -63,9 +63,9 @@ def resume_command(argv: list[str]) -> str:
 
 
 def build_evaluators(plan, rank: int, world_size: int, device) -> list:
-    """Val loss, HellaSwag, the sample and harness tasks, from evals/ (imported here, never by the
-    trainer). They read their data (val shards, the HellaSwag file, the tasks' documents) when
-    built, so building them before the model checks those inputs early."""
+    """Val loss, HellaSwag, the sample, harness tasks and CORE, from evals/ (imported here, never by
+    the trainer). They read their data (val shards, the HellaSwag file, the tasks' documents, the
+    CORE bundle) when built, so building them before the model checks those inputs early."""
     cfg, e = plan.cfg, plan.cfg.eval
     if e.interval <= 0:
         return []
@@ -94,6 +94,11 @@ def build_evaluators(plan, rank: int, world_size: int, device) -> list:
 
         evaluators.append(TaskEvaluator(e.tasks, e.tasks_limit, batch, device, include_path=e.tasks_include_path,
                                         fsdp=cfg.distributed.mode == "fsdp", world_size=world_size))
+    if e.core:  # DCLM CORE on nanochat's eval_bundle: read, checked and tokenized here
+        from evals.core import CoreEvaluator
+
+        evaluators.append(CoreEvaluator(e.core, e.core_limit, batch, rank, world_size, device,
+                                        block_size=cfg.gpt_config.block_size))
     return evaluators
 
 

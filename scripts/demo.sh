@@ -3,7 +3,8 @@
 #
 #   prepare   builtin:python-docs (CPython's own documentation) -> GPT-2 token shards
 #   train     a small GPT-2 (configs/demo.yaml) with the real trainer, pretrain/train.py
-#   evaluate  validation loss (and HellaSwag when HELLASWAG=path/to/hellaswag_val.jsonl) via evals.run
+#   evaluate  validation loss and bits per byte (HellaSwag when HELLASWAG=path/to/hellaswag_val.jsonl,
+#             DCLM CORE when CORE=path/to/eval_bundle) via evals.run
 #   export    the checkpoint to Hugging Face format with its model card, README.md (pretrain.export)
 #   generate  load the export with transformers (offline) and continue a prompt
 #   plot      loss / lr / tokens/s / HellaSwag curves (pretrain.training.plot), and the run report,
@@ -25,6 +26,8 @@
 #   DEMO_PROMPT="The Python interpreter"   DEMO_SAMPLE_TOKENS=60
 #   HELLASWAG=                  a local HellaSwag jsonl: evaluated during training and at the end
 #   DEMO_HELLASWAG_LIMIT=200    HellaSwag examples per evaluation (the full 10,042 take long on a CPU)
+#   CORE=                       nanochat's eval_bundle directory: CORE during training and at the end
+#   DEMO_CORE_LIMIT=20          items per CORE task (0 = all: CORE itself; the 22 tasks take long on a CPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,6 +49,8 @@ DEMO_PROMPT=${DEMO_PROMPT:-The Python interpreter}
 DEMO_SAMPLE_TOKENS=${DEMO_SAMPLE_TOKENS:-60}
 DEMO_HELLASWAG_LIMIT=${DEMO_HELLASWAG_LIMIT:-200}
 HELLASWAG=${HELLASWAG:-}
+DEMO_CORE_LIMIT=${DEMO_CORE_LIMIT:-20}
+CORE=${CORE:-}
 
 DATA="$DEMO_DIR/data"
 RUN="$DEMO_DIR/$DEMO_RUN"
@@ -64,7 +69,11 @@ if [ -n "$HELLASWAG" ] && [ ! -f "$HELLASWAG" ]; then
   echo "demo: error: HELLASWAG=$HELLASWAG is not a file; pass the path of hellaswag_val.jsonl or unset it" >&2
   exit 2
 fi
-for v in DEMO_VAL_TOKENS DEMO_SAMPLE_TOKENS DEMO_HELLASWAG_LIMIT; do
+if [ -n "$CORE" ] && [ ! -f "$CORE/core.yaml" ]; then
+  echo "demo: error: CORE=$CORE is not a CORE bundle (no core.yaml); pass nanochat's eval_bundle directory or unset it" >&2
+  exit 2
+fi
+for v in DEMO_VAL_TOKENS DEMO_SAMPLE_TOKENS DEMO_HELLASWAG_LIMIT DEMO_CORE_LIMIT; do
   if ! [[ ${!v} =~ ^[0-9]+$ ]]; then
     echo "demo: error: $v=${!v} must be a whole number" >&2
     exit 2
@@ -87,6 +96,10 @@ if [ -n "$DEMO_STEPS" ]; then
 fi
 if [ -n "$HELLASWAG" ]; then
   TRAIN_ARGS+=("eval.hellaswag=true" "eval.hellaswag_path=$HELLASWAG" "eval.hellaswag_limit=$DEMO_HELLASWAG_LIMIT")
+fi
+CORE_LIMIT=$([ "$DEMO_CORE_LIMIT" = 0 ] && echo null || echo "$DEMO_CORE_LIMIT")
+if [ -n "$CORE" ]; then
+  TRAIN_ARGS+=("eval.core=$CORE" "eval.core_limit=$CORE_LIMIT")
 fi
 # shellcheck disable=SC2206  # word splitting is the point: a list of key=value overrides
 TRAIN_ARGS+=($DEMO_TRAIN_ARGS)
@@ -150,6 +163,10 @@ else
        "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl and run" \
        "HELLASWAG=/path/to/hellaswag_val.jsonl make demo"
 fi
+if [ -n "$CORE" ]; then
+  EVAL+=(--core "$CORE")
+  [ "$DEMO_CORE_LIMIT" = 0 ] || EVAL+=(--core-limit "$DEMO_CORE_LIMIT")
+fi
 "${EVAL[@]}"
 
 # ---------------------------------------------------------------------------------------------
@@ -211,9 +228,15 @@ first = next(r for r in records if r.get("loss") is not None)
 last = records[-1]
 print(f"  final val loss  {results['val/loss']:.4f}  (uniform guess ln 50257 = {math.log(50257):.2f}; train loss"
       f" {first['loss']:.2f} at step {first['step']} -> {last['loss']:.2f} at step {last['step']})")
+print(f"  val bits/byte   {results['val/bpb']:.4f}  (nats / ln 2 / UTF-8 bytes: comparable across tokenizers)")
 print(f"  trained         {last['step']} steps, {last['tokens_seen']:,} tokens")
 if "hellaswag/acc_norm" in results:
     print(f"  HellaSwag       acc_norm {results['hellaswag/acc_norm']:.4f} (chance 0.25)")
+if "core/CORE" in results:
+    print(f"  CORE            {results['core/CORE']:.4f}  (OpenAI GPT-2 124M 0.1139; chance 0)")
+elif "core/mean_centered" in results:
+    print(f"  CORE (partial)  {results['core/mean_centered']:.4f}  mean centred accuracy over the first items of each "
+          "task, not CORE (DEMO_CORE_LIMIT=0 scores them all)")
 PYEOF
 )
 ELAPSED=$(( SECONDS - T_START ))

@@ -92,6 +92,9 @@ def world(tmp_path_factory):
     tb_file = root / "tb_file_run"
     tb_file.mkdir()
     (tb_file / "tensorboard").write_text("a file\n")
+    from test_core import bad_bundles
+
+    bad_bundles(root / "core")  # issue 31: CORE bundles missing a file, a baseline, ... (tests/test_core.py)
     locked = root / "locked_run"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pretrain.training.rundir import RunDirLock; "
@@ -261,6 +264,15 @@ CASES = [
     ("export: --push-to-hub not OWNER/NAME", "pretrain.export",
      lambda r: ["export", "--checkpoint", str(r / "run" / "checkpoints"), "--out", str(r / "export"),
                 "--push-to-hub", "no-slash"], "--push-to-hub"),
+    *[(f"eval: CORE bundle, {what}", "evals.run",
+       lambda r, d=d: ["--model", str(r / "run"), "--core", str(r / "core" / d), "--device", "cpu"], needle)
+      for what, d, needle in (
+          ("missing", "no_bundle", "no such bundle directory"),
+          ("missing task file", "missing_file", "t.jsonl: task file not found"),
+          ("unknown task type", "unknown_type", "icl_task_type 'ranking'"),
+          ("baseline missing from the csv", "no_baseline", "no 'Random baseline' for task 't'"),
+          ("gold out of range", "bad_gold", "'gold' must be an index into 'choices'"),
+          ("malformed jsonl", "bad_json", "t.jsonl:4: not valid JSON"))],
 ]
 
 

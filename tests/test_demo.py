@@ -63,6 +63,8 @@ def test_demo_end_to_end(tmp_path):
         assert f"[demo {stage}/6]" in out
     assert sum("HELLASWAG=" in line for line in out.splitlines()) == 1
     assert "demo done in" in out and f"final val loss  {val:.4f}" in out
+    bpb = json.loads((run / "eval.json").read_text())["results"]["val/bpb"]
+    assert f"val bits/byte   {bpb:.4f}" in out and 0 < bpb < val / math.log(2)  # > 1 byte per token
     for path in (str(ckpt), str(run / "export"), str(run / "loss.png"), str(run / "export" / "README.md"),
                  str(run / "report.md")):
         assert path in out
@@ -81,6 +83,8 @@ def test_bad_input_is_one_clear_error(tmp_path):
     proc = run_demo(tmp_path, HELLASWAG=str(tmp_path / "missing.jsonl"))
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "HELLASWAG=" in proc.stderr and "missing.jsonl" in proc.stderr
+    proc = run_demo(tmp_path, CORE=str(tmp_path / "no_bundle"))
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "CORE=" in proc.stderr
     proc = run_demo(tmp_path, DEMO_STEPS="ten")
     assert proc.returncode == 2 and "DEMO_STEPS=ten" in proc.stderr
     proc = run_demo(tmp_path, DEMO_TRAIN_ARGS="optim.lrr=1")  # validated by the trainer, before any work
@@ -111,13 +115,19 @@ def test_demo_with_hellaswag_and_a_rerun_keeps_the_first_run(tmp_path):
     run1 = tmp_path / "demo" / "run-1"
     before = {p: p.stat().st_mtime_ns for p in run1.rglob("*") if p.is_file()}
 
-    proc = run_demo(tmp_path, DEMO_RUN="run-2", HELLASWAG=str(hs), DEMO_HELLASWAG_LIMIT="4")
+    from test_core import mixed_tasks, write_bundle
+
+    bundle = write_bundle(tmp_path / "bundle", mixed_tasks(None))
+    proc = run_demo(tmp_path, DEMO_RUN="run-2", HELLASWAG=str(hs), DEMO_HELLASWAG_LIMIT="4", CORE=str(bundle),
+                    DEMO_CORE_LIMIT="5")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run2 = tmp_path / "demo" / "run-2"
     results = json.loads((run2 / "eval.json").read_text())["results"]
     assert "hellaswag/acc_norm" in results and "val/loss" in results
     assert any("hellaswag/acc_norm" in json.loads(line) for line in (run2 / "metrics.jsonl").read_text().splitlines())
     assert "HELLASWAG=" not in proc.stdout and "HellaSwag       acc_norm" in proc.stdout
+    assert results["core/num_examples"] == 25 and "CORE (partial)" in proc.stdout  # 5 items of each of 5 tasks
+    assert "| `core/mean_centered` |" in (run2 / "report.md").read_text()
     # The rerun made its own directory and left the first run exactly as it was.
     assert {p: p.stat().st_mtime_ns for p in run1.rglob("*") if p.is_file()} == before
     assert (tmp_path / "demo" / "latest").resolve() == run2.resolve()

@@ -186,6 +186,8 @@ def test_gpu_check_smoke(tmp_path):
     assert "| generation" in p.stdout and "| lever" in p.stdout
     ev = res["evals"]
     assert ev["hellaswag"]["examples"] == 16 and ev["hellaswag"]["examples_per_s"] > 0
+    assert ev["core"]["items"] == 5 * 11 and ev["core"]["items_per_s"] > 0  # 5 tasks of 11 items
+    assert "CORE-shaped synthetic bundle" in p.stdout
     assert ev["generate_kv_cache"]["batch_4"]["new_tokens"] == 64
     assert ev["checkpoint"]["async"]["blocked_s"] > 0 and ev["checkpoint"]["sync"]["total_s"] > 0
 

@@ -73,3 +73,35 @@ def test_errors_name_the_problem(tmp_path):
         ValLossEvaluator(tmp_path, T, 4, T - 1, 0, 1, "cpu")
     with pytest.raises(ValueError, match="data directory not found"):
         ValLossEvaluator(tmp_path / "missing", T, 4, 4 * T, 0, 1, "cpu")
+
+
+def test_bits_per_byte_against_decoded_bytes(tmp_path):
+    """val/bpb = nats of the text tokens / ln 2 / their UTF-8 bytes, computed here independently:
+    full logits, and the bytes of the decoded token stream (text with characters that GPT-2 splits
+    across tokens, and <|endoftext|> separators, which count neither bytes nor nats)."""
+    import math
+
+    from data_pipeline.tokenizer import EOT_ID, gpt2_encoding
+
+    enc = gpt2_encoding()
+    docs = ["Grüße aus Köln — 東京タワー 🦙🦙 naïve café", "plain ascii text, then ∑ and 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 letters."]
+    toks = []
+    while len(toks) < 5 * T + 1:
+        for d in docs:
+            toks += enc.encode_ordinary(d) + [EOT_ID]
+    split = [t for t in toks if len(enc.decode_single_token_bytes(t).decode("utf-8", errors="ignore")) == 0]
+    assert split, "the fixture must hold tokens that are part of a multi-byte character"
+    write_shard(tmp_path / "val_000000.bin", np.array(toks[:5 * T + 1]))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny", block_size=T)).eval()
+    out = ValLossEvaluator(tmp_path, T, 2, 5 * T, 0, 1, "cpu")(model, 0)
+    seqs = torch.tensor([toks[i * T:i * T + T + 1] for i in range(5)])
+    with torch.no_grad():
+        logits, _ = model(seqs[:, :-1])
+    nats = F.cross_entropy(logits.reshape(-1, logits.size(-1)), seqs[:, 1:].reshape(-1), reduction="none")
+    targets = seqs[:, 1:].reshape(-1)
+    text = targets != EOT_ID
+    nbytes = len(enc.decode_bytes([t for t in targets.tolist() if t != EOT_ID]))
+    want = nats[text].double().sum().item() / math.log(2) / nbytes
+    assert out["val/bpb"] == pytest.approx(want, rel=1e-6)
+    assert out["val/loss"] == pytest.approx(nats.double().mean().item(), rel=1e-6)
