@@ -117,6 +117,7 @@ class Counters:
     steps: int = 0  # decode steps
     tokens: int = 0  # tokens produced
     compactions: int = 0  # times the cache's columns moved
+    cancel_lag: int = 0  # the most decode steps between a cancel and its row's release
 
 
 class Engine:
@@ -277,6 +278,7 @@ class Engine:
         s.freed_step = self.counters.steps
         if reason == "cancelled":
             self.counters.cancelled += 1
+            self.counters.cancel_lag = max(self.counters.cancel_lag, s.freed_step - s.cancel_step)
         else:
             self.counters.finished += 1
         s.on_event(Event(finish=reason))

@@ -12,6 +12,7 @@ model path or setting: one line and exit 2, before anything listens.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import threading
 
@@ -93,6 +94,9 @@ def serve(args) -> int:
                                    timeout_graceful_shutdown=int(args.grace) + 5))
     print(f"{PROG}: serving {args.model} on http://{args.host}:{args.port} (max batch {args.max_batch}, "
           f"{device}, {args.dtype})", file=sys.stderr, flush=True)
+    # uvicorn handles SIGTERM while it runs and raises it again once stopped; by then the drain is done,
+    # so the re-raised one is let go and the command exits 0 (SIGINT goes on to pretrain.cli: exit 130).
+    signal.signal(signal.SIGTERM, lambda sig, frame: None)
     server.run()
     engine.shutdown(0.0)
     if not server.started:  # the port was taken (uvicorn printed why)
