@@ -39,8 +39,8 @@ def export_random(kind: str, out: Path) -> Path:
     from pretrain.model import GPT, GPTConfig
     from pretrain.model.hf import export_hf
 
-    cfg = (GPTConfig.from_preset("gpt2", block_size=256, n_layer=4, n_head=4, n_embd=128) if kind == "demo"
-           else GPTConfig.from_preset("gpt2"))
+    cfg = {"demo": lambda: GPTConfig.from_preset("gpt2", block_size=256, n_layer=4, n_head=4, n_embd=128),
+           "124m": lambda: GPTConfig.from_preset("gpt2"), "tiny": lambda: GPTConfig.from_preset("tiny")}[kind]()
     torch.manual_seed(0)
     return export_hf(GPT(cfg), out)
 
@@ -124,25 +124,27 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="demo", help="demo | 124m (random weights) | a model path")
+    p.add_argument("--model", default="demo", help="demo | 124m | tiny (random weights) | a model path")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--requests", type=int, default=None, help="requests per level (default max(8, 2 C))")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--level-s", type=float, default=120.0, help="time limit per level")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server (default: inherited)")
     p.add_argument("--json", default=None, help="write the results here too")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
-        if model in ("demo", "124m"):
+        if model in ("demo", "124m", "tiny"):
             model = str(export_random(model, Path(tmp) / "export"))
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
         proc = subprocess.Popen([sys.executable, "-m", "pretrain.serve.main", "--model", model, "--port", str(port),
-                                 "--max-batch", str(args.max_batch), "--max-queue", "256", "--device", args.device],
+                                 "--max-batch", str(args.max_batch), "--max-queue", "256", "--device", args.device,
+                                 "--dtype", args.dtype],
                                 cwd=REPO, env=env)
         try:
             wait_ready(url, proc)
