@@ -2,7 +2,8 @@
 port) over a tiny random model exported in the test: completions and streaming equal gpt2-generate
 (greedy, seeded sampling, n > 1 and prompt lists, stop strings), logprobs equal the model's
 log-softmax, continuous batching across requests, every bad input's status and error body with no
-row left running, the metrics, the playground in a real headless browser, SIGTERM and a bad model."""
+row left running, the metrics, the playground in a real headless browser, SIGTERM. (A bad model path:
+tests/test_cli_contract.py.)"""
 
 import json
 import os
@@ -206,9 +207,11 @@ def _open_stream(server, first=True, **body):
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
     f = sock.makefile("rb")
+    if not first:
+        return sock, f
     status = f.readline()
     assert b" 200 " in status, status
-    while first and not f.readline().startswith(b"data: "):
+    while not f.readline().startswith(b"data: "):
         pass
     return sock, f
 
@@ -228,15 +231,30 @@ def test_a_full_queue_gets_429_with_retry_after(server):
     _idle(server)
 
 
-def test_a_disconnecting_client_frees_its_row_within_one_step(server):
-    cancelled = server.engine.counters.cancelled
-    sock, f = _open_stream(server)
-    assert server.engine.running == 1
-    f.close()
-    sock.close()
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_disconnecting_client_frees_its_row_within_one_step(server, stream):
+    engine = server.engine
+    cancelled = engine.counters.cancelled
+    gate, iterate = threading.Event(), engine.iterate
+    sock, f = _open_stream(server, stream=stream, first=stream)
+    _until(lambda: engine.running == 1, what="the row")
+
+    def gated(admit):  # the engine holds still until the client has gone (at most one more iteration runs)
+        gate.wait(30)
+        iterate(admit)
+
+    engine.iterate = gated
+    try:
+        f.close()
+        sock.close()
+        _until(lambda: all(r.cancelled for r in engine.rows if r is not None), what="the cancel")
+        assert engine.running == 1  # cancelled by the server while its row was still running
+    finally:
+        gate.set()
+        del engine.iterate
     _idle(server)
-    assert server.engine.counters.cancelled == cancelled + 1
-    assert server.engine.counters.cancel_lag <= 1  # steps between the cancel and the row's release
+    assert engine.counters.cancelled == cancelled + 1
+    assert engine.counters.cancel_lag <= 1  # decode steps between the cancel and the row's release
 
 
 def test_models_health_metrics_and_the_playground_page(server):
@@ -316,7 +334,7 @@ def test_sigterm_stops_admitting_finishes_in_flight_and_exits_0(server):
     p = _serve("--model", str(server.export), "--port", str(port), "--grace", "2", "--name", "tiny")
     try:
         url = f"http://127.0.0.1:{port}"
-        _until(lambda: _ok(url), what="the child server")
+        _until(lambda: _ok(url), timeout=180, what="the child server")  # ~18 s on a loaded 2-core machine
         got = {}
 
         def long():
@@ -347,10 +365,3 @@ def _ok(url):
         return httpx.get(url + "/health", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def test_a_bad_model_path_is_one_line_and_exit_2(tmp_path):
-    p = _serve("--model", str(tmp_path / "nope"))
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 2
-    assert err.strip().count("\n") == 0 and err.startswith("gpt2-serve: error:") and "nope" in err

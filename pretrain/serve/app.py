@@ -13,7 +13,8 @@ string until it is known not to be one (the stop string itself is not returned, 
 Errors are OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: 400 naming the field for bad
 JSON or parameters, a prompt longer than the context or ``max_tokens`` above ``--max-tokens``; 404 for
 another model name; 429 with ``Retry-After`` when the queue is full; 503 while shutting down. A client that
-disconnects has its sequences cancelled (their rows are free at the engine's next iteration).
+disconnects has its sequences cancelled at once (a task waits for the disconnect: uvicorn's ASGI 2.4 tells
+a streaming response only at its next write), so their rows are free at the engine's next iteration.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from pretrain.serve.metrics import Metrics
 MAX_N = 16  # samples per prompt
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI: 5; vLLM: 20)
 MAX_STOP = 4  # stop strings (OpenAI's limit)
-POLL_S = 0.05  # how often a waiting non-streaming request checks that its client is still there
 
 
 class ApiError(Exception):
@@ -303,29 +303,33 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, metrics: Me
                     "total_tokens": sum(map(len, prompts)) + done}
 
         if req["stream"]:
-            return StreamingResponse(_stream(events, seqs, choices, take, head, usage, req["include_usage"]),
+            return StreamingResponse(_stream(request, events, seqs, choices, take, head, usage, req["include_usage"]),
                                      media_type="text/event-stream")
         left = len(seqs)
+        watch = asyncio.create_task(_watch(request, seqs))
         try:
             while left:
-                try:
-                    i, ev = await asyncio.wait_for(events.get(), POLL_S)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        engine.cancel(seqs)
-                        return Response(status_code=499)
-                    continue
+                i, ev = await events.get()
                 take(i, ev)
                 left -= ev.finish is not None
-        except asyncio.CancelledError:
-            engine.cancel(seqs)
-            raise
+        finally:
+            watch.cancel()
+            if left:
+                engine.cancel(seqs)
         if any(c.finish == "abort" for c in choices):
             raise ApiError(503, "the server stopped before this completion finished; retry", None, "server_error")
         return {**head, "choices": [c.json(c.final_text(), c.finish) for c in choices], "usage": usage()}
 
-    async def _stream(events, seqs, choices, take, head, usage, include_usage):
+    async def _watch(request: Request, seqs: list[Sequence]) -> None:
+        """Cancel ``seqs`` as soon as the client disconnects (not at the next write: a waiting request
+        writes nothing)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        engine.cancel(seqs)
+
+    async def _stream(request, events, seqs, choices, take, head, usage, include_usage):
         left = len(seqs)
+        watch = asyncio.create_task(_watch(request, seqs))
         try:
             first = [c for c in choices if c.text]  # echo without logprobs: the prompt first
             if first:
@@ -348,6 +352,7 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, metrics: Me
                 yield _sse({**head, "choices": [], "usage": usage()})
             yield "data: [DONE]\n\n"
         finally:
+            watch.cancel()
             if left:  # the client went away (or the server is stopping): free the rows
                 engine.cancel(seqs)
 
