@@ -307,15 +307,21 @@ def test_the_playground_streams_in_a_real_browser(server):
             el = driver.find_element(By.ID, name)
             el.clear()
             el.send_keys(value)
+        # Every text the completion showed, as the page replaced it chunk by chunk (a poll could miss them:
+        # the tiny model streams 40 tokens in a few milliseconds).
+        driver.execute_script("""
+            window.seen = [];
+            new MutationObserver((records) => { for (const r of records) for (const n of r.addedNodes)
+                window.seen.push(n.textContent); }).observe(document.getElementById("output"),
+                {childList: true, subtree: true});""")
         driver.find_element(By.ID, "generate").click()
-        lengths = set()
-        wait = WebDriverWait(driver, 60, poll_frequency=0.005)
-        wait.until(lambda d: lengths.add(len(d.find_element(By.ID, "completion").text)) or
-                   d.find_element(By.ID, "status").text.startswith("done"))
+        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "status").text.startswith("done"))
+        seen = [t for t in driver.execute_script("return window.seen") if t and t != PROMPT]
         want = _text(generate(server.ref, [_ids(PROMPT)], max_new_tokens=40, temperature=0)[0])
         assert driver.find_element(By.ID, "completion").text == want.strip() or \
             driver.find_element(By.ID, "completion").get_attribute("textContent") == want
-        assert len(lengths - {0}) >= 2  # the text grew while it streamed (seen at two lengths at least)
+        assert len(seen) >= 2 and len(set(map(len, seen))) >= 2, seen  # the text grew while it streamed
+        assert want.startswith(seen[0]) and len(seen[0]) < len(want)
     finally:
         driver.quit()
     _idle(server)

@@ -150,6 +150,7 @@ class Choice:
         self.text, self.sent, self.tokens, self.finish = "", 0, 0, None
         self.base = 0  # where the completion begins in ``text`` (after an echoed prompt)
         self.stopped_at: int | None = None  # the text ends here (a stop string begins)
+        self.lp_sent = 0  # logprobs entries already streamed
         self.lp = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} if want_logprobs else None
 
     def _add_logprob(self, token: int, lp, top, offset: int) -> None:
@@ -199,8 +200,117 @@ class Choice:
     def final_text(self) -> str:
         return self.text[: self.stopped_at] if self.stopped_at is not None else self.text
 
-    def json(self, text: str, finish) -> dict:
-        return {"text": text, "index": self.index, "logprobs": self.lp, "finish_reason": finish}
+    def json(self, text: str, finish, new_logprobs: bool = False) -> dict:
+        """The choice's JSON; ``new_logprobs``: only the logprobs entries not sent yet (a stream chunk)."""
+        lp = self.lp
+        if lp is not None and new_logprobs:
+            lp = {key: v[self.lp_sent :] for key, v in lp.items()}
+            self.lp_sent = len(self.lp["tokens"])
+        return {"text": text, "index": self.index, "logprobs": lp, "finish_reason": finish}
+
+
+# ---- one request -------------------------------------------------------------------------------
+
+
+class Completion:
+    """One completion request: its sequences in the engine (``prompt i // n``, seed ``seed + i``), the
+    events they send (through the event loop), and the response, whole or streamed."""
+
+    def __init__(self, engine: Engine, metrics: Metrics, tok, model_name: str, req: dict) -> None:
+        self.engine, self.metrics, self.req = engine, metrics, req
+        loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()
+        n, self.prompts = req["n"], req["prompts"]
+        seed = req["seed"] if req["seed"] is not None else int.from_bytes(uuid.uuid4().bytes[:7], "little")
+        self.seqs, self.choices = [], []
+        for i in range(len(self.prompts) * n):
+            p = self.prompts[i // n]
+            self.choices.append(Choice(i, req["stop"], tok, req["logprobs"] is not None))
+            if req["echo"] and req["logprobs"] is None:
+                self.choices[-1].echo(p, None)
+
+            def deliver(ev, i=i):
+                loop.call_soon_threadsafe(self.events.put_nowait, (i, ev))
+
+            self.seqs.append(Sequence(prompt=p, max_tokens=req["max_tokens"], on_event=deliver,
+                                      temperature=req["temperature"], top_k=req["top_k"], top_p=req["top_p"],
+                                      seed=seed + i, stop=req["stop"], logprobs=req["logprobs"],
+                                      echo_logprobs=req["echo"] and req["logprobs"] is not None))
+        self.head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                     "model": model_name}
+        self.left = len(self.seqs)  # sequences not finished yet
+
+    async def respond(self, request: Request):
+        try:
+            self.engine.submit(self.seqs)
+        except QueueFull as e:
+            raise ApiError(429, f"the server is busy: {e}; retry later", None, "rate_limit_error",
+                           {"Retry-After": "1"}) from None
+        except NotAccepting as e:
+            raise ApiError(503, str(e), None, "server_error") from None
+        except GenerationError as e:
+            raise ApiError(400, str(e), "prompt") from None
+        self.metrics.requests.labels(status="200").inc()
+        self.metrics.prompt_tokens.inc(sum(map(len, self.prompts)))
+        if self.req["stream"]:
+            return StreamingResponse(self.stream(request), media_type="text/event-stream")
+        watch = asyncio.create_task(self.watch(request))
+        try:
+            while self.left:
+                await self.next()
+        finally:
+            self.close(watch)
+        if any(c.finish == "abort" for c in self.choices):
+            raise ApiError(503, "the server stopped before this completion finished; retry", None, "server_error")
+        return {**self.head, "choices": [c.json(c.final_text(), c.finish) for c in self.choices],
+                "usage": self.usage()}
+
+    async def next(self) -> tuple[Choice, bool]:
+        """The next event, applied to its choice: (the choice, whether it finished it)."""
+        i, ev = await self.events.get()
+        c = self.choices[i]
+        if ev.prompt_logprobs is not None:
+            c.echo(self.seqs[i].prompt, ev.prompt_logprobs)
+        if ev.token is not None:
+            c.add(ev.token, ev.logprob, ev.top)
+        if ev.finish is not None:
+            c.end(ev.finish)
+            self.left -= 1
+        return c, ev.finish is not None
+
+    def usage(self) -> dict:
+        prompt, done = sum(map(len, self.prompts)), sum(c.tokens for c in self.choices)
+        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+
+    async def watch(self, request: Request) -> None:
+        """Cancel the sequences as soon as the client disconnects (not at the next write: a waiting
+        request writes nothing)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self.engine.cancel(self.seqs)
+
+    def close(self, watch: asyncio.Task) -> None:
+        watch.cancel()
+        if self.left:  # the client went away (or the server is stopping): free the rows
+            self.engine.cancel(self.seqs)
+
+    async def stream(self, request: Request):
+        """Server-Sent Events: a chunk per choice whenever it has new text (or ends), then ``[DONE]``."""
+        watch = asyncio.create_task(self.watch(request))
+        try:
+            first = [c for c in self.choices if c.text]  # echo without logprobs: the prompt first
+            if first:
+                yield _sse({**self.head, "choices": [c.json(c.released(), None) for c in first]})
+            while self.left:
+                c, ended = await self.next()
+                text = c.released()
+                if text or ended:
+                    yield _sse({**self.head, "choices": [c.json(text, c.finish, new_logprobs=True)]})
+            if self.req["include_usage"]:
+                yield _sse({**self.head, "choices": [], "usage": self.usage()})
+            yield "data: [DONE]\n\n"
+        finally:
+            self.close(watch)
 
 
 # ---- the app -----------------------------------------------------------------------------------
@@ -253,108 +363,7 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, metrics: Me
             raise ApiError(404, f"the model {body['model']!r} does not exist; this server serves {model_name!r}",
                            "model", "not_found_error")
         req = parse_completion(body, tok, max_tokens_cap, cfg.block_size, cfg.vocab_size)
-        return await _complete(request, req)
-
-    async def _complete(request: Request, req: dict):
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        n, prompts = req["n"], req["prompts"]
-        seed = req["seed"] if req["seed"] is not None else int.from_bytes(uuid.uuid4().bytes[:7], "little")
-        seqs, choices = [], []
-        for i in range(len(prompts) * n):
-            p = prompts[i // n]
-            choices.append(Choice(i, req["stop"], tok, req["logprobs"] is not None))
-
-            def deliver(ev, i=i):
-                loop.call_soon_threadsafe(events.put_nowait, (i, ev))
-
-            seqs.append(Sequence(prompt=p, max_tokens=req["max_tokens"], on_event=deliver,
-                                 temperature=req["temperature"], top_k=req["top_k"], top_p=req["top_p"],
-                                 seed=seed + i, stop=req["stop"], logprobs=req["logprobs"],
-                                 echo_logprobs=req["echo"] and req["logprobs"] is not None))
-            if req["echo"] and req["logprobs"] is None:
-                choices[-1].echo(p, None)
-        try:
-            engine.submit(seqs)
-        except QueueFull as e:
-            raise ApiError(429, f"the server is busy: {e}; retry later", None, "rate_limit_error",
-                           {"Retry-After": "1"}) from None
-        except NotAccepting as e:
-            raise ApiError(503, str(e), None, "server_error") from None
-        except GenerationError as e:
-            raise ApiError(400, str(e), "prompt") from None
-        metrics.requests.labels(status="200").inc()
-        metrics.prompt_tokens.inc(sum(map(len, prompts)))
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": model_name}
-
-        def take(i: int, ev) -> None:
-            c = choices[i]
-            if ev.prompt_logprobs is not None:
-                c.echo(seqs[i].prompt, ev.prompt_logprobs)
-            if ev.token is not None:
-                c.add(ev.token, ev.logprob, ev.top)
-            if ev.finish is not None:
-                c.end(ev.finish)
-
-        def usage() -> dict:
-            done = sum(c.tokens for c in choices)
-            return {"prompt_tokens": sum(map(len, prompts)), "completion_tokens": done,
-                    "total_tokens": sum(map(len, prompts)) + done}
-
-        if req["stream"]:
-            return StreamingResponse(_stream(request, events, seqs, choices, take, head, usage, req["include_usage"]),
-                                     media_type="text/event-stream")
-        left = len(seqs)
-        watch = asyncio.create_task(_watch(request, seqs))
-        try:
-            while left:
-                i, ev = await events.get()
-                take(i, ev)
-                left -= ev.finish is not None
-        finally:
-            watch.cancel()
-            if left:
-                engine.cancel(seqs)
-        if any(c.finish == "abort" for c in choices):
-            raise ApiError(503, "the server stopped before this completion finished; retry", None, "server_error")
-        return {**head, "choices": [c.json(c.final_text(), c.finish) for c in choices], "usage": usage()}
-
-    async def _watch(request: Request, seqs: list[Sequence]) -> None:
-        """Cancel ``seqs`` as soon as the client disconnects (not at the next write: a waiting request
-        writes nothing)."""
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        engine.cancel(seqs)
-
-    async def _stream(request, events, seqs, choices, take, head, usage, include_usage):
-        left = len(seqs)
-        watch = asyncio.create_task(_watch(request, seqs))
-        try:
-            first = [c for c in choices if c.text]  # echo without logprobs: the prompt first
-            if first:
-                yield _sse({**head, "choices": [c.json(c.released(), None) for c in first]})
-            while left:
-                i, ev = await events.get()
-                take(i, ev)
-                c = choices[i]
-                left -= ev.finish is not None
-                text = c.released()
-                if text or ev.finish is not None:
-                    lp = c.lp
-                    if lp is not None:  # only the entries new since the last chunk
-                        k = getattr(c, "lp_sent", 0)
-                        c.lp_sent = len(lp["tokens"])
-                        lp = {key: v[k:] for key, v in lp.items()}
-                    yield _sse({**head, "choices": [{"text": text, "index": i, "logprobs": lp,
-                                                     "finish_reason": c.finish}]})
-            if include_usage:
-                yield _sse({**head, "choices": [], "usage": usage()})
-            yield "data: [DONE]\n\n"
-        finally:
-            watch.cancel()
-            if left:  # the client went away (or the server is stopping): free the rows
-                engine.cancel(seqs)
+        return await Completion(engine, metrics, tok, model_name, req).respond(request)
 
     @app.exception_handler(404)
     async def _not_found(request: Request, exc):
