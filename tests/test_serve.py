@@ -5,6 +5,7 @@ log-softmax, continuous batching across requests, every bad input's status and e
 row left running, the metrics, the playground in a real headless browser, SIGTERM. (A bad model path:
 tests/test_cli_contract.py.)"""
 
+import contextlib
 import json
 import os
 import shutil
@@ -216,18 +217,38 @@ def _open_stream(server, first=True, **body):
     return sock, f
 
 
-def test_a_full_queue_gets_429_with_retry_after(server):
-    running = _open_stream(server, n=4)  # the 4 rows
-    waiting = _open_stream(server, n=8, first=False)  # 8 sequences waiting: the queue is full
+@contextlib.contextmanager
+def _held(engine):
+    """The engine holds still (before its next iteration; at most the current one finishes) inside."""
+    gate, iterate = threading.Event(), engine.iterate
+
+    def gated(admit):
+        gate.wait(60)
+        iterate(admit)
+
+    engine.iterate = gated
     try:
-        _until(lambda: server.engine.waiting == 8, what="a full queue")
-        r = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
-        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
-        assert r.json()["error"]["type"] == "rate_limit_error"
+        yield
     finally:
-        for sock, f in (running, waiting):
-            f.close()
-            sock.close()
+        gate.set()
+        del engine.iterate
+
+
+def test_a_full_queue_gets_429_with_retry_after(server):
+    engine = server.engine
+    running = _open_stream(server, n=4)  # the 4 rows
+    with _held(engine):
+        _until(lambda: engine.running == 4, what="4 rows")
+        waiting = _open_stream(server, n=8, first=False)  # 8 sequences waiting: the queue is full
+        try:
+            _until(lambda: engine.waiting == 8, what="a full queue")
+            r = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
+            assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+            assert r.json()["error"]["type"] == "rate_limit_error"
+        finally:
+            for sock, f in (running, waiting):
+                f.close()
+                sock.close()
     _idle(server)
 
 
@@ -235,23 +256,13 @@ def test_a_full_queue_gets_429_with_retry_after(server):
 def test_a_disconnecting_client_frees_its_row_within_one_step(server, stream):
     engine = server.engine
     cancelled = engine.counters.cancelled
-    gate, iterate = threading.Event(), engine.iterate
     sock, f = _open_stream(server, stream=stream, first=stream)
     _until(lambda: engine.running == 1, what="the row")
-
-    def gated(admit):  # the engine holds still until the client has gone (at most one more iteration runs)
-        gate.wait(30)
-        iterate(admit)
-
-    engine.iterate = gated
-    try:
+    with _held(engine):
         f.close()
         sock.close()
         _until(lambda: all(r.cancelled for r in engine.rows if r is not None), what="the cancel")
         assert engine.running == 1  # cancelled by the server while its row was still running
-    finally:
-        gate.set()
-        del engine.iterate
     _idle(server)
     assert engine.counters.cancelled == cancelled + 1
     assert engine.counters.cancel_lag <= 1  # decode steps between the cancel and the row's release

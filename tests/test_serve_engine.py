@@ -131,15 +131,18 @@ def test_cancel_frees_the_row_within_one_step_and_a_full_queue_refuses(models):
     try:
         engine.submit([s])
         _until(lambda: len(c.tokens) >= 3)
-        engine.submit([_seq(PROMPTS[1], 2)[0]])  # waits: the one row is busy
+        queued, cq = _seq(PROMPTS[1], 2)
+        engine.submit([queued])  # waits: the one row is busy
         with pytest.raises(QueueFull):
             engine.submit([_seq(PROMPTS[1], 2)[0]])
+        engine.cancel([queued])  # leaves the queue at once
+        assert engine.waiting == 0 and cq.finish == "cancelled"
         engine.cancel([s])
         assert c.done.wait(10) and c.finish == "cancelled"
         assert s.freed_step - s.cancel_step <= 1
     finally:
         engine.shutdown(1.0)
-    assert engine.running == 0 and engine.counters.cancelled == 1
+    assert engine.running == 0 and engine.counters.cancelled == 2
 
 
 def test_shutdown_cancels_running_rows_after_the_grace(models):

@@ -180,11 +180,17 @@ class Engine:
             self.cond.notify()
 
     def cancel(self, seqs: list[Sequence]) -> None:
-        """Free these sequences' rows at the next iteration (a client that went away)."""
+        """Free these sequences' rows at the next iteration (a client that went away); those still
+        waiting leave the queue now."""
         with self.cond:
             for s in seqs:
-                if not s.cancelled:
-                    s.cancelled, s.cancel_step = True, self.counters.steps
+                if s.cancelled:
+                    continue
+                s.cancelled, s.cancel_step = True, self.counters.steps
+                if s.row < 0 and s in self.queue:
+                    self.queue.remove(s)
+                    self.counters.cancelled += 1
+                    s.on_event(Event(finish="cancelled"))
             self.cond.notify()
 
     @property
