@@ -2,7 +2,7 @@
 OpenAI's completions API on this machine, with continuous batching (``engine.py``, ``app.py``).
 
     gpt2-serve --model runs/gpt2-124m/export [--host 127.0.0.1] [--port 8000] [--max-batch 8]
-               [--max-queue 64] [--max-tokens 256] [--device auto] [--dtype float32]
+               [--max-queue 64] [--max-tokens 0] [--device auto] [--dtype float32]
 
 Binds to loopback unless ``--host`` says otherwise. SIGTERM or Ctrl-C: stop admitting (new requests get
 503, waiting ones end), let running rows finish for ``--grace`` seconds, cancel the rest, exit 0. A bad
@@ -27,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--max-batch", type=int, default=8, help="rows of the KV cache: sequences generating at once")
     p.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a row; more get 429")
-    p.add_argument("--max-tokens", type=int, default=None,
-                   help="the largest max_tokens a request may ask for (default: the model's context)")
+    p.add_argument("--max-tokens", type=int, default=0,
+                   help="the largest max_tokens a request may ask for; 0 = the model's context")
     p.add_argument("--grace", type=float, default=10.0, help="seconds running rows may finish after SIGTERM")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...; auto = cuda when available")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -46,8 +46,8 @@ def _check(args) -> None:
         raise ServeError(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.max_queue < 0:
         raise ServeError(f"--max-queue must be >= 0, got {args.max_queue}")
-    if args.max_tokens is not None and args.max_tokens < 1:
-        raise ServeError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.max_tokens < 0:
+        raise ServeError(f"--max-tokens must be >= 1 (or 0: the model's context), got {args.max_tokens}")
     if not 0 <= args.port < 65536:
         raise ServeError(f"--port must be in [0, 65535], got {args.port}")
 
