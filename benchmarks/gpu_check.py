@@ -37,6 +37,9 @@ Blocks (``--blocks``, comma-separated; default all), run in this order:
                generation tokens/s at batch 1 and 16 the way the trainer samples (fp32 weights under bf16
                autocast, ``step='auto'``), and how long an asynchronous 124M checkpoint save blocks
                training (vs a synchronous one).
+  serving      ``benchmarks/serve.py``: gpt2-serve (continuous batching) on the 124M preset (random weights,
+               bf16) at concurrency 1 and 64 streaming clients on loopback, 64 tokens each, ``--max-batch 64``:
+               tokens/s, requests/s, time to first token and inter-token latency p50 / p99.
 
 MFU = tokens/s x FLOPs per token / peak. FLOPs per token = 6N + 12 L H Q T (PaLM appendix B, as
 nanoGPT; N = parameters without the position embeddings, including the tied 50304 x 768 head;
@@ -70,7 +73,7 @@ sys.path.insert(0, str(REPO))
 
 from _common import read_bandwidth, synthetic_shards  # noqa: E402
 
-BLOCKS = ("tests", "generation", "throughput", "lever", "correctness", "evals")
+BLOCKS = ("tests", "generation", "throughput", "lever", "correctness", "evals", "serving")
 LEVER_TOLERANCE = 0.01  # max relative difference of any step's loss, lever on vs off
 FLOPS_NOTE = "6N + 12*L*H*Q*T per token (N without wpe); peak 989.5 TFLOP/s dense bf16 (H100 SXM / H200)"
 
@@ -84,12 +87,14 @@ def sizes(smoke: bool) -> dict:
         return dict(config="smoke_cpu.yaml", model=["model.preset=tiny"], seq_len=64, global_tokens=512,
                     corr_micro=4, corr_steps=6, hs_examples=16, core_items=11, gen_tokens=16, gen_batches=(1, 4),
                     device="cpu",
-                    decode_preset="tiny", decode_batches=(1, 4), decode_modes=("eager", "compile"))
+                    decode_preset="tiny", decode_batches=(1, 4), decode_modes=("eager", "compile"),
+                    serve_model="tiny", serve_dtype="float32", serve_concurrency=(1, 4), serve_tokens=4)
     return dict(config="gpt2_124m.yaml", model=[], seq_len=1024, global_tokens=524288,
                 corr_micro=8, corr_steps=20, hs_examples=1000, core_items=200, gen_tokens=256, gen_batches=(1, 16),
                 device="cuda",
                 decode_preset="gpt2", decode_batches=(1, 8, 64),
-                decode_modes=("eager", "graph", "compile+graph", "reduce-overhead", "compile"))
+                decode_modes=("eager", "graph", "compile+graph", "reduce-overhead", "compile"),
+                serve_model="124m", serve_dtype="bfloat16", serve_concurrency=(1, 64), serve_tokens=64)
 
 
 def free_port() -> int:
@@ -622,6 +627,25 @@ def block_correctness(r: Runner, sz: dict, data: Path, tmp: Path) -> dict:
     return r.child(spec, env={"CUBLAS_WORKSPACE_CONFIG": ":4096:8"})
 
 
+def block_serving(r: Runner, sz: dict, tmp: Path) -> dict:
+    """gpt2-serve under load (benchmarks/serve.py in its own process, which starts the server)."""
+    if r.over_budget():
+        return {"skipped": f"over --budget-s {r.args.budget_s}"}
+    out = tmp / "serving.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "serve.py"), "--model", sz["serve_model"], "--device", sz["device"],
+           "--dtype", sz["serve_dtype"], "--concurrency", *map(str, sz["serve_concurrency"]),
+           "--max-tokens", str(sz["serve_tokens"]), "--max-batch", "64", "--level-s", "120", "--json", str(out)]
+    try:
+        p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=420)
+    except subprocess.TimeoutExpired:
+        return {"error": "timed out after 420 s"}
+    if p.returncode != 0 or not out.exists():
+        return {"error": f"benchmarks/serve.py exited {p.returncode}: {(p.stderr or p.stdout)[-600:]}"}
+    res = {"model": sz["serve_model"], "levels": json.loads(out.read_text())}
+    print(f"[gpu_check] serving: {json.dumps(res)[:400]}", flush=True)
+    return res
+
+
 def block_evals(r: Runner, sz: dict, data: Path, tmp: Path) -> dict:
     ov = sz["model"] + [f"data.dir={data}", "eval.interval=0", "checkpoint.interval=0", "logging.wandb=disabled",
                         f"train.device={sz['device']}", "train.compile=false", "train.micro_batch_size=4",
@@ -740,6 +764,15 @@ def table(res: dict) -> str:
                          f"(done in {ck['async']['total_s']}s) vs sync {ck['sync']['blocked_s']}s; state {ck['state_gb']} GB"))
         else:
             rows.append(("evals", "error", e.get("skipped") or e.get("error", "?")[:200]))
+    if "serving" in res:
+        sv = res["serving"]
+        for lv in sv.get("levels", []):
+            rows.append(("serving", f"gpt2-serve {sv['model']} concurrency {lv['concurrency']}",
+                         f"{lv['tokens_per_s']:.1f} tok/s, {lv['requests_per_s']:.2f} req/s, TTFT p50/p99 "
+                         f"{1e3 * lv['ttft_p50']:.0f}/{1e3 * lv['ttft_p99']:.0f} ms, ITL p50/p99 "
+                         f"{1e3 * lv['itl_p50']:.1f}/{1e3 * lv['itl_p99']:.1f} ms"))
+        if "levels" not in sv:
+            rows.append(("serving", "error", sv.get("skipped") or sv.get("error", "?")[:200]))
     rows.append(("total", "wall", f"{res['wall_s']}s"))
     w = [max(len(r[i]) for r in rows) for i in range(2)]
     lines = [f"| {r[0]:<{w[0]}} | {r[1]:<{w[1]}} | {r[2]} |" for r in rows]
@@ -849,6 +882,8 @@ def main(argv: list[str] | None = None) -> int:
             res["correctness"] = block_correctness(r, sz, tiled, tmp)
         if "evals" in args.blocks:
             res["evals"] = block_evals(r, sz, rand, tmp)
+        if "serving" in args.blocks:
+            res["serving"] = block_serving(r, sz, tmp)
     res["wall_s"] = round(time.perf_counter() - r.t0, 1)
     Path(args.out).write_text(json.dumps(res, indent=1, default=float))
     print(table(res))

@@ -239,6 +239,9 @@ CASES = [
     ("export: not a model", "pretrain.export",
      lambda r: ["export", "--checkpoint", str(r / "empty_dir"), "--out", str(r / "export")], "empty_dir"),
     ("generate: not a model", "pretrain.model.generate", lambda r: ["--model", str(r / "empty_dir")], "empty_dir"),
+    ("serve: not a model", "pretrain.serve.main", lambda r: ["--model", str(r / "empty_dir")], "empty_dir"),
+    ("serve: --max-batch 0", "pretrain.serve.main",
+     lambda r: ["--model", str(r / "run" / "checkpoints"), "--max-batch", "0"], "--max-batch"),
     ("generate: --num-samples 0", "pretrain.model.generate",
      lambda r: ["--model", str(r / "run" / "checkpoints"), "--num-samples", "0"], "--num-samples"),
     ("generate: missing --prompts-file", "pretrain.model.generate",
@@ -301,7 +304,7 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(world, case, capsys
     assert len(lines) == 1, err
     prog = {"pretrain.train": "gpt2-train", "data_pipeline.prepare": "gpt2-prepare", "evals.run": "gpt2-eval",
             "pretrain.export": "gpt2-export", "pretrain.model.generate": "gpt2-generate", "pretrain.training.plot": "gpt2-plot",
-            "pretrain.report": "gpt2-report"}[module]
+            "pretrain.report": "gpt2-report", "pretrain.serve.main": "gpt2-serve"}[module]
     assert lines[0].startswith(f"{prog}: error"), lines[0]
     assert needle in lines[0], lines[0]
     assert "resume with --resume PATH" not in lines[0]  # the advice fits every command that reads a checkpoint

@@ -29,6 +29,8 @@ ALLOWED: list[tuple[str, tuple[str, ...]]] = [
     # gpt2-eval: loads weights from any spec and ends like gpt2-train
     ("evals.run", ("evals", "pretrain.model", "pretrain.dist", "pretrain.checkpoint", "pretrain.cli", "data_pipeline")),
     ("evals", ("pretrain.model", "pretrain.dist", "data_pipeline")),
+    # gpt2-serve: generation's pieces under an engine and an HTTP app; ends like the other commands
+    ("pretrain.serve", ("pretrain.model", "pretrain.cli", "pretrain.dist", "data_pipeline")),
     # the composing modules: both pretrain rooms and evals
     ("pretrain.train", ("pretrain", "evals", "data_pipeline")),
     ("pretrain.export", ("pretrain", "evals", "data_pipeline")),
