@@ -3,7 +3,26 @@
 # chaos soak is marked `slow` and left out (make test-all runs it).
 # Two pytest-xdist workers (the CI machine has 2 cores), one thread each; TEST_WORKERS=N to change
 # (0 = one process). Multi-process tests take free ports and their own temporary directories.
+#
+# Then the kernel matrix: the tests that compare floating-point results of two code paths
+# (`-m numerics`, tolerances from tests/numerics.py) again under the kernels other CPUs give --
+# ATen's dispatch capped at `default` (no vector ISA) and `avx2`, `avx512` where this CPU has it and
+# it is not already what ATen picks, and oneDNN capped at AVX2 (no AVX512-BF16/AMX) -- so a result
+# that holds only by this machine's kernels fails here. The torch.compile ones are left out of the
+# matrix (their numerics are the eager kernels'; their cost is the compiler's). TEST_MATRIX=0 skips it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec .venv/bin/python -m pytest -q -n "${TEST_WORKERS:-2}" -m "not slow" tests "$@"
+workers=${TEST_WORKERS:-2}
+.venv/bin/python -m pytest -q -n "$workers" -m "not slow" tests "$@"
+[ "${TEST_MATRIX:-1}" = 0 ] && exit 0
+settings=("ATEN_CPU_CAPABILITY=default" "ATEN_CPU_CAPABILITY=avx2" "ONEDNN_MAX_CPU_ISA=AVX2")
+if [ -z "${ATEN_CPU_CAPABILITY:-}" ] && grep -qw avx512f /proc/cpuinfo 2>/dev/null \
+        && [ "$(.venv/bin/python -c 'import torch; print(torch.backends.cpu.get_cpu_capability())')" != AVX512 ]; then
+    settings+=("ATEN_CPU_CAPABILITY=avx512")
+fi
+for setting in "${settings[@]}"; do
+    echo "== kernel matrix: $setting"
+    env "$setting" .venv/bin/python -m pytest -q -n "$workers" -p no:cacheprovider -m "numerics and not slow" \
+        -k "not compile" tests
+done
