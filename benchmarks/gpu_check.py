@@ -8,7 +8,7 @@ Blocks (``--blocks``, comma-separated; default all), run in this order:
 
   tests        ``pytest -m gpu`` over the test files that hold GPU-marked tests: passed / failed / skipped.
   generation   The ``gpt2`` preset (124M, bf16 weights) decoding ``--gen-tokens`` tokens after a 16-token
-               prompt, top-k 50, at batch 1, 8 and 64, with each decode step (``pretrain/model/decode.py``
+               prompt, top-k 50, at batch 1, 8 and 64, with each decode step (``pretrain/inference/decode.py``
                DECODE_MODES: eager, graph = a captured CUDA graph, compile = inductor, compile+graph,
                reduce-overhead): tokens/s, ms per step, the first call's compile / capture seconds (once per
                batch size and cache bucket), time to first token (the prefill and the first pick, eager in
@@ -293,7 +293,7 @@ def case_evals(spec: dict) -> dict:
 
     from evals.hellaswag import evaluate, prepare
     from pretrain.checkpoint import Checkpointer, capture_rng_state
-    from pretrain.model.generate import generate
+    from pretrain.inference.generate import generate
     from pretrain.training.profiling import profile_summary
 
     t = build_trainer(spec)
@@ -399,8 +399,8 @@ def _decode_case(model, mode: str, b: int, n: int, bw: float, eager_tokens: dict
     time to first token, and the read bound of the step as this mode runs it."""
     import torch
 
-    from pretrain.model.decode import cache_bucket, decoders
-    from pretrain.model.generate import generate
+    from pretrain.inference.decode import cache_bucket, decoders
+    from pretrain.inference.generate import generate
 
     cuda = model.transformer.wte.weight.is_cuda
 

@@ -169,7 +169,7 @@ def divergences(model, prompts, got, want, seeds, temperature: float = 1.0, top_
     of :func:`network_bound`. Asserts that; returns how many rows parted so (the near-ties), for
     the caller to report or bound. After the first difference the contexts differ, so nothing
     further is compared. ``seeds``: each row's seed (None for greedy)."""
-    from pretrain.model.generate import uniforms
+    from pretrain.inference.generate import uniforms
 
     ref = float64_copy(model)
     V = model.config.vocab_size

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from numerics import divergences
 
-from pretrain.model import GPT, GPTConfig
-from pretrain.model.generate import (
+from pretrain.inference.generate import (
     EOT_ID,
     GenerationError,
     build_parser,
@@ -20,6 +19,7 @@ from pretrain.model.generate import (
     main,
     sample_next,
 )
+from pretrain.model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,7 +136,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 
 def test_draw_follows_the_distribution_and_never_picks_a_zero_probability_token():
-    from pretrain.model.generate import draw
+    from pretrain.inference.generate import draw
 
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.15, 0.05, 0.0], [0.0] * 6 + [1.0]])
     g = torch.Generator().manual_seed(0)
@@ -268,7 +268,7 @@ def test_cli_greedy_is_the_same_with_and_without_cache(exported, capsys):
 
 def test_cli_prompt_longer_than_context_is_one_line_exit_2(exported):
     r = subprocess.run(
-        [sys.executable, "-m", "pretrain.model.generate", "--model", str(exported), "--prompt", " ".join(["word"] * 100)],
+        [sys.executable, "-m", "pretrain.inference.generate", "--model", str(exported), "--prompt", " ".join(["word"] * 100)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -287,10 +287,10 @@ def test_cli_bad_model_is_one_line_exit_2(tmp_path, capsys):
 
 
 def test_top_k_on_the_candidates_draws_what_the_full_row_draws():
-    """On a CPU, top-k sampling works on the k candidates alone (pretrain.model.generate._sample_top_k):
+    """On a CPU, top-k sampling works on the k candidates alone (pretrain.inference.generate._sample_top_k):
     with the same generator it picks the token the full-row path (mask, softmax over V, draw)
     picks, with and without top-p; rows with ties at the k-th value go to the full path."""
-    from pretrain.model.generate import _sample_top_k, draw
+    from pretrain.inference.generate import _sample_top_k, draw
 
     logits = torch.randn(400, 1000, generator=torch.Generator().manual_seed(1)) * 3  # (B, V)
     for top_p in (None, 0.8):
@@ -308,7 +308,7 @@ def test_top_k_on_the_candidates_draws_what_the_full_row_draws():
 
 def test_generate_leaves_the_weights_exactly_as_they_were():
     """generate() gives the CPU model's Linear weights a column-major copy while it decodes
-    (pretrain.model.generate.decode_layout) and each parameter its very tensor back afterwards: same
+    (pretrain.inference.generate.decode_layout) and each parameter its very tensor back afterwards: same
     storage, strides and version, so an optimizer, DDP's bucket views or a compiled graph holding
     them see nothing. Also when generation fails half-way."""
     model = _model()
@@ -319,7 +319,7 @@ def test_generate_leaves_the_weights_exactly_as_they_were():
     before = state()
     generate(model, PROMPTS, max_new_tokens=5, seed=0, top_k=5)
     assert state() == before
-    from pretrain.model import generate as gen_mod
+    from pretrain.inference import generate as gen_mod
 
     real = gen_mod.sample_next
     try:
@@ -370,11 +370,11 @@ def _check_screen(screen, model, name: str, rows: int, g: torch.Generator, at_mo
                 assert cand.numel() < model.config.vocab_size // 20, (scale, n, cand.numel())
 
 def test_screened_head_bound_holds_and_its_top_n_is_the_exact_top_n():
-    """pretrain.model.generate.ScreenedHead: for every token the int8 screen's logit is within the
+    """pretrain.inference.generate.ScreenedHead: for every token the int8 screen's logit is within the
     derived bound of the fp32 logit, and the candidates it keeps hold every token of the exact
     top n (ties with the n-th included), with their fp32 logits -- while being a small fraction
     of the vocabulary."""
-    from pretrain.model.generate import ScreenedHead
+    from pretrain.inference.generate import ScreenedHead
 
     g = torch.Generator().manual_seed(7)
     for name, model in _screen_cases():
@@ -387,7 +387,7 @@ def test_screened_head_bound_holds_and_its_top_n_is_the_exact_top_n():
 def test_screened_sampling_draws_what_the_full_head_draws(monkeypatch):
     """Top-k sampling and greedy decoding on a CPU go through the screen; with the same seed they
     give the tokens the fp32 head over the whole vocabulary gives."""
-    from pretrain.model import generate as gen_mod
+    from pretrain.inference import generate as gen_mod
 
     for name, model in _screen_cases():
         settings = [dict(temperature=0), dict(temperature=0.8, top_k=50), dict(temperature=1.0, top_k=5, top_p=0.9)]
@@ -400,11 +400,11 @@ def test_screened_sampling_draws_what_the_full_head_draws(monkeypatch):
 
 
 def test_batch_screen_bound_holds_and_its_top_n_is_the_exact_top_n():
-    """pretrain.model.decode.BatchScreenedHead (several rows: the head in bf16 through oneDNN): the
+    """pretrain.inference.decode.BatchScreenedHead (several rows: the head in bf16 through oneDNN): the
     same checks as for the int8 screen, for 8 rows at once -- every token within the bound, the union
     of the rows' candidates holding each row's exact top n and ties, with their fp32 logits -- and
     fewer candidates than the int8 screen keeps for the same rows (its bound is tighter)."""
-    from pretrain.model.decode import BatchScreenedHead, ScreenedHead
+    from pretrain.inference.decode import BatchScreenedHead, ScreenedHead
 
     g = torch.Generator().manual_seed(8)
     for name, model in _screen_cases():
@@ -416,9 +416,9 @@ def test_batch_screen_bound_holds_and_its_top_n_is_the_exact_top_n():
 
 def test_batches_decode_through_onednn_and_leave_the_modules_as_they_were(monkeypatch):
     """A CPU batch of several rows runs its Linear layers through oneDNN with packed weights and
-    screens the head with BatchScreenedHead (pretrain.model.decode.decode_layout: the choice by
+    screens the head with BatchScreenedHead (pretrain.inference.decode.decode_layout: the choice by
     rows); one row keeps MKL and the int8 screen. Afterwards no module keeps a forward of its own."""
-    from pretrain.model import decode
+    from pretrain.inference import decode
 
     model = _model()
     used = []
@@ -455,8 +455,8 @@ def _reference(model, prompt: list[int], n: int, seed: int, **kw) -> list[int]:
     """The path before the static step, kept in the model for HellaSwag: a dynamic KVCache (a
     Python-int position, keys sliced to the length so far, no mask), the full head through
     ``forward(at="last")``, the row alone; sampling with its own stream (``uniforms``)."""
+    from pretrain.inference.generate import uniforms
     from pretrain.model import KVCache
-    from pretrain.model.generate import uniforms
 
     cache = KVCache.empty(model.config, 1, len(prompt) + n, "cpu", torch.float32)
     u = uniforms(torch.tensor([seed]), n)  # (1, n)
@@ -497,8 +497,8 @@ def test_a_rows_logits_in_a_batch_and_alone_are_within_the_derived_bound_of_the_
     so the sampler sees all logits; the screens hand it the same fp32 logits of their candidates.)"""
     from numerics import float64_copy, network_bound
 
-    from pretrain.model import decode
-    from pretrain.model import generate as gen_mod
+    from pretrain.inference import decode
+    from pretrain.inference import generate as gen_mod
 
     for cls in (decode.ScreenedHead, decode.BatchScreenedHead):
         monkeypatch.setattr(cls, "build", classmethod(lambda cls, model: None))
@@ -579,7 +579,7 @@ def test_uniforms_are_uniform_and_independent():
     """The counter-based stream: uniform on [0, 1) (moments, deciles), no correlation between
     neighbouring draws or neighbouring seeds, reproducible, and the same for a seed whatever
     else is in the batch."""
-    from pretrain.model.generate import uniforms
+    from pretrain.inference.generate import uniforms
 
     u = uniforms(torch.arange(500) + 12345, 400)  # (500, 400): 200k draws
     assert u.dtype == torch.float64 and 0 <= u.min() and u.max() < 1
@@ -600,7 +600,7 @@ def test_compiled_decode_step_does_not_recompile(monkeypatch):
     aot_eager backend traces exactly what inductor would get, without C++ compilation.)"""
     import functools
 
-    from pretrain.model.decode import decoders
+    from pretrain.inference.decode import decoders
     from pretrain.training.profiling import graph_breaks, reset_dynamo_counters
 
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
@@ -628,7 +628,7 @@ def test_compiled_decode_step_does_not_recompile(monkeypatch):
 def test_decoders_are_kept_per_batch_size_and_cache_bucket(monkeypatch):
     import functools
 
-    from pretrain.model.decode import cache_bucket, decoders
+    from pretrain.inference.decode import cache_bucket, decoders
 
     assert [cache_bucket(n) for n in (1, 64, 65, 200, 256, 257, 700)] == [64, 64, 128, 256, 256, 512, 768]
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
@@ -707,7 +707,7 @@ def test_cuda_captured_decode_step_replays_the_step_it_captured(mode, reference)
     of other prompt lengths (a replay: nothing captured again); 'graph' also for greedy and under
     autocast with fp32 weights (the trainer's in-loop sample). (The compiled modes compile the tiny
     model's step twice each: kept to one setting for the GPU check's time.)"""
-    from pretrain.model.decode import decoders
+    from pretrain.inference.decode import decoders
 
     model = _model().cuda()
     kw = dict(max_new_tokens=40, seed=3, eot_id=None)
@@ -728,7 +728,7 @@ def test_cuda_graph_reads_the_current_weights():
     """A captured graph reads the parameters' memory: after an in-place update (an optimizer step)
     it decodes with the new values; after the parameters are replaced (new storage) the decoder is
     captured again, never replaying a graph over freed memory."""
-    from pretrain.model.decode import decoders
+    from pretrain.inference.decode import decoders
 
     model = _model().cuda()
     kw = dict(max_new_tokens=24, temperature=0, eot_id=None)

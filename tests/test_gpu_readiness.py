@@ -201,8 +201,8 @@ def test_cuda_decoding_never_uses_cudnn_attention():
     """cuDNN's SDPA plans a graph per new key length: generate() keeps it out of decoding."""
     from torch.profiler import ProfilerActivity, profile
 
+    from pretrain.inference.generate import generate
     from pretrain.model import GPT, GPTConfig
-    from pretrain.model.generate import generate
 
     model = GPT(GPTConfig.from_preset("tiny")).cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16), profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -6,7 +6,7 @@ alone (GPT-2's positions are learned and absolute: padding shifts columns, not p
 mask keeps every query to its own row's keys. So each row's tokens are those of generating it
 alone (tested: greedy, and sampling). ``--num-samples N`` is N copies of each prompt.
 
-The decode step (``pretrain/model/decode.py``, :class:`Decoder`): the prompt is prefilled by a
+The decode step (``pretrain/inference/decode.py``, :class:`Decoder`): the prompt is prefilled by a
 normal forward; every further token is one step whose shapes depend on (batch, cache bucket) only
 and whose changing values (the cache column, the draw count) are tensors updated in place -- one
 graph, compiled once by ``torch.compile`` and, on CUDA, captured once in a CUDA graph and replayed
@@ -26,7 +26,7 @@ advance); row i of a call with ``seed=s`` uses seed ``s + i``, so
 the k candidates only (:func:`sample_next`): the same distribution, without passes over the whole
 vocabulary.
 
-The LM head while sampling (``pretrain/model/decode.py``): only the last position of each row
+The LM head while sampling (``pretrain/inference/decode.py``): only the last position of each row
 needs logits, so the trunk (``GPT.hidden_states``) runs and the head is applied to that one
 position, from the weight layout that reads fastest on the device (:func:`decode_layout`,
 :class:`DecodeHead`), or screened for top-k and greedy on a CPU (:class:`ScreenedHead` in int8 for
@@ -55,7 +55,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from data_pipeline.tokenizer import EOT_ID
 from pretrain.dist import is_fsdp
-from pretrain.model.decode import (
+from pretrain.inference.decode import (
     DECODE_MODES,
     BatchScreenedHead,
     DecodeHead,
@@ -474,7 +474,7 @@ def generate(
     (``batch_size`` rows at a time; None = all at once). ``seed``: row i samples with seed + i (or
     give one seed per row); None draws one from ``generator`` or torch's global generator. The same
     seeds and settings give the same tokens, whatever the batch. ``step``: how the decode step runs
-    (``auto`` or one of :data:`~pretrain.model.decode.DECODE_MODES`). ``use_kv_cache=False``
+    (``auto`` or one of :data:`~pretrain.inference.decode.DECODE_MODES`). ``use_kv_cache=False``
     recomputes the whole context every token (a reference for tests and benchmarks)."""
     _check_settings(max_new_tokens, temperature, top_k, top_p, step)
     cfg = model.config
