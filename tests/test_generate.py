@@ -233,6 +233,12 @@ def test_help_lists_every_option_with_its_default():
     ]:
         assert option in text
         assert f"(default: {default}" in text, option
+    # what a batched row promises against the row alone: --help, README and DESIGN say the same
+    from pretrain.inference.generate import GUARANTEE
+
+    assert GUARANTEE in text
+    for doc in ("README.md", "docs/DESIGN.md"):
+        assert "near-tie" in (ROOT / doc).read_text(), doc
     for option in ("--model", "--no-kv-cache"):
         assert option in text
 

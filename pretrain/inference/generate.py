@@ -3,8 +3,12 @@
 Batching. Prompts of different lengths share one batch, left-padded: row b's tokens start at
 column ``start[b]`` of a :class:`~pretrain.model.gpt.StaticKVCache`, each at the positions it has
 alone (GPT-2's positions are learned and absolute: padding shifts columns, not positions), and a
-mask keeps every query to its own row's keys. So each row's tokens are those of generating it
-alone (tested: greedy, and sampling). ``--num-samples N`` is N copies of each prompt.
+mask keeps every query to its own row's keys. ``--num-samples N`` is N copies of each prompt.
+
+What holds between a row in a batch and the same row alone (:data:`GUARANTEE`; tests/numerics.py
+derives the bound, tests/test_generate.py holds every path to it): the same computation, with the
+sums in another order -- a GEMM's reduction order depends on its shapes (the batch, the padding)
+and on the CPU's instruction set, so bitwise equality is not promised across batches or machines.
 
 The decode step (``pretrain/inference/decode.py``, :class:`Decoder`): the prompt is prefilled by a
 normal forward; every further token is one step whose shapes depend on (batch, cache bucket) only
@@ -22,7 +26,8 @@ with one uniform number per row and token. The uniforms are a counter-based stre
 (:func:`uniforms`): draw t of a row is a hash of (the row's seed, t), so a row's tokens do not
 depend on the other rows of its batch, the device or a captured graph (no generator state to
 advance); row i of a call with ``seed=s`` uses seed ``s + i``, so
-``generate(m, ps, seed=s)[i] == generate(m, [ps[i]], seed=s + i)[0]``. On a CPU, top-k works on
+``generate(m, ps, seed=s)[i]`` and ``generate(m, [ps[i]], seed=s + i)[0]`` draw the same uniforms and
+agree as :data:`GUARANTEE` says. On a CPU, top-k works on
 the k candidates only (:func:`sample_next`): the same distribution, without passes over the whole
 vocabulary.
 
@@ -73,6 +78,15 @@ from pretrain.model.gpt import GPT, StaticKVCache
 # _cudnn_attention_forward when every token was a new key length (the GPU check's host profile).
 # Flash / memory-efficient / math take any shape as it comes (the decode step's mask: not flash).
 DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+GUARANTEE = (
+    "each row's logits, in any batch, are within a derived bound (fp32 rounding along the model's sums) of its "
+    "exact logits alone, so its tokens equal generating it alone (with its seed) except where the exact logits "
+    "put a decision within that bound of a tie (a near-tie: rare; the two continue differently from there); "
+    "the same call on the same machine gives the same tokens"
+)
+"""What a row of a batch promises against the same row alone (README, DESIGN and --help say it too)."""
 
 
 class GenerationError(ValueError):
@@ -472,8 +486,8 @@ def generate(
 
     ``prompts``: a (B, T) long tensor or a list of id lists of any lengths, decoded together
     (``batch_size`` rows at a time; None = all at once). ``seed``: row i samples with seed + i (or
-    give one seed per row); None draws one from ``generator`` or torch's global generator. The same
-    seeds and settings give the same tokens, whatever the batch. ``step``: how the decode step runs
+    give one seed per row); None draws one from ``generator`` or torch's global generator. A row and
+    the same row alone with its seed agree as :data:`GUARANTEE` says. ``step``: how the decode step runs
     (``auto`` or one of :data:`~pretrain.inference.decode.DECODE_MODES`). ``use_kv_cache=False``
     recomputes the whole context every token (a reference for tests and benchmarks)."""
     _check_settings(max_new_tokens, temperature, top_k, top_p, step)
@@ -536,7 +550,8 @@ class _Prompts(argparse.Action):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpt2-generate",
-        description="Sample continuations of prompts from a GPT-2 (HF directory, hub name or native checkpoint).",
+        description="Sample continuations of prompts from a GPT-2 (HF directory, hub name or native checkpoint). "
+                    "Batched prompts: " + GUARANTEE + ".",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--model", required=True, help="HF model directory / hub name, or a native checkpoint directory")
@@ -551,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass >= p")
-    parser.add_argument("--seed", type=int, default=1337, help="sample i draws with seed + i (whatever the batch)")
+    parser.add_argument("--seed", type=int, default=1337, help="sample i draws with seed + i (its random stream does not depend on the batch)")
     parser.add_argument("--num-samples", type=int, default=1, help="samples of each prompt, generated as one batch")
     parser.add_argument("--stop", action="append", default=None, metavar="TEXT",
                         help="end a sample after this text (kept in the output); repeatable")
