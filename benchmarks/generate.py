@@ -119,7 +119,7 @@ def screen_candidates(model: GPT, prompts, n: int) -> tuple[str, float] | None:
     import pretrain.inference.decode as dec
 
     counts, kinds = [], set()
-    real = dec.ScreenedHead.candidates
+    real = dec.ScreenedHead.top
 
     def counting(self, h, k):
         found = real(self, h, k)
@@ -127,11 +127,11 @@ def screen_candidates(model: GPT, prompts, n: int) -> tuple[str, float] | None:
         kinds.add(type(self).__name__)
         return found
 
-    dec.ScreenedHead.candidates = counting  # BatchScreenedHead inherits it
+    dec.ScreenedHead.top = counting  # BatchScreenedHead inherits it
     try:
         generate(model, prompts, max_new_tokens=n, temperature=1.0, top_k=50, seed=0, eot_id=None)
     finally:
-        dec.ScreenedHead.candidates = real
+        dec.ScreenedHead.top = real
     return (", ".join(sorted(kinds)), statistics.mean(counts)) if counts else None
 
 

@@ -364,7 +364,7 @@ def _check_screen(screen, model, name: str, rows: int, g: torch.Generator, at_mo
         a = screen.approximate(h)
         assert ((a - exact).abs() <= screen.bound(h, a)).all(), (name, scale)
         for n in (1, 2, 51, 300):
-            cand, r = screen.candidates(h, n)
+            cand, r = screen.top(h, n)
             assert torch.equal(cand, cand.sort().values)
             torch.testing.assert_close(r, exact[:, cand], rtol=1e-5, atol=1e-5)
             nth = exact.topk(n, dim=-1).values[:, -1:]  # (B, 1)
@@ -372,7 +372,7 @@ def _check_screen(screen, model, name: str, rows: int, g: torch.Generator, at_mo
             assert torch.isin(must, cand).all(), (name, scale, n)
             if name == "gpt2-init" and n <= 51:
                 if at_most is not None:
-                    assert cand.numel() <= at_most.candidates(h, n)[0].numel(), (scale, n)
+                    assert cand.numel() <= at_most.top(h, n)[0].numel(), (scale, n)
                 assert cand.numel() < model.config.vocab_size // 20, (scale, n, cand.numel())
 
 def test_screened_head_bound_holds_and_its_top_n_is_the_exact_top_n():

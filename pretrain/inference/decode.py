@@ -55,6 +55,12 @@ import torch.nn.functional as F
 from pretrain.inference.cpu import int8_applies, int8_mm, onednn_applies, onednn_linear, onednn_pack
 from pretrain.model.gpt import GPT, StaticKVCache
 
+# The decode-time heads, one interface: ``logits(h)`` -> (B, V) fp32 logits of the real vocabulary
+# for hidden states h (B, C) after ln_f; ``top(h, n)`` -> (ids (U,) ascending, their logits (B, U)):
+# a superset of every row's n largest (ties with the n-th included), with the same fp32 logits, or
+# None where the head cannot tell (the caller uses ``logits``). DecodeHead reads the whole head;
+# the screened heads read a low-precision copy and compute fp32 logits for the candidates only.
+
 
 class DecodeHead:
     """The LM head for sampling: logits (B, V) of the real vocabulary at one position per row.
@@ -79,13 +85,20 @@ class DecodeHead:
         else:
             self.weight = weight
 
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h: (B, C) hidden states (after ``ln_f``) -> logits (B, V)."""
         if self.packed is not None:
             return onednn_linear(h.float(), self.packed, None)
         if self.weight_t is None:
             return F.linear(h, self.weight)
         return h.to(self.weight_t.dtype) @ self.weight_t  # (B, C) @ (C, V)
+
+    __call__ = logits
+
+    def top(self, h: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every token is a candidate: (arange(V), logits (B, V))."""
+        logits = self.logits(h)
+        return torch.arange(logits.size(-1), device=logits.device), logits
 
 
 class ScreenedHead:
@@ -190,7 +203,7 @@ class ScreenedHead:
         """(B, V): the bound on ``|a - exact|`` that the candidate threshold uses (for tests)."""
         return self._offset(h.norm(dim=1, keepdim=True)) + self.rho * a.abs()
 
-    def candidates(self, h: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def top(self, h: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """h: (B, C) fp32 hidden states (after ``ln_f``). Returns ``cand`` (U,) ascending token ids,
         a superset of every row's top n, and ``r`` (B, U) their exact logits; None when the screen
         finds fewer than n (non-finite hidden states)."""
@@ -222,7 +235,7 @@ class ScreenedHead:
             return None
         return cand, h @ self.weight.index_select(0, cand).t()  # (B, C) @ (C, U) -> (B, U)
 
-    def full_logits(self, h: torch.Tensor) -> torch.Tensor:
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(B, V) exact logits of every token (the fallback: rows with ties at the k-th value)."""
         return F.linear(h, self.weight)
 

@@ -289,16 +289,16 @@ def _sampler(model: GPT, temperature: float, top_k: int | None, top_p: float | N
         return (lambda idx, cache: model(idx, kv_cache=cache, at="last")[0][:, -1]), pick_logits, False
     greedy = temperature == 0
     wanted = (greedy or (top_k is not None and top_k < V)) and not torch.is_autocast_enabled("cpu")
-    screened = None
+    head = None
     if wanted:  # under autocast the logits are not fp32
-        screened = BatchScreenedHead.build(model) if rows >= 2 else None
-        screened = screened or ScreenedHead.build(model)  # (no oneDNN bf16 here: int8 for every batch)
-    if screened is None:
-        head = DecodeHead(model, rows)
-        return hidden, lambda h, u: pick_logits(head(h), u), static
+        head = BatchScreenedHead.build(model) if rows >= 2 else None
+        head = head or ScreenedHead.build(model)  # (no oneDNN bf16 here: int8 for every batch)
+    if head is None:  # the whole head (no host sync: a CUDA graph can capture it)
+        full = DecodeHead(model, rows)
+        return hidden, lambda h, u: pick_logits(full.logits(h), u), static
 
-    def screened_pick(h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        found = screened.candidates(h, 1 if greedy else top_k + 1)
+    def top_pick(h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        found = head.top(h, 1 if greedy else top_k + 1)
         if found is not None:
             cand, r = found  # (U,), (B, U)
             if greedy:
@@ -309,9 +309,9 @@ def _sampler(model: GPT, temperature: float, top_k: int | None, top_p: float | N
             nxt = _sample_from_top(vals, cand[pos], top_k, top_p, None, u)
             if nxt is not None:
                 return nxt
-        return pick_logits(screened.full_logits(h), u)  # ties at the k-th value (or a non-finite screen)
+        return pick_logits(head.logits(h), u)  # ties at the k-th value (or a non-finite screen)
 
-    return hidden, screened_pick, False
+    return hidden, top_pick, False
 
 
 class _StopStrings:
