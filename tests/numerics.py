@@ -46,12 +46,6 @@ def sum_tolerance(abs_sum, n: int, dtype: torch.dtype = torch.float32, paths: in
     return paths * gamma(n, dtype) * abs_sum
 
 
-def matmul_tolerance(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float32, paths: int = 2):
-    """Elementwise tolerance of ``a @ b`` computed twice in ``dtype`` (any summation order):
-    2 gamma_K (|a| @ |b|), K the inner dimension."""
-    return sum_tolerance(a.double().abs() @ b.double().abs(), a.size(-1), dtype, paths)
-
-
 def path_length(config, tokens: int) -> int:
     """The summed lengths of the sums along a GPT's path from the input to one logit: per block
     layer norm (C), q/k/v (C), the attention scores (C / n_head), softmax and attention-weighted
@@ -150,7 +144,7 @@ def loss_tolerance(model, idx: torch.Tensor, total: float, n: int, paths: int = 
     the result by n for the mean) may be apart: a logit within ``delta`` of the exact moves each
     token's log-softmax by at most 2 ``delta``, and the sum adds gamma_n times its positive terms."""
     delta = logits_tolerance(model, idx, paths=1).max().item()
-    return paths * (n * 2 * delta + gamma(n) * abs(total))
+    return paths * n * 2 * delta + sum_tolerance(abs(total), n, paths=paths)
 
 
 def grad_tolerance(config, idx: torch.Tensor, ref_grad: torch.Tensor, paths: int = 2) -> float:
