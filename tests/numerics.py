@@ -185,3 +185,15 @@ def divergences(model, prompts, got, want, seeds, temperature: float = 1.0, top_
                 f"{logits[tok].item():.6f}, max {logits.max().item():.6f}, delta {delta:.3g}, u {u:.6f})")
         parted += 1
     return parted
+
+
+def logprob_sum_tolerance(model, contexts, continuations, sums, block_size: int, paths: int = 2):
+    """(N,) how far two fp32 paths' summed log-probabilities of each continuation may be apart
+    (HellaSwag's scores): per token 2 ``delta`` of the sequence's logits (as :func:`loss_tolerance`),
+    plus the sum of the continuation's terms."""
+    tol = []
+    for c, k, s in zip(contexts, continuations, sums):
+        toks = (list(c) + list(k))[-(block_size + 1):]
+        delta = logits_tolerance(model, torch.tensor([toks[:-1]]), paths=1).max().item()
+        tol.append(paths * len(k) * 2 * delta + sum_tolerance(abs(float(s)), len(k), paths=paths))
+    return torch.tensor(tol, dtype=torch.float64)
