@@ -44,7 +44,9 @@ from pathlib import Path
 import torch
 tree = Path(sys.argv[1])
 torch.set_num_threads(1)
-if (tree / "pretrain" / "model" / "generate.py").exists():
+if (tree / "pretrain" / "inference" / "generate.py").exists():
+    from pretrain.inference.generate import generate
+elif (tree / "pretrain" / "model" / "generate.py").exists():
     from pretrain.model.generate import generate
 else:
     from pretrain.generate import generate

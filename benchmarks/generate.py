@@ -7,11 +7,11 @@ memory-bandwidth bound; a batch of prompts of different lengths against generati
     python benchmarks/generate.py --device cuda --dtype bfloat16
 
 ``--w1``: the 4-layer x 256-wide model (4 heads, 256 positions, vocabulary padded to 50,304).
-(1) Batch 1, 16-token prompt, 240 new tokens, top-k 50: ``pretrain.model.generate.generate`` (the
+(1) Batch 1, 16-token prompt, 240 new tokens, top-k 50: ``pretrain.inference.generate.generate`` (the
 fixed-shape decode step, eager on a CPU) and nanoGPT's ``generate`` loop (no cache: the whole context
 through the body every token, the head at the last position only, ``torch.multinomial``). (2) Eight
 prompts of 5 to 64 tokens, 192 new tokens each: one left-padded batch against eight calls one by one
-(every row's tokens are checked to equal its call alone; the screen the batch uses and the candidates
+(the rows whose tokens equal their call alone are counted; the screen the batch uses and the candidates
 it rescores per step are printed). Interleaved ``--repeats`` times, medians.
 The bound: weights read per token (every parameter once, the position table one row, plus the KV
 cache read so far on average) over the measured read bandwidth of a 256 MB tensor (a streaming
@@ -47,8 +47,8 @@ from collections.abc import Callable
 import torch
 from _common import read_bandwidth
 
+from pretrain.inference.generate import generate
 from pretrain.model import GPT, GPTConfig
-from pretrain.model.generate import generate
 
 
 def machine(device: str) -> str:
@@ -116,10 +116,10 @@ def screen_candidates(model: GPT, prompts, n: int) -> tuple[str, float] | None:
     """(the screen's class, the mean number of candidates it rescores per decode step) over one
     top-k 50 run of ``n`` tokens of ``prompts`` (for a batch: the union of the rows'); None when no
     screen applies here (another dtype, a width not a multiple of 16)."""
-    import pretrain.model.decode as dec
+    import pretrain.inference.decode as dec
 
     counts, kinds = [], set()
-    real = dec.ScreenedHead.candidates
+    real = dec.ScreenedHead.top
 
     def counting(self, h, k):
         found = real(self, h, k)
@@ -127,11 +127,11 @@ def screen_candidates(model: GPT, prompts, n: int) -> tuple[str, float] | None:
         kinds.add(type(self).__name__)
         return found
 
-    dec.ScreenedHead.candidates = counting  # BatchScreenedHead inherits it
+    dec.ScreenedHead.top = counting  # BatchScreenedHead inherits it
     try:
         generate(model, prompts, max_new_tokens=n, temperature=1.0, top_k=50, seed=0, eot_id=None)
     finally:
-        dec.ScreenedHead.candidates = real
+        dec.ScreenedHead.top = real
     return (", ".join(sorted(kinds)), statistics.mean(counts)) if counts else None
 
 
@@ -185,7 +185,7 @@ def main_w1(args) -> None:
     ragged = [torch.randint(0, cfg.vocab_size, (k,), generator=g).tolist() for k in RAGGED_LENGTHS]
     n_r = cfg.block_size - max(RAGGED_LENGTHS)  # 192: every row fits its context
     if args.ops_only:
-        import pretrain.model.generate as gen
+        import pretrain.inference.generate as gen
 
         print(f"{gen.__file__}: aten ops per decoded token (W1, batch 1, top-k 50, top-level calls): "
               f"{ops_per_token(model, prompts, n // 2, n, **kw):.1f}; per decode step of the batch of 8 ragged: "
@@ -200,7 +200,7 @@ def main_w1(args) -> None:
     screened = screened_bytes_per_token(model, one_row, per_token)
     print(f"model W1: {model.num_params() / 1e6:.1f}M params; batch {B}, prompt {T0}, {n} new tokens, top-k 50; "
           f"{per_token / 1e6:.1f} MB of fp32 weights and cache per token; read with the int8 screen of the head "
-          f"(pretrain.model.decode.ScreenedHead): {screened / 1e6:.1f} MB")
+          f"(pretrain.inference.decode.ScreenedHead): {screened / 1e6:.1f} MB")
     modes = {
         "kv cache": lambda: generate(model, prompts, max_new_tokens=n, **kw),
         "nanoGPT (no cache)": lambda: nanogpt_generate(model, prompts, n, 50, torch.Generator().manual_seed(0)),
@@ -209,7 +209,8 @@ def main_w1(args) -> None:
                                      for i, p in enumerate(ragged)],
     }
     tokens = {"kv cache": B * n, "nanoGPT (no cache)": B * n, "batch of 8 ragged": 8 * n_r, "the 8 one by one": 8 * n_r}
-    assert modes["batch of 8 ragged"]() == [r[0] for r in modes["the 8 one by one"]()]  # each row as alone
+    # each row as alone, up to near-ties (generate.GUARANTEE; tests/test_generate.py checks that they are)
+    same = sum(a == b[0] for a, b in zip(modes["batch of 8 ragged"](), modes["the 8 one by one"]()))
     res: dict[str, list[tuple[float, float]]] = {k: [] for k in modes}
     bws, copies = [], []
     for _ in range(args.repeats):
@@ -226,7 +227,7 @@ def main_w1(args) -> None:
           f"bound {bound:.0f} tokens/s reading the fp32 weights, {bw / screened:.0f} tokens/s reading what the "
           f"screened head reads (medians of {args.repeats})")
     print(f"ragged batch: prompts of {', '.join(map(str, RAGGED_LENGTHS))} tokens, {n_r} new tokens each; "
-          "every row's tokens equal generating it alone (checked)")
+          f"{same} of 8 rows' tokens equal generating them alone (the rest part at a near-tie)")
     found = screen_candidates(model, ragged, n_r)
     if found is not None and one_row is not None:
         print(f"  its head: {found[0]}, {found[1]:.0f} candidates rescored per step (the rows' union); "
@@ -251,7 +252,7 @@ def main_w1(args) -> None:
 def compiled(model: GPT, prompts, n: int, kw: dict) -> None:
     """step='compile' (inductor): what the first call costs (the compile, paid once per batch size
     and cache bucket), what the next calls run at, and the aten ops per token left."""
-    from pretrain.model.decode import decoders
+    from pretrain.inference.decode import decoders
     from pretrain.training.profiling import graph_breaks, reset_dynamo_counters
 
     kw = dict(kw, step="compile")

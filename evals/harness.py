@@ -19,7 +19,7 @@ The three request types, each as the harness's Hugging Face model (``HFLM``, lm-
 - ``generate_until`` ((context, gen_kwargs) -> text): the harness's ``normalize_gen_kwargs`` and
   stop strings (``until`` plus ``<|endoftext|>``), the context left-truncated to
   ``block_size - max_gen_toks`` tokens, greedy unless ``do_sample``; tokens come from
-  ``pretrain.model.generate.generate`` (KV cache, batched). That function stops a row at
+  ``pretrain.inference.generate.generate`` (KV cache, batched). That function stops a row at
   ``<|endoftext|>`` only, so stop strings are applied here: rows are generated in rounds of
   16, 32, 64, ... new tokens, and a row whose text holds a stop string leaves the batch; the text
   is cut at the first stop string (the harness's ``postprocess_generated_text``).
@@ -140,7 +140,7 @@ class GPTLM(LM):
         token that completes the first of ``until`` (the text may run past the stop string; the
         caller cuts it): one call of the project's batched sampler (prompts of any lengths in one
         left-padded batch of ``batch_size`` rows, each row as it would be alone)."""
-        from pretrain.model.generate import generate
+        from pretrain.inference.generate import generate
 
         new = generate(self.model, prompts, max_new_tokens=max_new, temperature=temperature, top_k=top_k,
                        top_p=top_p, stop=[s for s in until if s] or None, batch_size=self.batch_size)

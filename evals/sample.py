@@ -31,7 +31,7 @@ class SampleEvaluator:
         self.tokens, self.top_k, self.seed, self.autocast = tokens, top_k, seed, autocast or nullcontext
 
     def __call__(self, model, step: int | None = None) -> dict[str, str]:
-        from pretrain.model.generate import generate
+        from pretrain.inference.generate import generate
 
         config = model.config
         if any(t >= config.vocab_size for t in self.prompt) or len(self.prompt) >= config.block_size:

@@ -183,8 +183,14 @@ def test_gpu_check_smoke(tmp_path):
     assert gen["compile_b4"]["same_tokens_as_eager"] and gen["compile_b1"]["build_s"][0] > 0
     lever = res["lever"]
     assert lever["lever"] == {"head_fp8": True} and lever["off"] == cases[f"compiled_mb{best}"]  # A: the same run
-    assert lever["max_rel_loss_diff"] <= lever["tolerance"] and lever["speedup"] > 0 and isinstance(lever["keep"], bool)
-    assert len(lever["losses_on"]) == len(lever["losses_off"]) == 1 + 1 + 2  # first + warm-up + timed steps
+    if "not_measurable" in lever:  # FP8 emulated too slowly on this CPU: said so, in bounded time (exactly that)
+        assert lever["not_measurable"].startswith("not measurable on this CPU: the lever's run did not finish")
+        assert lever["on"]["error"].startswith("timed out") and "speedup" not in lever
+        assert "not measurable on this CPU" in p.stdout
+    else:
+        assert lever["max_rel_loss_diff"] <= lever["tolerance"] and lever["speedup"] > 0
+        assert isinstance(lever["keep"], bool)
+        assert len(lever["losses_on"]) == len(lever["losses_off"]) == 1 + 1 + 2  # first + warm-up + timed steps
     assert "| generation" in p.stdout and "| lever" in p.stdout
     ev = res["evals"]
     assert ev["hellaswag"]["examples"] == 16 and ev["hellaswag"]["examples_per_s"] > 0
@@ -199,8 +205,8 @@ def test_cuda_decoding_never_uses_cudnn_attention():
     """cuDNN's SDPA plans a graph per new key length: generate() keeps it out of decoding."""
     from torch.profiler import ProfilerActivity, profile
 
+    from pretrain.inference.generate import generate
     from pretrain.model import GPT, GPTConfig
-    from pretrain.model.generate import generate
 
     model = GPT(GPTConfig.from_preset("tiny")).cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16), profile(activities=[ProfilerActivity.CPU]) as prof:

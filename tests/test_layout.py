@@ -18,6 +18,8 @@ ALLOWED: list[tuple[str, tuple[str, ...]]] = [
     ("pretrain.model.gpt", ("pretrain.model.head",)),
     ("pretrain.model.head", ()),
     ("pretrain.model", ("pretrain.dist", "pretrain.checkpoint", "data_pipeline")),
+    ("pretrain.inference.cpu", ()),  # the CPU backend: torch only
+    ("pretrain.inference", ("pretrain.model", "pretrain.dist", "data_pipeline")),
     ("pretrain.checkpoint", ("pretrain.dist", "data_pipeline.integrity")),
     ("pretrain.training", ("pretrain.model", "pretrain.checkpoint", "pretrain.dist", "pretrain.config",
                            "pretrain.plan", "data_pipeline")),
@@ -27,10 +29,11 @@ ALLOWED: list[tuple[str, tuple[str, ...]]] = [
     ("pretrain.plan", ("pretrain.config", "pretrain.checkpoint", "pretrain.model", "pretrain.training",
                        "data_pipeline")),
     # gpt2-eval: loads weights from any spec and ends like gpt2-train
-    ("evals.run", ("evals", "pretrain.model", "pretrain.dist", "pretrain.checkpoint", "pretrain.cli", "data_pipeline")),
-    ("evals", ("pretrain.model", "pretrain.dist", "data_pipeline")),
+    ("evals.run", ("evals", "pretrain.model", "pretrain.inference", "pretrain.dist", "pretrain.checkpoint",
+                   "pretrain.cli", "data_pipeline")),
+    ("evals", ("pretrain.model", "pretrain.inference", "pretrain.dist", "data_pipeline")),
     # gpt2-serve: generation's pieces under an engine and an HTTP app; ends like the other commands
-    ("pretrain.serve", ("pretrain.model", "pretrain.cli", "pretrain.dist", "data_pipeline")),
+    ("pretrain.serve", ("pretrain.model", "pretrain.inference", "pretrain.cli", "pretrain.dist", "data_pipeline")),
     # the composing modules: both pretrain rooms and evals
     ("pretrain.train", ("pretrain", "evals", "data_pipeline")),
     ("pretrain.export", ("pretrain", "evals", "data_pipeline")),
@@ -113,3 +116,36 @@ def test_a_forbidden_import_is_caught(room, target):
     text = path.read_text() + f"\n\ndef _lazy():\n    import {target}\n"
     assert not violations(path)
     assert any(target in v for v in violations(path, text)), violations(path, text)
+
+
+def test_private_cpu_ops_live_in_the_cpu_backend_only():
+    """torch's private CPU ops (oneDNN's packed linear, the int8 kernel) are called from
+    pretrain/inference/cpu.py alone, where each is guarded with a portable fallback."""
+    pattern = ("torch.ops.mkldnn", "_weight_int8pack_mm")
+    users = sorted(str(p.relative_to(REPO)) for room in ("pretrain", "evals") for p in (REPO / room).rglob("*.py")
+                   if any(s in p.read_text() for s in pattern))
+    assert users == ["pretrain/inference/cpu.py"], users
+
+
+def test_importing_every_module_registers_no_op():
+    """No work at import time: importing every module of pretrain, evals and data_pipeline (in a fresh
+    interpreter) registers no torch op; the CPU backend registers its custom op when it first packs a weight."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib, pkgutil, torch\n"
+        "before = set(torch._C._dispatch_get_all_op_names())\n"
+        "for room in ('pretrain', 'evals', 'data_pipeline'):\n"
+        "    pkg = importlib.import_module(room)\n"
+        "    for m in pkgutil.walk_packages(pkg.__path__, room + '.'):\n"
+        "        if not m.name.endswith('__main__'):\n"
+        "            importlib.import_module(m.name)\n"
+        "new = sorted(set(torch._C._dispatch_get_all_op_names()) - before)\n"
+        "from pretrain.inference.cpu import _compiled_op\n"
+        "_compiled_op()\n"
+        "print(new, 'pretrain::onednn_linear' in torch._C._dispatch_get_all_op_names())\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-2:] == ["[]", "True"], r.stdout  # nothing at import; the probe sees a registration

@@ -24,7 +24,7 @@ from helpers import REPO
 from test_generate import _model
 
 from data_pipeline.tokenizer import get_tokenizer
-from pretrain.model.generate import generate
+from pretrain.inference.generate import generate
 from pretrain.model.hf import export_hf
 from pretrain.model.weights import load_model
 

@@ -9,7 +9,7 @@ import time
 import pytest
 from test_generate import PROMPTS, _model
 
-from pretrain.model.generate import generate
+from pretrain.inference.generate import generate
 from pretrain.serve.engine import Engine, QueueFull, Sequence
 
 

@@ -1,6 +1,6 @@
-"""The model and what uses it outside training: the architecture (``gpt.py``) and its LM head's
-chunked paths (``head.py``), loading weights from anywhere (``weights.py``), the Hugging Face
-conversion table and export (``hf.py``), and sampling (``generate.py``, ``decode.py``)."""
+"""The model: the architecture (``gpt.py``) and its LM head's chunked paths (``head.py``), loading
+weights from anywhere (``weights.py``), the Hugging Face conversion table and export (``hf.py``).
+Sampling lives in ``pretrain/inference/``."""
 
 from pretrain.model.gpt import ARCH_FIELDS, GPT, PRESETS, VOCAB_ROW_PARAMS, GPTConfig, KVCache, StaticKVCache
 

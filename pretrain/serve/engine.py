@@ -43,8 +43,8 @@ from torch.nn.attention import sdpa_kernel
 
 # Generation's pieces, in one place (the decode step's cache, layout and head; the samplers, the
 # seeded stream, the stop strings and the checks).
-from pretrain.model.decode import DecodeHead, decode_layout, eager_width
-from pretrain.model.generate import (
+from pretrain.inference.decode import DecodeHead, decode_layout, eager_width
+from pretrain.inference.generate import (
     DECODE_BACKENDS,
     EOT_ID,
     GenerationError,

@@ -52,56 +52,14 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn.functional as F
 
+from pretrain.inference.cpu import int8_applies, int8_mm, onednn_applies, onednn_linear, onednn_pack
 from pretrain.model.gpt import GPT, StaticKVCache
 
-ONEDNN_ROWS = 8
-"""The rows oneDNN's weight packing is laid out for (``torch.ops.mkldnn._reorder_linear_weight``'s
-batch hint): the batches this packing is used for (2 or more rows) run at the same speed with it
-(W1's bf16 head, cold cache, 1 thread: 792-1,123 us for 2-8 rows packed for 8 or for their own count)."""
-
-
-def onednn_applies(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> bool:
-    """oneDNN (``torch.ops.mkldnn``) can run ``x @ weight^T`` in ``dtype`` here, in full precision: a
-    CPU fp32 weight, this torch built with oneDNN (and its bf16 kernels for ``dtype`` bf16), fp32
-    matmuls not set to a reduced precision (``torch.backends.mkldnn.matmul.fp32_precision``), no
-    CPU autocast (which would cast F.linear's inputs, not ours)."""
-    mkldnn = torch.backends.mkldnn
-    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
-            and mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-            and getattr(mkldnn.matmul, "fp32_precision", "none") in ("none", "ieee")
-            and not torch.is_autocast_enabled("cpu")
-            and (dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())))
-
-
-def onednn_pack(weight: torch.Tensor) -> torch.Tensor | None:
-    """``weight`` (out, in) packed for ``onednn_linear`` (an opaque oneDNN layout, a copy), or None
-    where this torch's oneDNN refuses it."""
-    try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), ONEDNN_ROWS)
-        onednn_linear(torch.zeros(2, weight.size(1), dtype=weight.dtype), packed, None)
-    except RuntimeError:
-        return None
-    return packed
-
-
-@torch.library.custom_op("pretrain::onednn_linear", mutates_args=())
-def _onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    # An op of our own around oneDNN's, so that torch.compile (inductor too) calls it as it is and a
-    # compiled step computes what the eager step computes.
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
-@_onednn_linear.register_fake
-def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], packed.size(0))
-
-
-def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear through oneDNN with a packed weight: x (..., in) -> (..., out). The same oneDNN
-    call eager and compiled; eagerly without the custom op's dispatch (~8 us a call)."""
-    if torch.compiler.is_compiling():
-        return _onednn_linear(x, packed, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+# The decode-time heads, one interface: ``logits(h)`` -> (B, V) fp32 logits of the real vocabulary
+# for hidden states h (B, C) after ln_f; ``top(h, n)`` -> (ids (U,) ascending, their logits (B, U)):
+# a superset of every row's n largest (ties with the n-th included), with the same fp32 logits, or
+# None where the head cannot tell (the caller uses ``logits``). DecodeHead reads the whole head;
+# the screened heads read a low-precision copy and compute fp32 logits for the candidates only.
 
 
 class DecodeHead:
@@ -127,13 +85,20 @@ class DecodeHead:
         else:
             self.weight = weight
 
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h: (B, C) hidden states (after ``ln_f``) -> logits (B, V)."""
         if self.packed is not None:
             return onednn_linear(h.float(), self.packed, None)
         if self.weight_t is None:
             return F.linear(h, self.weight)
         return h.to(self.weight_t.dtype) @ self.weight_t  # (B, C) @ (C, V)
+
+    __call__ = logits
+
+    def top(self, h: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every token is a candidate: (arange(V), logits (B, V))."""
+        logits = self.logits(h)
+        return torch.arange(logits.size(-1), device=logits.device), logits
 
 
 class ScreenedHead:
@@ -144,7 +109,7 @@ class ScreenedHead:
 
     1. The screen: approximate logits of every token, ``a = bf16(h) @ w~^T``. This class, for one
        row: ``w~ = q * s`` with ``q`` (V, C) int8 and ``s`` (V,) bf16 per-row scales
-       (``torch._weight_int8pack_mm``: fp32 accumulation, bf16 output), W1's head 12.9 MB instead
+       (``cpu.int8_mm``: fp32 accumulation, bf16 output), W1's head 12.9 MB instead
        of 51.5. :class:`BatchScreenedHead`, for several rows: ``w~ = bf16(w)`` through oneDNN.
     2. The bound: for every token j, ``|a_j - r_j| <= D + rho * |a_j|``, where ``r_j`` is the exact
        fp32 logit computed in step 3. ``D = ||h|| * c``, with ``c`` from the head's rows, measured
@@ -179,9 +144,7 @@ class ScreenedHead:
 
     @classmethod
     def _applies(cls, weight: torch.Tensor) -> bool:
-        # the op's CPU kernels step through C in 8s or 16s with aligned loads
-        return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.size(1) % 16 == 0
-                and weight.is_contiguous() and hasattr(torch.ops.aten, "_weight_int8pack_mm"))
+        return int8_applies(weight)
 
     @classmethod
     def _quantise(cls, weight: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
@@ -230,7 +193,7 @@ class ScreenedHead:
     def approximate(self, h: torch.Tensor) -> torch.Tensor:
         """The screen: approximate logits (B, V) fp32 of h (B, C), within ``bound(h)`` of the exact."""
         q, scale = self.screen
-        return torch._weight_int8pack_mm(h.to(torch.bfloat16).contiguous(), q, scale).float()
+        return int8_mm(h, q, scale)
 
     def _offset(self, norm):
         """D of the bound for hidden states of this norm (a float, or a tensor of norms)."""
@@ -240,7 +203,7 @@ class ScreenedHead:
         """(B, V): the bound on ``|a - exact|`` that the candidate threshold uses (for tests)."""
         return self._offset(h.norm(dim=1, keepdim=True)) + self.rho * a.abs()
 
-    def candidates(self, h: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def top(self, h: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """h: (B, C) fp32 hidden states (after ``ln_f``). Returns ``cand`` (U,) ascending token ids,
         a superset of every row's top n, and ``r`` (B, U) their exact logits; None when the screen
         finds fewer than n (non-finite hidden states)."""
@@ -272,7 +235,7 @@ class ScreenedHead:
             return None
         return cand, h @ self.weight.index_select(0, cand).t()  # (B, C) @ (C, U) -> (B, U)
 
-    def full_logits(self, h: torch.Tensor) -> torch.Tensor:
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(B, V) exact logits of every token (the fallback: rows with ties at the k-th value)."""
         return F.linear(h, self.weight)
 
@@ -286,7 +249,7 @@ class BatchScreenedHead(ScreenedHead):
     Which screen, by rows (W1's head, 1 thread, cold cache, one call; RESULTS.md "issue 20"):
 
     ======  =========================  ===================
-    rows    int8 (_weight_int8pack_mm) bf16 (oneDNN, packed)
+    rows    int8 (cpu.int8_mm)         bf16 (oneDNN, packed)
     ======  =========================  ===================
     1       764 us                     840 us
     2       917                        792

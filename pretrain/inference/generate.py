@@ -3,10 +3,14 @@
 Batching. Prompts of different lengths share one batch, left-padded: row b's tokens start at
 column ``start[b]`` of a :class:`~pretrain.model.gpt.StaticKVCache`, each at the positions it has
 alone (GPT-2's positions are learned and absolute: padding shifts columns, not positions), and a
-mask keeps every query to its own row's keys. So each row's tokens are those of generating it
-alone (tested: greedy, and sampling). ``--num-samples N`` is N copies of each prompt.
+mask keeps every query to its own row's keys. ``--num-samples N`` is N copies of each prompt.
 
-The decode step (``pretrain/model/decode.py``, :class:`Decoder`): the prompt is prefilled by a
+What holds between a row in a batch and the same row alone (:data:`GUARANTEE`; tests/numerics.py
+derives the bound, tests/test_generate.py holds every path to it): the same computation, with the
+sums in another order -- a GEMM's reduction order depends on its shapes (the batch, the padding)
+and on the CPU's instruction set, so bitwise equality is not promised across batches or machines.
+
+The decode step (``pretrain/inference/decode.py``, :class:`Decoder`): the prompt is prefilled by a
 normal forward; every further token is one step whose shapes depend on (batch, cache bucket) only
 and whose changing values (the cache column, the draw count) are tensors updated in place -- one
 graph, compiled once by ``torch.compile`` and, on CUDA, captured once in a CUDA graph and replayed
@@ -22,11 +26,12 @@ with one uniform number per row and token. The uniforms are a counter-based stre
 (:func:`uniforms`): draw t of a row is a hash of (the row's seed, t), so a row's tokens do not
 depend on the other rows of its batch, the device or a captured graph (no generator state to
 advance); row i of a call with ``seed=s`` uses seed ``s + i``, so
-``generate(m, ps, seed=s)[i] == generate(m, [ps[i]], seed=s + i)[0]``. On a CPU, top-k works on
+``generate(m, ps, seed=s)[i]`` and ``generate(m, [ps[i]], seed=s + i)[0]`` draw the same uniforms and
+agree as :data:`GUARANTEE` says. On a CPU, top-k works on
 the k candidates only (:func:`sample_next`): the same distribution, without passes over the whole
 vocabulary.
 
-The LM head while sampling (``pretrain/model/decode.py``): only the last position of each row
+The LM head while sampling (``pretrain/inference/decode.py``): only the last position of each row
 needs logits, so the trunk (``GPT.hidden_states``) runs and the head is applied to that one
 position, from the weight layout that reads fastest on the device (:func:`decode_layout`,
 :class:`DecodeHead`), or screened for top-k and greedy on a CPU (:class:`ScreenedHead` in int8 for
@@ -55,7 +60,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from data_pipeline.tokenizer import EOT_ID
 from pretrain.dist import is_fsdp
-from pretrain.model.decode import (
+from pretrain.inference.decode import (
     DECODE_MODES,
     BatchScreenedHead,
     DecodeHead,
@@ -73,6 +78,15 @@ from pretrain.model.gpt import GPT, StaticKVCache
 # _cudnn_attention_forward when every token was a new key length (the GPU check's host profile).
 # Flash / memory-efficient / math take any shape as it comes (the decode step's mask: not flash).
 DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+GUARANTEE = (
+    "each row's logits, in any batch, are within a derived bound (fp32 rounding along the model's sums) of its "
+    "exact logits alone, so its tokens equal generating it alone (with its seed) except where the exact logits "
+    "put a decision within that bound of a tie (a near-tie: rare; the two continue differently from there); "
+    "the same call on the same machine gives the same tokens"
+)
+"""What a row of a batch promises against the same row alone (README, DESIGN and --help say it too)."""
 
 
 class GenerationError(ValueError):
@@ -275,16 +289,16 @@ def _sampler(model: GPT, temperature: float, top_k: int | None, top_p: float | N
         return (lambda idx, cache: model(idx, kv_cache=cache, at="last")[0][:, -1]), pick_logits, False
     greedy = temperature == 0
     wanted = (greedy or (top_k is not None and top_k < V)) and not torch.is_autocast_enabled("cpu")
-    screened = None
+    head = None
     if wanted:  # under autocast the logits are not fp32
-        screened = BatchScreenedHead.build(model) if rows >= 2 else None
-        screened = screened or ScreenedHead.build(model)  # (no oneDNN bf16 here: int8 for every batch)
-    if screened is None:
-        head = DecodeHead(model, rows)
-        return hidden, lambda h, u: pick_logits(head(h), u), static
+        head = BatchScreenedHead.build(model) if rows >= 2 else None
+        head = head or ScreenedHead.build(model)  # (no oneDNN bf16 here: int8 for every batch)
+    if head is None:  # the whole head (no host sync: a CUDA graph can capture it)
+        full = DecodeHead(model, rows)
+        return hidden, lambda h, u: pick_logits(full.logits(h), u), static
 
-    def screened_pick(h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        found = screened.candidates(h, 1 if greedy else top_k + 1)
+    def top_pick(h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        found = head.top(h, 1 if greedy else top_k + 1)
         if found is not None:
             cand, r = found  # (U,), (B, U)
             if greedy:
@@ -295,9 +309,9 @@ def _sampler(model: GPT, temperature: float, top_k: int | None, top_p: float | N
             nxt = _sample_from_top(vals, cand[pos], top_k, top_p, None, u)
             if nxt is not None:
                 return nxt
-        return pick_logits(screened.full_logits(h), u)  # ties at the k-th value (or a non-finite screen)
+        return pick_logits(head.logits(h), u)  # ties at the k-th value (or a non-finite screen)
 
-    return hidden, screened_pick, False
+    return hidden, top_pick, False
 
 
 class _StopStrings:
@@ -472,9 +486,9 @@ def generate(
 
     ``prompts``: a (B, T) long tensor or a list of id lists of any lengths, decoded together
     (``batch_size`` rows at a time; None = all at once). ``seed``: row i samples with seed + i (or
-    give one seed per row); None draws one from ``generator`` or torch's global generator. The same
-    seeds and settings give the same tokens, whatever the batch. ``step``: how the decode step runs
-    (``auto`` or one of :data:`~pretrain.model.decode.DECODE_MODES`). ``use_kv_cache=False``
+    give one seed per row); None draws one from ``generator`` or torch's global generator. A row and
+    the same row alone with its seed agree as :data:`GUARANTEE` says. ``step``: how the decode step runs
+    (``auto`` or one of :data:`~pretrain.inference.decode.DECODE_MODES`). ``use_kv_cache=False``
     recomputes the whole context every token (a reference for tests and benchmarks)."""
     _check_settings(max_new_tokens, temperature, top_k, top_p, step)
     cfg = model.config
@@ -536,7 +550,8 @@ class _Prompts(argparse.Action):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpt2-generate",
-        description="Sample continuations of prompts from a GPT-2 (HF directory, hub name or native checkpoint).",
+        description="Sample continuations of prompts from a GPT-2 (HF directory, hub name or native checkpoint). "
+                    "Batched prompts: " + GUARANTEE + ".",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--model", required=True, help="HF model directory / hub name, or a native checkpoint directory")
@@ -551,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass >= p")
-    parser.add_argument("--seed", type=int, default=1337, help="sample i draws with seed + i (whatever the batch)")
+    parser.add_argument("--seed", type=int, default=1337, help="sample i draws with seed + i (its random stream does not depend on the batch)")
     parser.add_argument("--num-samples", type=int, default=1, help="samples of each prompt, generated as one batch")
     parser.add_argument("--stop", action="append", default=None, metavar="TEXT",
                         help="end a sample after this text (kept in the output); repeatable")
