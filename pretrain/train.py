@@ -17,7 +17,7 @@ step (a second Ctrl-C aborts at once, keeping the newest checkpoint); 1 any othe
 
 Order of start-up: config -> data (every shard's header and size) -> evaluator inputs ->
 resume compatibility (the checkpoint's step and loader state against this config and data) ->
-rank 0 takes the run directory's lock (pretrain/training/rundir.py) -> only then is anything in
+rank 0 takes the run directory's lock (pretrain/rundir/lock.py) -> only then is anything in
 train.run_dir created, moved or written, and the model built.
 """
 
