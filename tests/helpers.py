@@ -12,9 +12,13 @@ import sys
 import time
 from pathlib import Path
 
-import faults
 import numpy as np
 import torch
+
+try:  # tests/ on sys.path (pytest); else imported as tests.helpers (python -m tests.test_x under torchrun)
+    import faults
+except ImportError:
+    from tests import faults
 
 from data_pipeline.shards import write_shard
 
