@@ -36,7 +36,7 @@ class ReportError(ValueError):
 
 def config_differences(run_dir: Path) -> list[tuple[str, Any, Any]]:
     """(key, default, this run's value) for every config key the run changed (keys this version no
-    longer has, such as an older run's test-only ``train.fault_inject``, are left out)."""
+    longer has, such as a key an older version recorded, are left out)."""
     from pretrain.config import Config, from_dict
 
     recorded = read_config(run_dir)
