@@ -252,8 +252,9 @@ def main_w1(args) -> None:
 def compiled(model: GPT, prompts, n: int, kw: dict) -> None:
     """step='compile' (inductor): what the first call costs (the compile, paid once per batch size
     and cache bucket), what the next calls run at, and the aten ops per token left."""
+    from profiling import graph_breaks, reset_dynamo_counters
+
     from pretrain.inference.decode import decoders
-    from pretrain.training.profiling import graph_breaks, reset_dynamo_counters
 
     kw = dict(kw, step="compile")
     with reset_dynamo_counters():

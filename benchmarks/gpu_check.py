@@ -135,9 +135,9 @@ def _sync(t) -> None:
 def case_train(spec: dict) -> dict:
     """Throughput of one configuration: first step, warm-up, timed steps, syncs, graph breaks, profile."""
     import torch
+    from profiling import HostSyncCounter, graph_breaks, profile_summary
 
     from pretrain.training.metrics import mfu
-    from pretrain.training.profiling import HostSyncCounter, graph_breaks, profile_summary
 
     t = build_trainer(spec)
     try:
@@ -320,11 +320,11 @@ def core_throughput(model, t, spec: dict) -> dict:
 def case_evals(spec: dict) -> dict:
     """HellaSwag examples/s, generation tokens/s, async checkpoint blocking time."""
     import torch
+    from profiling import profile_summary
 
     from evals.hellaswag import evaluate, prepare
     from pretrain.checkpoint import Checkpointer, capture_rng_state
     from pretrain.inference.generate import generate
-    from pretrain.training.profiling import profile_summary
 
     t = build_trainer(spec)
     out: dict = {}

@@ -6,7 +6,7 @@ checkpoints and metrics equal an undisturbed run's.
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/run_dir_lock_soak.py --trials 2      # (tests/test_run_dir.py)
 
 A tiny GPT (``tiny-vocab``, CPU, one process each) trains ``--steps`` steps on generated shards,
-checkpointing every 4 and sleeping ``--step-sleep`` s per step (``train.fault_inject=sleep:``) so
+checkpointing every 4 and sleeping ``--step-sleep`` s per step (the test fault ``sleep:``) so
 that the second trainer, started ``uniform(0, --max-offset)`` s after the first, arrives while
 the first still runs. Per trial: a fresh run directory; trainer A, then B after the offset.
 Pass: one exits 0 and the other exits 2 with one ``is in use by another trainer`` line; the
@@ -72,15 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     h = _helpers()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lock_soak_"))
     data = h.make_synthetic_shards(work / "data")
+    fault = f"sleep:{args.step_sleep}"  # tests/faults.py, in each trainer
 
     def cmd(run: Path) -> list[str]:
-        over = h.tiny_overrides(data, run, **{"schedule.max_steps": args.steps, "checkpoint.interval": 4,
-                                              "train.fault_inject": f"sleep:{args.step_sleep}"})
+        over = h.tiny_overrides(data, run, **{"schedule.max_steps": args.steps, "checkpoint.interval": 4})
         return [h.PY, h.TRAIN, *over]
 
     ref = work / "reference"
     t0 = time.perf_counter()
-    h.run(cmd(ref), timeout=300)
+    h.run(cmd(ref), timeout=300, fault=fault)
     print(f"reference: {args.steps} steps in {time.perf_counter() - t0:.1f}s", flush=True)
     ref_metrics, ref_ckpts = run_metrics(ref), checkpoints(ref)
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         def launch(name: str, logs=logs, run=run) -> subprocess.Popen:
             out, err = logs[name]
             with open(out, "w") as fo, open(err, "w") as fe:  # files, not pipes: nothing can block
-                return subprocess.Popen(cmd(run), cwd=REPO, env=h.env(), stdout=fo, stderr=fe)
+                return subprocess.Popen(cmd(run), cwd=REPO, env=h.env(fault), stdout=fo, stderr=fe)
 
         procs["A"] = launch("A")
         time.sleep(offset)

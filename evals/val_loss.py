@@ -49,15 +49,18 @@ class ValLossEvaluator:
     def __init__(self, data_dir: str | os.PathLike, seq_len: int, batch_size: int, num_tokens: int | None,
                  rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
                  vocab_size: int | None = None, verify: bool = True, cache_dir: str | os.PathLike | None = None,
-                 allow_incomplete: bool = False, at_most: bool = False, knob: str = "eval.val_tokens") -> None:
+                 allow_incomplete: bool = False, at_most: bool = False, knob: str = "eval.val_tokens",
+                 store: ShardStore | None = None) -> None:
         """``at_most``: take at most ``num_tokens`` (all of a smaller split) instead of refusing a
-        split that holds fewer; ``knob`` names the setting in messages (``--val-tokens`` for gpt2-eval)."""
+        split that holds fewer; ``knob`` names the setting in messages (``--val-tokens`` for gpt2-eval).
+        ``store``: ``data_dir``'s store as the run plan's data check opened it (its manifest read
+        once per start, as the loader's ``info=``); None opens it here."""
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"val loss needs seq_len >= 1 and batch_size >= 1, got {seq_len} and {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.seq_len, self.batch_size, self.device = seq_len, batch_size, torch.device(device)
-        store = ShardStore(data_dir, cache_dir)
+        store = store if store is not None else ShardStore(data_dir, cache_dir)
         store.check_complete(allow_incomplete)
         entries = store.entries("val")
         per_shard = [max(0, (int(n) - 1) // seq_len) for n in store.token_counts(entries)]

@@ -3,11 +3,11 @@
 
     names = write_card(model, out_dir, source)      # gpt2-export calls it after export_hf
 
-What it reads, when the exported weights are a checkpoint of a run (``RUN_DIR/checkpoints/step_N``):
-``config.yaml`` (the recipe), ``metrics.jsonl`` (tokens and steps, the in-training evaluations,
-throughput, wall time, the loss plot), ``environment.json`` (hardware, torch, commit), ``eval.json``
-(``gpt2-eval --out RUN_DIR/eval.json``: the final evaluation, preferred over the in-training
-values) and the data directory's ``manifest.json`` (the dataset). The ``model-index`` holds every
+What it reads, when the exported weights are a checkpoint of a run (``RUN_DIR/checkpoints/step_N``),
+through ``pretrain/rundir/``: the config (the recipe), the metrics log (tokens and steps, the
+in-training evaluations, throughput, wall time, the loss plot), the environment record (hardware,
+torch, commit), gpt2-eval's final evaluation (``gpt2-eval --out RUN_DIR/eval.json``, preferred
+over the in-training values) and the data directory's ``manifest.json`` (the dataset). The ``model-index`` holds every
 figure (validation loss and perplexity, HellaSwag, each ``tasks/<task>/<metric>``), so the Hub
 shows them and ``ModelCard.load(...).data.eval_results`` reads them back. Weights from elsewhere
 (a Hugging Face directory, a hub name) get a card without training facts.
@@ -52,30 +52,27 @@ def _json(path: Path) -> Any:
 def run_facts(source) -> RunFacts:
     """The run a ``weights.WeightsSource`` belongs to (a checkpoint under ``RUN_DIR/checkpoints``),
     and its records; empty facts for weights from elsewhere."""
-    import yaml
-
-    from pretrain.training.plot import METRICS_FILE, read_metrics
+    from pretrain.rundir.layout import CHECKPOINTS
+    from pretrain.rundir.metrics_log import run_records
+    from pretrain.rundir.records import read_config, read_environment, read_eval
 
     path = getattr(source, "path", None)
-    if getattr(source, "kind", None) != "checkpoint" or path is None or path.parent.name != "checkpoints":
+    if getattr(source, "kind", None) != "checkpoint" or path is None or path.parent.name != CHECKPOINTS:
         return RunFacts()
     run_dir = path.parent.parent
     m = re.fullmatch(r"step_(\d+)", path.name)
     facts = RunFacts(run_dir=run_dir, step=int(m.group(1)) if m else None)
-    if (run_dir / "config.yaml").is_file():
-        facts.config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    if (run_dir / METRICS_FILE).is_file():
-        records = read_metrics(run_dir / METRICS_FILE)
-        facts.records = [r for r in records if facts.step is None or r["step"] <= facts.step]
+    facts.config = read_config(run_dir) or {}
+    facts.records = [r for r in run_records(run_dir) if facts.step is None or r["step"] <= facts.step]
     for r in facts.records:  # the last in-training value of each evaluation key
         facts.figures.update({k: float(v) for k, v in r.items() if "/" in k and not k.startswith(("time/", "sample/"))
                               and isinstance(v, (int, float)) and not isinstance(v, bool)})
     facts.figures_from = f"in training (last evaluation at or before step {facts.step})" if facts.figures else ""
-    final = _json(run_dir / "eval.json")
+    final = read_eval(run_dir)
     if isinstance(final, dict) and isinstance(final.get("results"), dict):
         facts.figures.update({k: float(v) for k, v in final["results"].items() if isinstance(v, (int, float))})
         facts.figures_from = "gpt2-eval (RUN_DIR/eval.json), then the in-training values"
-    facts.environment = _json(run_dir / "environment.json") or []
+    facts.environment = read_environment(run_dir)
     data_dir = (facts.config.get("data") or {}).get("dir")
     manifest = _json(Path(data_dir) / "manifest.json") if data_dir else None
     facts.data_source = (manifest or {}).get("source") or {}
@@ -204,7 +201,7 @@ def build_card(model, facts: RunFacts, name: str, repo_id: str | None = None):
 def write_card(model, out: Path, source, repo_id: str | None = None) -> list[str]:
     """README.md (and loss.png when the run has metrics) into the export ``out``; returns the names
     written, for ``hf.write_record``."""
-    from pretrain.training.plot import load_runs, plot_runs
+    from pretrain.plot import load_runs, plot_runs
 
     out = Path(out)
     facts = run_facts(source)

@@ -30,8 +30,8 @@ from typing import Any
 
 import yaml
 
-from pretrain.model import PRESETS, GPTConfig
-from pretrain.training.optim import COOLDOWNS, MUON_ADJUST_LR, NS_DTYPES, OPTIMIZERS, SCHEDULES
+from pretrain.model import ARCH_FIELDS, PRESETS, GPTConfig
+from pretrain.schedule import COOLDOWNS, MUON_ADJUST_LR, NS_DTYPE_NAMES, OPTIMIZERS, SCHEDULES, cooldown_start
 
 
 class ConfigError(ValueError):
@@ -64,48 +64,32 @@ def short(value: Any, limit: int = 60) -> str:
 
 
 @dataclass
-class ModelSection:
-    """The architecture: a preset of ``pretrain.model.PRESETS`` plus per-field overrides."""
+class _ModelChoice:
+    """The architecture: a preset of ``pretrain.model.PRESETS`` plus per-field overrides (every
+    field of ``GPTConfig``, each None = the preset's value), and the weights to start from."""
 
     preset: str = "gpt2"
     """Model preset: gpt2 (124M), gpt2-medium, gpt2-large, gpt2-xl, tiny, tiny-vocab."""
-    block_size: int | None = None
-    """Context length (learned positions); None = the preset's."""
-    vocab_size: int | None = None
-    """Tokenizer vocabulary; None = the preset's (GPT-2: 50257)."""
-    padded_vocab_size: int | None = None
-    """Embedding rows, e.g. 50304 (a multiple of 128, faster matmuls); None = the preset's."""
-    n_layer: int | None = None
-    """Transformer blocks; None = the preset's."""
-    n_head: int | None = None
-    """Attention heads; None = the preset's."""
-    n_embd: int | None = None
-    """Residual width; None = the preset's."""
-    dropout: float | None = None
-    """Dropout probability; None = the preset's (0.0)."""
-    bias: bool | None = None
-    """Biases in Linear/LayerNorm; None = the preset's (True)."""
-    activation: str | None = None
-    """MLP nonlinearity gelu_tanh | relu | relu2 (research option, not GPT-2); None = the preset's."""
-    rotary: bool | None = None
-    """Research option (not GPT-2, not exportable): rotary positions instead of learned ones; None = off."""
-    qk_norm: bool | None = None
-    """Research option (not GPT-2, not exportable): RMS-normalised q and k per head; None = off."""
-    layer_norm_epsilon: float | None = None
-    """LayerNorm epsilon; None = the preset's."""
-    tie_embeddings: bool | None = None
-    """Tie the LM head to the token embedding; None = the preset's (True)."""
     init_from: str | None = None
     """Start from existing weights (pretrain/training/init_from.py): null (random init) | a hub name (gpt2,
     gpt2-medium, gpt2-large, gpt2-xl, owner/name; needs the network) | a local Hugging Face GPT-2
     directory | a native checkpoint step_XXXXXXXX | a run's checkpoints/ folder (its newest). Weights
-    only: fresh optimizer, step 0, this config's schedule. The architecture fields above must match
+    only: fresh optimizer, step 0, this config's schedule. The architecture fields must match
     the source's (a mismatch is refused, naming the fields); padded vocabulary rows are added or
     dropped and a smaller block_size crops the positions. A resumed run ignores it (the checkpoint wins)."""
 
     def gpt_config(self) -> GPTConfig:
         """The architecture: the preset with the fields set here (``GPTConfig.from_dict``)."""
         return GPTConfig.from_dict(dataclasses.asdict(self))
+
+
+# The model section is derived from GPTConfig (one schema): each architecture field once, with
+# GPTConfig's type (or None = the preset's value) and GPTConfig's docstring (``field_docs``).
+ModelSection = dataclasses.make_dataclass(
+    "ModelSection",
+    [(name, typing.get_type_hints(GPTConfig)[name] | None, field(default=None)) for name in ARCH_FIELDS],
+    bases=(_ModelChoice,), namespace={"__doc__": _ModelChoice.__doc__, "__module__": __name__},
+)
 
 
 @dataclass
@@ -201,7 +185,7 @@ class TrainSection:
     """The training loop."""
 
     run_dir: str = "runs/gpt2-124m"
-    """Run directory: config.yaml, metrics.jsonl, checkpoints/."""
+    """Run directory: the resolved config, the metrics log, checkpoints/ (its layout: pretrain/rundir/layout.py)."""
     global_batch_tokens: int = 524288
     """Tokens per optimizer step over all ranks and micro-steps (2**19 for GPT-2 124M)."""
     micro_batch_size: int = 64
@@ -236,9 +220,6 @@ class TrainSection:
     """Dense peak TFLOP/s of one device for MFU, e.g. 989.5 (H100 SXM bf16); None = the table in
     pretrain/training/metrics.py (PEAK_FLOPS) for a known CUDA device, else no MFU. The run report
     says which peak it used."""
-    fault_inject: str = ""
-    """Test-only fault injection: 'crash:S' (rank 0 dies at step S, once per run_dir), 'nan:S'
-    (rank W-1's loss is NaN at step S), 'nan_from:S' (from step S on), 'sleep:SECONDS' (every step)."""
 
 
 @dataclass
@@ -293,13 +274,13 @@ class CheckpointSection:
     resume: str = "auto"
     """auto (newest complete checkpoint in run_dir, else fresh) | none (fresh) | a checkpoint PATH."""
     overwrite: bool = False
-    """With resume=none: move the previous run in train.run_dir (checkpoints/, metrics.jsonl,
-    config.yaml, eval files) aside into one run_dir/overwritten-<date>/ instead of refusing to start."""
+    """With resume=none: move the previous run in train.run_dir (checkpoints/, the metrics log,
+    the config, eval files) aside into one run_dir/overwritten-<date>/ instead of refusing to start."""
 
 
 @dataclass
 class LoggingSection:
-    """Where metrics go. metrics.jsonl in the run directory is always written (rank 0)."""
+    """Where metrics go. The metrics log in the run directory is always written (rank 0)."""
 
     wandb: str = "disabled"
     """Weights & Biases: online | offline | disabled."""
@@ -309,7 +290,7 @@ class LoggingSection:
     """W&B run name; None = the run directory's name."""
     tensorboard: bool = False
     """Also write TensorBoard event files to run_dir/tensorboard (rank 0): the scalars of
-    metrics.jsonl against the step (train/*, val/*, ...) and against tokens seen (by_tokens/*), the
+    the metrics log against the step (train/*, val/*, ...) and against tokens seen (by_tokens/*), the
     eval sample as text. Needs the tensorboard package: pip install -e '.[tensorboard]'."""
 
 
@@ -345,7 +326,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "distributed.backend": ("auto", "nccl", "gloo"),
     "optim.name": OPTIMIZERS,
     "optim.muon_adjust_lr": MUON_ADJUST_LR,
-    "optim.muon_ns_dtype": tuple(NS_DTYPES),
+    "optim.muon_ns_dtype": NS_DTYPE_NAMES,
     "schedule.name": SCHEDULES,
     "schedule.cooldown": COOLDOWNS,
     "model.preset": tuple(sorted(PRESETS)),
@@ -382,7 +363,11 @@ class Config:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The attribute docstrings of a dataclass (the string literal right after each field)."""
+    """The attribute docstrings of a dataclass (the string literal right after each field); the
+    model section's architecture fields have GPTConfig's, each with what None means here."""
+    if cls is ModelSection:
+        arch = {k: f"{v} None = the preset's." for k, v in field_docs(GPTConfig).items()}
+        return {**field_docs(_ModelChoice), **arch}
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # the class body
     docs = {}
@@ -702,22 +687,10 @@ def validate(cfg: Config) -> None:
 
 
 def validate_run(cfg: Config) -> None:
-    """The run's settings that name other things: starting weights, logging extras, resume, faults."""
-    t = cfg.train
-    if t.fault_inject and not re.fullmatch(r"(crash|nan|nan_from):\d+|sleep:[0-9.]+", t.fault_inject):
-        raise ConfigError(
-            f"train.fault_inject={t.fault_inject!r} must be crash:STEP, nan:STEP, nan_from:STEP or sleep:SECONDS"
-        )
+    """The run's settings that name other things: starting weights, eval tasks, resume (what this
+    machine has -- CUDA, the optional packages -- is the run plan's check)."""
     if cfg.model.init_from is not None and not cfg.model.init_from.strip():
         raise ConfigError("model.init_from is empty; pass null (random init), a hub name or a path")
-    if cfg.logging.tensorboard:
-        import importlib.util
-
-        if importlib.util.find_spec("tensorboard") is None:
-            raise ConfigError(
-                "logging.tensorboard=true needs the tensorboard package, which is not installed; "
-                "pip install -e '.[tensorboard]' (or pip install tensorboard), or set logging.tensorboard=false"
-            )
     validate_tasks(cfg)
     validate_core(cfg)
     r = cfg.checkpoint.resume
@@ -728,11 +701,6 @@ def validate_run(cfg: Config) -> None:
             f"checkpoint.overwrite=true moves a previous run aside for a fresh start, but checkpoint.resume={r} "
             "continues one; pass --resume none with it, or drop checkpoint.overwrite"
         )
-    if t.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device=cuda but CUDA is not available here; use train.device=auto or cpu")
 
 
 def validate_tasks(cfg: Config) -> None:
@@ -789,8 +757,6 @@ def validate_optim_schedule(cfg: Config) -> None:
         if not 1 <= o.muon_ns_steps < 100:
             raise ConfigError(f"optim.muon_ns_steps={o.muon_ns_steps!r} must be in [1, 100)")
     if s.name == "wsd":
-        from pretrain.training.optim import cooldown_start
-
         if not (math.isfinite(s.cooldown_frac) and 0.0 < s.cooldown_frac <= 1.0):
             raise ConfigError(f"schedule.cooldown_frac={s.cooldown_frac!r} must be in (0, 1]")
         if cooldown_start(s.max_steps, s.cooldown_frac) < s.warmup_steps:

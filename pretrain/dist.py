@@ -22,9 +22,6 @@ a backend failure as :class:`CollectiveError` with one line a person can act on:
 
     all_reduce(loss) timed out after 3s on rank 0 of 2; a rank stopped responding; check the other
     ranks' logs (a crash, a hang, a full disk) or raise dist.timeout_s
-
-Fault injection (tests only): ``PRETRAIN_FAULT_HANG="<rank>:<what>"`` (e.g. ``1:all_reduce(loss)``)
-makes that rank sleep forever just before that collective, which is how a hang is reproduced.
 """
 
 from __future__ import annotations
@@ -43,7 +40,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-FAULT_HANG_ENV = "PRETRAIN_FAULT_HANG"
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
@@ -223,18 +219,6 @@ def group_timeout_s(group: Any = None) -> float | None:
     return None
 
 
-def _maybe_inject_hang(what: str) -> None:
-    spec = os.environ.get(FAULT_HANG_ENV)
-    if not spec or not group_up():
-        return
-    rank_s, _, op = spec.partition(":")
-    if rank_s.strip() == str(dist.get_rank()) and op.strip() in (what, "*"):
-        print(f"[fault injection] rank {dist.get_rank()} hangs before {what} ({FAULT_HANG_ENV}={spec})",
-              flush=True)
-        while True:  # a rank that stopped answering
-            time.sleep(3600)
-
-
 def _is_comm_error(e: BaseException) -> bool:
     """A failure of the communication layer (not, say, a shape error raised inside the ``with``)."""
     dist_error = getattr(dist, "DistError", None)
@@ -253,7 +237,6 @@ def _is_timeout(msg: str) -> bool:
 def collective(what: str, group: Any = None) -> Iterator[None]:
     """Run the collective in the ``with`` body; a backend failure becomes one clear
     :class:`CollectiveError` naming ``what`` (e.g. ``"all_reduce(loss)"``), the rank and the timeout."""
-    _maybe_inject_hang(what)
     t0 = time.monotonic()
     try:
         yield

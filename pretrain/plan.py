@@ -27,13 +27,14 @@ A problem is a ``ConfigError`` with one line naming the thing and the fix (the C
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pretrain.config import Config, ConfigError
 from pretrain.model.weights import WeightsError, WeightsSource
-from pretrain.training.optim import batch_tokens_at, lr_at, tokens_before
+from pretrain.rundir.layout import CHECKPOINTS, TENSORBOARD
+from pretrain.schedule import batch_tokens_at, lr_at, tokens_before
 
 if TYPE_CHECKING:
     from data_pipeline.loader import SplitInfo
@@ -151,11 +152,12 @@ def has_checkpoints(ckpt_dir: Path) -> bool:
 
 def make_plan(cfg: Config, world_size: int) -> RunPlan:
     """Resolve the run (see the module docstring); ``ConfigError`` in one line on any problem."""
-    from pretrain.training.rundir import previous_run_entries
+    from pretrain.rundir.lock import previous_run_entries
 
+    _check_environment(cfg)
     batch = batching(cfg, world_size)
     run_dir = Path(cfg.train.run_dir)
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = run_dir / CHECKPOINTS
     _check_run_dir(run_dir, cfg.logging.tensorboard)
     resume = _resume_path(cfg, ckpt_dir)
     state = _read_trainer_state(resume, cfg.schedule.max_steps) if resume is not None else None
@@ -181,6 +183,23 @@ def make_plan(cfg: Config, world_size: int) -> RunPlan:
     )
 
 
+def _check_environment(cfg: Config) -> None:
+    """This machine has what the config asks for: CUDA for train.device=cuda, the tensorboard package."""
+    if cfg.logging.tensorboard:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError(
+                "logging.tensorboard=true needs the tensorboard package, which is not installed; "
+                "pip install -e '.[tensorboard]' (or pip install tensorboard), or set logging.tensorboard=false"
+            )
+    if cfg.train.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device=cuda but CUDA is not available here; use train.device=auto or cpu")
+
+
 def _check_run_dir(run_dir: Path, tensorboard: bool) -> None:
     """train.run_dir must be a directory or creatable as one (nothing is created here), and so
     must run_dir/tensorboard with logging.tensorboard."""
@@ -190,7 +209,7 @@ def _check_run_dir(run_dir: Path, tensorboard: bool) -> None:
     if not p.is_dir():
         raise ConfigError(f"train.run_dir={str(run_dir)!r}: {p} exists and is not a directory; "
                           "choose another train.run_dir")
-    tb = run_dir / "tensorboard"
+    tb = run_dir / TENSORBOARD
     if tensorboard and tb.exists() and not tb.is_dir():
         raise ConfigError(f"logging.tensorboard=true writes {tb}/, but {tb} is a file; move it away or set "
                           "logging.tensorboard=false")
@@ -336,9 +355,9 @@ def _resolve_init(spec: str, cfg: Config) -> WeightsSource:
 
     try:
         source = resolve(spec)
-        source_config = inspect(source)
+        source = replace(source, config=inspect(source))
     except WeightsError as e:
         raise ConfigError(f"model.init_from={spec!r}: {e}") from None
-    if source_config is not None:
-        check_architecture(spec, cfg.gpt_config, source_config)
+    if source.config is not None:
+        check_architecture(spec, cfg.gpt_config, source.config)
     return source

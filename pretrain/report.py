@@ -3,11 +3,11 @@
     gpt2-report runs/gpt2-124m                 # on demand (any run directory, finished or not)
     pretrain/train.py                          # writes it itself when a run finishes (rank 0)
 
-Read from what the run left in its directory, nothing else: ``environment.json`` (device, torch,
-commit and the MFU peak of every start, ``pretrain/training/build.py``), ``config.yaml`` (shown as
-its differences from the defaults), ``metrics.jsonl`` (throughput, MFU, wall time, the in-training
-evaluations, the sample), ``eval.json`` when ``gpt2-eval --out RUN_DIR/eval.json`` wrote one, and
-the loss plot (``loss.png``, drawn by ``gpt2-plot`` if it is missing or older than the metrics).
+Read from what the run left in its directory, nothing else (``pretrain/rundir/``): the environment
+record (device, torch, commit and the MFU peak of every start), the config (shown as its
+differences from the defaults), the metrics log (throughput, MFU, wall time, the in-training
+evaluations, the sample), gpt2-eval's final evaluation when ``gpt2-eval --out RUN_DIR/eval.json``
+wrote one, and the loss plot (drawn by ``gpt2-plot`` if it is missing or older than the metrics).
 Evaluation figures are set beside OpenAI GPT-2 124M's published ones where task and metric match
 (``evals/tasks.py`` ``REFERENCE``; sources in evals/README.md).
 
@@ -18,7 +18,6 @@ never imports it.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -26,30 +25,27 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-REPORT_FILE = "report.md"
+from pretrain.rundir.layout import ENVIRONMENT, METRICS, PLOT, REPORT, SAMPLE
+from pretrain.rundir.metrics_log import metrics_path
+from pretrain.rundir.records import read_config, read_environment, read_eval
 
 
 class ReportError(ValueError):
     """A directory the report cannot be made from: one line naming it and the fix."""
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-
-
-def config_differences(config_yaml: Path) -> list[tuple[str, Any, Any]]:
-    """(key, default, this run's value) for every config key the run changed."""
-    import yaml
-
+def config_differences(run_dir: Path) -> list[tuple[str, Any, Any]]:
+    """(key, default, this run's value) for every config key the run changed (keys this version no
+    longer has, such as a key an older version recorded, are left out)."""
     from pretrain.config import Config, from_dict
 
-    if not config_yaml.is_file():
+    recorded = read_config(run_dir)
+    if recorded is None:
         return []
-    ran = from_dict(yaml.safe_load(config_yaml.read_text()) or {}).to_dict()
     default = Config().to_dict()
+    known = {section: {k: v for k, v in values.items() if k in default.get(section, {})}
+             for section, values in recorded.items() if isinstance(values, dict)}
+    ran = from_dict(known).to_dict()
     return [(f"{section}.{k}", default[section][k], v) for section, values in ran.items()
             for k, v in values.items() if default[section].get(k) != v]
 
@@ -125,31 +121,31 @@ def core_notes(keys: list[str]) -> list[str]:
 
 
 def _plot(run_dir: Path) -> Path | None:
-    from pretrain.training import plot
+    from pretrain import plot
 
-    png, metrics = run_dir / "loss.png", run_dir / plot.METRICS_FILE
+    png, metrics = run_dir / PLOT, metrics_path(run_dir)
     if not png.is_file() or png.stat().st_mtime < metrics.stat().st_mtime:
         plot.plot_runs(plot.load_runs([run_dir]), png)
     return png
 
 
 def _sample(run_dir: Path, records: list[dict]) -> str | None:
-    if (run_dir / "sample.txt").is_file():
-        return (run_dir / "sample.txt").read_text(encoding="utf-8", errors="replace").strip()
+    if (run_dir / SAMPLE).is_file():
+        return (run_dir / SAMPLE).read_text(encoding="utf-8", errors="replace").strip()
     texts = [(r["step"], r["sample/text"]) for r in records if isinstance(r.get("sample/text"), str)]
     return f"(step {texts[-1][0]}) {texts[-1][1]}" if texts else None
 
 
 def render(run_dir: Path) -> str:
     """The report's Markdown for ``run_dir`` (see the module docstring for what it reads)."""
-    from pretrain.training.plot import PlotError, load_runs
+    from pretrain.plot import PlotError, load_runs
 
     try:
         records = load_runs([run_dir])[0].records
     except PlotError as e:
         raise ReportError(str(e)) from None
-    envs = _read_json(run_dir / "environment.json") or []
-    final = ((_read_json(run_dir / "eval.json") or {}).get("results")) or {}
+    envs = read_environment(run_dir)
+    final = ((read_eval(run_dir) or {}).get("results")) or {}
     t = throughput(records)
     last_loss = next((r["loss"] for r in reversed(records) if isinstance(r.get("loss"), (int, float))), None)
     lines = [f"# Run report: {run_dir.name}", "",
@@ -162,11 +158,11 @@ def render(run_dir: Path) -> str:
                   f"{e.get('world_size')} | {e.get('mode')} | {e.get('dtype')} | {e.get('compile')} | {e.get('torch')} | "
                   f"`{e.get('commit')}` | {e.get('host')} |" for e in envs]
     else:
-        lines.append("No environment.json (a run started before the report existed).")
-    diffs = config_differences(run_dir / "config.yaml")
+        lines.append(f"No {ENVIRONMENT} (a run started before the report existed).")
+    diffs = config_differences(run_dir)
     lines += ["", "## Configuration: differences from the defaults", "",
               "| key | default | this run |", "|---|---|---|"] + [f"| `{k}` | {_fmt(d)} | {_fmt(v)} |" for k, d, v in diffs]
-    peak = envs[-1].get("peak_source") if envs else "unknown (no environment.json)"
+    peak = envs[-1].get("peak_source") if envs else f"unknown (no {ENVIRONMENT})"
     mfu = f"{100 * t['mfu']:.1f}%" if t["mfu"] is not None else "n/a"
     tps = f"{t['tokens_per_s']:,.0f}" if t["tokens_per_s"] is not None else "n/a"
     lines += ["", "## Throughput", "",
@@ -193,7 +189,7 @@ def write_report(run_dir: str | Path) -> Path:
     """Render and write ``RUN_DIR/report.md`` (atomically); returns its path."""
     run_dir = Path(run_dir)
     text = render(run_dir)
-    out = run_dir / REPORT_FILE
+    out = run_dir / REPORT
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(out)
@@ -203,7 +199,7 @@ def write_report(run_dir: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gpt2-report", description="Write RUN_DIR/report.md: environment, config "
                                 "differences, tokens/s and MFU, wall time, evaluations against GPT-2 124M, plot, sample.")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (train.run_dir, holding metrics.jsonl)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help=f"a run directory (train.run_dir, holding {METRICS})")
     args = p.parse_args(argv)
     try:
         out = write_report(args.run_dir)

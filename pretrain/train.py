@@ -17,7 +17,7 @@ step (a second Ctrl-C aborts at once, keeping the newest checkpoint); 1 any othe
 
 Order of start-up: config -> data (every shard's header and size) -> evaluator inputs ->
 resume compatibility (the checkpoint's step and loader state against this config and data) ->
-rank 0 takes the run directory's lock (pretrain/training/rundir.py) -> only then is anything in
+rank 0 takes the run directory's lock (pretrain/rundir/lock.py) -> only then is anything in
 train.run_dir created, moved or written, and the model built.
 """
 
@@ -78,7 +78,8 @@ def build_evaluators(plan, rank: int, world_size: int, device) -> list:
     if e.val_tokens > 0:
         evaluators.append(ValLossEvaluator(cfg.data.dir, cfg.data.seq_len, batch, e.val_tokens, rank, world_size,
                                            device, vocab_size=cfg.gpt_config.vocab_size,
-                                           cache_dir=cfg.data.cache_dir, allow_incomplete=cfg.data.allow_incomplete))
+                                           cache_dir=cfg.data.cache_dir, allow_incomplete=cfg.data.allow_incomplete,
+                                           store=plan.train_split.store))
     if e.hellaswag:
         evaluators.append(HellaSwagEvaluator(e.hellaswag_path, e.hellaswag_limit, batch, rank, world_size, device))
     if e.sample_prompt and e.sample_tokens > 0:
@@ -152,7 +153,7 @@ def start(argv: list[str]):
 def lock_run_dir(plan, argv: list[str]):
     """Rank 0 takes train.run_dir's lock (one trainer per run directory, from before anything in it
     changes). Returns the lock, or the exit code of a refusal."""
-    from pretrain.training.rundir import RunDirBusy, RunDirLock
+    from pretrain.rundir.lock import RunDirBusy, RunDirLock
 
     lock = RunDirLock(plan.run_dir)
     try:

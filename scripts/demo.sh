@@ -7,7 +7,7 @@
 #             DCLM CORE when CORE=path/to/eval_bundle) via evals.run
 #   export    the checkpoint to Hugging Face format with its model card, README.md (pretrain.export)
 #   generate  load the export with transformers (offline) and continue a prompt
-#   plot      loss / lr / tokens/s / HellaSwag curves (pretrain.training.plot), and the run report,
+#   plot      loss / lr / tokens/s / HellaSwag curves (pretrain.plot), and the run report,
 #             RUN/report.md (pretrain.report: environment, config, throughput, evaluations, plot, sample)
 #
 # Every run gets its own directory, DEMO_DIR/run-YYYYmmdd-HHMMSS, so a rerun never touches an
@@ -202,11 +202,11 @@ PYEOF
 
 # ---------------------------------------------------------------------------------------------
 stage 6 "plot and report: $PLOT, $RUN/report.md"
-"$PY" -m pretrain.training.plot "$RUN" --out "$PLOT"
+"$PY" -m pretrain.plot "$RUN" --out "$PLOT"
 mapfile -t ALL_RUNS < <(ls -d "$DEMO_DIR"/run-*/ 2>/dev/null | while read -r d; do
   [ -f "$d/metrics.jsonl" ] && echo "${d%/}"; done)
 if [ "${#ALL_RUNS[@]}" -gt 1 ]; then
-  "$PY" -m pretrain.training.plot "${ALL_RUNS[@]}" --out "$DEMO_DIR/loss.png"
+  "$PY" -m pretrain.plot "${ALL_RUNS[@]}" --out "$DEMO_DIR/loss.png"
 else
   cp "$PLOT" "$DEMO_DIR/loss.png"
 fi

@@ -15,6 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+try:  # tests/ on sys.path (pytest); else imported as tests.helpers (python -m tests.test_x under torchrun)
+    import faults
+except ImportError:
+    from tests import faults
+
 from data_pipeline.shards import write_shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +108,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def env() -> dict[str, str]:
+def env(fault: str | None = None) -> dict[str, str]:
+    """The child's environment; ``fault`` (tests/faults.py) is injected into its trainer."""
     e = dict(os.environ)
     e.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1",
              TORCHELASTIC_ERROR_FILE="", LOGLEVEL="WARNING",
@@ -112,6 +118,8 @@ def env() -> dict[str, str]:
     e.pop("TORCHELASTIC_ERROR_FILE")
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         e.pop(k, None)
+    if fault is not None:
+        e.update(faults.child_env(fault=fault))
     return e
 
 
@@ -126,17 +134,17 @@ def torchrun_cmd(overrides: list[str], nproc: int = 2, config: str | None = None
             *extra, TRAIN] + (["--config", config] if config else []) + overrides
 
 
-def run(cmd: list[str], timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+def run(cmd: list[str], timeout: float = 120, check: bool = True, fault: str | None = None) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, cwd=REPO, env=env(fault), capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\nSTDOUT:\n{p.stdout[-4000:]}\n"
                              f"STDERR:\n{p.stderr[-6000:]}")
     return p
 
 
-def start(cmd: list[str]) -> subprocess.Popen:
+def start(cmd: list[str], fault: str | None = None) -> subprocess.Popen:
     """Start in a new session, so the whole tree (torchrun + workers) can be killed at once."""
-    return subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    return subprocess.Popen(cmd, cwd=REPO, env=env(fault), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
 

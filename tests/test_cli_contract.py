@@ -97,7 +97,7 @@ def world(tmp_path_factory):
     bad_bundles(root / "core")  # issue 31: CORE bundles missing a file, a baseline, ... (tests/test_core.py)
     locked = root / "locked_run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pretrain.training.rundir import RunDirLock; "
+        [sys.executable, "-c", "import sys, time; from pretrain.rundir.lock import RunDirLock; "
          f"RunDirLock({str(locked)!r}).acquire(); print('held', flush=True); time.sleep(600)"],
         cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -255,9 +255,9 @@ CASES = [
      lambda r: ["--model", str(r / "run" / "checkpoints"), "--device", "cuda"], "--device cuda"),
     ("eval: --device cuda without CUDA", "evals.run",
      lambda r: ["--model", str(r / "run"), "--no-hellaswag", "--device", "cuda"], "--device cuda"),
-    ("plot: --out under a file", "pretrain.training.plot",
+    ("plot: --out under a file", "pretrain.plot",
      lambda r: [str(r / "run"), "--out", str(r / "a_file" / "loss.png")], "a_file"),
-    ("plot: no metrics", "pretrain.training.plot", lambda r: [str(r / "empty_dir")], "empty_dir"),
+    ("plot: no metrics", "pretrain.plot", lambda r: [str(r / "empty_dir")], "empty_dir"),
     ("report: not a run directory", "pretrain.report", lambda r: [str(r / "empty_dir")], "empty_dir"),
     ("eval: --include-path without --tasks", "evals.run",
      lambda r: ["--model", str(r / "run"), "--include-path", str(r / "empty_dir")], "--tasks"),
@@ -303,7 +303,7 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(world, case, capsys
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     prog = {"pretrain.train": "gpt2-train", "data_pipeline.prepare": "gpt2-prepare", "evals.run": "gpt2-eval",
-            "pretrain.export": "gpt2-export", "pretrain.inference.generate": "gpt2-generate", "pretrain.training.plot": "gpt2-plot",
+            "pretrain.export": "gpt2-export", "pretrain.inference.generate": "gpt2-generate", "pretrain.plot": "gpt2-plot",
             "pretrain.report": "gpt2-report", "pretrain.serve.main": "gpt2-serve"}[module]
     assert lines[0].startswith(f"{prog}: error"), lines[0]
     assert needle in lines[0], lines[0]

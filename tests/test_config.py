@@ -154,3 +154,29 @@ def test_every_field_has_a_docstring_in_help():
     text = help_text()
     assert "optim.lr = 0.0006" in text and "Peak learning rate" in text
     assert Config().to_dict()["optim"]["lr"] == 6e-4
+
+
+def test_model_section_is_gpt_config_one_schema():
+    """The config's model keys are GPTConfig's fields (names in order, types, docstrings), each
+    defaulting to None = the preset's value, plus preset and init_from; nothing else."""
+    import dataclasses
+    import typing
+
+    from pretrain.config import ModelSection
+    from pretrain.model import ARCH_FIELDS, GPTConfig
+
+    own = {"preset", "init_from"}
+    fields = {f.name: f for f in dataclasses.fields(ModelSection)}
+    assert [n for n in fields if n not in own] == list(ARCH_FIELDS) == [f.name for f in dataclasses.fields(GPTConfig)]
+    hints, model_hints = typing.get_type_hints(ModelSection), typing.get_type_hints(GPTConfig)
+    docs, model_docs = field_docs(ModelSection), field_docs(GPTConfig)
+    for name in ARCH_FIELDS:
+        assert hints[name] == (model_hints[name] | None), name
+        assert fields[name].default is None, name
+        assert docs[name].startswith(model_docs[name]), name
+    # None = the preset's: the defaults are GPTConfig's own for the default preset, and every field
+    # set on the model section reaches the architecture.
+    assert Config().gpt_config == GPTConfig.from_preset(Config().model.preset)
+    changed = {"rotary_base": 500.0, "n_layer": 3, "activation": "relu"}
+    cfg = load_config(None, [f"model.{k}={v}" for k, v in changed.items()])
+    assert {k: getattr(cfg.gpt_config, k) for k in changed} == changed

@@ -321,8 +321,8 @@ def test_in_loop_core_is_logged_at_eval_steps_across_a_resume(tmp_path):
     run_dir = tmp_path / "run"
     cmd = python_cmd(tiny_overrides(data, run_dir, **{
         "model.preset": "tiny", "eval.interval": 4, "eval.val_tokens": 256, "eval.core": str(bundle),
-        "eval.core_limit": 5, "train.fault_inject": "crash:6"}))
-    assert run(cmd, check=False, timeout=300).returncode == 13
+        "eval.core_limit": 5}))
+    assert run(cmd, check=False, timeout=300, fault="crash:6").returncode == 13
     assert "resumed from" in run(cmd, timeout=300).stdout
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 9))

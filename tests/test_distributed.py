@@ -68,11 +68,11 @@ def test_two_nodes_worker_crash_restarts_and_resumes(tmp_path_factory, tmp_path)
     finish with exactly the uninterrupted two-rank run's losses and weights."""
     ref = reference_ddp(tmp_path_factory)
     port = free_port()
-    args = tiny_overrides(shared_data(tmp_path_factory), tmp_path, **{"train.fault_inject": "crash:6"})
+    args = tiny_overrides(shared_data(tmp_path_factory), tmp_path)
     procs = [
         start([PY, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
                f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two-nodes", f"--node_rank={n}", "--max-restarts=1",
-               "--monitor_interval=0.2", TRAIN, *args])
+               "--monitor_interval=0.2", TRAIN, *args], fault="crash:6")
         for n in (0, 1)
     ]
     results = [finish(p, timeout=240) for p in procs]

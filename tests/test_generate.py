@@ -606,8 +606,8 @@ def test_compiled_decode_step_does_not_recompile(monkeypatch):
     aot_eager backend traces exactly what inductor would get, without C++ compilation.)"""
     import functools
 
+    from benchmarks.profiling import graph_breaks, reset_dynamo_counters
     from pretrain.inference.decode import decoders
-    from pretrain.training.profiling import graph_breaks, reset_dynamo_counters
 
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     model = _model(block_size=128)

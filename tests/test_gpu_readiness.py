@@ -14,10 +14,10 @@ import torch
 from helpers import REPO, make_synthetic_shards, tiny_overrides
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.profiling import HostSyncCounter, graph_breaks, reset_dynamo_counters
 from pretrain.config import load_config
 from pretrain.plan import make_plan
 from pretrain.training.build import build_trainer
-from pretrain.training.profiling import HostSyncCounter, graph_breaks, reset_dynamo_counters
 from pretrain.training.trainer import Trainer
 
 
@@ -54,7 +54,7 @@ def test_compiled_bf16_train_and_eval_steps_have_no_graph_breaks(data, tmp_path,
 
 
 def test_at_most_one_host_sync_per_optimizer_step(data, tmp_path):
-    """Counted by pretrain.training.profiling.HostSyncCounter on CPU: every call of a tensor method that would
+    """Counted by benchmarks/profiling.py: HostSyncCounter on CPU: every call of a tensor method that would
     wait for a GPU (item, tolist, __float__, __bool__, cpu, nonzero, ...) made by the step's own code.
     Today's one: the tolist() of [all-reduced flags, grad norm]."""
     t = build(data, tmp_path / "run", **{"train.micro_batch_size": 2})  # accumulation 4

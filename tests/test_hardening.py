@@ -143,7 +143,7 @@ def test_a_rank_that_stops_answering_fails_the_others_within_the_timeout(mode, o
     """Rank 1 sleeps forever before the trainer's all_reduce(loss) (or the val-loss evaluator's
     reduction); rank 0 must raise a CollectiveError naming the operation within the 3 s
     process-group timeout (not the 30 min default, not forever)."""
-    rc, out, wall = _torchrun(mode, "3", timeout=150, PRETRAIN_FAULT_HANG=f"1:{op}")
+    rc, out, wall = _torchrun(mode, "3", timeout=150, GPT2_TEST_HANG=f"1:{op}")
     assert f"rank 1 hangs before {op}" in out, out[-3000:]
     assert rc != 0, out[-3000:]
     line = next((ln for ln in out.splitlines() if "CollectiveError after" in ln), None)

@@ -170,7 +170,7 @@ def test_in_loop_tasks_are_logged_once_per_step_across_a_resume(setup, tmp_path)
     pytest.importorskip("tensorboard")
     from helpers import make_synthetic_shards, metrics, python_cmd, run, tiny_overrides
 
-    from pretrain.training import plot
+    from pretrain import plot
     from pretrain.training.tb_logger import read_scalars
 
     _, include, _, _ = setup
@@ -179,9 +179,8 @@ def test_in_loop_tasks_are_logged_once_per_step_across_a_resume(setup, tmp_path)
     cmd = python_cmd(tiny_overrides(data, run_dir, **{
         "model.preset": "gpt2", "model.n_layer": 4, "model.n_head": 4, "model.n_embd": 128, "model.block_size": 256,
         "eval.interval": 4, "eval.val_tokens": 0, "eval.tasks": "[arc_easy_local,lambada_openai_local]",
-        "eval.tasks_limit": 4, "eval.tasks_include_path": str(include), "logging.tensorboard": "true",
-        "train.fault_inject": "crash:6"}))
-    assert run(cmd, check=False, timeout=300).returncode == 13
+        "eval.tasks_limit": 4, "eval.tasks_include_path": str(include), "logging.tensorboard": "true"}))
+    assert run(cmd, check=False, timeout=300, fault="crash:6").returncode == 13
     out = run(cmd, timeout=300).stdout
     assert "resumed from" in out
     rows = metrics(run_dir)

@@ -156,6 +156,7 @@ def test_hub_name_offline_is_one_line(tmp_path):
 def test_padded_vocab_rows_added_then_dropped(tmp_path, hf_dir):
     from pretrain.checkpoint import Checkpointer
     from pretrain.model import GPT, GPTConfig
+    from pretrain.model.weights import resolve
     from pretrain.training.init_from import init_from
 
     hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
@@ -165,7 +166,7 @@ def test_padded_vocab_rows_added_then_dropped(tmp_path, hf_dir):
 
     padded_cfg = GPTConfig.from_preset("tiny-vocab", block_size=64, padded_vocab_size=640)
     padded = GPT(padded_cfg)
-    note = init_from(padded, str(hf_dir), padded_cfg)
+    note = init_from(padded, resolve(str(hf_dir)), padded_cfg)
     assert "vocabulary rows 512 -> 640 (added padding)" in note
     assert padded.transformer.wte.weight[512:].abs().sum() == 0
     with torch.no_grad():
@@ -178,7 +179,7 @@ def test_padded_vocab_rows_added_then_dropped(tmp_path, hf_dir):
                                                          "padded_vocab_size": 640}})
     plain_cfg = GPTConfig.from_preset("tiny-vocab", block_size=16)
     plain = GPT(plain_cfg)
-    note = init_from(plain, str(tmp_path / "checkpoints"), plain_cfg)
+    note = init_from(plain, resolve(str(tmp_path / "checkpoints")), plain_cfg)
     assert "(checkpoint," in note and "640 -> 512 (dropped padding)" in note and "cropped 64 -> 16" in note
     assert plain.lm_head.weight is plain.transformer.wte.weight
     with torch.no_grad():
@@ -239,7 +240,7 @@ def _check_load_after_sharding(src: str) -> None:
 
     from pretrain.dist import note_group
     from pretrain.model import GPT, GPTConfig
-    from pretrain.model.weights import read
+    from pretrain.model.weights import read, resolve
     from pretrain.training.init_from import adapt_state_dict, init_from, load_into
 
     dist.init_process_group("gloo")
@@ -247,14 +248,14 @@ def _check_load_after_sharding(src: str) -> None:
     cfg = GPTConfig.from_preset("tiny-vocab", block_size=64, padded_vocab_size=640)
     torch.manual_seed(0)
     before = GPT(cfg)
-    init_from(before, src, cfg)
+    init_from(before, resolve(src), cfg)
     torch.manual_seed(1)  # a different random init: only the load can make them equal
     after = GPT(cfg)
     for m in (before, after):
         for block in m.transformer.h:
             fully_shard(block)
         fully_shard(m)
-    src_cfg, src_sd = read(src)
+    src_cfg, src_sd = read(resolve(src))
     load_into(after, adapt_state_dict(src_sd, src_cfg, cfg))
     for (name, a), (_, b) in zip(before.state_dict().items(), after.state_dict().items()):
         assert torch.equal(a.full_tensor(), b.full_tensor()), name
@@ -279,6 +280,7 @@ def test_research_options_take_part_in_the_architecture_check(tmp_path, capsys, 
     to crop)."""
     from pretrain.checkpoint import Checkpointer
     from pretrain.model import GPT, GPTConfig
+    from pretrain.model.weights import resolve
     from pretrain.train import main
     from pretrain.training.init_from import init_from
 
@@ -294,4 +296,4 @@ def test_research_options_take_part_in_the_architecture_check(tmp_path, capsys, 
     assert f"model.{option}=False (the source has True)" in err and f"set model.{option}=True" in err
     assert not (run_dir / "checkpoints").exists()
     same = GPT(cfg)
-    assert "fresh optimizer" in init_from(same, str(tmp_path / "src"), cfg)
+    assert "fresh optimizer" in init_from(same, resolve(str(tmp_path / "src")), cfg)

@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import faults
 import numpy as np
 import psutil
 import pytest
@@ -488,9 +489,9 @@ def test_local_sh_trains_and_preemption_exits_75(tmp_path, data_dir, reference, 
     assert reference["rc"] == 0, "the uninterrupted reference run failed"
     ref = losses_by_step(metrics(reference["run_dir"]))
     run_dir = tmp_path / "run"
-    env = base_env(tmp_path)
+    env = base_env(tmp_path, **faults.child_env(fault="sleep:0.5"))
     marker = no_leftovers
-    cmd = [str(LOCAL), "--nproc", "2", CONFIG, *overrides(data_dir, run_dir, "train.fault_inject=sleep:0.5")]
+    cmd = [str(LOCAL), "--nproc", "2", CONFIG, *overrides(data_dir, run_dir)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:

@@ -21,13 +21,16 @@ ALLOWED: list[tuple[str, tuple[str, ...]]] = [
     ("pretrain.inference.cpu", ()),  # the CPU backend: torch only
     ("pretrain.inference", ("pretrain.model", "pretrain.dist", "data_pipeline")),
     ("pretrain.checkpoint", ("pretrain.dist", "data_pipeline.integrity")),
+    ("pretrain.rundir", ()),
+    ("pretrain.schedule", ()),
     ("pretrain.training", ("pretrain.model", "pretrain.checkpoint", "pretrain.dist", "pretrain.config",
-                           "pretrain.plan", "data_pipeline")),
+                           "pretrain.plan", "pretrain.rundir", "pretrain.schedule", "data_pipeline")),
     ("pretrain.dist", ()),
     ("pretrain.cli", ("pretrain.dist",)),
-    ("pretrain.config", ("pretrain.model", "pretrain.training.optim")),
+    ("pretrain.config", ("pretrain.model", "pretrain.schedule")),
     ("pretrain.plan", ("pretrain.config", "pretrain.checkpoint", "pretrain.model", "pretrain.training",
-                       "data_pipeline")),
+                       "pretrain.rundir", "pretrain.schedule", "data_pipeline")),
+    ("pretrain.plot", ("pretrain.rundir",)),  # gpt2-plot
     # gpt2-eval: loads weights from any spec and ends like gpt2-train
     ("evals.run", ("evals", "pretrain.model", "pretrain.inference", "pretrain.dist", "pretrain.checkpoint",
                    "pretrain.cli", "data_pipeline")),
@@ -52,13 +55,21 @@ def is_module(name: str) -> bool:
     return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
 
 
-def project_imports(path: Path, text: str | None = None) -> set[str]:
+def project_imports(path: Path, text: str | None = None, typing: bool = True) -> set[str]:
     """The project modules ``path`` (or ``text`` as its source) imports (``from pretrain import dist`` ->
-    ``pretrain.dist``)."""
+    ``pretrain.dist``); ``typing=False`` leaves out the imports under ``if TYPE_CHECKING:`` (types
+    only: no arrow at run time)."""
     me = module_name(path)
     package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+    tree = ast.parse(path.read_text() if text is None else text, str(path))
+    typing_only = set() if typing else {
+        id(n) for block in ast.walk(tree)
+        if isinstance(block, ast.If) and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"
+        for n in ast.walk(block)}
     found = set()
-    for node in ast.walk(ast.parse(path.read_text() if text is None else text, str(path))):
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -100,6 +111,57 @@ def test_every_import_between_rooms_is_one_design_allows():
     assert len(files) > 50
     bad = [v for p in files for v in violations(p)]
     assert not bad, "imports DESIGN.md's room rules do not allow:\n" + "\n".join(bad)
+
+
+def folder(module: str) -> str:
+    """The folder of pretrain/ a module is part of (``pretrain.training.build`` -> ``training``); a
+    module at the top of pretrain/ is a folder of its own (``pretrain.plan`` -> ``plan``)."""
+    return module.split(".")[1]
+
+
+def folder_cycle(texts: dict[Path, str] | None = None) -> list[str]:
+    """A cycle of run-time imports between the folders of pretrain/ (``training -> plan -> training``),
+    or [] when there is none; ``texts`` stands in for some files' source."""
+    texts = texts or {}
+    graph: dict[str, set[str]] = {}
+    for path in sorted((REPO / "pretrain").rglob("*.py")):
+        if path.name == "__init__.py" and path.parent.name == "pretrain":
+            continue
+        a = folder(module_name(path))
+        for target in project_imports(path, texts.get(path), typing=False):
+            if target.startswith("pretrain.") and folder(target) != a:
+                graph.setdefault(a, set()).add(folder(target))
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(path: list[str]) -> list[str]:  # depth first from path[-1]
+        state[path[-1]] = 1
+        for m in sorted(graph.get(path[-1], ())):
+            if state.get(m) == 1:
+                return path[path.index(m):] + [m]
+            if m not in state and (found := visit(path + [m])):
+                return found
+        state[path[-1]] = 2
+        return []
+
+    for n in sorted(graph):
+        if n not in state and (found := visit([n])):
+            return found
+    return []
+
+
+def test_no_import_cycle_between_folders_of_pretrain():
+    """Each folder of pretrain/ (model, checkpoint, rundir, training, and each module at its top:
+    config, plan, schedule, ...) imports only folders that never import it back; a part that only
+    needs another's type imports it under ``if TYPE_CHECKING:``."""
+    assert folder_cycle() == []
+
+
+def test_an_import_cycle_between_folders_is_caught():
+    build = REPO / "pretrain" / "training" / "build.py"
+    text = build.read_text().replace("if TYPE_CHECKING:\n    from pretrain.plan import RunPlan",
+                                     "from pretrain.plan import RunPlan")
+    assert text != build.read_text()
+    assert " -> ".join(folder_cycle({build: text})) in ("plan -> training -> plan", "training -> plan -> training")
 
 
 @pytest.mark.parametrize("room,target", [

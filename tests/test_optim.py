@@ -9,7 +9,8 @@ import torch
 
 from pretrain.config import OptimSection
 from pretrain.model import GPT, GPTConfig
-from pretrain.training.optim import build_optimizer, clip_grad_norm, lr_at, param_groups, set_lr
+from pretrain.schedule import lr_at
+from pretrain.training.optim import build_optimizer, clip_grad_norm, param_groups, set_lr
 
 
 def test_schedule_warmup_cosine_floor():
@@ -79,7 +80,7 @@ def test_wsd_schedule_stable_then_linear_or_1_sqrt_cooldown():
 
 
 def test_batch_warmup_grows_in_multiples_of_the_start():
-    from pretrain.training.optim import batch_tokens_at, tokens_before
+    from pretrain.schedule import batch_tokens_at, tokens_before
 
     bs = [batch_tokens_at(s, 2048, 512, 6) for s in range(9)]
     assert bs == [512, 512, 1024, 1024, 1536, 1536, 2048, 2048, 2048]

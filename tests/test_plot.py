@@ -1,4 +1,4 @@
-"""pretrain.training.plot on synthetic metrics.jsonl files: the PNG, overlays, "no data", errors."""
+"""pretrain.plot on synthetic metrics.jsonl files: the PNG, overlays, "no data", errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.training import plot
+from pretrain import plot
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,7 +107,7 @@ def test_duplicate_run_names_are_disambiguated(tmp_path):
 
 
 def test_missing_metrics_is_one_clear_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pretrain.training.plot", str(tmp_path / "nope")],
+    proc = subprocess.run([sys.executable, "-m", "pretrain.plot", str(tmp_path / "nope")],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

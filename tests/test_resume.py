@@ -37,20 +37,20 @@ from helpers import (
 
 from pretrain.train import main
 
-SLOW = {"train.fault_inject": "sleep:0.3"}  # time to signal a run between two steps
+SLOW = "sleep:0.3"  # a fault (tests/faults.py): time to signal a run between two steps
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_single_process_sigkill_then_resume_is_bitwise(tmp_path_factory, recipe):
     ref = reference_single(tmp_path_factory, recipe)
     run_dir = tmp_path_factory.mktemp("killed-single")
-    args = tiny_overrides(shared_data(tmp_path_factory), run_dir, **SLOW, **RECIPES[recipe])
-    p = start(python_cmd(args))
+    args = tiny_overrides(shared_data(tmp_path_factory), run_dir, **RECIPES[recipe])
+    p = start(python_cmd(args), fault=SLOW)
     wait_for(lambda: committed(run_dir, 4), 120, p, "the step-4 checkpoint")
     kill_tree(p, signal.SIGKILL)
     p.wait(30)
     assert last_step(run_dir) < STEPS
-    run(python_cmd(args))
+    run(python_cmd(args), fault=SLOW)
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, STEPS + 1))
     assert losses(run_dir) == losses(ref)
     assert_params_equal(final_params(run_dir, STEPS), final_params(ref, STEPS))
@@ -77,12 +77,12 @@ def test_ddp_preempt_sigusr1_sigterm_sigkill_then_finish_is_bitwise(tmp_path_fac
     of the whole process tree after a checkpoint; the fourth launch finishes. Losses and final
     weights equal the uninterrupted 2-rank run exactly."""
     ref = reference_ddp(tmp_path_factory)
-    args = tiny_overrides(shared_data(tmp_path_factory), tmp_path, **SLOW, **{"checkpoint.interval": 2})
+    args = tiny_overrides(shared_data(tmp_path_factory), tmp_path, **{"checkpoint.interval": 2})
     launcher = ["--signals-to-handle=SIGTERM,SIGINT,SIGUSR1", "--shutdown-timeout=60"]
     stops = []
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         before = last_step(tmp_path)
-        p = start(torchrun_cmd(args, extra=launcher))
+        p = start(torchrun_cmd(args, extra=launcher), fault=SLOW)
         wait_for(lambda b=before: last_step(tmp_path) > b, 120, p, "a new step")
         p.send_signal(sig)  # to torchrun only: it forwards the signal to its workers
         _, out = finish(p, 120)
@@ -95,13 +95,13 @@ def test_ddp_preempt_sigusr1_sigterm_sigkill_then_finish_is_bitwise(tmp_path_fac
         stops.append(step)
     assert stops[1] > stops[0]
     # SIGKILL (no chance to save) once a checkpoint after the last preemption is committed.
-    p = start(torchrun_cmd(args, extra=launcher))
+    p = start(torchrun_cmd(args, extra=launcher), fault=SLOW)
     nxt = stops[1] + 2 - stops[1] % 2
     if nxt < STEPS:
         wait_for(lambda: committed(tmp_path, nxt), 120, p, f"the step-{nxt} checkpoint")
         kill_tree(p, signal.SIGKILL)
         p.wait(30)
-        p = start(torchrun_cmd(args, extra=launcher))
+        p = start(torchrun_cmd(args, extra=launcher), fault=SLOW)
     rc, out = finish(p, 180)
     assert rc == 0, out[-4000:]
     assert [r["step"] for r in metrics(tmp_path)] == list(range(1, STEPS + 1))

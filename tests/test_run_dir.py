@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import faults
 import pytest
 import torch
 from helpers import (
@@ -25,8 +26,8 @@ from helpers import (
     wait_for,
 )
 
+from pretrain.rundir.lock import LOCK_NAME, RunDirBusy, RunDirLock
 from pretrain.train import main
-from pretrain.training.rundir import LOCK_NAME, RunDirBusy, RunDirLock
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def data(tmp_path_factory):
 
 
 def hold_lock(run_dir: Path) -> subprocess.Popen:
-    p = subprocess.Popen([PY, "-c", "import time; from pretrain.training.rundir import RunDirLock; "
+    p = subprocess.Popen([PY, "-c", "import time; from pretrain.rundir.lock import RunDirLock; "
                           f"RunDirLock({str(run_dir)!r}).acquire('holder'); print('held', flush=True); time.sleep(600)"],
                          cwd=REPO, env=env(), stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "held"
@@ -44,7 +45,7 @@ def hold_lock(run_dir: Path) -> subprocess.Popen:
 
 def can_lock_elsewhere(run_dir: Path) -> bool:
     """Whether another process could take the lock now (a POSIX lock never conflicts with its own process)."""
-    code = (f"from pretrain.training.rundir import RunDirLock, RunDirBusy\ntry:\n    RunDirLock({str(run_dir)!r}).acquire()\n"
+    code = (f"from pretrain.rundir.lock import RunDirLock, RunDirBusy\ntry:\n    RunDirLock({str(run_dir)!r}).acquire()\n"
             "except RunDirBusy:\n    raise SystemExit(3)")
     return subprocess.run([PY, "-c", code], cwd=REPO, env=env()).returncode == 0
 
@@ -78,8 +79,8 @@ def test_trainer_holds_the_lock_while_it_runs_and_releases_it_on_every_exit(data
     assert seen == [False]
     assert can_lock_elsewhere(run)  # released after a clean run
     # ... and after a failure inside training (a non-finite run: exit 1)
-    over = tiny_overrides(data, tmp_path / "nan", **{"train.fault_inject": "nan_from:0",
-                                                    "train.max_nonfinite_in_a_row": 2})
+    faults.install("nan_from:0", monkeypatch.setattr)
+    over = tiny_overrides(data, tmp_path / "nan", **{"train.max_nonfinite_in_a_row": 2})
     assert main(over) == 1
     assert can_lock_elsewhere(tmp_path / "nan")
 
@@ -115,9 +116,8 @@ def test_resume_auto_may_be_followed_by_more_overrides(data, tmp_path, capsys):
 
 
 def _start_slow_run(data, run: Path, sleep: float) -> subprocess.Popen:
-    over = tiny_overrides(data, run, **{"schedule.max_steps": 1000, "checkpoint.interval": 1000,
-                                        "train.fault_inject": f"sleep:{sleep}"})
-    return start([PY, TRAIN, *over])
+    over = tiny_overrides(data, run, **{"schedule.max_steps": 1000, "checkpoint.interval": 1000})
+    return start([PY, TRAIN, *over], fault=f"sleep:{sleep}")
 
 
 def test_ctrl_c_finishes_the_step_checkpoints_and_exits_130(data, tmp_path):

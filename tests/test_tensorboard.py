@@ -33,8 +33,8 @@ def test_kill_and_resume_gives_each_step_once(tmp_path):
     run_dir = tmp_path / "run"
     # Rank 0 dies right after step 6 (before logging it); checkpoints at 4 and 8. The first
     # attempt wrote points 1..5; the resumed one redoes 5..8.
-    cmd = python_cmd(tiny_overrides(data, run_dir, **{"logging.tensorboard": "true", "train.fault_inject": "crash:6"}))
-    assert run(cmd, check=False).returncode == 13
+    cmd = python_cmd(tiny_overrides(data, run_dir, **{"logging.tensorboard": "true"}))
+    assert run(cmd, check=False, fault="crash:6").returncode == 13
     tb = run_dir / "tensorboard"
     assert read_scalars(tb)["train/loss"][-1][0] == 5
     out = run(cmd).stdout
@@ -125,11 +125,12 @@ def test_a_damaged_event_file_loses_nothing_before_the_checkpoint(tmp_path, caps
 
 def test_missing_package_is_one_line(monkeypatch):
     from pretrain.config import ConfigError, load_config
+    from pretrain.plan import make_plan
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
-    with pytest.raises(ConfigError) as e:
-        load_config(None, ["logging.tensorboard=true"])
+    with pytest.raises(ConfigError) as e:  # the run plan checks the environment
+        make_plan(load_config(None, ["logging.tensorboard=true"]), 1)
     msg = str(e.value)
     assert "\n" not in msg and "pip install -e '.[tensorboard]'" in msg and "logging.tensorboard=false" in msg
     load_config(None, ["logging.tensorboard=false"])  # the default needs nothing

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import sys
 
+import faults
 import pytest
 import torch
 from helpers import (
@@ -79,8 +80,9 @@ def test_metrics_jsonl_and_evaluators(data, tmp_path):
     assert load_config(tmp_path / "config.yaml") == t.cfg  # the resolved config, reloadable
 
 
-def test_nonfinite_step_is_skipped_everywhere(data, tmp_path):
-    t = train(data, tmp_path, **{"train.fault_inject": "nan:2", "schedule.max_steps": 3, "checkpoint.interval": 2})
+def test_nonfinite_step_is_skipped_everywhere(data, tmp_path, monkeypatch):
+    faults.install("nan:2", monkeypatch.setattr)
+    t = train(data, tmp_path, **{"schedule.max_steps": 3, "checkpoint.interval": 2})
     rows = metrics(tmp_path)
     assert rows[2]["skipped"] and rows[2]["loss"] is None and rows[2]["nonfinite_total"] == 1
     assert not rows[1].get("skipped") and t.nonfinite_in_a_row == 1
@@ -90,8 +92,9 @@ def test_nonfinite_step_is_skipped_everywhere(data, tmp_path):
         assert torch.isfinite(p).all()
 
 
-def test_nonfinite_in_a_row_aborts(data, tmp_path, capsys):
-    args = tiny_overrides(data, tmp_path, **{"train.fault_inject": "nan_from:2", "train.max_nonfinite_in_a_row": 3,
+def test_nonfinite_in_a_row_aborts(data, tmp_path, capsys, monkeypatch):
+    faults.install("nan_from:2", monkeypatch.setattr)
+    args = tiny_overrides(data, tmp_path, **{"train.max_nonfinite_in_a_row": 3,
                                             "checkpoint.interval": 2, "schedule.max_steps": 20})
     assert main(args) == 1
     err = capsys.readouterr().err
@@ -99,8 +102,10 @@ def test_nonfinite_in_a_row_aborts(data, tmp_path, capsys):
     assert metrics(tmp_path)[-1]["step"] == 5
     for p in final_params(tmp_path, 2).values():
         assert torch.isfinite(p).all()
+    monkeypatch.undo()
+    faults.install("nan_from:0", monkeypatch.setattr)
     with pytest.raises(NonFiniteError):
-        train(data, tmp_path / "again", **{"train.fault_inject": "nan_from:0", "train.max_nonfinite_in_a_row": 2})
+        train(data, tmp_path / "again", **{"train.max_nonfinite_in_a_row": 2})
 
 
 def test_fresh_start_refuses_existing_checkpoints(data, tmp_path, capsys):

@@ -246,9 +246,8 @@ class CausalSelfAttention(nn.Module):
 
     ``c_attn`` maps C -> 3C (q, k, v for all heads at once); ``c_proj`` maps the concatenated
     heads back to C and writes into the residual stream, so it carries the scaled init
-    (``is_residual_proj``). The default path is ``F.scaled_dot_product_attention`` (flash /
-    memory-efficient kernels on GPU); ``reference_attention`` is the textbook formula, kept
-    for tests."""
+    (``is_residual_proj``). Attention is ``F.scaled_dot_product_attention`` (flash /
+    memory-efficient kernels on GPU)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -259,7 +258,6 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.is_residual_proj = True
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.use_reference = False  # tests flip this to compare against the explicit path
         self.qk_norm = config.qk_norm
         self.rotary_base = config.rotary_base if config.rotary else None
 
@@ -296,8 +294,6 @@ class CausalSelfAttention(nn.Module):
             v = v_all[:, :, : pos + T]  # (B, nh, pos+T, hs)
             mask = None if T == 1 else torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
-        elif self.use_reference:
-            y = reference_attention(q, k, v)  # (B, nh, T, hs)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
@@ -321,16 +317,6 @@ def apply_rotary(x: torch.Tensor, start: int | torch.Tensor, base: float) -> tor
     cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
     x1, x2 = x[..., : hs // 2], x[..., hs // 2 :]  # (B, nh, T, hs/2) each
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, nh, T, hs)
-
-
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q kᵀ / sqrt(hs) + causal mask) v, spelled out. q, k, v: (B, nh, T, hs)."""
-    T, hs = q.size(-2), q.size(-1)
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    att = att.masked_fill(~causal, float("-inf"))
-    att = F.softmax(att, dim=-1)
-    return att @ v  # (B, nh, T, hs)
 
 
 class MLP(nn.Module):
@@ -583,11 +569,6 @@ class GPT(nn.Module):
             return None, self.loss(x, targets, reduction)
         logits = self.logits(x)  # (B, T, vocab_rows)
         return logits, cross_entropy(logits, targets, reduction)
-
-    def set_reference_attention(self, on: bool = True) -> None:
-        """Route attention through ``reference_attention`` (tests compare it with SDPA)."""
-        for block in self.transformer.h:
-            block.attn.use_reference = on
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

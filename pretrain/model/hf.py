@@ -6,11 +6,12 @@ identity. What differs is layout: HF's ``Conv1D`` stores its weight as (in, out)
 out. Everything else (embeddings, LayerNorms, biases) is copied as is. The padded vocabulary
 rows (``VOCAB_ROW_PARAMS``) are added on the way in and dropped on the way out.
 
-    state_dict_from_hf(tensors, config, source)   # HF names and layout -> ours (weights.py reads the files)
+    config, sd = read_hf_dir(directory)           # a HF directory's files -> GPTConfig, our state dict
+    state_dict_from_hf(tensors, config, source)   # HF names and layout -> ours
     export_hf(model, "out/gpt2-hf")               # a directory `transformers` loads offline
 
-Reading a HF directory or hub name is ``pretrain/model/weights.py``; the ``gpt2-export`` command
-is ``pretrain/export.py``.
+Which directory a spec names (a hub name is downloaded) is ``pretrain/model/weights.py``; the
+``gpt2-export`` command is ``pretrain/export.py``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from data_pipeline import integrity
 from data_pipeline.integrity import sha256_file
 from data_pipeline.tokenizer import EOT_ID, VOCAB_SIZE
 from pretrain.model.gpt import GPT, VOCAB_ROW_PARAMS, GPTConfig
@@ -177,10 +179,11 @@ def state_dict_from_hf(hf_sd: dict[str, torch.Tensor], config: GPTConfig, source
     """Our state dict from HF tensors: rename by the table, transpose Conv1D weights, pad the
     vocabulary rows to ``config.vocab_rows``; checks every name and shape."""
     hf_sd = {_hf_name(k): v for k, v in hf_sd.items() if not _HF_IGNORED.match(_hf_name(k))}
+    table = expand_map(config.n_layer)
     expected = _expected_shapes(config)
     out: dict[str, torch.Tensor] = {}
     used = set()
-    for hf_name, ours, transposed in expand_map(config.n_layer):
+    for hf_name, ours, transposed in table:
         if ours == "lm_head.weight" and config.tie_embeddings:
             used.add(hf_name)  # a tied head may be stored too; it is wte by construction
             continue
@@ -219,6 +222,119 @@ def _expected_shapes(config: GPTConfig) -> dict[str, torch.Size]:
     with torch.device("meta"):
         model = GPT(config)
     return {k: v.shape for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a HF directory (its files; which directory a spec names is weights.py's)
+
+
+def read_json_object(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError as e:
+        raise HFConversionError(f"{path} does not exist; pass a Hugging Face GPT-2 directory with config.json") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HFConversionError(f"{path} is not valid JSON ({e}); re-download or re-export the model") from e
+    if not isinstance(data, dict):
+        raise HFConversionError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def has_export_record(directory: Path) -> bool:
+    try:
+        return bool((directory / EXPORT_MARKER).is_file() and read_json_object(directory / EXPORT_MARKER).get("files"))
+    except HFConversionError:
+        return True  # a broken record: reading it says so
+
+
+def verify_export(directory: Path) -> None:
+    """An export of ours holds what its ``gpt2_export.json`` records (sha256 and size of every
+    file written); a directory without the record is not ours, or predates it: nothing to check
+    against (``WeightsSource.note`` says so)."""
+    marker = directory / EXPORT_MARKER
+    info = read_json_object(marker) if marker.is_file() else {}
+    if info.get("complete") is False:
+        raise HFConversionError(f"{directory} is an unfinished export ({marker} says complete: false; gpt2-export was "
+                           f"interrupted); export it again (gpt2-export export --checkpoint CHECKPOINT --out {directory})")
+    record = info.get("files")
+    if not isinstance(record, dict) or not record:
+        return
+    try:
+        expected = [integrity.Expected(directory / name, str(r["sha256"]), int(r["size"])) for name, r in record.items()]
+    except (KeyError, TypeError, ValueError) as e:
+        raise HFConversionError(f"{marker}: unreadable file record ({e}); export the model again") from None
+    bad = integrity.verify_files(expected)
+    if bad:
+        raise HFConversionError(
+            f"{bad[0].path}: content does not match its {EXPORT_MARKER} record ({bad[0].describe(digits=12)}); "
+            "the export is corrupt: export it again (gpt2-export export ... --overwrite)"
+        )
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise HFConversionError(
+            f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__} "
+            "(corrupt or truncated file?); re-download or re-export it"
+        ) from e
+
+
+def read_hf_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """All tensors of a HF checkpoint directory (model.safetensors, a sharded
+    model.safetensors.index.json, or pytorch_model.bin) and the file they came from."""
+    single = directory / "model.safetensors"
+    index = directory / "model.safetensors.index.json"
+    legacy = directory / "pytorch_model.bin"
+    if single.is_file():
+        return _load_safetensors(single), str(single)
+    if index.is_file():
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise HFConversionError(f"{index} has no 'weight_map'; re-download the model")
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            tensors.update(_load_safetensors(directory / shard))
+        return tensors, str(index)
+    if legacy.is_file():
+        try:
+            sd = torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle/zip errors have many types; all mean the same thing here
+            raise HFConversionError(
+                f"cannot read {legacy}: {type(e).__name__} (corrupt file, or not a plain state dict); "
+                "re-download it or convert it to model.safetensors"
+            ) from e
+        if not isinstance(sd, dict):
+            raise HFConversionError(f"{legacy} holds a {type(sd).__name__}, not a state dict")
+        return sd, str(legacy)
+    raise HFConversionError(
+        f"{directory} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin; "
+        "pass a directory written by save_pretrained() or gpt2-export"
+    )
+
+
+def inspect_hf_dir(directory: Path, padded_vocab_size: int | None = None) -> GPTConfig:
+    """The architecture of a HF directory (its config.json), its files verified against an
+    export's record (:func:`verify_export`); no weights are loaded."""
+    config_path = directory / "config.json"
+    config = config_from_hf(read_json_object(config_path), str(config_path), padded_vocab_size)
+    verify_export(directory)
+    return config
+
+
+def read_hf_dir(directory: Path, padded_vocab_size: int | None = None) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """(config, our state dict) of a HF GPT-2 directory (save_pretrained / gpt2-export / a hub
+    download), its files verified first."""
+    if not directory.is_dir():
+        raise HFConversionError(f"{directory} is not a directory; pass the directory holding config.json")
+    config = inspect_hf_dir(directory, padded_vocab_size)
+    hf_sd, source = read_hf_weights(directory)
+    return config, state_dict_from_hf(hf_sd, config, source)
 
 
 # ---------------------------------------------------------------------------------------------

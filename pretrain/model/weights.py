@@ -25,7 +25,6 @@ The returned state dict holds every parameter name of ``GPT(config).state_dict()
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -33,9 +32,15 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline import integrity
 from pretrain.model.gpt import GPT, GPTConfig
-from pretrain.model.hf import EXPORT_MARKER, HFConversionError, config_from_hf, state_dict_from_hf
+from pretrain.model.hf import (
+    EXPORT_MARKER,
+    HFConversionError,
+    has_export_record,
+    inspect_hf_dir,
+    read_hf_dir,
+    read_json_object,
+)
 
 
 class WeightsError(ValueError):
@@ -57,6 +62,9 @@ class WeightsSource:
     recorded: bool = True
     """False for a Hugging Face directory without gpt2-export's record of its files (a foreign
     one, or an export older than the record): it loads, unverified (:attr:`note`)."""
+    config: GPTConfig | None = None
+    """The architecture, once :func:`inspect` has read it (and the run plan checked it); None
+    before, and for a hub model until it is downloaded."""
 
     @property
     def note(self) -> str | None:
@@ -75,23 +83,10 @@ def _looks_like_hub_name(name: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name)) and not name.startswith((".", "/", "~"))
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError as e:
-        raise WeightsError(f"{path} does not exist; pass a Hugging Face GPT-2 directory with config.json") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{path} is not valid JSON ({e}); re-download or re-export the model") from e
-    if not isinstance(data, dict):
-        raise WeightsError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
 def _is_hf_config(path: Path) -> bool:
     try:
-        data = _read_json(path)
-    except WeightsError:
+        data = read_json_object(path)
+    except HFConversionError:
         return True  # let the HF reader report the broken config.json
     return "model_type" in data or "n_embd" in data
 
@@ -106,7 +101,7 @@ def resolve(spec: str | os.PathLike) -> WeightsSource:
             raise WeightsError(f"{p} does not exist; pass a Hugging Face GPT-2 directory, hub name or checkpoint")
         return WeightsSource(spec, "hub", None)
     if (p / "config.json").is_file() and _is_hf_config(p / "config.json"):
-        return WeightsSource(spec, "hf", p, recorded=_has_record(p))
+        return WeightsSource(spec, "hf", p, recorded=has_export_record(p))
     if not p.is_dir():
         raise WeightsError(f"{p} is not a directory; pass a HF model directory or a checkpoint directory")
     if (p / "manifest.json").is_file() or (p / "trainer_state.pt").is_file():
@@ -118,7 +113,7 @@ def resolve(spec: str | os.PathLike) -> WeightsSource:
         if latest is not None:
             return WeightsSource(spec, "checkpoint", latest)
     if any(p.glob("model*.safetensors*")) or (p / "pytorch_model.bin").is_file():
-        return WeightsSource(spec, "hf", p, recorded=_has_record(p))  # weights without config.json: the HF reader says what is missing
+        return WeightsSource(spec, "hf", p, recorded=has_export_record(p))  # weights without config.json: the HF reader says what is missing
     raise WeightsError(
         f"{p} is neither a Hugging Face directory (config.json + model.safetensors) nor a checkpoint "
         "(manifest.json) nor a directory of step_XXXXXXXX checkpoints; pass one of those"
@@ -129,20 +124,18 @@ def resolve(spec: str | os.PathLike) -> WeightsSource:
 # Reading
 
 
-def read(source: WeightsSource | str | os.PathLike,
-         padded_vocab_size: int | None = None) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    """(config, state dict) of ``source`` (a spec is resolved first), full tensors on CPU.
+def read(source: WeightsSource, padded_vocab_size: int | None = None) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """(config, state dict) of ``source`` (:func:`resolve` made it), full tensors on CPU.
     ``padded_vocab_size`` pads a Hugging Face model's vocabulary rows (native checkpoints keep
     their own)."""
-    if not isinstance(source, WeightsSource):
-        source = resolve(source)
-    try:
-        if source.kind == "checkpoint":
-            config, sd = _read_checkpoint(source.path)
-        else:
-            config, sd = _read_hf(source.path if source.kind == "hf" else _download(source.spec), padded_vocab_size)
-    except HFConversionError as e:
-        raise WeightsError(str(e)) from None
+    if source.kind == "checkpoint":
+        config, sd = _read_checkpoint(source.path)
+    else:
+        directory = source.path if source.kind == "hf" else _download(source.spec)
+        try:
+            config, sd = read_hf_dir(directory, padded_vocab_size)
+        except HFConversionError as e:
+            raise WeightsError(str(e)) from None
     if config.tie_embeddings:  # one tensor under both names, as GPT.state_dict() has it
         sd["lm_head.weight"] = sd["transformer.wte.weight"]
     return config, sd
@@ -151,8 +144,8 @@ def read(source: WeightsSource | str | os.PathLike,
 def inspect(source: WeightsSource) -> GPTConfig | None:
     """The architecture of ``source``, with its files verified (a native checkpoint against its
     manifest, an export against its record), without loading the weights: the run plan checks a
-    ``model.init_from`` source with it before anything is built. None for a hub model (that needs
-    the network; reading it does)."""
+    ``model.init_from`` source with it before anything is built (and keeps it in
+    ``WeightsSource.config``). None for a hub model (that needs the network; reading it does)."""
     try:
         if source.kind == "checkpoint":
             from pretrain.checkpoint import CheckpointError, verify_model_state
@@ -163,10 +156,7 @@ def inspect(source: WeightsSource) -> GPTConfig | None:
                 raise WeightsError(str(e)) from e
             return _native_config(config_dict, str(source.path))
         if source.kind == "hf":
-            config_path = source.path / "config.json"
-            config = config_from_hf(_read_json(config_path), str(config_path))
-            _verify_export(source.path)
-            return config
+            return inspect_hf_dir(source.path)
     except HFConversionError as e:
         raise WeightsError(str(e)) from None
     return None
@@ -175,7 +165,7 @@ def inspect(source: WeightsSource) -> GPTConfig | None:
 def load_model(spec: WeightsSource | str | os.PathLike, padded_vocab_size: int | None = None) -> GPT:
     """A ``GPT`` of ``spec``'s weights (:func:`read`), on CPU, in eval mode (like
     ``from_pretrained``: GPT-2's config has dropout 0.1, off in eval mode)."""
-    config, state = read(spec, padded_vocab_size)
+    config, state = read(spec if isinstance(spec, WeightsSource) else resolve(spec), padded_vocab_size)
     with torch.device("meta"):
         model = GPT(config)
     model = model.to_empty(device="cpu")
@@ -236,94 +226,7 @@ def state_from_native(state_dict: dict, config_dict: dict, source: str) -> tuple
 
 
 # ---------------------------------------------------------------------------------------------
-# Hugging Face directories
-
-
-def _has_record(directory: Path) -> bool:
-    try:
-        return bool((directory / EXPORT_MARKER).is_file() and _read_json(directory / EXPORT_MARKER).get("files"))
-    except WeightsError:
-        return True  # a broken record: reading it says so
-
-
-def _verify_export(directory: Path) -> None:
-    """An export of ours holds what its ``gpt2_export.json`` records (sha256 and size of every
-    file written); a directory without the record is not ours, or predates it: nothing to check
-    against (``WeightsSource.note`` says so)."""
-    marker = directory / EXPORT_MARKER
-    info = _read_json(marker) if marker.is_file() else {}
-    if info.get("complete") is False:
-        raise WeightsError(f"{directory} is an unfinished export ({marker} says complete: false; gpt2-export was "
-                           f"interrupted); export it again (gpt2-export export --checkpoint CHECKPOINT --out {directory})")
-    record = info.get("files")
-    if not isinstance(record, dict) or not record:
-        return
-    try:
-        expected = [integrity.Expected(directory / name, str(r["sha256"]), int(r["size"])) for name, r in record.items()]
-    except (KeyError, TypeError, ValueError) as e:
-        raise WeightsError(f"{marker}: unreadable file record ({e}); export the model again") from None
-    bad = integrity.verify_files(expected)
-    if bad:
-        raise WeightsError(
-            f"{bad[0].path}: content does not match its {EXPORT_MARKER} record ({bad[0].describe(digits=12)}); "
-            "the export is corrupt: export it again (gpt2-export export ... --overwrite)"
-        )
-
-
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise WeightsError(
-            f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__} "
-            "(corrupt or truncated file?); re-download or re-export it"
-        ) from e
-
-
-def read_hf_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
-    """All tensors of a HF checkpoint directory (model.safetensors, a sharded
-    model.safetensors.index.json, or pytorch_model.bin) and the file they came from."""
-    single = directory / "model.safetensors"
-    index = directory / "model.safetensors.index.json"
-    legacy = directory / "pytorch_model.bin"
-    if single.is_file():
-        return _load_safetensors(single), str(single)
-    if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise WeightsError(f"{index} has no 'weight_map'; re-download the model")
-        tensors: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            tensors.update(_load_safetensors(directory / shard))
-        return tensors, str(index)
-    if legacy.is_file():
-        try:
-            sd = torch.load(legacy, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle/zip errors have many types; all mean the same thing here
-            raise WeightsError(
-                f"cannot read {legacy}: {type(e).__name__} (corrupt file, or not a plain state dict); "
-                "re-download it or convert it to model.safetensors"
-            ) from e
-        if not isinstance(sd, dict):
-            raise WeightsError(f"{legacy} holds a {type(sd).__name__}, not a state dict")
-        return sd, str(legacy)
-    raise WeightsError(
-        f"{directory} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin; "
-        "pass a directory written by save_pretrained() or gpt2-export"
-    )
-
-
-def _read_hf(directory: Path, padded_vocab_size: int | None) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    if not directory.is_dir():
-        raise WeightsError(f"{directory} is not a directory; pass the directory holding config.json")
-    config_path = directory / "config.json"
-    config = config_from_hf(_read_json(config_path), str(config_path), padded_vocab_size)
-    _verify_export(directory)
-    hf_sd, source = read_hf_weights(directory)
-    return config, state_dict_from_hf(hf_sd, config, source)
+# The hub
 
 
 def _download(name: str) -> Path:

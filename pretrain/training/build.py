@@ -10,26 +10,25 @@
       build_optimizer               AdamW | Muon + AdamW             (optim.py)
       build_loader                  the training stream              (data_pipeline/loader.py)
       Checkpointer, and the resume of plan.resume_from into model, optimizer and RNGs
-      MetricsLogger                 metrics.jsonl, TensorBoard, wandb (metrics.py)
+      MetricsLogger                 the metrics log, TensorBoard, wandb (metrics.py)
       -> Trainer(plan, Parts(...))  the loop                         (trainer.py)
 
 Nothing here recomputes what the plan resolved (batch numbers, the checkpoint to resume, the
-weights to start from). ``train.fault_inject`` (tests only) adds ``faults.FaultInjector`` to
-the trainer's hooks.
+weights to start from).
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from pretrain import dist
 from pretrain.model import GPT
-from pretrain.plan import RunPlan
+from pretrain.rundir.records import record_environment, write_config
 from pretrain.training.metrics import (
     MetricsLogger,
     flops_per_token,
@@ -40,6 +39,9 @@ from pretrain.training.metrics import (
 from pretrain.training.optim import build_optimizer
 from pretrain.training.parallel import Wrapped, wrap_model
 from pretrain.training.spikes import LossSpikeDetector
+
+if TYPE_CHECKING:
+    from pretrain.plan import RunPlan
 
 
 @dataclass
@@ -54,7 +56,6 @@ class Parts:
     logger: MetricsLogger
     evaluators: list = field(default_factory=list)
     spike: LossSpikeDetector | None = None
-    hooks: list = field(default_factory=list)
     flops_token: float = 0.0
     peak: float | None = None
     resumed: dict | None = None
@@ -100,11 +101,11 @@ def build_loader(plan: RunPlan, info: dist.DistInfo):
 
 
 def move_previous_run_aside(plan: RunPlan, info: dist.DistInfo) -> None:
-    """checkpoint.overwrite: the whole previous run (checkpoints, metrics.jsonl, config.yaml, eval
-    files) goes into one dated folder together, so the run that was kept stays readable."""
+    """checkpoint.overwrite: the whole previous run (checkpoints, metrics, config, eval files) goes
+    into one dated folder together, so the run that was kept stays readable."""
     if not plan.move_aside:
         return
-    from pretrain.training.rundir import move_run_aside
+    from pretrain.rundir.lock import move_run_aside
 
     dist.barrier("before moving the previous run aside")
     if info.is_main:
@@ -113,26 +114,7 @@ def move_previous_run_aside(plan: RunPlan, info: dist.DistInfo) -> None:
     dist.barrier("after moving the previous run aside")
 
 
-def record_environment(plan: RunPlan, env: dict) -> None:
-    """Append this start's environment to ``run_dir/environment.json`` (one entry per start or
-    resume, with the step it starts at; a fresh start replaces the file): the run report's
-    device, torch, commit and MFU peak."""
-    import json
-
-    path = plan.run_dir / "environment.json"
-    starts = []
-    if plan.resume_from is not None and path.is_file():
-        try:
-            starts = [s for s in json.loads(path.read_text()) if s.get("start_step", 0) < plan.resume_step]
-        except (json.JSONDecodeError, AttributeError, TypeError):
-            starts = []
-    starts.append({"start_step": plan.resume_step if plan.resume_from is not None else 0, **env})
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(starts, indent=1) + "\n")
-    tmp.replace(path)
-
-
-def build_trainer(plan: RunPlan, evaluators: list | tuple = (), hooks: list | None = None):
+def build_trainer(plan: RunPlan, evaluators: list | tuple = ()):
     """The Trainer of ``plan``, every part built and the resumed checkpoint (if any) loaded."""
     from pretrain.checkpoint import Checkpointer, restore_rng_state
     from pretrain.training.host_memory import keep_freed_memory
@@ -178,9 +160,10 @@ def build_trainer(plan: RunPlan, evaluators: list | tuple = (), hooks: list | No
     )
     peak, peak_source = resolve_peak(info.device, t.dtype, t.peak_tflops)
     if info.is_main:
-        (plan.run_dir / "config.yaml").write_text(cfg.to_yaml())
-        record_environment(plan, run_environment(info.device, info.world_size, wrapped.mode, t.dtype, t.compile,
-                                                 peak, peak_source))
+        write_config(plan.run_dir, cfg.to_yaml())
+        record_environment(plan.run_dir, run_environment(info.device, info.world_size, wrapped.mode, t.dtype,
+                                                          t.compile, peak, peak_source),
+                           plan.resume_step if plan.resume_from is not None else None)
     logger.print("resolved config:\n" + cfg.to_yaml().rstrip())
     logger.print(startup_summary(
         world_size=info.world_size, mode=wrapped.mode, device=info.device, n_params=n_params,
@@ -193,14 +176,8 @@ def build_trainer(plan: RunPlan, evaluators: list | tuple = (), hooks: list | No
         logger.print(f"resumed from {plan.resume_from} at step {plan.resume_step} ({plan.resume_tokens:,} tokens seen)")
     if init_note:
         logger.print(init_note)
-    if hooks is None:
-        hooks = []
-        if t.fault_inject:
-            from pretrain.training.faults import FaultInjector
-
-            hooks.append(FaultInjector(t.fault_inject))
     spike = LossSpikeDetector(window=t.spike_window, threshold=t.spike_threshold) if t.spike_detection else None
     parts = Parts(info=info, wrapped=wrapped, optimizer=optimizer, loader=loader, checkpointer=checkpointer,
-                  logger=logger, evaluators=list(evaluators), spike=spike, hooks=hooks, flops_token=flops_token,
+                  logger=logger, evaluators=list(evaluators), spike=spike, flops_token=flops_token,
                   peak=peak, resumed=resumed)
     return Trainer(plan, parts)

@@ -7,8 +7,9 @@
     model.init_from: runs/a/checkpoints      # a run's checkpoints/ (its newest complete one) or one step_XXXXXXXX
 
 Weights only: the optimizer starts empty, the step at 0, the schedule is this run's. The source
-is resolved once, by the run plan (``pretrain/plan.py``: ``pretrain.model.weights.resolve``), and
-read here by ``pretrain.model.weights.read`` (HF directory, hub name or native checkpoint, with
+is resolved once, by the run plan (``pretrain/plan.py``: ``pretrain.model.weights.resolve``, its
+architecture inspected and checked there when its files are local), and read here by
+``pretrain.model.weights.read`` (HF directory, hub name or native checkpoint, with
 or without FSDP) as full tensors on CPU, then adapted and copied into the configured model.
 
 The architecture is the config's, and it must match the source's in every field of
@@ -37,7 +38,7 @@ import torch
 
 from pretrain.config import ConfigError
 from pretrain.model import ARCH_FIELDS, VOCAB_ROW_PARAMS, GPTConfig
-from pretrain.model.weights import KINDS, WeightsError, WeightsSource, read, resolve
+from pretrain.model.weights import KINDS, WeightsError, WeightsSource, read
 
 # The architecture fields a source may differ in (see the module docstring); all others must match.
 ADAPTED = ("padded_vocab_size", "block_size", "dropout")
@@ -110,16 +111,17 @@ def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
     model.load_state_dict({k: v.to(device) for k, v in sd.items()}, strict=True)
 
 
-def init_from(model: torch.nn.Module, source: WeightsSource | str, config: GPTConfig) -> str:
-    """Load the weights of ``source`` into ``model`` (configured as ``config``); returns the log line."""
-    spec = source.spec if isinstance(source, WeightsSource) else str(source)
+def init_from(model: torch.nn.Module, source: WeightsSource, config: GPTConfig) -> str:
+    """Load the weights of ``source`` (as the run plan resolved it) into ``model`` (configured as
+    ``config``); returns the log line. The architecture is checked here only when the plan could
+    not (``source.config`` is None: a hub model, known once downloaded)."""
+    spec = source.spec
     try:
-        if not isinstance(source, WeightsSource):
-            source = resolve(source)
         src_config, sd = read(source)
     except WeightsError as e:
         raise InitFromError(f"model.init_from={spec!r}: {' '.join(str(e).split())}") from None
-    check_architecture(spec, config, src_config)
+    if source.config is None:
+        check_architecture(spec, config, src_config)
     load_into(model, adapt_state_dict({k: v.float() for k, v in sd.items()}, src_config, config))
     notes = []
     if src_config.vocab_rows != config.vocab_rows:

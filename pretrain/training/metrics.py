@@ -1,4 +1,4 @@
-"""Logging: one stdout line per step, ``run_dir/metrics.jsonl`` (always), Weights & Biases
+"""Logging: one stdout line per step, the run's metrics log (always; ``pretrain/rundir/``), Weights & Biases
 (optional, imported lazily, never fatal), and the throughput arithmetic (tokens/s, MFU).
 
 Only rank 0 writes; other ranks get a ``MetricsLogger`` that does nothing.
@@ -11,7 +11,6 @@ per parameter per token (forward 2, backward 4) plus the attention scores and we
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -19,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from pretrain.rundir.layout import METRICS
+from pretrain.rundir.metrics_log import MetricsLog
 
 # Dense peak throughput in FLOP/s (no sparsity), by a substring of torch.cuda.get_device_name():
 # (bf16 tensor cores, tf32 tensor cores). Vendor datasheets.
@@ -71,7 +73,7 @@ def _cpu_name() -> str:
 
 def run_environment(device: torch.device, world_size: int, mode: str, dtype: str, compile: bool,
                     peak: float | None, peak_source: str) -> dict[str, Any]:
-    """What a run ran on, for ``run_dir/environment.json`` and the run report: device, torch,
+    """What a run ran on, for the run's environment record and the run report: device, torch,
     commit (``git describe`` of the code's checkout, ``-dirty`` with local changes), peak FLOP/s."""
     import platform
     import subprocess
@@ -123,21 +125,18 @@ def _fmt_seconds(s: float) -> str:
 
 
 class MetricsLogger:
-    """stdout + ``metrics.jsonl`` + optional wandb, rank 0 only."""
+    """stdout + the metrics log + TensorBoard + optional wandb, rank 0 only."""
 
     def __init__(self, run_dir: str | os.PathLike, enabled: bool, wandb_mode: str = "disabled",
                  wandb_project: str = "gpt2-pretrain", wandb_name: str | None = None,
                  config: dict | None = None, resume_step: int | None = None, tensorboard: bool = False,
                  resume_tokens: int | None = None):
         self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
         self._wandb = None
         self._tb = None
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._truncate_after(resume_step)
-        self._file = open(self.path, "a", buffering=1)
+        self._file = MetricsLog(run_dir, resume_step)
         if tensorboard:  # rank 0 only, like the rest (pretrain/training/tb_logger.py)
             from pretrain.training.tb_logger import TensorBoardLogger
 
@@ -145,36 +144,19 @@ class MetricsLogger:
         if wandb_mode != "disabled":
             self._wandb = self._init_wandb(wandb_mode, wandb_project, wandb_name or Path(run_dir).name, config, run_dir)
 
-    def _truncate_after(self, step: int | None) -> None:
-        """On resume, drop lines of steps after the checkpoint (they are about to be redone), so
-        the file reads as one run; on a fresh start, drop everything."""
-        if not self.path.exists():
-            return
-        keep = []
-        if step is not None:
-            for line in self.path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= step:
-                        keep.append(line)
-                except json.JSONDecodeError:
-                    continue  # a torn last line from a killed run
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(k + "\n" for k in keep))
-        os.replace(tmp, self.path)
-
     @staticmethod
     def _init_wandb(mode: str, project: str, name: str, config: dict | None, run_dir):
         try:
             import wandb
         except Exception as e:  # not installed / broken install: log locally only
-            print(f"[metrics] wandb unavailable ({e.__class__.__name__}: {e}); logging to metrics.jsonl only",
+            print(f"[metrics] wandb unavailable ({e.__class__.__name__}: {e}); logging to {METRICS} only",
                   file=sys.stderr)
             return None
         try:
             return wandb.init(project=project, name=name, mode=mode, config=config, dir=str(run_dir), resume="allow")
         except Exception as e:
             msg = " ".join(str(e).split())
-            print(f"[metrics] wandb.init failed ({e.__class__.__name__}: {msg}); logging to metrics.jsonl only",
+            print(f"[metrics] wandb.init failed ({e.__class__.__name__}: {msg}); logging to {METRICS} only",
                   file=sys.stderr)
             return None
 
@@ -188,7 +170,7 @@ class MetricsLogger:
             return
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                   for k, v in record.items()}
-        self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        self._file.append(record)
         if self._tb is not None:
             self._tb.log(record)
         if self._wandb is not None:

@@ -1,7 +1,7 @@
 """TensorBoard event files for a run (``logging.tensorboard: true``), written by rank 0 into
 ``run_dir/tensorboard``: ``tensorboard --logdir runs/`` shows every run.
 
-What is written, per ``metrics.jsonl`` record (the same numbers, no others):
+What is written, per metrics-log record (the same numbers, no others):
 
 - every numeric value against the optimizer step: ``train/loss``, ``train/lr``, ``train/grad_norm``,
   ``train/tokens_per_s``, ``train/mfu``, ``train/dt_ms``, ``train/mem_gb``, ... (a key without a
@@ -18,7 +18,7 @@ them (a temporary file, then an atomic ``os.replace``) -- the files then read as
 each step once, for TensorBoard and for any other reader. A damaged file (a flipped byte, not a
 torn tail) loses nothing before the checkpoint: every intact record is kept (reading resumes after
 the damage) and the original is kept beside it (:func:`compact`). A fresh start (no checkpoint) keeps
-nothing, as ``metrics.jsonl`` does. Every ``log`` flushes, so what a later resume keeps is on
+nothing, as the metrics log does. Every ``log`` flushes, so what a later resume keeps is on
 disk: the cost is measured in ``benchmarks/RESULTS.md`` (TensorBoard logging).
 
 ``tensorboard`` is an optional dependency (``pip install -e '.[tensorboard]'``); the config's
@@ -32,12 +32,14 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from pretrain.rundir.layout import TENSORBOARD
+
 TOKENS_PREFIX = "by_tokens/"
 _NOT_SCALARS = ("step", "tokens_seen", "time")
 
 
 def tag(key: str) -> str:
-    """The TensorBoard tag of a metrics.jsonl key (step axis)."""
+    """The TensorBoard tag of a metrics-log key (step axis)."""
     return key if "/" in key else f"train/{key}"
 
 
@@ -142,7 +144,7 @@ class TensorBoardLogger:
     def __init__(self, run_dir: str | os.PathLike, resume_step: int | None = None, resume_tokens: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.dir = Path(run_dir) / "tensorboard"
+        self.dir = Path(run_dir) / TENSORBOARD
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dropped = compact(self.dir, resume_step or 0, resume_tokens or 0)
         # Every log() flushes itself; the queue and timer only matter between flushes.

@@ -20,9 +20,7 @@ A non-finite loss or gradient norm on any rank skips the optimizer step on every
 after it ``self.step == s + 1``, and a checkpoint labelled N holds the state after N steps.
 
 Evaluators (``parts.evaluators``, from evals/): ``name`` and ``__call__(model, step) -> dict``, run
-on every rank together. Hooks (``parts.hooks``; the tests' fault injection is one, ``faults.py``):
-``after_backward(trainer, loss) -> loss`` (before the step's all-reduce) and ``after_step(trainer)``
-(once the step is counted, before it is logged or saved).
+on every rank together.
 """
 
 from __future__ import annotations
@@ -30,16 +28,18 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from pretrain import dist
-from pretrain.plan import RunPlan
 from pretrain.training.metrics import memory_gb, mfu
 from pretrain.training.optim import clip_grad_norm, set_lr
 from pretrain.training.signals import EXIT_OK, StopRequest
+
+if TYPE_CHECKING:
+    from pretrain.plan import RunPlan
 
 
 class NonFiniteError(RuntimeError):
@@ -63,7 +63,7 @@ class Trainer:
         self.wrapped, self.model = parts.wrapped, parts.wrapped.module
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer, self.loader, self.checkpointer = parts.optimizer, parts.loader, parts.checkpointer
-        self.logger, self.evaluators, self.hooks = parts.logger, list(parts.evaluators), list(parts.hooks)
+        self.logger, self.evaluators = parts.logger, list(parts.evaluators)
         self.spike, self.flops_token, self.peak = parts.spike, parts.flops_token, parts.peak
         self.n_params = self.model.num_params()
         self.step = self.tokens_seen = self.nonfinite_total = self.nonfinite_in_a_row = 0
@@ -124,8 +124,6 @@ class Trainer:
                 # The last micro-step's backward carries DDP's / FSDP's gradient reduction.
                 with dist.collective("gradient reduction (backward)"):
                     loss.backward()
-        for hook in self.hooks:
-            loss_accum = hook.after_backward(self, loss_accum)
         with dist.collective("gradient norm (clip_grad_norm)"):
             grad_norm = clip_grad_norm(self.params, self.cfg.optim.grad_clip)
 
@@ -211,8 +209,6 @@ class Trainer:
                 t0 = time.perf_counter()
                 r = self.train_step()
                 record = self._record(r, time.perf_counter() - t0)
-                for hook in self.hooks:
-                    hook.after_step(self)
                 last = self.step == max_steps
                 if self.nonfinite_in_a_row >= limit:
                     self.logger.log(record)

@@ -4,17 +4,18 @@ pretrain/dist.py (named collectives) and pretrain/training/spikes.py (one spike 
 Modes (argv[1]):
   spike  every rank feeds LossSpikeDetector its own loss; only rank 0's is a spike. Every rank must
          decide to skip (the decision is all-reduced); prints "rank R skip=True" per rank.
-  hang   rank 1 stops answering before all_reduce(loss) (PRETRAIN_FAULT_HANG=1:all_reduce(loss),
+  hang   rank 1 stops answering before all_reduce(loss) (GPT2_TEST_HANG=1:all_reduce(loss),
          set by the test); rank 0 must fail within the process-group timeout (argv[2] seconds)
          with a CollectiveError naming the operation instead of waiting forever.
   evalhang  the same through the evaluators' reduction (pretrain.dist.all_reduce named 'val loss', the val-loss sum;
-         PRETRAIN_FAULT_HANG=1:all_reduce(val loss)): a rank frozen during an eval fails the
+         GPT2_TEST_HANG=1:all_reduce(val loss); tests/faults.py): a rank frozen during an eval fails the
          others just as clearly.
 """
 
 import datetime
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,10 @@ from pretrain.training.spikes import LossSpikeDetector
 
 
 def main() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import faults  # tests/faults.py: the hang the environment names
+
+    faults.install_from_env()
     mode, timeout_s = sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 30.0
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
     note_group()

@@ -25,6 +25,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import faults
 import numpy as np
 import procs
 import torch
@@ -56,7 +57,7 @@ class SoakConfig:
     slow_io_s: float = 0.04
     """Sleep after each checkpoint file write (widens the half-written-checkpoint window)."""
     step_sleep_s: float = 0.05
-    """train.fault_inject=sleep:S (after each step): stretches the run so kills land all over it."""
+    """The fault sleep:S (tests/faults.py; after each step): stretches the run so kills land all over it."""
     aim: list[str] = field(default_factory=list)
     """Phases the first kills aim at, in order (the rest are drawn from PHASE_WEIGHT)."""
     async_save: bool = False
@@ -140,15 +141,16 @@ def write_config(cfg: SoakConfig, data_dir: Path, run_dir: Path, path: Path) -> 
 
 
 def _cmd(cfg: SoakConfig, config_path: Path) -> list[str]:
-    extra = [f"train.fault_inject=sleep:{cfg.step_sleep_s}"] if cfg.step_sleep_s else []
     return procs.torchrun_cmd(ENTRY, "--config", str(config_path), "--resume", "auto",
-                              *extra, *cfg.extra_overrides, nproc=cfg.nproc)
+                              *cfg.extra_overrides, nproc=cfg.nproc)
 
 
 def _env(cfg: SoakConfig, phase_dir: Path | None) -> dict[str, str]:
     extra = {"CHAOS_SLOW_IO": str(cfg.slow_io_s)}
     if phase_dir is not None:
         extra["CHAOS_PHASE_DIR"] = str(phase_dir)
+    if cfg.step_sleep_s:  # train_entry.py installs it (tests/faults.py)
+        extra[faults.FAULT_ENV] = f"sleep:{cfg.step_sleep_s}"
     return procs.child_env(**extra)
 
 

@@ -14,6 +14,7 @@ so the soak can aim its SIGKILLs at a phase and record where each one landed. Wi
 ``CHAOS_SLOW_IO=SECONDS`` every checkpoint file write is followed by that sleep, which widens the
 "half-written checkpoint" window from a few milliseconds to something a kill can hit. Neither
 changes a single number the run computes: the markers only observe, the sleep only delays.
+The faults of ``tests/faults.py`` named in the environment (``GPT2_TEST_FAULT``) are installed too.
 """
 
 from __future__ import annotations
@@ -97,8 +98,18 @@ def _install_markers() -> None:
         ck_writing._torch_save = slow_save
 
 
+def _install_faults() -> None:
+    """The faults the environment names (tests/faults.py: GPT2_TEST_FAULT, GPT2_TEST_HANG)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import faults
+
+    sys.path.pop(0)
+    faults.install_from_env()
+
+
 def main() -> None:
     _install_markers()
+    _install_faults()
     script = REPO / "pretrain" / "train.py"
     sys.argv = [str(script), *sys.argv[1:]]
     runpy.run_path(str(script), run_name="__main__")

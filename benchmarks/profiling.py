@@ -1,6 +1,7 @@
 """Instruments for the hot path: host-device syncs, compiled-graph breaks, a profiler summary.
 
-Used by ``benchmarks/gpu_check.py`` and the readiness tests; nothing in training imports this.
+Used by ``benchmarks/gpu_check.py``, ``benchmarks/generate.py`` and the readiness tests; the product
+never imports it.
 
 Host syncs. A CUDA step should hand the GPU its work and never wait for it, except where a
 value must reach Python (the trainer's one ``tolist()`` of the all-reduced step flags). Two
@@ -27,6 +28,8 @@ from collections.abc import Iterator
 import torch
 from torch.overrides import TorchFunctionMode
 
+import pretrain.training
+
 # Tensor methods / functions whose result needs the device's data on the host: each is a sync
 # on CUDA (the data-dependent-shape ops too: the host must learn the output's size).
 SYNCING_METHODS = frozenset({
@@ -36,7 +39,7 @@ SYNCING_METHODS = frozenset({
 
 
 _PLUMBING = {os.path.join(os.path.dirname(torch.__file__), f) for f in ("overrides.py", "_tensor.py")}
-_PRETRAIN_DIR = os.path.dirname(os.path.abspath(__file__))
+_PRETRAIN_DIR = os.path.dirname(os.path.abspath(pretrain.training.__file__))  # the training step's code
 
 
 class _SyncingCallCounter(TorchFunctionMode):
@@ -56,8 +59,7 @@ class _SyncingCallCounter(TorchFunctionMode):
             f = sys._getframe(1)  # skip the dispatch plumbing (Tensor.__float__ -> handle_torch_function)
             while f is not None and f.f_code.co_filename in _PLUMBING:
                 f = f.f_back
-            if f is not None and f.f_code.co_filename.startswith(_PRETRAIN_DIR) \
-                    and f.f_code.co_filename != __file__:
+            if f is not None and f.f_code.co_filename.startswith(_PRETRAIN_DIR):
                 self.calls[f"{name} at {os.path.basename(f.f_code.co_filename)}:{f.f_lineno}"] += 1
         return func(*args, **(kwargs or {}))
 

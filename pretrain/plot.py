@@ -1,6 +1,6 @@
-"""Plot training runs from their ``metrics.jsonl``: loss, learning rate, throughput, HellaSwag.
+"""Plot training runs from their metrics logs: loss, learning rate, throughput, HellaSwag.
 
-    python -m pretrain.training.plot runs/smoke_cpu                      # -> runs/smoke_cpu/loss.png
+    python -m pretrain.plot runs/smoke_cpu                      # -> runs/smoke_cpu/loss.png
     gpt2-plot runs/a runs/b --out compare.png                   # several runs overlaid
 
 One PNG, a grid of panels: rows are train/val loss, learning rate, tokens/s and HellaSwag
@@ -10,17 +10,13 @@ Each run has one colour (legend = the run directory's name); train loss is a sol
 loss dashed with dots, HellaSwag acc_norm solid and acc dotted. A panel no run has data for
 says "no data". Matplotlib's Agg backend: no display needed.
 
-The metrics file is the trainer's (``pretrain/training/metrics.py``): one JSON object per line with
-``step``, ``tokens_seen``, ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s``, ``mfu``, ``time``
-and, on eval steps, evaluator keys (``val/loss``, ``hellaswag/acc``, ``hellaswag/acc_norm``).
-A torn last line (a killed run) is skipped; if a step appears twice (a resumed run that
-re-did steps), its last line wins.
+The metrics log and how it is read (a torn last line skipped, a step's last line wins) are
+``pretrain/rundir/metrics_log.py``'s.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -28,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-METRICS_FILE = "metrics.jsonl"
+from pretrain.rundir.layout import METRICS, PLOT
+from pretrain.rundir.metrics_log import MetricsLogError, is_number, metrics_path, read_metrics
+
 UNIFORM_LOSS = math.log(50257)  # the loss of a model that knows nothing about GPT-2's vocabulary
 
 
@@ -47,58 +45,25 @@ class Run:
         xs, ys = [], []
         for r in self.records:
             x, y = r.get(x_key), r.get(y_key)
-            if _is_number(x) and _is_number(y):
+            if is_number(x) and is_number(y):
                 xs.append(float(x))
                 ys.append(float(y))
         return xs, ys
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def metrics_path(run: str | Path) -> Path:
-    """``run`` is a run directory (holding metrics.jsonl) or the metrics file itself."""
-    p = Path(run)
-    if p.is_dir():
-        p = p / METRICS_FILE
-    if not p.is_file():
-        raise PlotError(
-            f"{p} not found: pass a run directory written by pretrain/train.py (its train.run_dir, "
-            f"which holds {METRICS_FILE}) or the {METRICS_FILE} file itself"
-        )
-    return p
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl, one per step, in step order (the last line of a step wins)."""
-    by_step: dict[int, dict[str, Any]] = {}
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                continue  # a torn last line from a killed run
-            raise PlotError(f"{path}:{i + 1}: not a JSON object; is this a metrics.jsonl of pretrain/train.py?") from None
-        if not isinstance(record, dict) or not _is_number(record.get("step")):
-            raise PlotError(f"{path}:{i + 1}: a metrics line needs a numeric 'step'; got {line[:80]!r}")
-        by_step[int(record["step"])] = record
-    return [by_step[s] for s in sorted(by_step)]
-
-
 def load_runs(runs: Sequence[str | Path]) -> list[Run]:
     """Read every run (errors name the path); legend names are the run directories' names,
     made unique with their parents when two runs share a name."""
-    paths = [metrics_path(r) for r in runs]
+    try:
+        paths = [metrics_path(r) for r in runs]
+        records_of = [read_metrics(p) for p in paths]
+    except MetricsLogError as e:
+        raise PlotError(str(e)) from None
     names = [p.parent.name or str(p.parent) for p in paths]
     out = []
-    for p, name in zip(paths, names):
+    for p, name, records in zip(paths, names, records_of):
         if names.count(name) > 1:
             name = str(p.parent)
-        records = read_metrics(p)
         if not records:
             raise PlotError(f"{p} holds no metrics yet: plot it after the first logged step")
         out.append(Run(name=name, path=p, records=records))
@@ -193,10 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gpt2-plot",
         description="Plot train/val loss, learning rate, tokens/s and HellaSwag of one or more runs "
-                    "(their metrics.jsonl) against steps and tokens, into one PNG.",
+                    f"(their {METRICS}) against steps and tokens, into one PNG.",
     )
     p.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                   help="run directories (train.run_dir, holding metrics.jsonl) or metrics.jsonl files; "
+                   help=f"run directories (train.run_dir, holding {METRICS}) or {METRICS} files; "
                         "several are overlaid")
     p.add_argument("--out", default=None,
                    help="PNG to write (default: RUN_DIR/loss.png for one run, ./loss.png for several)")
@@ -207,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         runs = load_runs(args.runs)
-        out = Path(args.out or (runs[0].path.parent / "loss.png" if len(runs) == 1 else "loss.png"))
+        out = Path(args.out or (runs[0].path.parent / PLOT if len(runs) == 1 else PLOT))
         where = out.parent
         while not where.exists() and where != where.parent:
             where = where.parent

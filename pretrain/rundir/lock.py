@@ -1,4 +1,4 @@
-"""The run directory (``train.run_dir``): one trainer at a time, and nothing lost on overwrite.
+"""The run directory's lock and overwrite: one trainer at a time, and nothing lost on overwrite.
 
 **The lock.** Rank 0 of a run holds an exclusive POSIX record lock (``fcntl.lockf``, i.e.
 ``fcntl(F_SETLK)``) on ``run_dir/.lock`` from before it changes anything in the directory until
@@ -17,7 +17,7 @@ closing *any* descriptor of the file in the holding process drops the lock -- is
 never opening ``.lock`` anywhere else (``move_run_aside`` skips it).
 
 **Overwrite.** ``move_run_aside`` moves everything a previous run left in the directory
-(checkpoints, ``metrics.jsonl``, ``config.yaml``, eval files, plots) into one dated folder
+(checkpoints, the metrics log, the records, eval files, plots) into one dated folder
 ``run_dir/overwritten-YYYYmmdd-HHMMSS/`` and returns it; earlier such folders and the lock stay.
 """
 
@@ -31,8 +31,8 @@ import socket
 import time
 from pathlib import Path
 
-LOCK_NAME = ".lock"
-ASIDE_PREFIX = "overwritten-"
+from pretrain.rundir.layout import ASIDE_PREFIX
+from pretrain.rundir.layout import LOCK as LOCK_NAME
 
 
 class RunDirBusy(RuntimeError):
