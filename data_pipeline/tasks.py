@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import reprlib
 import signal
 import subprocess
 import sys
@@ -265,6 +266,7 @@ def _check_parts(d: Path, n: int, parts: dict[int, dict | None]) -> dict:
         )
     first = parts[0]
     for i, m in parts.items():
+        _check_identity(d, n, i, m, first)
         for key in ("settings", "tokenizer", "source"):
             if m.get(key) != first.get(key):
                 raise PrepareError(f"{d}: task {i} was run with another {key} than task 0 ({part_name(i, n)}); "
@@ -281,6 +283,41 @@ def _check_parts(d: Path, n: int, parts: dict[int, dict | None]) -> dict:
                 raise PrepareError(f"{p}: {what}; rerun its task (it rebuilds the shard): "
                                    f"{command_line(settings, str(d), task_id=i)}, then gpt2-prepare --merge {d}")
     return settings
+
+
+def short(value) -> str:
+    """A manifest's value quoted in a one-line error, rendered within bounds (``reprlib``)."""
+    return reprlib.repr(value)
+
+
+def _check_identity(d: Path, n: int, i: int, m: dict, first: dict) -> None:
+    """What task manifest ``m`` says of itself agrees with where it was found (``part_name(i, n)``):
+    its task id and count, the split into units task 0 made, and shards named as task ``i`` names
+    them, in order, as many as its totals say -- a manifest copied over another's name is refused
+    (its shards would be listed twice and the other task's dropped)."""
+    name = part_name(i, n)
+    fix = f"rerun task {i} into a new OUT_DIR (its manifest is not the one task {i} of {n} wrote)"
+    record = m.get("task") if isinstance(m.get("task"), dict) else {}
+    if record.get("id") != i or record.get("tasks") != n:
+        said = f"task {short(record.get('id'))} of {short(record.get('tasks'))}" if record else "no task record"
+        raise PrepareError(f"{d / name}: records {said}, not task {i} of {n} as its name says; {fix}")
+    if record.get("units") != (first.get("task") or {}).get("units"):
+        raise PrepareError(f"{d / name}: split the source into {short(record.get('units'))} units, task 0 into "
+                           f"{short((first.get('task') or {}).get('units'))}; {fix}")
+    shards = m.get("shards") if isinstance(m.get("shards"), list) else []
+    counts = {"val": 0, "train": 0}
+    for s in shards:
+        split = s.get("split") if isinstance(s, dict) else None
+        want = f"{split}_t{i:05d}_{counts.get(split, 0):06d}.bin" if split in counts else "val_/train_ shards"
+        if split not in counts or s.get("file") != want:
+            got = short(s.get("file")) if isinstance(s, dict) else short(s)
+            raise PrepareError(f"{d / name}: lists {got} where task {i} writes {want}; {fix}")
+        counts[split] += 1
+    totals = m.get("totals") if isinstance(m.get("totals"), dict) else {}
+    for split, k in counts.items():
+        if totals.get(f"{split}_shards") != k:
+            raise PrepareError(f"{d / name}: lists {k} {split} shards but its totals say "
+                               f"{short(totals.get(f'{split}_shards'))}; {fix}")
 
 
 def _ids(ids: list[int]) -> str:

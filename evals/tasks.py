@@ -84,6 +84,7 @@ def task_manager(tasks: Sequence[str], include_path: str | Path | None = None):
     if include_path is not None and not Path(include_path).exists():
         raise TaskError(f"--include-path {include_path}: no such file or directory; pass a directory of task YAMLs")
     if include_path is not None:
+        check_task_yamls(Path(include_path))
         tm = TaskManager(include_path=str(include_path), include_defaults=False)
         if all(t in tm.all_tasks for t in tasks):
             return tm
@@ -94,6 +95,31 @@ def task_manager(tasks: Sequence[str], include_path: str | Path | None = None):
         raise TaskError(f"unknown task {unknown[0]!r}; list the harness's tasks with `lm_eval ls tasks`, or pass "
                         "--include-path DIR holding its YAML definition")
     return tm
+
+
+MAX_TASK_YAMLS = 2_000  # local task definitions: a handful; more is the wrong directory
+
+
+def check_task_yamls(root: Path) -> None:
+    """Every task YAML under ``root`` read through the project's bounded loader
+    (``pretrain.values.load_yaml``: size, alias expansion, duplicate keys) before the harness
+    parses it: a malformed or oversized definition is named as such, in one line, not reported as
+    an unknown task (or expanded without bound)."""
+    from pretrain.values import MAX_YAML_BYTES, BoundError, load_yaml, read_bounded
+
+    paths = sorted(root.rglob("*.yaml")) if root.is_dir() else [root]
+    if len(paths) > MAX_TASK_YAMLS:
+        raise TaskError(f"--include-path {root}: {len(paths):,} YAML files (at most {MAX_TASK_YAMLS:,}); pass the "
+                        "directory of your task definitions")
+    for path in paths:
+        try:
+            load_yaml(read_bounded(path, MAX_YAML_BYTES, "task YAML"), app_tags=True)
+        except BoundError as e:
+            said = str(e).removeprefix(f"{path}: ")
+            raise TaskError(f"{path}: malformed task YAML ({said}); fix it (a task definition is a mapping of "
+                            "plain keys)") from None
+        except OSError as e:
+            raise TaskError(f"{path}: cannot read the task YAML ({e.strerror or e})") from None
 
 
 def _refuse_unnamed(tasks: Sequence[str], include_path: str | Path | None) -> None:

@@ -52,8 +52,7 @@ def _json(path: Path) -> Any:
 def run_facts(source) -> RunFacts:
     """The run a ``weights.WeightsSource`` belongs to (a checkpoint under ``RUN_DIR/checkpoints``),
     and its records; empty facts for weights from elsewhere."""
-    import yaml
-
+    from pretrain.config import read_yaml
     from pretrain.training.plot import METRICS_FILE, read_metrics
 
     path = getattr(source, "path", None)
@@ -63,7 +62,7 @@ def run_facts(source) -> RunFacts:
     m = re.fullmatch(r"step_(\d+)", path.name)
     facts = RunFacts(run_dir=run_dir, step=int(m.group(1)) if m else None)
     if (run_dir / "config.yaml").is_file():
-        facts.config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        facts.config = read_yaml(run_dir / "config.yaml")
     if (run_dir / METRICS_FILE).is_file():
         records = read_metrics(run_dir / METRICS_FILE)
         facts.records = [r for r in records if facts.step is None or r["step"] <= facts.step]
@@ -80,6 +79,39 @@ def run_facts(source) -> RunFacts:
     manifest = _json(Path(data_dir) / "manifest.json") if data_dir else None
     facts.data_source = (manifest or {}).get("source") or {}
     return facts
+
+
+OPENAI_GPT2 = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # legacy hub names, now openai-community/<name>
+
+
+def init_record(environment: list) -> dict | None:
+    """What ``environment.json`` records of the weights the run started from (``model.init_from``,
+    written by the fresh start: ``pretrain.model.weights.provenance``), or None (from scratch)."""
+    first = next((e for e in environment if isinstance(e, dict) and e.get("start_step") == 0), None)
+    record = (first or {}).get("init_from")
+    return record if isinstance(record, dict) and record.get("spec") else None
+
+
+def base_model(record: dict | None) -> str | None:
+    """The Hub's ``base_model`` id of the starting weights: only a hub model has one."""
+    if record is None or record.get("kind") != "hub":
+        return None
+    spec = str(record["spec"])
+    return f"openai-community/{spec}" if spec in OPENAI_GPT2 else spec
+
+
+def starting_weights(record: dict | None) -> str:
+    """One sentence of where the weights began: from scratch, or the ``model.init_from`` source
+    (its name or path, and the sha256 its export record holds)."""
+    if record is None:
+        return "trained from scratch (random initialization)"
+    kind = {"hub": "the Hugging Face Hub model", "hf": "the Hugging Face directory",
+            "checkpoint": "the gpt2-pretrain checkpoint"}.get(record.get("kind"), "the weights")
+    where = record.get("path") if record.get("kind") != "hub" and record.get("path") else record["spec"]
+    digests = record.get("sha256") or {}
+    said = "; ".join(f"{n} sha256 {d}" for n, d in digests.items()) if isinstance(digests, dict) else ""
+    said = f" ({said}, from its gpt2_export.json record)" if said else ""
+    return f"fine-tuned from {kind} `{where}`{said} (model.init_from); the steps and tokens below are the fine-tune's"
 
 
 def _dataset_id(facts: RunFacts) -> str | None:
@@ -147,8 +179,9 @@ def body(model, facts: RunFacts, name: str, repo_id: str | None) -> str:
     where = repo_id or "PATH_TO_THIS_DIRECTORY"
     lines = [f"# {name}", "",
              f"A GPT-2 language model ({g.n_layer} layers, {g.n_embd} wide, {g.n_head} heads, context {g.block_size} "
-             f"tokens, {model.num_params() / 1e6:.1f}M parameters, GPT-2 tokenizer) trained from scratch with "
-             "gpt2-pretrain. It loads as `GPT2LMHeadModel` in `transformers`.", ""]
+             f"tokens, {model.num_params() / 1e6:.1f}M parameters, GPT-2 tokenizer) "
+             + (f"{starting_weights(init_record(facts.environment))} with gpt2-pretrain" if facts.run_dir is not None
+                else "exported with gpt2-pretrain") + ". It loads as `GPT2LMHeadModel` in `transformers`.", ""]
     if facts.run_dir is not None:
         t = throughput(facts.records)
         env = facts.environment[-1] if facts.environment else {}
@@ -197,17 +230,19 @@ def build_card(model, facts: RunFacts, name: str, repo_id: str | None = None):
     data = ModelCardData(language="en", license="mit", library_name="transformers", pipeline_tag="text-generation",
                          tags=["gpt2", "text-generation", "pytorch", "gpt2-pretrain"],
                          datasets=[dataset] if dataset else None, model_name=name,
+                         base_model=base_model(init_record(facts.environment)),
                          eval_results=eval_results(facts) or None)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body(model, facts, name, repo_id)}")
 
 
-def write_card(model, out: Path, source, repo_id: str | None = None) -> list[str]:
+def write_card(model, out: Path, source, repo_id: str | None = None, facts: RunFacts | None = None) -> list[str]:
     """README.md (and loss.png when the run has metrics) into the export ``out``; returns the names
-    written, for ``hf.write_record``."""
+    written, for ``hf.write_record``. ``facts``: :func:`run_facts` read before the export (so a run
+    whose records cannot be read is refused before anything is written)."""
     from pretrain.training.plot import load_runs, plot_runs
 
     out = Path(out)
-    facts = run_facts(source)
+    facts = run_facts(source) if facts is None else facts
     name = repo_id.split("/")[-1] if repo_id else (facts.run_dir.name if facts.run_dir else out.name)
     written = []
     if facts.run_dir is not None and facts.records:

@@ -106,14 +106,20 @@ def main(argv: list[str] | None = None) -> int:
             raise HFConversionError(problem)
         check_out_dir(Path(args.out).expanduser(), args.overwrite)  # before loading: paths first
         source = resolve(args.checkpoint)
+        from pretrain.card import run_facts, write_card
+        from pretrain.config import ConfigError
+
+        try:
+            facts = run_facts(source)  # the run's records, read (and refused) before anything is written
+        except ConfigError as e:
+            raise HFConversionError(f"{e}; the model card is made from the run's config.yaml: restore it "
+                                    "(each checkpoint holds a copy)") from None
         model = load_model(source)
         if source.note:
             print(source.note, file=sys.stderr)
         model.to(getattr(torch, args.dtype))
         out = export_hf(model, args.out, overwrite=args.overwrite)
-        from pretrain.card import write_card
-
-        card_files = write_card(model, out, source, repo_id=args.push_to_hub)
+        card_files = write_card(model, out, source, repo_id=args.push_to_hub, facts=facts)
         write_record(out, [n for n in EXPORT_FILES if n != EXPORT_MARKER] + card_files)
     except (WeightsError, HFConversionError) as e:
         print(f"gpt2-export: error: {e}", file=sys.stderr)

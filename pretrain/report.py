@@ -42,13 +42,15 @@ def _read_json(path: Path) -> Any:
 
 def config_differences(config_yaml: Path) -> list[tuple[str, Any, Any]]:
     """(key, default, this run's value) for every config key the run changed."""
-    import yaml
-
-    from pretrain.config import Config, from_dict
+    from pretrain.config import Config, ConfigError, from_dict, read_yaml
 
     if not config_yaml.is_file():
         return []
-    ran = from_dict(yaml.safe_load(config_yaml.read_text()) or {}).to_dict()
+    try:
+        ran = from_dict(read_yaml(config_yaml)).to_dict()
+    except ConfigError as e:
+        raise ReportError(f"{' '.join(str(e).split())[:240]}; fix or restore {config_yaml.name} (a run's own "
+                          "config.yaml is written by gpt2-train)") from None
     default = Config().to_dict()
     return [(f"{section}.{k}", default[section][k], v) for section, values in ran.items()
             for k, v in values.items() if default[section].get(k) != v]
@@ -142,6 +144,7 @@ def _sample(run_dir: Path, records: list[dict]) -> str | None:
 
 def render(run_dir: Path) -> str:
     """The report's Markdown for ``run_dir`` (see the module docstring for what it reads)."""
+    from pretrain.card import init_record, starting_weights
     from pretrain.training.plot import PlotError, load_runs
 
     try:
@@ -155,7 +158,8 @@ def render(run_dir: Path) -> str:
     lines = [f"# Run report: {run_dir.name}", "",
              f"{t['steps']} steps, {t['tokens'] or 0:,} tokens, wall time {duration(t['wall_s'])}; final train loss "
              f"{_fmt(last_loss)}. Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} by gpt2-report from "
-             f"`{run_dir}`.", "", "## Environment", ""]
+             f"`{run_dir}`.", "", f"Weights: {starting_weights(init_record(envs if isinstance(envs, list) else []))}.",
+             "", "## Environment", ""]
     if envs:
         lines += ["| from step | device | world | mode | dtype | compile | torch | commit | host |", "|---" * 9 + "|"]
         lines += [f"| {e.get('start_step')} | {e.get('device_name') or e.get('device')} ({e.get('device')}) | "

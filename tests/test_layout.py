@@ -22,13 +22,17 @@ ALLOWED: list[tuple[str, tuple[str, ...]]] = [
     ("pretrain.training", ("pretrain.model", "pretrain.checkpoint", "pretrain.dist", "pretrain.config",
                            "pretrain.plan", "data_pipeline")),
     ("pretrain.dist", ()),
-    ("pretrain.cli", ("pretrain.dist",)),
-    ("pretrain.config", ("pretrain.model", "pretrain.training.optim")),
+    # the console scripts: each command's main, imported when the command runs
+    ("pretrain.cli", ("pretrain.dist", "pretrain.export", "pretrain.report", "pretrain.model.generate",
+                      "pretrain.training.plot", "data_pipeline.prepare")),
+    ("pretrain.config", ("pretrain.model", "pretrain.training.optim", "pretrain.values")),
+    ("pretrain.values", ()),  # the bounded YAML loader and value quoting: every room's parses
     ("pretrain.plan", ("pretrain.config", "pretrain.checkpoint", "pretrain.model", "pretrain.training",
                        "data_pipeline")),
     # gpt2-eval: loads weights from any spec and ends like gpt2-train
-    ("evals.run", ("evals", "pretrain.model", "pretrain.dist", "pretrain.checkpoint", "pretrain.cli", "data_pipeline")),
-    ("evals", ("pretrain.model", "pretrain.dist", "data_pipeline")),
+    ("evals.run", ("evals", "pretrain.model", "pretrain.dist", "pretrain.checkpoint", "pretrain.cli", "pretrain.values",
+                   "data_pipeline")),
+    ("evals", ("pretrain.model", "pretrain.dist", "pretrain.values", "data_pipeline")),
     # gpt2-serve: generation's pieces under an engine and an HTTP app; ends like the other commands
     ("pretrain.serve", ("pretrain.model", "pretrain.cli", "pretrain.dist", "data_pipeline")),
     # the composing modules: both pretrain rooms and evals

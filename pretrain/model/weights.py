@@ -239,6 +239,20 @@ def state_from_native(state_dict: dict, config_dict: dict, source: str) -> tuple
 # Hugging Face directories
 
 
+def provenance(source: WeightsSource) -> dict:
+    """What a run records about the weights it started from (``model.init_from``): the spec, its
+    kind, the directory read, and for an export of ours the sha256 its record holds of the weights
+    file (a model card states them: pretrain/card.py)."""
+    out = {"spec": source.spec, "kind": source.kind, "path": str(source.path) if source.path is not None else None}
+    if source.kind == "hf" and source.path is not None and (source.path / EXPORT_MARKER).is_file():
+        try:
+            files = _read_json(source.path / EXPORT_MARKER).get("files") or {}
+            out["sha256"] = {n: r["sha256"] for n, r in files.items() if n.endswith((".safetensors", ".bin"))}
+        except (WeightsError, AttributeError, KeyError, TypeError):
+            pass
+    return out
+
+
 def _has_record(directory: Path) -> bool:
     try:
         return bool((directory / EXPORT_MARKER).is_file() and _read_json(directory / EXPORT_MARKER).get("files"))

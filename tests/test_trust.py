@@ -1,0 +1,179 @@
+"""Nothing wrong accepted (issue 29's bad classes): a merge checks what each task manifest says of
+itself against where it was found; a model card states the weights a run started from (and counts
+every life of a resumed run); every YAML value -- command-line overrides and task YAMLs too -- goes
+through the one bounded loader."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from helpers import make_synthetic_shards, tiny_overrides
+
+# ---- gpt2-prepare --merge ------------------------------------------------------------------------
+
+
+def _docs(path: Path, n: int = 120) -> Path:
+    words = "the of and to in is was for on that with as by at data model".split()
+    path.write_text("".join(json.dumps({"text": " ".join(words[(i * 7 + j) % len(words)] for j in range(40 + i % 30))})
+                            + "\n" for i in range(n)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def three_tasks(tmp_path_factory) -> Path:
+    """A source prepared as 3 tasks (each complete, not merged)."""
+    from data_pipeline.prepare import main
+
+    root = tmp_path_factory.mktemp("merge")
+    src = root / "src"
+    src.mkdir()
+    for k in range(3):
+        _docs(src / f"f{k}.jsonl")
+    out = root / "parts"
+    for i in range(3):
+        assert main([str(src), str(out), "--tasks", "3", "--task-id", str(i), "--shard-tokens", "500",
+                     "--val-tokens", "500", "--workers", "1", "--no-progress"]) == 0
+    return out
+
+
+def _copy_over(d: Path) -> str:
+    """Task 1's manifest copied over task 2's: task 1's shards twice, task 2's dropped."""
+    shutil.copy(d / "manifest.task-00001-of-00003.json", d / "manifest.task-00002-of-00003.json")
+    return "records task 1 of 3, not task 2 of 3"
+
+
+def _renumbered(d: Path) -> str:
+    """The copy with its task record edited to match the name: its shards are still task 1's."""
+    m = json.loads((d / "manifest.task-00001-of-00003.json").read_text())
+    m["task"]["id"] = 2
+    (d / "manifest.task-00002-of-00003.json").write_text(json.dumps(m))
+    return "where task 2 writes train_t00002_000000.bin"
+
+
+def _fewer_shards(d: Path) -> str:
+    """Task 2's manifest with its last shard left out of the list (its totals still count it)."""
+    p = d / "manifest.task-00002-of-00003.json"
+    m = json.loads(p.read_text())
+    m["shards"] = m["shards"][:-1]
+    p.write_text(json.dumps(m))
+    return "but its totals say"
+
+
+@pytest.mark.parametrize("damage", [_copy_over, _renumbered, _fewer_shards], ids=lambda f: f.__name__.strip("_"))
+def test_merge_checks_each_task_manifest_against_its_name(three_tasks, tmp_path, capsys, damage):
+    from data_pipeline.prepare import main
+
+    d = tmp_path / "parts"
+    shutil.copytree(three_tasks, d)
+    needle = damage(d)
+    capsys.readouterr()
+    assert main(["--merge", str(d)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("gpt2-prepare: error: ") and needle in err, err
+    assert len(err) <= 300 + len(str(d)), err
+    assert not (d / "manifest.json").exists()
+
+
+def test_merge_of_untouched_tasks_still_succeeds(three_tasks, tmp_path):
+    from data_pipeline.prepare import main
+
+    d = tmp_path / "parts"
+    shutil.copytree(three_tasks, d)
+    assert main(["--merge", str(d)]) == 0
+    merged = json.loads((d / "manifest.json").read_text())
+    assert len({s["file"] for s in merged["shards"]}) == len(merged["shards"]) == merged["totals"]["val_shards"] + \
+        merged["totals"]["train_shards"]
+
+
+# ---- provenance: the card and report.md of a run started from other weights ------------------------
+
+
+def test_card_and_report_state_the_starting_weights_and_every_life(tmp_path, capsys):
+    from huggingface_hub import ModelCard
+
+    from pretrain.export import main as export
+    from pretrain.model import GPT, GPTConfig
+    from pretrain.model.hf import export_hf
+    from pretrain.report import main as report
+    from pretrain.train import main as train
+
+    base = tmp_path / "base_export"
+    export_hf(GPT(GPTConfig.from_preset("tiny")), base)  # an export of ours, with its sha256 record
+    digest = json.loads((base / "gpt2_export.json").read_text())["files"]["model.safetensors"]["sha256"]
+    data = make_synthetic_shards(tmp_path / "data")
+    run = tmp_path / "run"
+    common = {"model.preset": "tiny", "checkpoint.interval": 2, "model.init_from": str(base)}
+    assert train(tiny_overrides(data, run, **common, **{"schedule.max_steps": 2})) == 0
+    assert train(tiny_overrides(data, run, **common, **{"schedule.max_steps": 4})) == 0  # a second life
+    out = tmp_path / "hf"
+    assert export(["export", "--checkpoint", str(run / "checkpoints"), "--out", str(out)]) == 0
+    text = (out / "README.md").read_text()
+    assert "trained from scratch" not in text
+    assert str(base) in text and digest in text, text
+    assert "- 4 optimizer steps" in text
+    tokens = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]["tokens_seen"]
+    assert f"{tokens:,} tokens" in text
+    assert report([str(run)]) == 0
+    md = (run / "report.md").read_text()
+    assert str(base) in md and digest in md and "trained from scratch" not in md
+    assert ModelCard.load(out / "README.md").data.base_model is None  # a local export has no Hub id
+
+
+def test_card_metadata_names_a_hub_base_model():
+    from pretrain.card import RunFacts, build_card
+    from pretrain.model import GPT, GPTConfig
+
+    facts = RunFacts(run_dir=Path("run"), step=10, environment=[
+        {"start_step": 0, "init_from": {"spec": "gpt2", "kind": "hub", "path": None}}])
+    card = build_card(GPT(GPTConfig.from_preset("tiny")), facts, "mine")
+    assert card.data.base_model == "openai-community/gpt2"
+    assert "fine-tuned from the Hugging Face Hub model `gpt2`" in card.text
+
+
+# ---- one bounded loader for every YAML value ---------------------------------------------------------
+
+
+def _inline_bomb(levels: int = 6) -> str:
+    """A flow-style YAML value of a few hundred bytes expanding to 9**levels strings."""
+    parts = ["&a [" + ", ".join(["lol"] * 9) + "]"]
+    for p, c in zip("abcdefgh"[: levels - 1], "bcdefghi"):
+        parts.append(f"&{c} [" + ", ".join([f"*{p}"] * 9) + "]")
+    return "[" + ", ".join(parts) + "]"
+
+
+def test_override_alias_bomb_is_refused_before_it_expands():
+    from pretrain.config import ConfigError, load_config
+
+    value = _inline_bomb()
+    assert len(value) < 400
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"train.seed={value}"])
+    assert time.perf_counter() - t0 < 1.0
+    assert "train.seed" in str(e.value) and "expands to more than" in str(e.value)
+    assert len(str(e.value)) <= 300
+
+
+def test_short_quotes_any_value_within_bounds():
+    from pretrain.values import short
+
+    huge = [["x" * 1000] * 1000] * 1000  # its repr would be a gigabyte
+    t0 = time.perf_counter()
+    text = short(huge)
+    assert time.perf_counter() - t0 < 0.1 and len(text) <= 80
+
+
+def test_task_yaml_bomb_and_malformed_task_yaml_are_named(tmp_path):
+    pytest.importorskip("lm_eval")
+    from evals.tasks import TaskError, task_manager
+
+    (tmp_path / "bomb.yaml").write_text(f"task: bomb\ndataset_kwargs: {_inline_bomb()}\n")
+    with pytest.raises(TaskError, match="bomb.yaml: malformed task YAML .*expands to more than"):
+        task_manager(["bomb"], tmp_path)
+    (tmp_path / "bomb.yaml").write_text("task: bomb\n  output_type: [\n")
+    with pytest.raises(TaskError, match="bomb.yaml: malformed task YAML"):
+        task_manager(["bomb"], tmp_path)
