@@ -420,7 +420,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     other = _other_mode(parser, args)
     if other is not None and other[0] == "verify":
-        return verify(other[1])
+        try:
+            return verify(other[1])
+        except KeyboardInterrupt:
+            print(f"\ngpt2-prepare: interrupted (Ctrl-C); --verify {other[1]} read only, changed nothing: rerun it",
+                  file=sys.stderr)
+            return EXIT_INTERRUPTED
     if other is None and (args.source is None or args.out_dir is None):
         parser.error("SOURCE and OUT_DIR are required (or --verify / --merge / --index DIR)")
     local, val_glob = vars(args).pop("local", False), vars(args).pop("val_glob", "*_val_*")
@@ -433,7 +438,11 @@ def main(argv: list[str] | None = None) -> int:
         with stop_on_signals():
             return _dispatch(other, cfg, local, val_glob, args.workers)
     except KeyboardInterrupt:
-        return _interrupted(cfg, argv) if cfg is not None else EXIT_INTERRUPTED
+        if cfg is not None:
+            return _interrupted(cfg, argv)
+        print(f"\ngpt2-prepare: interrupted (Ctrl-C); --{other[0]} writes its manifest whole or not at all: rerun "
+              f"gpt2-prepare --{other[0]} {other[1]}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (PrepareError, SourceError, ShardError) as e:
         print(f"gpt2-prepare: error: {e}", file=sys.stderr)
         return 2

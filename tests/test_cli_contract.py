@@ -72,6 +72,7 @@ def world(tmp_path_factory):
     from pretrain.model.hf import export_hf
 
     export_hf(GPT(GPTConfig.from_preset("tiny")), root / "export_bad")  # GPT-2's vocabulary: exportable
+    export_hf(GPT(GPTConfig.from_preset("tiny")), root / "export_ok")  # a model the GPT-2 tokenizer's ids fit
     weights = root / "export_bad" / "model.safetensors"
     blob = bytearray(weights.read_bytes())
     blob[-100] ^= 0xFF  # inside the tensor data: the header (and so every shape) stays intact
@@ -310,4 +311,81 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(world, case, capsys
     assert "resume with --resume PATH" not in lines[0]  # the advice fits every command that reads a checkpoint
     assert len(re.sub(r"/\S+", "PATH", lines[0])) <= 300, lines[0]  # each path counted as one word
     assert snapshot(world) == before
+    assert time.perf_counter() - t0 < 5
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def _second_batch_interrupts(monkeypatch) -> None:
+    """gpt2-generate's decode finishes its first batch, then a Ctrl-C arrives during the second."""
+    import pretrain.model.generate as g
+
+    real, calls = g._decode_batch, []
+
+    def decode(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(g, "_decode_batch", decode)
+
+
+# Ctrl-C in each of the seven commands, through its console script (pyproject.toml): (id, the
+# script's function, argv, where the Ctrl-C lands (module, attribute) or a patcher, the needle).
+CTRL_C = [
+    ("train", "pretrain.train:cli", lambda r: _train(r, **{"schedule.max_steps": 8}),
+     ("pretrain.training.build", "build_trainer"), "resume with: gpt2-train"),
+    ("eval", "evals.run:cli", lambda r: ["--model", str(r / "run"), "--no-hellaswag", "--val-data", str(r / "data")],
+     ("pretrain.model.weights", "load_model"), "no results were written"),
+    ("prepare", "pretrain.cli:prepare", lambda r: [str(r / "hs_ok.jsonl"), str(r / "a_file"), "--no-progress"],
+     ("data_pipeline.prepare", "build_parser"), "rerun the same command"),
+    ("prepare --merge", "pretrain.cli:prepare", lambda r: ["--merge", str(r / "prep_parts")],
+     ("data_pipeline.tasks", "merge"), "rerun gpt2-prepare --merge"),
+    ("export", "pretrain.cli:export",
+     lambda r: ["export", "--checkpoint", str(r / "run" / "checkpoints"), "--out", str(r / "export_ctrl_c")],
+     ("pretrain.export", "load_model"), "rerun the same command"),
+    ("generate", "pretrain.cli:generate",
+     lambda r: ["--model", str(r / "export_ok"), "--num-samples", "2", "--batch-size", "1",
+                "--max-new-tokens", "3", "--device", "cpu"],
+     _second_batch_interrupts, "printed the 1 of 2 samples that were finished"),
+    ("plot", "pretrain.cli:plot", lambda r: [str(r / "run"), "--out", str(r / "plot_ctrl_c.png")],
+     ("pretrain.training.plot", "plot_runs"), "rerun the same command"),
+    ("report", "pretrain.cli:report", lambda r: [str(r / "run")], ("pretrain.report", "render"),
+     "rerun the same command"),
+]
+
+
+@pytest.mark.parametrize("case", CTRL_C, ids=[c[0] for c in CTRL_C])
+def test_ctrl_c_exits_130_with_one_line_and_changes_nothing(world, case, capsys, monkeypatch):
+    import importlib
+
+    name, script, argv, where, needle = case
+    module, func = script.split(":")
+    entry = getattr(importlib.import_module(module), func)
+    if callable(where):
+        where(monkeypatch)
+    else:
+        monkeypatch.setattr(importlib.import_module(where[0]), where[1], _interrupt)
+    monkeypatch.setattr(sys, "argv", [name, *argv(world)])
+    before = snapshot(world)
+    capsys.readouterr()
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit) as e:
+        entry()
+    out, err = capsys.readouterr()
+    assert e.value.code == 130, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"gpt2-{name.split()[0]}: ") and needle in lines[0], err
+    said = lines[0].split("resume with: ")[0]  # the command that resumes is the user's own, of any length
+    assert "Traceback" not in err and len(re.sub(r"/\S+", "PATH", said)) <= 300
+    if name == "generate":  # the sample finished before the Ctrl-C is printed
+        assert "--- sample 1/2 ---" in out and "sample 2/2" not in out
+
+    def content(snap):  # a run's lock file is taken and released again (its mtime moves; it stays empty)
+        return {k: v.split(":")[0] if k.endswith(".lock") else v for k, v in snap.items()}
+
+    assert content(snapshot(world)) == content(before)
     assert time.perf_counter() - t0 < 5
