@@ -90,6 +90,9 @@ class PrepareConfig:
             raise PrepareError(f"--backend must be 'threads' or 'processes', got {self.backend!r}")
         if is_url(self.out_dir):
             check_protocol(self.out_dir)  # the same allowlist as sources
+            if self.out_dir.startswith("memory://"):
+                raise PrepareError(f"OUT_DIR {self.out_dir}: an in-memory filesystem ends with this process, and the "
+                                   "shards with it; pass a local directory or a remote URL (s3://, gs://, ...)")
         if (self.tasks is None) != (self.task_id is None):
             raise PrepareError("--tasks N and --task-id I go together (or --tasks N --local runs all N here)")
         if self.tasks is not None:

@@ -70,6 +70,7 @@ import time
 import numpy as np
 
 from data_pipeline import integrity
+from data_pipeline.arguments import Parser
 from data_pipeline.job import (
     EXIT_INTERRUPTED,
     MANIFEST_VERSION,
@@ -350,7 +351,7 @@ def _progress(cfg: PrepareConfig, source: Source, done_tokens: int):
 
 # ---- CLI ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="gpt2-prepare",
         description="Tokenize a document source (HF dataset, files, fsspec URL, builtin:python-docs) into "
                     "llm.c-format GPT-2 token shards with a manifest; parallel and resumable, in one process or "

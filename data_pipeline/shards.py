@@ -285,6 +285,11 @@ def manifest_entries(manifest: dict, split: str, where: str) -> list[dict]:
                 "plain file names in its own directory (re-run prepare)"
             )
         out.append(s)
+    totals = manifest.get("totals")
+    said = totals.get(f"{split}_shards") if isinstance(totals, dict) else None
+    if manifest.get("complete") and isinstance(said, int) and said != len(out):
+        raise ShardError(f"{where}: lists {len(out)} {split} shards but its totals say {said}; the manifest was "
+                         "edited or damaged: restore it, or prepare again into a new OUT_DIR")
     return out
 
 

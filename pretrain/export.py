@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from data_pipeline.arguments import Parser
 from pretrain.model.hf import (
     EXPORT_FILES,
     EXPORT_MARKER,
@@ -36,7 +37,7 @@ from pretrain.model.weights import WeightsError, load_model, resolve
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="gpt2-export",
         description="Convert between native checkpoints and Hugging Face GPT-2 directories.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

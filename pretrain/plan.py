@@ -26,6 +26,7 @@ A problem is a ``ConfigError`` with one line naming the thing and the fix (the C
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,9 +192,16 @@ def _check_run_dir(run_dir: Path, tensorboard: bool) -> None:
         raise ConfigError(f"train.run_dir={str(run_dir)!r}: {p} exists and is not a directory; "
                           "choose another train.run_dir")
     tb = run_dir / "tensorboard"
-    if tensorboard and tb.exists() and not tb.is_dir():
-        raise ConfigError(f"logging.tensorboard=true writes {tb}/, but {tb} is a file; move it away or set "
-                          "logging.tensorboard=false")
+    if not tensorboard:
+        return
+    fix = "move it away or set logging.tensorboard=false"
+    if tb.is_symlink() and not tb.exists():
+        raise ConfigError(f"logging.tensorboard=true writes {tb}/, but {tb} is a link to {os.readlink(tb)}, which "
+                          f"does not exist; {fix}")
+    if tb.exists() and not tb.is_dir():
+        raise ConfigError(f"logging.tensorboard=true writes {tb}/, but {tb} is a file; {fix}")
+    if tb.is_dir() and not os.access(tb, os.W_OK | os.X_OK):
+        raise ConfigError(f"logging.tensorboard=true writes {tb}/, but it is not writable here; {fix}")
 
 
 def _resume_path(cfg: Config, ckpt_dir: Path) -> Path | None:
@@ -306,7 +314,6 @@ def _create_command(cfg: Config) -> str:
     """The command that creates data.dir: the one its manifest records, else data.prepare_command,
     with the directory it must write when that command writes another one (never advice that
     makes data somewhere the run does not read)."""
-    import os
     import shlex
 
     from data_pipeline.shards import ShardError

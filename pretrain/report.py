@@ -17,7 +17,6 @@ never imports it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -25,6 +24,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from data_pipeline.arguments import Parser
 
 REPORT_FILE = "report.md"
 
@@ -40,14 +41,31 @@ def _read_json(path: Path) -> Any:
         return None
 
 
+def _final_results(run_dir: Path) -> dict:
+    """``eval.json``'s results (gpt2-eval --out RUN_DIR/eval.json), or {} without one; a file that
+    is not gpt2-eval's is refused in one line (a report must not leave its figures out silently)."""
+    path = run_dir / "eval.json"
+    if not path.is_file():
+        return {}
+    data = _read_json(path)
+    results = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(results, dict) or not all(isinstance(k, str) for k in results):
+        what = "not valid JSON" if data is None else "no 'results' mapping of metric names to numbers"
+        raise ReportError(f"{path}: {what} (not gpt2-eval's output); write it again with gpt2-eval --model "
+                          f"{run_dir} ... --out {path}, or remove it")
+    return {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def config_differences(config_yaml: Path) -> list[tuple[str, Any, Any]]:
     """(key, default, this run's value) for every config key the run changed."""
-    from pretrain.config import Config, ConfigError, from_dict, read_yaml
+    from pretrain.config import Config, ConfigError, apply_dict, read_yaml
 
     if not config_yaml.is_file():
         return []
     try:
-        ran = from_dict(read_yaml(config_yaml)).to_dict()
+        cfg = Config()
+        apply_dict(cfg, read_yaml(config_yaml), str(config_yaml))
+        ran = cfg.to_dict()
     except ConfigError as e:
         raise ReportError(f"{' '.join(str(e).split())[:240]}; fix or restore {config_yaml.name} (a run's own "
                           "config.yaml is written by gpt2-train)") from None
@@ -152,7 +170,7 @@ def render(run_dir: Path) -> str:
     except PlotError as e:
         raise ReportError(str(e)) from None
     envs = _read_json(run_dir / "environment.json") or []
-    final = ((_read_json(run_dir / "eval.json") or {}).get("results")) or {}
+    final = _final_results(run_dir)
     t = throughput(records)
     last_loss = next((r["loss"] for r in reversed(records) if isinstance(r.get("loss"), (int, float))), None)
     lines = [f"# Run report: {run_dir.name}", "",
@@ -205,7 +223,7 @@ def write_report(run_dir: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="gpt2-report", description="Write RUN_DIR/report.md: environment, config "
+    p = Parser(prog="gpt2-report", description="Write RUN_DIR/report.md: environment, config "
                                 "differences, tokens/s and MFU, wall time, evaluations against GPT-2 124M, plot, sample.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (train.run_dir, holding metrics.jsonl)")
     args = p.parse_args(argv)

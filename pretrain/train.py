@@ -28,13 +28,15 @@ import os
 import shlex
 import sys
 
+from data_pipeline.arguments import Parser
+
 EXIT_CONFIG = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
     from pretrain.config import help_text
 
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="gpt2-train",
         description="Pretrain GPT-2 (single process or under torchrun).",
         epilog=help_text(),

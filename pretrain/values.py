@@ -118,6 +118,9 @@ def load_yaml(text: str, *, app_tags: bool = False) -> Any:
         line = f"(line {e.problem_mark.line + 1}): " if getattr(e, "problem_mark", None) else ""
         raise BoundError(f"{line}YAML tags like !!python are not allowed ({tag}); write plain values") from None
     except yaml.YAMLError as e:
-        raise BoundError(f"invalid YAML: {' '.join(str(e).split())[:200]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        said = getattr(e, "problem", None) or str(e)
+        raise BoundError(f"invalid YAML{where}: {' '.join(str(said).split())[:120]}") from None
     finally:
         loader.dispose()

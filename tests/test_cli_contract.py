@@ -96,6 +96,7 @@ def world(tmp_path_factory):
     from test_core import bad_bundles
 
     bad_bundles(root / "core")  # issue 31: CORE bundles missing a file, a baseline, ... (tests/test_core.py)
+    _weak_variants(root, run, data)
     locked = root / "locked_run"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pretrain.training.rundir import RunDirLock; "
@@ -131,6 +132,27 @@ def _prepared_variants(root: Path, data: Path) -> None:
     for n in ("fw_val_000000.bin", "fw_train_000001.bin"):
         shutil.copy(data / "val_000000.bin", bad / n)
     (bad / "fw_train_000001.bin").write_bytes(b"\x00" * 8 + (bad / "fw_train_000001.bin").read_bytes()[8:])
+
+
+def _weak_variants(root: Path, run: Path, data: Path) -> None:
+    """Issue 29's inputs: a dangling tensorboard link, run directories whose config.yaml or
+    eval.json is damaged, a manifest listing fewer shards than its totals, an edited export."""
+    (root / "tb_link_run").mkdir()
+    (root / "tb_link_run" / "tensorboard").symlink_to(root / "gone")
+    for name in ("run_badcfg", "run_unknown", "run_badeval"):
+        shutil.copytree(run, root / name, ignore=shutil.ignore_patterns(".lock"))
+    (root / "run_badcfg" / "config.yaml").write_text("optim: [1, 2\n")
+    with open(root / "run_unknown" / "config.yaml", "a") as f:
+        f.write("extra:\n  lrr: 1\n")
+    (root / "run_badeval" / "eval.json").write_text('{"results": [1, 2]}\n')
+    fewer = root / "data_fewer"
+    shutil.copytree(data, fewer)
+    from data_pipeline.shards import file_sha256, read_header
+
+    shards = [{"file": p.name, "split": p.name.split("_")[0], "tokens": read_header(p), "documents": 1,
+               "sha256": file_sha256(p)} for p in sorted(fewer.glob("*.bin"), key=lambda p: p.name[0] != "v")]
+    (fewer / "manifest.json").write_text(json.dumps({"complete": True, "shards": shards[:-1],
+                                                     "totals": {"val_shards": 1, "train_shards": 2}}))
 
 
 def _train(root: Path, run: str = "run", data: str = "data", **extra) -> list[str]:
@@ -265,6 +287,36 @@ CASES = [
     ("eval: unknown harness task", "evals.run",
      lambda r: ["--model", str(r / "run"), "--tasks", "no_such_task", "--include-path", str(r / "empty_dir")],
      "no_such_task"),
+    # issue 29: bad input that ended in a traceback, exit 1, or several lines
+    ("train: --config /dev/zero", "pretrain.train", lambda r: ["--config", "/dev/zero"], "more than"),
+    ("train: an unknown option", "pretrain.train", lambda r: ["--bogus"], "--bogus"),
+    ("train: tensorboard/ a dangling link", "pretrain.train",
+     lambda r: _train(r, "tb_link_run", **{"logging.tensorboard": "true"}), "tensorboard"),
+    ("train: a manifest listing fewer shards than its totals", "pretrain.train",
+     lambda r: _train(r, "new", "data_fewer"), "but its totals say 2"),
+    ("generate: --prompts-file /dev/zero", "pretrain.model.generate",
+     lambda r: ["--model", str(r / "export_ok"), "--prompts-file", "/dev/zero"], "more than"),
+    ("generate: non-UTF-8 --stop", "pretrain.model.generate",
+     lambda r: ["--model", str(r / "export_ok"), "--stop", "caf\udce9"], "--stop"),
+    ("generate: --step graph on a CPU", "pretrain.model.generate",
+     lambda r: ["--model", str(r / "export_ok"), "--step", "graph", "--device", "cpu"], "--step graph"),
+    ("generate: --num-samples not a number", "pretrain.model.generate",
+     lambda r: ["--model", str(r / "export_ok"), "--num-samples", "x"], "--num-samples"),
+    ("eval: --num-fewshot -1", "evals.run",
+     lambda r: ["--model", str(r / "run"), "--tasks", "x", "--num-fewshot", "-1"], "--num-fewshot"),
+    ("eval: an unknown option", "evals.run", lambda r: ["--model", str(r / "run"), "--bogus"], "--bogus"),
+    ("export: a run whose config.yaml does not parse", "pretrain.export",
+     lambda r: ["export", "--checkpoint", str(r / "run_badcfg" / "checkpoints"), "--out", str(r / "export3")],
+     "config.yaml"),
+    ("export: no subcommand", "pretrain.export", lambda r: [], "required: command"),
+    ("report: config.yaml with an unknown section", "pretrain.report", lambda r: [str(r / "run_unknown")], "extra"),
+    ("report: malformed eval.json", "pretrain.report", lambda r: [str(r / "run_badeval")], "eval.json"),
+    ("report: no RUN_DIR", "pretrain.report", lambda r: [], "RUN_DIR"),
+    ("plot: an unknown option", "pretrain.training.plot", lambda r: [str(r / "run"), "--bogus"], "--bogus"),
+    ("prepare: OUT_DIR in memory://", "data_pipeline.prepare",
+     lambda r: [str(r / "hs_ok.jsonl"), "memory://prep", "--no-progress"], "memory://"),
+    ("prepare: --workers not a number", "data_pipeline.prepare",
+     lambda r: [str(r / "hs_ok.jsonl"), str(r / "prep_out"), "--workers", "x"], "--workers"),
     ("export: --push-to-hub not OWNER/NAME", "pretrain.export",
      lambda r: ["export", "--checkpoint", str(r / "run" / "checkpoints"), "--out", str(r / "export"),
                 "--push-to-hub", "no-slash"], "--push-to-hub"),
@@ -298,7 +350,10 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(world, case, capsys
     before = snapshot(world)
     capsys.readouterr()
     t0 = time.perf_counter()
-    rc = importlib.import_module(module).main(argv(world))
+    try:
+        rc = importlib.import_module(module).main(argv(world))
+    except SystemExit as e:  # argparse's refusals
+        rc = e.code
     err = capsys.readouterr().err
     assert rc == 2, err
     lines = err.strip().splitlines()

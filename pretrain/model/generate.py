@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from data_pipeline.arguments import Parser
 from data_pipeline.tokenizer import EOT_ID
 from pretrain.dist import is_fsdp
 from pretrain.model.decode import (
@@ -359,13 +360,16 @@ def _stop_lists(stop, n: int) -> list[list[str]] | None:
 # Generation
 
 
+CUDA_STEPS = ("graph", "compile+graph", "reduce-overhead")  # decode steps replayed as CUDA graphs
+
+
 def _decode_mode(step: str, model: GPT, static: bool) -> str:
     if step == "auto":
         cuda = model.transformer.wte.weight.device.type == "cuda"
         return "graph" if cuda and static and not is_fsdp(model) else "eager"
     if is_fsdp(model) and step != "eager":
         raise GenerationError(f"step {step!r}: an FSDP-sharded model decodes eagerly (step='eager' or 'auto')")
-    if step in ("graph", "compile+graph", "reduce-overhead") and not static:
+    if step in CUDA_STEPS and not static:
         raise GenerationError(f"step {step!r} needs CUDA and a sampler without host syncs (not top-k on a CPU)")
     return step
 
@@ -549,7 +553,7 @@ class _Prompts(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="gpt2-generate",
         description="Sample continuations of prompts from a GPT-2 (HF directory, hub name or native checkpoint).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -639,6 +643,15 @@ def main(argv: list[str] | None = None) -> int:
             raise GenerationError(f"--batch-size must be >= 1, got {args.batch_size}")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise GenerationError(f"--device {args.device}: CUDA is not available here; pass --device cpu")
+        if args.step in CUDA_STEPS and not device.startswith("cuda"):
+            raise GenerationError(f"--step {args.step} replays CUDA graphs, which need --device cuda; on {device} "
+                                  "pass --step auto, eager or compile")
+        for s in args.stop or []:
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError:
+                raise GenerationError(f"--stop {s.encode('utf-8', 'surrogateescape')!r}: not UTF-8 text (the "
+                                      "tokenizer's text is); pass it in UTF-8") from None
         texts = read_prompts(args)
         source = resolve(args.model)
         model = load_model(source).to(device=device, dtype=getattr(torch, args.dtype))

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.arguments import Parser
+
 METRICS_FILE = "metrics.jsonl"
 UNIFORM_LOSS = math.log(50257)  # the loss of a model that knows nothing about GPT-2's vocabulary
 
@@ -195,7 +197,7 @@ def plot_runs(runs: Sequence[Run], out: str | Path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="gpt2-plot",
         description="Plot train/val loss, learning rate, tokens/s and HellaSwag of one or more runs "
                     "(their metrics.jsonl) against steps and tokens, into one PNG.",
