@@ -61,11 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument("--push-to-hub", default=None, metavar="OWNER/NAME",
                      help="after the export, upload the folder to this Hugging Face Hub model repository "
-                          "(created if missing; needs a token: huggingface-cli login or HF_TOKEN)")
+                          "(created if missing; needs a token: `hf auth login`, or HF_TOKEN)")
     exp.add_argument("--private", action="store_true", help="create the Hub repository private")
     exp.add_argument("--revision", default=None, metavar="BRANCH",
                      help="push to this branch of the Hub repository (created from main if missing)")
     return parser
+
+
+def login_command() -> str:
+    """The Hub's login command in the installed huggingface_hub: ``hf auth login`` from 0.34 on
+    (``huggingface-cli`` is gone in 1.0), ``huggingface-cli login`` before."""
+    import huggingface_hub
+
+    try:
+        major, minor = (int(x) for x in huggingface_hub.__version__.split(".")[:2])
+    except ValueError:
+        return "hf auth login"
+    return "hf auth login" if (major, minor) >= (0, 34) else "huggingface-cli login"
 
 
 def check_push(args) -> str | None:
@@ -81,7 +93,7 @@ def check_push(args) -> str | None:
         return (f"--push-to-hub {args.push_to_hub}: the Hugging Face Hub is in offline mode (HF_HUB_OFFLINE=1); "
                 "unset it to push, or export without --push-to-hub")
     if not get_token():
-        return (f"--push-to-hub {args.push_to_hub}: no Hugging Face token; run huggingface-cli login or set HF_TOKEN, "
+        return (f"--push-to-hub {args.push_to_hub}: no Hugging Face token; run `{login_command()}` or set HF_TOKEN, "
                 "or export without --push-to-hub")
     return None
 

@@ -73,6 +73,14 @@ def world(tmp_path_factory):
 
     export_hf(GPT(GPTConfig.from_preset("tiny")), root / "export_bad")  # GPT-2's vocabulary: exportable
     export_hf(GPT(GPTConfig.from_preset("tiny")), root / "export_ok")  # a model the GPT-2 tokenizer's ids fit
+    shutil.copytree(root / "export_ok", root / "export_changed")  # weights changed in place since the export
+    blob = bytearray((root / "export_changed" / "model.safetensors").read_bytes())
+    blob[-100] ^= 0xFF
+    (root / "export_changed" / "model.safetensors").write_bytes(bytes(blob))
+    shutil.copytree(root / "export_ok", root / "export_uncovered")  # a record that leaves the weights out
+    record = json.loads((root / "export_uncovered" / "gpt2_export.json").read_text())
+    del record["files"]["model.safetensors"]
+    (root / "export_uncovered" / "gpt2_export.json").write_text(json.dumps(record))
     weights = root / "export_bad" / "model.safetensors"
     blob = bytearray(weights.read_bytes())
     blob[-100] ^= 0xFF  # inside the tensor data: the header (and so every shape) stays intact
@@ -317,6 +325,11 @@ CASES = [
      lambda r: [str(r / "hs_ok.jsonl"), "memory://prep", "--no-progress"], "memory://"),
     ("prepare: --workers not a number", "data_pipeline.prepare",
      lambda r: [str(r / "hs_ok.jsonl"), str(r / "prep_out"), "--workers", "x"], "--workers"),
+    ("export: re-export over weights changed since, without --overwrite", "pretrain.export",
+     lambda r: ["export", "--checkpoint", str(r / "export_ok"), "--out", str(r / "export_changed")],
+     "model.safetensors: changed since gpt2-export wrote it"),
+    ("generate: an export record that leaves the weights out", "pretrain.model.generate",
+     lambda r: ["--model", str(r / "export_uncovered")], "but not model.safetensors"),
     ("export: --push-to-hub not OWNER/NAME", "pretrain.export",
      lambda r: ["export", "--checkpoint", str(r / "run" / "checkpoints"), "--out", str(r / "export"),
                 "--push-to-hub", "no-slash"], "--push-to-hub"),

@@ -177,3 +177,25 @@ def test_task_yaml_bomb_and_malformed_task_yaml_are_named(tmp_path):
     (tmp_path / "bomb.yaml").write_text("task: bomb\n  output_type: [\n")
     with pytest.raises(TaskError, match="bomb.yaml: malformed task YAML"):
         task_manager(["bomb"], tmp_path)
+
+
+# ---- an export's files: which one changed, and whether the weights are intact -----------------------
+
+
+def test_an_edited_card_is_named_and_the_weights_still_load(tmp_path, capsys):
+    from pretrain.model import GPT, GPTConfig
+    from pretrain.model.hf import EXPORT_FILES, EXPORT_MARKER, export_hf, write_record
+    from pretrain.model.weights import WeightsError, load_model
+
+    out = export_hf(GPT(GPTConfig.from_preset("tiny")), tmp_path / "hf")
+    (out / "README.md").write_text("# my model\n")
+    write_record(out, [n for n in EXPORT_FILES if n != EXPORT_MARKER] + ["README.md"])
+    (out / "README.md").write_text("# my model, described by hand\n")
+    load_model(str(out))  # the weights match their record: it loads
+    err = capsys.readouterr().err
+    assert "README.md changed since the export" in err and "weights are intact" in err, err
+    blob = bytearray((out / "model.safetensors").read_bytes())
+    blob[-100] ^= 0xFF
+    (out / "model.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(WeightsError, match=r"model.safetensors: content does not match .*1 other file\(s\) changed"):
+        load_model(str(out))

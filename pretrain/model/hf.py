@@ -262,6 +262,25 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
                 f"{out} is not empty and not a previous export (holds {held[:3]}, no {EXPORT_MARKER}); "
                 "choose an empty directory or pass overwrite=True (--overwrite)"
             )
+    if out.is_dir() and not overwrite and (out / EXPORT_MARKER).is_file():
+        changed = _changed_since_export(out)
+        if changed:
+            raise HFConversionError(f"{out / changed}: changed since gpt2-export wrote it (it no longer matches "
+                                    f"{EXPORT_MARKER}); pass --overwrite to replace it, or choose another --out")
+
+
+def _changed_since_export(out: Path) -> str | None:
+    """The first weights file of the earlier export in ``out`` that no longer matches its record
+    (weights fine-tuned in place, say): a re-export must not replace it silently."""
+    try:
+        record = json.loads((out / EXPORT_MARKER).read_text()).get("files") or {}
+    except (OSError, ValueError, AttributeError):
+        return None  # an unreadable record: the export is replaced, as an unfinished one is
+    for name in ("config.json", "model.safetensors"):
+        r = record.get(name) if isinstance(record, dict) else None
+        if isinstance(r, dict) and (out / name).is_file() and sha256_file(out / name)[0] != r.get("sha256"):
+            return name
+    return None
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -260,6 +261,10 @@ def _has_record(directory: Path) -> bool:
         return True  # a broken record: reading it says so
 
 
+WEIGHT_FILES = ("config.json", "model.safetensors")  # what a load reads: the rest of an export is card and tokenizer
+_NOTED: set[str] = set()  # exports whose edited extra files were noted already (a load reads the record twice)
+
+
 def _verify_export(directory: Path) -> None:
     """An export of ours holds what its ``gpt2_export.json`` records (sha256 and size of every
     file written); a directory without the record is not ours, or predates it: nothing to check
@@ -276,12 +281,23 @@ def _verify_export(directory: Path) -> None:
         expected = [integrity.Expected(directory / name, str(r["sha256"]), int(r["size"])) for name, r in record.items()]
     except (KeyError, TypeError, ValueError) as e:
         raise WeightsError(f"{marker}: unreadable file record ({e}); export the model again") from None
+    uncovered = [n for n in WEIGHT_FILES if n not in record]
+    if uncovered:
+        raise WeightsError(f"{marker}: records {len(record)} files but not {uncovered[0]}, so the weights cannot be "
+                           "verified; export the model again (gpt2-export export ... --overwrite)")
     bad = integrity.verify_files(expected)
-    if bad:
+    weights = [b for b in bad if b.path.name in WEIGHT_FILES]
+    if weights:
+        others = f"; {len(bad) - len(weights)} other file(s) changed too" if len(bad) > len(weights) else ""
         raise WeightsError(
-            f"{bad[0].path}: content does not match its {EXPORT_MARKER} record ({bad[0].describe(digits=12)}); "
-            "the export is corrupt: export it again (gpt2-export export ... --overwrite)"
+            f"{weights[0].path}: content does not match its {EXPORT_MARKER} record ({weights[0].describe(digits=12)})"
+            f"{others}; the weights changed since the export: export it again (gpt2-export export ... --overwrite)"
         )
+    if bad and str(directory) not in _NOTED:  # a card edited by hand: say so, and load
+        _NOTED.add(str(directory))
+        names = ", ".join(b.path.name for b in bad[:3]) + (", ..." if len(bad) > 3 else "")
+        print(f"note: {directory}: {names} changed since the export ({bad[0].describe(digits=12)}); "
+              f"{', '.join(WEIGHT_FILES)} match their {EXPORT_MARKER} record, so the weights are intact", file=sys.stderr)
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
