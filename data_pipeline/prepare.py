@@ -176,7 +176,7 @@ def _new_manifest(job: Job) -> dict:
             "settings": job.cfg.settings(), **job.extra, "shards": []}
 
 
-def _check_existing(cfg: PrepareConfig, manifest: dict | None, name: str) -> None:
+def _check_existing(cfg: PrepareConfig, manifest: dict | None, name: str, ours: set[str] = frozenset()) -> None:
     """A rerun continues only what the same arguments started; a directory holding something else
     (shards without a manifest, a prepare split into another number of tasks) is refused."""
     if manifest is None:
@@ -184,7 +184,7 @@ def _check_existing(cfg: PrepareConfig, manifest: dict | None, name: str) -> Non
             return
         from data_pipeline.tasks import foreign_files
 
-        problem = foreign_files(local_path(cfg.out_dir), cfg)
+        problem = foreign_files(local_path(cfg.out_dir), cfg, ours)
         if problem:
             raise PrepareError(problem)
         return
@@ -203,9 +203,12 @@ def _check_existing(cfg: PrepareConfig, manifest: dict | None, name: str) -> Non
 def _existing(cfg: PrepareConfig, name: str) -> dict | None:
     """The manifest a rerun continues (its arguments checked, its shards re-verified), or None."""
     manifest = read_manifest(cfg.out_dir, name)
+    ours = set()
     if manifest is not None and not manifest["shards"] and not manifest.get("complete"):
+        if manifest.get("settings") == cfg.settings() and isinstance(manifest.get("writing"), str):
+            ours.add(manifest["writing"])  # the first shard of a run killed before it was listed: rewritten
         manifest = None  # a claim without a shard holds nothing: it never blocks a corrected rerun
-    _check_existing(cfg, manifest, name)
+    _check_existing(cfg, manifest, name, ours)
     if manifest is not None:
         manifest = _repair(cfg, manifest, name)  # never trust a shard already written: re-verify it
     return manifest

@@ -203,14 +203,16 @@ def task_job(cfg, source: Source, manifest: dict | None):
                f"t{I:05d}_", extra, allow_empty=True)
 
 
-def foreign_files(d: Path, cfg) -> str | None:
-    """Why directory ``d`` (no manifest of this run's yet) cannot take this run's files; None if it can."""
+def foreign_files(d: Path, cfg, ours: set[str] = frozenset()) -> str | None:
+    """Why directory ``d`` (no manifest of this run's yet) cannot take this run's files; None if it
+    can. ``ours``: shard files this run's own claim says it was writing (a run killed before it
+    listed its first shard), which it rewrites."""
     parts = part_manifests(d)
     if cfg.tasks is None:
         if parts:
             return (f"{d}: holds the manifests of a prepare split into tasks ({parts[0].name}, ...); continue it "
                     "with --tasks N --task-id I (or gpt2-prepare --merge it), or pass a new OUT_DIR")
-        stray = sorted(p.name for p in d.glob("*.bin"))
+        stray = sorted(p.name for p in d.glob("*.bin") if p.name not in ours)
         if stray:
             return (f"{d}: holds shard files ({stray[0]}, ...) but no manifest.json; refusing to overwrite them, "
                     "pass an empty or new OUT_DIR")
@@ -227,7 +229,7 @@ def foreign_files(d: Path, cfg) -> str | None:
     merged = read_manifest(d)
     if merged is not None and not isinstance((merged.get("settings") or {}).get("tasks"), int):
         return f"{d}: holds a prepare made in one piece ({MANIFEST_NAME}); pass a new OUT_DIR for --tasks"
-    mine = sorted(p.name for p in d.glob(f"*_t{cfg.task_id:05d}_*.bin"))
+    mine = sorted(p.name for p in d.glob(f"*_t{cfg.task_id:05d}_*.bin") if p.name not in ours)
     if mine:
         return (f"{d}: holds shards of task {cfg.task_id} ({mine[0]}, ...) but not its manifest "
                 f"{part_name(cfg.task_id, cfg.tasks)}; refusing to overwrite them: remove them or pass a new OUT_DIR")

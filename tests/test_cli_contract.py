@@ -153,6 +153,8 @@ def _weak_variants(root: Path, run: Path, data: Path) -> None:
     with open(root / "run_unknown" / "config.yaml", "a") as f:
         f.write("extra:\n  lrr: 1\n")
     (root / "run_badeval" / "eval.json").write_text('{"results": [1, 2]}\n')
+    shutil.copytree(data, root / "data_badjson")
+    (root / "data_badjson" / "manifest.json").write_text('{"shards": [')
     fewer = root / "data_fewer"
     shutil.copytree(data, fewer)
     from data_pipeline.shards import file_sha256, read_header
@@ -302,6 +304,8 @@ CASES = [
      lambda r: _train(r, "tb_link_run", **{"logging.tensorboard": "true"}), "tensorboard"),
     ("train: a manifest listing fewer shards than its totals", "pretrain.train",
      lambda r: _train(r, "new", "data_fewer"), "but its totals say 2"),
+    ("train: a damaged manifest (its advice must not lead to a refusal)", "pretrain.train",
+     lambda r: _train(r, "new", "data_badjson"), "prepare again into a new OUT_DIR"),
     ("generate: --prompts-file /dev/zero", "pretrain.model.generate",
      lambda r: ["--model", str(r / "export_ok"), "--prompts-file", "/dev/zero"], "more than"),
     ("generate: non-UTF-8 --stop", "pretrain.model.generate",
@@ -321,8 +325,6 @@ CASES = [
     ("report: malformed eval.json", "pretrain.report", lambda r: [str(r / "run_badeval")], "eval.json"),
     ("report: no RUN_DIR", "pretrain.report", lambda r: [], "RUN_DIR"),
     ("plot: an unknown option", "pretrain.training.plot", lambda r: [str(r / "run"), "--bogus"], "--bogus"),
-    ("prepare: OUT_DIR in memory://", "data_pipeline.prepare",
-     lambda r: [str(r / "hs_ok.jsonl"), "memory://prep", "--no-progress"], "memory://"),
     ("prepare: --workers not a number", "data_pipeline.prepare",
      lambda r: [str(r / "hs_ok.jsonl"), str(r / "prep_out"), "--workers", "x"], "--workers"),
     ("export: re-export over weights changed since, without --overwrite", "pretrain.export",

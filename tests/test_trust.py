@@ -199,3 +199,37 @@ def test_an_edited_card_is_named_and_the_weights_still_load(tmp_path, capsys):
     (out / "model.safetensors").write_bytes(bytes(blob))
     with pytest.raises(WeightsError, match=r"model.safetensors: content does not match .*1 other file\(s\) changed"):
         load_model(str(out))
+
+
+# ---- state that blocks work: a prepare killed before it listed its first shard ------------------------
+
+
+def test_prepare_killed_before_its_first_listing_resumes(tmp_path):
+    """kill -9 between the first shard's rename and the manifest that lists it: the rerun rewrites
+    that shard (its claim names it) instead of refusing the directory as someone else's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    from data_pipeline.prepare import main
+
+    src = _docs(tmp_path / "docs.jsonl", 60)
+    out = tmp_path / "out"
+    args = [str(src), str(out), "--shard-tokens", "500", "--val-tokens", "500", "--workers", "1", "--no-progress"]
+    p = subprocess.Popen([sys.executable, "-m", "data_pipeline.prepare", *args], cwd=REPO,
+                         env={**os.environ, "GPT2_PREPARE_TEST_SLEEP": "30"}, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "val_000000.bin").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (out / "val_000000.bin").exists()
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert json.loads((out / "manifest.json").read_text())["shards"] == []  # killed before the listing
+    assert main(args) == 0
+    assert main(["--verify", str(out)]) == 0
