@@ -233,3 +233,14 @@ def test_prepare_killed_before_its_first_listing_resumes(tmp_path):
     assert json.loads((out / "manifest.json").read_text())["shards"] == []  # killed before the listing
     assert main(args) == 0
     assert main(["--verify", str(out)]) == 0
+
+
+def test_a_sample_prompt_the_context_cannot_hold_is_noted(tmp_path, capsys):
+    from pretrain.train import main as train
+
+    data = make_synthetic_shards(tmp_path / "data")
+    args = tiny_overrides(data, tmp_path / "run", **{"schedule.max_steps": 2, "eval.interval": 2, "eval.val_tokens": 0,
+                                                     "eval.sample_tokens": 2,
+                                                     "data.seq_len": 16, "model.block_size": 16})
+    assert train([*args, "eval.sample_prompt=" + "word " * 40]) == 0
+    assert "note: eval.sample_prompt: 41 tokens, but the context holds 16" in capsys.readouterr().err
