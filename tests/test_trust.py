@@ -244,3 +244,28 @@ def test_a_sample_prompt_the_context_cannot_hold_is_noted(tmp_path, capsys):
                                                      "data.seq_len": 16, "model.block_size": 16})
     assert train([*args, "eval.sample_prompt=" + "word " * 40]) == 0
     assert "note: eval.sample_prompt: 41 tokens, but the context holds 16" in capsys.readouterr().err
+
+
+def test_a_run_on_an_unfinished_prepare_resumes_after_it_finishes(tmp_path, capsys):
+    """data.allow_incomplete: trained on the first shard of a prepare still running; once the
+    prepare has written its second shard the run resumes on the shard it had (not refused, and
+    no advice that starts over), and says how to train on all of them."""
+    from data_pipeline.shards import file_sha256, read_header
+    from pretrain.train import main as train
+
+    data = make_synthetic_shards(tmp_path / "data", n_train_shards=2)
+    entries = [{"file": p, "split": p.split("_")[0], "tokens": read_header(data / p), "documents": 1,
+                "sha256": file_sha256(data / p)} for p in ("val_000000.bin", "train_000000.bin", "train_000001.bin")]
+
+    def manifest(n: int, complete: bool) -> None:
+        (data / "manifest.json").write_text(json.dumps({"complete": complete, "shards": entries[:n]}))
+
+    manifest(2, False)  # the prepare is still writing train_000001.bin
+    run = tmp_path / "run"
+    assert train(tiny_overrides(data, run, **{"schedule.max_steps": 4, "data.allow_incomplete": "true"})) == 0
+    manifest(3, True)  # the prepare finished
+    capsys.readouterr()
+    assert train(tiny_overrides(data, run, **{"schedule.max_steps": 8})) == 0
+    out = capsys.readouterr().out
+    assert "trained on the first 1 training shards" in out and "continues on the 1 it had" in out
+    assert (run / "checkpoints" / "step_00000008" / "COMMITTED").exists()
