@@ -381,11 +381,21 @@ def task_argv(cfg, task: int, workers: int) -> list[str]:
     return args
 
 
+def _stop_with_parent() -> None:
+    """In a task process, before it runs (Linux): SIGTERM when the ``--local`` process that started
+    it dies, however it dies (kill -9 too), so no task is left running orphaned; the task stops as
+    on any SIGTERM, keeping its complete shards (a rerun resumes them)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def run_local(cfg) -> int:
     """``--tasks N --local``: the N tasks as processes here (``cfg.workers`` shared among them), then
     the merge. Returns the exit status (130 after Ctrl-C, which every task gets too)."""
     per = max(1, cfg.workers // cfg.tasks)
-    procs = [subprocess.Popen(task_argv(cfg, i, per)) for i in range(cfg.tasks)]
+    procs = [subprocess.Popen(task_argv(cfg, i, per), preexec_fn=_stop_with_parent) for i in range(cfg.tasks)]
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:

@@ -269,3 +269,47 @@ def test_a_run_on_an_unfinished_prepare_resumes_after_it_finishes(tmp_path, caps
     out = capsys.readouterr().out
     assert "trained on the first 1 training shards" in out and "continues on the 1 it had" in out
     assert (run / "checkpoints" / "step_00000008" / "COMMITTED").exists()
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_killed_local_tasks_leave_no_orphans(tmp_path):
+    """kill -9 of `gpt2-prepare --tasks 2 --local`: its task processes stop too (SIGTERM from the
+    kernel when their parent dies), keeping their complete shards."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(2):
+        _docs(src / f"f{k}.jsonl", 60)
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "data_pipeline.prepare", str(src), str(out), "--tasks", "2", "--local",
+                          "--shard-tokens", "500", "--val-tokens", "500", "--workers", "2", "--no-progress"],
+                         cwd=REPO, env={**os.environ, "GPT2_PREPARE_TEST_SLEEP": "30"},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children_file = Path(f"/proc/{p.pid}/task/{p.pid}/children")
+    deadline = time.monotonic() + 60
+    children: list[int] = []
+    while len(children) < 2 and time.monotonic() < deadline:
+        children = [int(c) for c in children_file.read_text().split()] if children_file.exists() else []
+        time.sleep(0.05)
+    assert len(children) == 2
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    deadline = time.monotonic() + 30
+    alive = children
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [c for c in alive if Path(f"/proc/{c}").exists() and "Z" not in _state(c)]
+    assert not alive, f"orphaned task processes {alive}"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
