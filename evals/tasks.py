@@ -141,15 +141,56 @@ def _refuse_unnamed(tasks: Sequence[str], include_path: str | Path | None) -> No
                         "pass --include-path DIR holding its YAML definition")
 
 
+def hub_unreachable(timeout_s: float = 3.0) -> bool:
+    """True when the Hugging Face Hub cannot be reached from here (no route, no DNS): one TCP
+    connection, at most ``timeout_s``. False when unsure (a proxy is configured, or already offline)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout_s).close()
+    except OSError:
+        return True
+    return False
+
+
+class _Offline:
+    """The Hub and datasets in offline mode (the cache only) while a task loads: an unreachable
+    Hub then fails at once instead of after a minute of retries."""
+
+    def __enter__(self):
+        import datasets.config
+        import huggingface_hub.constants
+
+        self.saved = [(m, k, getattr(m, k)) for m, k in ((huggingface_hub.constants, "HF_HUB_OFFLINE"),
+                                                         (datasets.config, "HF_HUB_OFFLINE"),
+                                                         (datasets.config, "HF_DATASETS_OFFLINE")) if hasattr(m, k)]
+        for m, k, _ in self.saved:
+            setattr(m, k, True)
+        return self
+
+    def __exit__(self, *exc):
+        for m, k, v in self.saved:
+            setattr(m, k, v)
+
+
 def load_tasks(tm, tasks: Sequence[str]) -> dict:
     """The harness's task objects (datasets read now: a missing file or an offline hub download
-    fails here, in one line)."""
+    fails here, in one line; with the Hub unreachable, at once, from the cache only)."""
+    from contextlib import nullcontext
+
+    offline = hub_unreachable()
     try:
-        return tm.load(list(tasks))
+        with _Offline() if offline else nullcontext():
+            return tm.load(list(tasks))
     except Exception as e:  # datasets/fsspec/hub errors have many types; the message says which file
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise TaskError(f"tasks {','.join(tasks)}: cannot load ({type(e).__name__}: {first}); check the task's "
-                        "dataset (offline: a local data file through --include-path)") from None
+        first = " ".join((str(e).strip().splitlines() or [type(e).__name__])[0].split())[:160]
+        said = "the Hugging Face Hub cannot be reached from here and the dataset is not in the cache; " if offline else ""
+        raise TaskError(f"tasks {','.join(tasks)}: cannot load ({type(e).__name__}: {first}); {said}check the "
+                        "task's dataset (offline: a local data file through --include-path)") from None
 
 
 def run_tasks(model, tasks: Sequence[str], *, include_path: str | Path | None = None, limit: int | float | None = None,

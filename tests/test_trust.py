@@ -313,3 +313,19 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+def test_an_offline_task_download_fails_at_once_with_the_offline_hint(tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    import evals.tasks as tasks
+
+    (tmp_path / "remote.yaml").write_text(
+        "task: remote_only\ndataset_path: gpt2-pretrain-tests/not-a-cached-dataset\noutput_type: loglikelihood\n"
+        "test_split: test\ndoc_to_text: '{{text}}'\ndoc_to_target: '{{text}}'\n"
+        "metric_list:\n  - metric: perplexity\n")
+    monkeypatch.setattr(tasks, "hub_unreachable", lambda timeout_s=3.0: True)
+    tm = tasks.task_manager(["remote_only"], tmp_path)
+    t0 = time.perf_counter()
+    with pytest.raises(tasks.TaskError, match="cannot be reached from here and the dataset is not in the cache") as e:
+        tasks.load_tasks(tm, ["remote_only"])
+    assert time.perf_counter() - t0 < 5 and len(str(e.value)) <= 400
