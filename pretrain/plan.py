@@ -237,15 +237,18 @@ def _read_trainer_state(path: Path, max_steps: int) -> dict:
         state = torch.load(state_file, map_location="cpu", weights_only=True)
         int(state["step"]), state["loader"]  # noqa: B018 - the keys a resume needs
     except Exception as e:  # unpickling / zip / key errors all mean the same here
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"{state_file}: unreadable trainer state ({first}); resume from another checkpoint "
-                          "(--resume PATH) or start over (--resume none)") from None
+        first = " ".join((str(e).strip().splitlines() or [type(e).__name__])[0].split())[:120]
+        older = sorted(p for p in path.parent.glob("step_*") if p.name < path.name and (p / "COMMITTED").exists())
+        fix = (f"resume from the checkpoint before it: --resume {older[-1]}" if older else
+               f"start a new run from its weights: --resume none model.init_from={path} train.run_dir=NEW_DIR")
+        raise ConfigError(f"{state_file}: unreadable trainer state ({first}); {fix}") from None
     if int(state["step"]) > max_steps:
         # Ending at once would call a run "done" that never ran to this max_steps and rewrite its
         # config.yaml with a schedule its weights did not follow: refuse instead.
         raise ConfigError(
             f"{path} is at step {int(state['step'])}, past schedule.max_steps={max_steps}; pass schedule.max_steps >= "
-            f"{int(state['step'])} to continue it, or start a new run (--resume none, another train.run_dir)")
+            f"{int(state['step'])} to continue it, or start a new run from its weights (--resume none "
+            f"model.init_from={path}, another train.run_dir)")
     return state
 
 

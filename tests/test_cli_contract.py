@@ -147,12 +147,13 @@ def _weak_variants(root: Path, run: Path, data: Path) -> None:
     eval.json is damaged, a manifest listing fewer shards than its totals, an edited export."""
     (root / "tb_link_run").mkdir()
     (root / "tb_link_run" / "tensorboard").symlink_to(root / "gone")
-    for name in ("run_badcfg", "run_unknown", "run_badeval"):
+    for name in ("run_badcfg", "run_unknown", "run_badeval", "run_badstate"):
         shutil.copytree(run, root / name, ignore=shutil.ignore_patterns(".lock"))
     (root / "run_badcfg" / "config.yaml").write_text("optim: [1, 2\n")
     with open(root / "run_unknown" / "config.yaml", "a") as f:
         f.write("extra:\n  lrr: 1\n")
     (root / "run_badeval" / "eval.json").write_text('{"results": [1, 2]}\n')
+    (root / "run_badstate" / "checkpoints" / "step_00000004" / "trainer_state.pt").write_bytes(b"PK\x03\x04 damaged")
     shutil.copytree(data, root / "data_badjson")
     (root / "data_badjson" / "manifest.json").write_text('{"shards": [')
     fewer = root / "data_fewer"
@@ -309,6 +310,8 @@ CASES = [
     ("train: data.dir a URL that cannot be reached", "pretrain.train",
      lambda r: _train(r, "new", **{"data.dir": "https://127.0.0.1:9/data", "data.cache_dir": str(r / "cache")}),
      "cannot read it"),
+    ("train: unreadable trainer state (the advice must not restart from step 1)", "pretrain.train",
+     lambda r: _train(r, "run_badstate", **{"schedule.max_steps": 8}), "model.init_from="),
     ("generate: --prompts-file /dev/zero", "pretrain.model.generate",
      lambda r: ["--model", str(r / "export_ok"), "--prompts-file", "/dev/zero"], "more than"),
     ("generate: non-UTF-8 --stop", "pretrain.model.generate",
