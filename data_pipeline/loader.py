@@ -169,8 +169,8 @@ def check_resume_state(state: Any, info: SplitInfo, seq_len: int, global_batch_s
             old = s[2] if isinstance(s, (list, tuple)) and len(s) > 2 else None
             if old is not None and now is not None and now.sha256 != old:
                 raise ShardError(
-                    f"loader state: {f} had sha256 {old} when the checkpoint was saved but "
-                    f"{info.store.manifest_ref} now records {now.sha256}: the data changed since; resume "
+                    f"loader state: {f} had sha256 {old[:12]}... when the checkpoint was saved but "
+                    f"{info.store.manifest_ref} now records {now.sha256[:12]}...: the data changed since; resume "
                     "with the data the run was trained on (or start a new run from the checkpoint's weights: "
                     "model.init_from, another train.run_dir)"
                 )
