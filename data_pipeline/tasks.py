@@ -320,6 +320,10 @@ def _check_identity(d: Path, n: int, i: int, m: dict, first: dict) -> None:
         if totals.get(f"{split}_shards") != k:
             raise PrepareError(f"{d / name}: lists {k} {split} shards but its totals say "
                                f"{short(totals.get(f'{split}_shards'))}; {fix}")
+    listed = {s["file"] for s in shards}
+    unlisted = sorted(p.name for p in d.glob(f"*_t{i:05d}_*.bin") if p.name not in listed)
+    if unlisted:
+        raise PrepareError(f"{d / name}: does not list {unlisted[0]}, a shard of task {i} in this directory; {fix}")
 
 
 def _ids(ids: list[int]) -> str:

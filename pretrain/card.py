@@ -84,12 +84,18 @@ def run_facts(source) -> RunFacts:
 OPENAI_GPT2 = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # legacy hub names, now openai-community/<name>
 
 
-def init_record(environment: list) -> dict | None:
+def init_record(environment: list, config: dict | None = None) -> dict | None:
     """What ``environment.json`` records of the weights the run started from (``model.init_from``,
-    written by the fresh start: ``pretrain.model.weights.provenance``), or None (from scratch)."""
+    written by the fresh start: ``pretrain.model.weights.provenance``), or None (from scratch).
+    Without that record (a run older than it), the run's ``config.yaml`` ``model.init_from``."""
     first = next((e for e in environment if isinstance(e, dict) and e.get("start_step") == 0), None)
     record = (first or {}).get("init_from")
-    return record if isinstance(record, dict) and record.get("spec") else None
+    if isinstance(record, dict) and record.get("spec"):
+        return record
+    spec = ((config or {}).get("model") or {}).get("init_from") if isinstance(config, dict) else None
+    if first is None and isinstance(spec, str) and spec:
+        return {"spec": spec, "kind": None, "path": None}  # what kind of source it was is not recorded
+    return None
 
 
 def base_model(record: dict | None) -> str | None:
@@ -180,7 +186,7 @@ def body(model, facts: RunFacts, name: str, repo_id: str | None) -> str:
     lines = [f"# {name}", "",
              f"A GPT-2 language model ({g.n_layer} layers, {g.n_embd} wide, {g.n_head} heads, context {g.block_size} "
              f"tokens, {model.num_params() / 1e6:.1f}M parameters, GPT-2 tokenizer) "
-             + (f"{starting_weights(init_record(facts.environment))} with gpt2-pretrain" if facts.run_dir is not None
+             + (f"{starting_weights(init_record(facts.environment, facts.config))} with gpt2-pretrain" if facts.run_dir is not None
                 else "exported with gpt2-pretrain") + ". It loads as `GPT2LMHeadModel` in `transformers`.", ""]
     if facts.run_dir is not None:
         t = throughput(facts.records)
@@ -230,7 +236,7 @@ def build_card(model, facts: RunFacts, name: str, repo_id: str | None = None):
     data = ModelCardData(language="en", license="mit", library_name="transformers", pipeline_tag="text-generation",
                          tags=["gpt2", "text-generation", "pytorch", "gpt2-pretrain"],
                          datasets=[dataset] if dataset else None, model_name=name,
-                         base_model=base_model(init_record(facts.environment)),
+                         base_model=base_model(init_record(facts.environment, facts.config)),
                          eval_results=eval_results(facts) or None)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body(model, facts, name, repo_id)}")
 

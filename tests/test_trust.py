@@ -54,6 +54,16 @@ def _renumbered(d: Path) -> str:
     return "where task 2 writes train_t00002_000000.bin"
 
 
+def _dropped_and_totals_edited(d: Path) -> str:
+    """Task 2's last shard left out of its list and its totals edited to match: still on disk."""
+    p = d / "manifest.task-00002-of-00003.json"
+    m = json.loads(p.read_text())
+    m["shards"] = m["shards"][:-1]
+    m["totals"]["train_shards"] -= 1
+    p.write_text(json.dumps(m))
+    return "does not list train_t00002_"
+
+
 def _fewer_shards(d: Path) -> str:
     """Task 2's manifest with its last shard left out of the list (its totals still count it)."""
     p = d / "manifest.task-00002-of-00003.json"
@@ -63,7 +73,8 @@ def _fewer_shards(d: Path) -> str:
     return "but its totals say"
 
 
-@pytest.mark.parametrize("damage", [_copy_over, _renumbered, _fewer_shards], ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize("damage", [_copy_over, _renumbered, _fewer_shards, _dropped_and_totals_edited],
+                         ids=lambda f: f.__name__.strip("_"))
 def test_merge_checks_each_task_manifest_against_its_name(three_tasks, tmp_path, capsys, damage):
     from data_pipeline.prepare import main
 
