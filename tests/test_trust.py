@@ -340,3 +340,15 @@ def test_an_offline_task_download_fails_at_once_with_the_offline_hint(tmp_path, 
     with pytest.raises(tasks.TaskError, match="cannot be reached from here and the dataset is not in the cache") as e:
         tasks.load_tasks(tm, ["remote_only"])
     assert time.perf_counter() - t0 < 5 and len(str(e.value)) <= 400
+
+
+def test_default_generate_batch_is_bounded_by_memory():
+    """20,000 prompts without --batch-size: batches that fit BATCH_MEMORY_BYTES, not one 20,000-row tensor."""
+    from pretrain.model import GPTConfig
+    from pretrain.model.generate import BATCH_MEMORY_BYTES, default_batch
+
+    cfg = GPTConfig.from_preset("gpt2")
+    rows = default_batch(cfg, prompt_tokens=20, max_new_tokens=200, rows=20_000, itemsize=4)
+    per_row = (2 * cfg.n_layer * 220 * cfg.n_embd + 2 * cfg.vocab_size) * 4
+    assert 1 <= rows < 20_000 and rows * per_row <= BATCH_MEMORY_BYTES
+    assert default_batch(cfg, 20, 200, rows=3, itemsize=4) == 3  # a few prompts: all at once, as before
