@@ -90,6 +90,9 @@ class PrepareConfig:
             raise PrepareError(f"--backend must be 'threads' or 'processes', got {self.backend!r}")
         if is_url(self.out_dir):
             check_protocol(self.out_dir)  # the same allowlist as sources
+            if self.out_dir.startswith("memory://"):  # fsspec's, for tests and notebooks: said, not refused
+                print(f"note: OUT_DIR {self.out_dir} is an in-memory filesystem: the shards end with this process; "
+                      "pass a local directory or a remote URL (s3://, gs://, ...) to keep them", file=sys.stderr)
         if (self.tasks is None) != (self.task_id is None):
             raise PrepareError("--tasks N and --task-id I go together (or --tasks N --local runs all N here)")
         if self.tasks is not None:
@@ -338,6 +341,8 @@ class ShardWriter:
             entry["resume"] = {"row": final[0], "skip_tokens": 0, "skipped_empty": final[1], "filtered": final[2]}
             entry["final"] = True  # the short last shard of a stream: the loader does not ask it for a micro-batch
         with _sigint_deferred():  # a Ctrl-C lands after the manifest lists the shard, never between
+            if not self.manifest["shards"]:  # a kill -9 before the first listing: the rerun knows the file is ours
+                write_manifest(self.cfg.out_dir, {**self.manifest, "writing": entry["file"]}, self.job.manifest_name)
             entry["sha256"] = write_shard(join(self.cfg.out_dir, entry["file"]), shard)
             if self.sleep:
                 time.sleep(self.sleep)

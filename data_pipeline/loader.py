@@ -169,9 +169,10 @@ def check_resume_state(state: Any, info: SplitInfo, seq_len: int, global_batch_s
             old = s[2] if isinstance(s, (list, tuple)) and len(s) > 2 else None
             if old is not None and now is not None and now.sha256 != old:
                 raise ShardError(
-                    f"loader state: {f} had sha256 {old} when the checkpoint was saved but "
-                    f"{info.store.manifest_ref} now records {now.sha256}: the data changed since; resume "
-                    "with the data the run was trained on (or start a fresh run)"
+                    f"loader state: {f} had sha256 {old[:12]}... when the checkpoint was saved but "
+                    f"{info.store.manifest_ref} now records {now.sha256[:12]}...: the data changed since; resume "
+                    "with the data the run was trained on (or start a new run from the checkpoint's weights: "
+                    "model.init_from, another train.run_dir)"
                 )
     for key, now in mine.items():
         theirs = state.get(key)
@@ -182,7 +183,8 @@ def check_resume_state(state: Any, info: SplitInfo, seq_len: int, global_batch_s
                 theirs, now = f"{len(theirs or [])} shards", f"{len(now)} shards in {info.store.where}"
             raise ValueError(
                 f"loader state: '{key}' was {theirs} at save time but is {now} now; resume with the "
-                "same data and settings (or start a fresh run)"
+                "same data and settings (or start a new run from the checkpoint's weights: model.init_from, "
+                "another train.run_dir)"
             )
     consumed = int(state["consumed_sequences"])
     same_layout = (state["world_size"], state["micro_batch_size"]) == (world_size, micro_batch_size)

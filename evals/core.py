@@ -181,7 +181,7 @@ def _task_entry(t, where: str, baselines: dict[str, float], csv_path: Path, data
 
 def read_bundle(bundle: str | os.PathLike) -> list[CoreTask]:
     """The tasks of ``core.yaml`` with their baselines, checked; no task file is read yet."""
-    import yaml
+    from pretrain.values import MAX_YAML_BYTES, BoundError, load_yaml, read_bounded
 
     root = Path(bundle)
     if not root.is_dir():
@@ -191,10 +191,12 @@ def read_bundle(bundle: str | os.PathLike) -> list[CoreTask]:
     if not cfg_path.is_file():
         raise CoreError(f"{cfg_path}: not found; the bundle directory needs core.yaml (icl_tasks: label, "
                         "dataset_uri, num_fewshot, icl_task_type)")
-    try:
-        cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise CoreError(f"{cfg_path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    try:  # the project's one bounded YAML loader (size, alias expansion, duplicate keys)
+        cfg = load_yaml(read_bounded(cfg_path, MAX_YAML_BYTES, "core.yaml"))
+    except BoundError as e:
+        raise CoreError(f"{cfg_path}: not valid YAML ({str(e).removeprefix(f'{cfg_path}: ')})") from None
+    except OSError as e:
+        raise CoreError(f"{cfg_path}: cannot read it ({e.strerror or e})") from None
     tasks = cfg.get("icl_tasks") if isinstance(cfg, dict) else None
     if not isinstance(tasks, list) or not tasks:
         raise CoreError(f"{cfg_path}: expected a non-empty list under 'icl_tasks'")

@@ -31,11 +31,13 @@ from pathlib import Path
 
 import torch
 
+from data_pipeline.arguments import Parser
+
 DEFAULT_VAL_TOKENS = 10_485_760  # as eval.val_tokens: the first 10M tokens (all of a smaller split)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="gpt2-eval",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -30,11 +30,18 @@ class SampleEvaluator:
         self.prompt = self.tok.encode(prompt)
         self.tokens, self.top_k, self.seed, self.autocast = tokens, top_k, seed, autocast or nullcontext
 
+    def unfit(self, config) -> str | None:
+        """Why a model of ``config`` cannot continue the prompt (the run notes it once), or None."""
+        if len(self.prompt) >= config.block_size:
+            return f"{len(self.prompt)} tokens, but the context holds {config.block_size} (with room for one more)"
+        if any(t >= config.vocab_size for t in self.prompt):
+            return f"token ids beyond the model's vocabulary of {config.vocab_size} (a toy vocabulary)"
+        return None
+
     def __call__(self, model, step: int | None = None) -> dict[str, str]:
         from pretrain.inference.generate import generate
 
-        config = model.config
-        if any(t >= config.vocab_size for t in self.prompt) or len(self.prompt) >= config.block_size:
+        if self.unfit(model.config):
             return {}  # a toy vocabulary / context cannot hold the prompt
         # Eager: sampling's growing shapes would make a compiled model recompile every token.
         with torch.compiler.set_stance("force_eager"), self.autocast():

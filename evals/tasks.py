@@ -84,6 +84,7 @@ def task_manager(tasks: Sequence[str], include_path: str | Path | None = None):
     if include_path is not None and not Path(include_path).exists():
         raise TaskError(f"--include-path {include_path}: no such file or directory; pass a directory of task YAMLs")
     if include_path is not None:
+        check_task_yamls(Path(include_path))
         tm = TaskManager(include_path=str(include_path), include_defaults=False)
         if all(t in tm.all_tasks for t in tasks):
             return tm
@@ -94,6 +95,31 @@ def task_manager(tasks: Sequence[str], include_path: str | Path | None = None):
         raise TaskError(f"unknown task {unknown[0]!r}; list the harness's tasks with `lm_eval ls tasks`, or pass "
                         "--include-path DIR holding its YAML definition")
     return tm
+
+
+MAX_TASK_YAMLS = 2_000  # local task definitions: a handful; more is the wrong directory
+
+
+def check_task_yamls(root: Path) -> None:
+    """Every task YAML under ``root`` read through the project's bounded loader
+    (``pretrain.values.load_yaml``: size, alias expansion, duplicate keys) before the harness
+    parses it: a malformed or oversized definition is named as such, in one line, not reported as
+    an unknown task (or expanded without bound)."""
+    from pretrain.values import MAX_YAML_BYTES, BoundError, load_yaml, read_bounded
+
+    paths = sorted(root.rglob("*.yaml")) if root.is_dir() else [root]
+    if len(paths) > MAX_TASK_YAMLS:
+        raise TaskError(f"--include-path {root}: {len(paths):,} YAML files (at most {MAX_TASK_YAMLS:,}); pass the "
+                        "directory of your task definitions")
+    for path in paths:
+        try:
+            load_yaml(read_bounded(path, MAX_YAML_BYTES, "task YAML"), app_tags=True)
+        except BoundError as e:
+            said = str(e).removeprefix(f"{path}: ")
+            raise TaskError(f"{path}: malformed task YAML ({said}); fix it (a task definition is a mapping of "
+                            "plain keys)") from None
+        except OSError as e:
+            raise TaskError(f"{path}: cannot read the task YAML ({e.strerror or e})") from None
 
 
 def _refuse_unnamed(tasks: Sequence[str], include_path: str | Path | None) -> None:
@@ -115,15 +141,56 @@ def _refuse_unnamed(tasks: Sequence[str], include_path: str | Path | None) -> No
                         "pass --include-path DIR holding its YAML definition")
 
 
+def hub_unreachable(timeout_s: float = 3.0) -> bool:
+    """True when the Hugging Face Hub cannot be reached from here (no route, no DNS): one TCP
+    connection, at most ``timeout_s``. False when unsure (a proxy is configured, or already offline)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout_s).close()
+    except OSError:
+        return True
+    return False
+
+
+class _Offline:
+    """The Hub and datasets in offline mode (the cache only) while a task loads: an unreachable
+    Hub then fails at once instead of after a minute of retries."""
+
+    def __enter__(self):
+        import datasets.config
+        import huggingface_hub.constants
+
+        self.saved = [(m, k, getattr(m, k)) for m, k in ((huggingface_hub.constants, "HF_HUB_OFFLINE"),
+                                                         (datasets.config, "HF_HUB_OFFLINE"),
+                                                         (datasets.config, "HF_DATASETS_OFFLINE")) if hasattr(m, k)]
+        for m, k, _ in self.saved:
+            setattr(m, k, True)
+        return self
+
+    def __exit__(self, *exc):
+        for m, k, v in self.saved:
+            setattr(m, k, v)
+
+
 def load_tasks(tm, tasks: Sequence[str]) -> dict:
     """The harness's task objects (datasets read now: a missing file or an offline hub download
-    fails here, in one line)."""
+    fails here, in one line; with the Hub unreachable, at once, from the cache only)."""
+    from contextlib import nullcontext
+
+    offline = hub_unreachable()
     try:
-        return tm.load(list(tasks))
+        with _Offline() if offline else nullcontext():
+            return tm.load(list(tasks))
     except Exception as e:  # datasets/fsspec/hub errors have many types; the message says which file
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise TaskError(f"tasks {','.join(tasks)}: cannot load ({type(e).__name__}: {first}); check the task's "
-                        "dataset (offline: a local data file through --include-path)") from None
+        first = " ".join((str(e).strip().splitlines() or [type(e).__name__])[0].split())[:160]
+        said = "the Hugging Face Hub cannot be reached from here and the dataset is not in the cache; " if offline else ""
+        raise TaskError(f"tasks {','.join(tasks)}: cannot load ({type(e).__name__}: {first}); {said}check the "
+                        "task's dataset (offline: a local data file through --include-path)") from None
 
 
 def run_tasks(model, tasks: Sequence[str], *, include_path: str | Path | None = None, limit: int | float | None = None,

@@ -79,6 +79,45 @@ def run_facts(source) -> RunFacts:
     return facts
 
 
+OPENAI_GPT2 = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # legacy hub names, now openai-community/<name>
+
+
+def init_record(environment: list, config: dict | None = None) -> dict | None:
+    """What ``environment.json`` records of the weights the run started from (``model.init_from``,
+    written by the fresh start: ``pretrain.model.weights.provenance``), or None (from scratch).
+    Without that record (a run older than it), the run's ``config.yaml`` ``model.init_from``."""
+    first = next((e for e in environment if isinstance(e, dict) and e.get("start_step") == 0), None)
+    record = (first or {}).get("init_from")
+    if isinstance(record, dict) and record.get("spec"):
+        return record
+    spec = ((config or {}).get("model") or {}).get("init_from") if isinstance(config, dict) else None
+    if first is None and isinstance(spec, str) and spec:
+        return {"spec": spec, "kind": None, "path": None}  # what kind of source it was is not recorded
+    return None
+
+
+def base_model(record: dict | None) -> str | None:
+    """The Hub's ``base_model`` id of the starting weights: only a hub model has one."""
+    if record is None or record.get("kind") != "hub":
+        return None
+    spec = str(record["spec"])
+    return f"openai-community/{spec}" if spec in OPENAI_GPT2 else spec
+
+
+def starting_weights(record: dict | None) -> str:
+    """One sentence of where the weights began: from scratch, or the ``model.init_from`` source
+    (its name or path, and the sha256 its export record holds)."""
+    if record is None:
+        return "trained from scratch (random initialization)"
+    kind = {"hub": "the Hugging Face Hub model", "hf": "the Hugging Face directory",
+            "checkpoint": "the gpt2-pretrain checkpoint"}.get(record.get("kind"), "the weights")
+    where = record.get("path") if record.get("kind") != "hub" and record.get("path") else record["spec"]
+    digests = record.get("sha256") or {}
+    said = "; ".join(f"{n} sha256 {d}" for n, d in digests.items()) if isinstance(digests, dict) else ""
+    said = f" ({said}, from its gpt2_export.json record)" if said else ""
+    return f"fine-tuned from {kind} `{where}`{said} (model.init_from); the steps and tokens below are the fine-tune's"
+
+
 def _dataset_id(facts: RunFacts) -> str | None:
     """The Hub dataset the run trained on (``owner/name``), when it was one."""
     path = facts.data_source.get("path") if isinstance(facts.data_source, dict) else None
@@ -144,8 +183,9 @@ def body(model, facts: RunFacts, name: str, repo_id: str | None) -> str:
     where = repo_id or "PATH_TO_THIS_DIRECTORY"
     lines = [f"# {name}", "",
              f"A GPT-2 language model ({g.n_layer} layers, {g.n_embd} wide, {g.n_head} heads, context {g.block_size} "
-             f"tokens, {model.num_params() / 1e6:.1f}M parameters, GPT-2 tokenizer) trained from scratch with "
-             "gpt2-pretrain. It loads as `GPT2LMHeadModel` in `transformers`.", ""]
+             f"tokens, {model.num_params() / 1e6:.1f}M parameters, GPT-2 tokenizer) "
+             + (f"{starting_weights(init_record(facts.environment, facts.config))} with gpt2-pretrain" if facts.run_dir is not None
+                else "exported with gpt2-pretrain") + ". It loads as `GPT2LMHeadModel` in `transformers`.", ""]
     if facts.run_dir is not None:
         t = throughput(facts.records)
         env = facts.environment[-1] if facts.environment else {}
@@ -194,17 +234,19 @@ def build_card(model, facts: RunFacts, name: str, repo_id: str | None = None):
     data = ModelCardData(language="en", license="mit", library_name="transformers", pipeline_tag="text-generation",
                          tags=["gpt2", "text-generation", "pytorch", "gpt2-pretrain"],
                          datasets=[dataset] if dataset else None, model_name=name,
+                         base_model=base_model(init_record(facts.environment, facts.config)),
                          eval_results=eval_results(facts) or None)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body(model, facts, name, repo_id)}")
 
 
-def write_card(model, out: Path, source, repo_id: str | None = None) -> list[str]:
+def write_card(model, out: Path, source, repo_id: str | None = None, facts: RunFacts | None = None) -> list[str]:
     """README.md (and loss.png when the run has metrics) into the export ``out``; returns the names
-    written, for ``hf.write_record``."""
+    written, for ``hf.write_record``. ``facts``: :func:`run_facts` read before the export (so a run
+    whose records cannot be read is refused before anything is written)."""
     from pretrain.plot import load_runs, plot_runs
 
     out = Path(out)
-    facts = run_facts(source)
+    facts = run_facts(source) if facts is None else facts
     name = repo_id.split("/")[-1] if repo_id else (facts.run_dir.name if facts.run_dir else out.name)
     written = []
     if facts.run_dir is not None and facts.records:

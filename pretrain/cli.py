@@ -1,13 +1,20 @@
-"""How a command of this project ends (``gpt2-train``, ``gpt2-eval``): its ``main()``'s exit code
-through ``pretrain.dist.exit_process`` (an exit gloo's threads cannot turn into an abort), and a
-Ctrl-C at any moment before ``main`` handles one itself -- while torch is still being imported --
-as one line and exit 130. Standard library only at import time, so that import is covered too."""
+"""How a command of this project ends, all seven alike: its ``main()``'s exit code through
+``pretrain.dist.exit_process`` (an exit gloo's threads cannot turn into an abort), and a Ctrl-C at
+any moment ``main`` does not handle itself -- while torch is still being imported, while a model
+loads, while a file is written -- as one line saying what was kept and how to go on, exit 130.
+Standard library only at import time, so that import is covered too: the console scripts
+(``pyproject.toml``) are the functions below, each importing its command's module when called.
+
+    gpt2-train gpt2-eval gpt2-prepare gpt2-export gpt2-generate gpt2-plot gpt2-report
+"""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
 from typing import NoReturn
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C'd command
 
 
 def run(main: Callable[[], int], interrupted: str) -> NoReturn:
@@ -18,5 +25,55 @@ def run(main: Callable[[], int], interrupted: str) -> NoReturn:
         rc = main()
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     exit_process(rc)
+
+
+def prepare(argv: list[str] | None = None) -> NoReturn:
+    """``gpt2-prepare`` (a prepare stopped mid-way says itself what it kept and the command that resumes)."""
+
+    def main() -> int:
+        from data_pipeline.prepare import main
+
+        return main(argv)
+
+    run(main, "gpt2-prepare: interrupted (Ctrl-C) before any shard was written; rerun the same command")
+
+
+def export(argv: list[str] | None = None) -> NoReturn:
+    def main() -> int:
+        from pretrain.export import main
+
+        return main(argv)
+
+    run(main, "gpt2-export: interrupted (Ctrl-C); an export cut short is marked incomplete (complete: false) "
+              "and is not loaded; rerun the same command with --overwrite")
+
+
+def generate(argv: list[str] | None = None) -> NoReturn:
+    """``gpt2-generate`` (a stop while sampling prints the samples already finished, then its line)."""
+
+    def main() -> int:
+        from pretrain.inference.generate import main
+
+        return main(argv)
+
+    run(main, "gpt2-generate: interrupted (Ctrl-C) before any sample was finished")
+
+
+def plot(argv: list[str] | None = None) -> NoReturn:
+    def main() -> int:
+        from pretrain.plot import main
+
+        return main(argv)
+
+    run(main, "gpt2-plot: interrupted (Ctrl-C); the plot is written whole or not at all: rerun the same command")
+
+
+def report(argv: list[str] | None = None) -> NoReturn:
+    def main() -> int:
+        from pretrain.report import main
+
+        return main(argv)
+
+    run(main, "gpt2-report: interrupted (Ctrl-C); report.md is written whole or not at all: rerun the same command")

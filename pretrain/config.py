@@ -7,7 +7,7 @@ A run is described by defaults < a YAML file < dotted command-line overrides::
 Every field carries an attribute docstring; those docstrings are the ``--help`` text
 (``python pretrain/train.py --help``). ``load_config`` rejects unknown keys (with a
 did-you-mean), wrong types and impossible values with one line naming the key, the value and
-the fix. YAML is read with ``yaml.safe_load`` only. The numbers derived from a config and the
+the fix. YAML is read through ``pretrain.values.load_yaml`` only (bounded, safe). The numbers derived from a config and the
 world size (accumulation steps, tokens per step, total tokens), the resume path and the data
 check are resolved once, by the run plan (``pretrain/plan.py``).
 """
@@ -32,6 +32,7 @@ import yaml
 
 from pretrain.model import ARCH_FIELDS, PRESETS, GPTConfig
 from pretrain.schedule import COOLDOWNS, MUON_ADJUST_LR, NS_DTYPE_NAMES, OPTIMIZERS, SCHEDULES, cooldown_start
+from pretrain.values import MAX_YAML_BYTES, BoundError, load_yaml, read_bounded, short
 
 
 class ConfigError(ValueError):
@@ -47,15 +48,6 @@ class ConfigError(ValueError):
 
 
 MAX_ERROR_CHARS = 1000
-MAX_YAML_BYTES = 1 << 20  # a config file is a few kB; more is a mistake (or an attack)
-MAX_YAML_NODES = 10_000  # values after YAML aliases are expanded (a "billion laughs" document is tiny)
-
-
-def short(value: Any, limit: int = 60) -> str:
-    """``repr(value)`` cut to ``limit`` characters, saying how long it was: values are quoted in
-    one-line errors, and a value can be any size."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,9 +470,9 @@ def _set(cfg: Config, key: str, value: Any, source: str, raw_string: bool = Fals
         is_str = tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
         if not (is_str and value.lower() not in ("null", "none", "~")):
             try:
-                value = yaml.safe_load(value) if value != "" else ""
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{source}: cannot parse value of {key}: {str(e).splitlines()[0]}") from None
+                value = load_yaml(value) if value != "" else ""
+            except BoundError as e:
+                raise ConfigError(f"{source}: cannot parse the value of {key}: {e}") from None
         if isinstance(value, str) and value.lower() == "none" and type(None) in typing.get_args(tp):
             value = None
     try:
@@ -495,85 +487,23 @@ def _set(cfg: Config, key: str, value: Any, source: str, raw_string: bool = Fals
 # ---------------------------------------------------------------------------------------------
 
 
-class _ConfigLoader(yaml.SafeLoader):
-    """``yaml.safe_load``'s loader, refusing a key given twice in one mapping (YAML's "last one
-    wins" would drop a value silently)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            if key in seen:
-                raise ConfigError(f"(line {key_node.start_mark.line + 1}): key {short(key)} is given twice; "
-                                  "keep one (YAML would silently use the last)")
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-def _expanded_size(node, memo: dict[int, int]) -> int:
-    """Nodes of ``node`` with every alias expanded (shared subtrees counted each time they appear)."""
-    if id(node) not in memo:
-        memo[id(node)] = MAX_YAML_NODES + 1  # a cycle (a recursive alias) counts as too large
-        if isinstance(node, yaml.SequenceNode):
-            kids = node.value
-        elif isinstance(node, yaml.MappingNode):
-            kids = [n for pair in node.value for n in pair]
-        else:
-            kids = []
-        total = 1
-        for kid in kids:
-            total += _expanded_size(kid, memo)
-            if total > MAX_YAML_NODES:
-                break
-        memo[id(node)] = total
-    return memo[id(node)]
-
-
-def _load_yaml(text: str):
-    """``yaml.safe_load(text)`` with bounds: no duplicate keys, at most ``MAX_YAML_NODES`` values
-    once aliases are expanded (checked on the composed document, before any value is built)."""
-    loader = _ConfigLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        if _expanded_size(node, {}) > MAX_YAML_NODES:
-            raise ConfigError(f"the document expands to more than {MAX_YAML_NODES:,} values (YAML anchors and "
-                              "aliases?); a config is a few sections of plain keys: write them out")
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
-
-
 def read_yaml(path: str | os.PathLike) -> dict:
     p = Path(path)
     try:
-        if p.is_file() and p.stat().st_size > MAX_YAML_BYTES:
-            raise ConfigError(f"{p}: {p.stat().st_size:,} bytes is not a config file (at most {MAX_YAML_BYTES:,}); "
-                              "pass --config configs/<name>.yaml")
-        text = p.read_text()
+        if p.is_dir():
+            raise IsADirectoryError(21, "is a directory")
+        text = read_bounded(p, MAX_YAML_BYTES, "config file")
     except FileNotFoundError:
         raise ConfigError(f"{p}: config file not found; pass --config configs/<name>.yaml") from None
-    except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, not text
-        why = "is a directory" if p.is_dir() else (getattr(e, "strerror", None) or "is not UTF-8 text")
-        raise ConfigError(f"{p}: cannot read the config file ({why}); pass --config configs/<name>.yaml") from None
+    except BoundError as e:
+        raise ConfigError(f"{e}; pass --config configs/<name>.yaml") from None
+    except OSError as e:  # a directory, no permission
+        raise ConfigError(f"{p}: cannot read the config file ({e.strerror or e}); pass --config "
+                          "configs/<name>.yaml") from None
     try:
-        data = _load_yaml(text)
-    except ConfigError as e:
+        data = load_yaml(text)
+    except BoundError as e:
         raise ConfigError(f"{p}{' ' if str(e).startswith('(') else ': '}{e}") from None
-    except RecursionError:
-        raise ConfigError(f"{p}: the YAML nests too deeply; a config is a few sections of plain keys") from None
-    except yaml.constructor.ConstructorError as e:
-        tag = getattr(e, "problem", "") or str(e)
-        line = f" (line {e.problem_mark.line + 1})" if getattr(e, "problem_mark", None) else ""
-        raise ConfigError(
-            f"{p}{line}: YAML tags like !!python are not allowed ({' '.join(tag.split())}); "
-            "write plain values"
-        ) from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: invalid YAML: {' '.join(str(e).split())}") from None
     if data is None:
         raise ConfigError(f"{p}: the config file is empty; it should set at least one section (see configs/), or "
                           "leave out --config to run the defaults (GPT-2 124M)")

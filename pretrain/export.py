@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from data_pipeline.arguments import Parser
 from pretrain.model.hf import (
     EXPORT_FILES,
     EXPORT_MARKER,
@@ -36,7 +37,7 @@ from pretrain.model.weights import WeightsError, load_model, resolve
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="gpt2-export",
         description="Convert between native checkpoints and Hugging Face GPT-2 directories.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -60,11 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument("--push-to-hub", default=None, metavar="OWNER/NAME",
                      help="after the export, upload the folder to this Hugging Face Hub model repository "
-                          "(created if missing; needs a token: huggingface-cli login or HF_TOKEN)")
+                          "(created if missing; needs a token: `hf auth login`, or HF_TOKEN)")
     exp.add_argument("--private", action="store_true", help="create the Hub repository private")
     exp.add_argument("--revision", default=None, metavar="BRANCH",
                      help="push to this branch of the Hub repository (created from main if missing)")
     return parser
+
+
+def login_command() -> str:
+    """The Hub's login command in the installed huggingface_hub: ``hf auth login`` from 0.34 on
+    (``huggingface-cli`` is gone in 1.0), ``huggingface-cli login`` before."""
+    import huggingface_hub
+
+    try:
+        major, minor = (int(x) for x in huggingface_hub.__version__.split(".")[:2])
+    except ValueError:
+        return "hf auth login"
+    return "hf auth login" if (major, minor) >= (0, 34) else "huggingface-cli login"
 
 
 def check_push(args) -> str | None:
@@ -80,7 +93,7 @@ def check_push(args) -> str | None:
         return (f"--push-to-hub {args.push_to_hub}: the Hugging Face Hub is in offline mode (HF_HUB_OFFLINE=1); "
                 "unset it to push, or export without --push-to-hub")
     if not get_token():
-        return (f"--push-to-hub {args.push_to_hub}: no Hugging Face token; run huggingface-cli login or set HF_TOKEN, "
+        return (f"--push-to-hub {args.push_to_hub}: no Hugging Face token; run `{login_command()}` or set HF_TOKEN, "
                 "or export without --push-to-hub")
     return None
 
@@ -106,14 +119,20 @@ def main(argv: list[str] | None = None) -> int:
             raise HFConversionError(problem)
         check_out_dir(Path(args.out).expanduser(), args.overwrite)  # before loading: paths first
         source = resolve(args.checkpoint)
+        from pretrain.card import run_facts, write_card
+        from pretrain.rundir.records import RecordError
+
+        try:
+            facts = run_facts(source)  # the run's records, read (and refused) before anything is written
+        except RecordError as e:
+            raise HFConversionError(f"{e}; the model card is made from the run's config.yaml: restore it "
+                                    "(each checkpoint holds a copy)") from None
         model = load_model(source)
         if source.note:
             print(source.note, file=sys.stderr)
         model.to(getattr(torch, args.dtype))
         out = export_hf(model, args.out, overwrite=args.overwrite)
-        from pretrain.card import write_card
-
-        card_files = write_card(model, out, source, repo_id=args.push_to_hub)
+        card_files = write_card(model, out, source, repo_id=args.push_to_hub, facts=facts)
         write_record(out, [n for n in EXPORT_FILES if n != EXPORT_MARKER] + card_files)
     except (WeightsError, HFConversionError) as e:
         print(f"gpt2-export: error: {e}", file=sys.stderr)

@@ -26,6 +26,7 @@ A problem is a ``ConfigError`` with one line naming the thing and the fix (the C
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -210,9 +211,16 @@ def _check_run_dir(run_dir: Path, tensorboard: bool) -> None:
         raise ConfigError(f"train.run_dir={str(run_dir)!r}: {p} exists and is not a directory; "
                           "choose another train.run_dir")
     tb = run_dir / TENSORBOARD
-    if tensorboard and tb.exists() and not tb.is_dir():
-        raise ConfigError(f"logging.tensorboard=true writes {tb}/, but {tb} is a file; move it away or set "
-                          "logging.tensorboard=false")
+    if not tensorboard:
+        return
+    fix = "move it away or set logging.tensorboard=false"
+    if tb.is_symlink() and not tb.exists():
+        raise ConfigError(f"logging.tensorboard=true writes {tb}/, but {tb} is a link to {os.readlink(tb)}, which "
+                          f"does not exist; {fix}")
+    if tb.exists() and not tb.is_dir():
+        raise ConfigError(f"logging.tensorboard=true writes {tb}/, but {tb} is a file; {fix}")
+    if tb.is_dir() and not os.access(tb, os.W_OK | os.X_OK):
+        raise ConfigError(f"logging.tensorboard=true writes {tb}/, but it is not writable here; {fix}")
 
 
 def _resume_path(cfg: Config, ckpt_dir: Path) -> Path | None:
@@ -248,15 +256,18 @@ def _read_trainer_state(path: Path, max_steps: int) -> dict:
         state = torch.load(state_file, map_location="cpu", weights_only=True)
         int(state["step"]), state["loader"]  # noqa: B018 - the keys a resume needs
     except Exception as e:  # unpickling / zip / key errors all mean the same here
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"{state_file}: unreadable trainer state ({first}); resume from another checkpoint "
-                          "(--resume PATH) or start over (--resume none)") from None
+        first = " ".join((str(e).strip().splitlines() or [type(e).__name__])[0].split())[:120]
+        older = sorted(p for p in path.parent.glob("step_*") if p.name < path.name and (p / "COMMITTED").exists())
+        fix = (f"resume from the checkpoint before it: --resume {older[-1]}" if older else
+               f"start a new run from its weights: --resume none model.init_from={path} train.run_dir=NEW_DIR")
+        raise ConfigError(f"{state_file}: unreadable trainer state ({first}); {fix}") from None
     if int(state["step"]) > max_steps:
         # Ending at once would call a run "done" that never ran to this max_steps and rewrite its
         # config.yaml with a schedule its weights did not follow: refuse instead.
         raise ConfigError(
             f"{path} is at step {int(state['step'])}, past schedule.max_steps={max_steps}; pass schedule.max_steps >= "
-            f"{int(state['step'])} to continue it, or start a new run (--resume none, another train.run_dir)")
+            f"{int(state['step'])} to continue it, or start a new run from its weights (--resume none "
+            f"model.init_from={path}, another train.run_dir)")
     return state
 
 
@@ -313,6 +324,7 @@ def _check_data(cfg: Config, batch: Batching, loader_state: dict | None, resume:
         msg = str(e)
         raise ConfigError(msg if str(d.dir).rstrip("/") in msg else f"{msg} (data.dir={d.dir!r})") from None
     if loader_state is not None:
+        split = _as_saved(split, loader_state, resume)
         try:
             check_resume_state(loader_state, split, d.seq_len, batch.loader_batch_seqs, batch.micro_batch_size,
                                batch.world_size, d.seed, d.shuffle)
@@ -321,11 +333,30 @@ def _check_data(cfg: Config, batch: Batching, loader_state: dict | None, resume:
     return split
 
 
+def _as_saved(split, loader_state: dict, resume: Path):
+    """The training split a resume continues on: when the checkpoint trained on the first shards
+    of this directory and the prepare has since written more (a run with data.allow_incomplete,
+    resumed after the prepare finished), the shards it had, said in one note; else ``split``."""
+    import dataclasses
+
+    saved = loader_state.get("shards") if isinstance(loader_state, dict) else None
+    if not isinstance(saved, list) or not 0 < len(saved) < len(split.files):
+        return split
+    now = [[f.name, int(n)] for f, n in zip(split.files, split.shard_tokens)]
+    if [list(s[:2]) for s in saved] != now[: len(saved)]:
+        return split  # another set of shards: check_resume_state says so
+    k = len(saved)
+    print(f"note: {resume} trained on the first {k} training shards; the prepare has written "
+          f"{len(split.files) - k} more since: this run continues on the {k} it had (to train on all of them, start "
+          f"a new run from these weights: --resume none model.init_from={resume} train.run_dir=NEW_DIR)", flush=True)
+    return dataclasses.replace(split, files=split.files[:k], shard_tokens=split.shard_tokens[:k],
+                               entries=split.entries[:k], expected=split.expected[:k], max_ids=split.max_ids[:k])
+
+
 def _create_command(cfg: Config) -> str:
     """The command that creates data.dir: the one its manifest records, else data.prepare_command,
     with the directory it must write when that command writes another one (never advice that
     makes data somewhere the run does not read)."""
-    import os
     import shlex
 
     from data_pipeline.shards import ShardError

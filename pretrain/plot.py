@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.arguments import Parser
 from pretrain.rundir.layout import METRICS, PLOT
 from pretrain.rundir.metrics_log import MetricsLogError, is_number, metrics_path, read_metrics
 
@@ -149,13 +150,18 @@ def plot_runs(runs: Sequence[Run], out: str | Path) -> Path:
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    tmp = out.with_name(f".{out.name}.tmp")  # written whole or not at all (a Ctrl-C, a full disk)
+    try:
+        fig.savefig(tmp, dpi=100, format=out.suffix.lstrip(".").lower() or "png")
+        tmp.replace(out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return out
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="gpt2-plot",
         description="Plot train/val loss, learning rate, tokens/s and HellaSwag of one or more runs "
                     f"(their {METRICS}) against steps and tokens, into one PNG.",

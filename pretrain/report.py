@@ -17,7 +17,6 @@ never imports it.
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import sys
@@ -25,27 +24,55 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pretrain.rundir.layout import ENVIRONMENT, METRICS, PLOT, REPORT, SAMPLE
+from data_pipeline.arguments import Parser
+from pretrain.rundir.layout import CONFIG, ENVIRONMENT, EVAL, METRICS, PLOT, REPORT, SAMPLE
 from pretrain.rundir.metrics_log import metrics_path
-from pretrain.rundir.records import read_config, read_environment, read_eval
+from pretrain.rundir.records import RecordError, read_config, read_environment, read_eval
 
 
 class ReportError(ValueError):
     """A directory the report cannot be made from: one line naming it and the fix."""
 
 
-def config_differences(run_dir: Path) -> list[tuple[str, Any, Any]]:
-    """(key, default, this run's value) for every config key the run changed (keys this version no
-    longer has, such as a key an older version recorded, are left out)."""
-    from pretrain.config import Config, from_dict
+def _final_results(run_dir: Path) -> dict:
+    """``eval.json``'s results (gpt2-eval --out RUN_DIR/eval.json), or {} without one; a file that
+    is not gpt2-eval's is refused in one line (a report must not leave its figures out silently)."""
+    path = Path(run_dir) / EVAL
+    if not path.is_file():
+        return {}
+    data = read_eval(run_dir)
+    results = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(results, dict) or not all(isinstance(k, str) for k in results):
+        what = "not valid JSON" if data is None else "no 'results' mapping of metric names to numbers"
+        raise ReportError(f"{path}: {what} (not gpt2-eval's output); write it again with gpt2-eval --model "
+                          f"{run_dir} ... --out {path}, or remove it")
+    return {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
-    recorded = read_config(run_dir)
+
+def config_differences(run_dir: Path) -> list[tuple[str, Any, Any]]:
+    """(key, default, this run's value) for every config key the run changed. Keys of a known
+    section that this version no longer has (a key an older version recorded) are left out; a
+    section no version has, or a value the config refuses, is refused in one line."""
+    from pretrain.config import Config, ConfigError, from_dict
+
+    fix = f"fix or restore {Path(run_dir) / CONFIG} (a run's own config.yaml is written by gpt2-train)"
+    try:
+        recorded = read_config(run_dir)
+    except RecordError as e:
+        raise ReportError(f"{e}; {fix}") from None
     if recorded is None:
         return []
     default = Config().to_dict()
+    extra = [s for s in recorded if s not in default]
+    if extra:
+        raise ReportError(f"{Path(run_dir) / CONFIG}: section {extra[0]!r} is not a gpt2-train config section "
+                          f"(sections: {', '.join(default)}); {fix}")
     known = {section: {k: v for k, v in values.items() if k in default.get(section, {})}
              for section, values in recorded.items() if isinstance(values, dict)}
-    ran = from_dict(known).to_dict()
+    try:
+        ran = from_dict(known).to_dict()
+    except ConfigError as e:
+        raise ReportError(f"{' '.join(str(e).split())[:240]}; {fix}") from None
     return [(f"{section}.{k}", default[section][k], v) for section, values in ran.items()
             for k, v in values.items() if default[section].get(k) != v]
 
@@ -138,6 +165,7 @@ def _sample(run_dir: Path, records: list[dict]) -> str | None:
 
 def render(run_dir: Path) -> str:
     """The report's Markdown for ``run_dir`` (see the module docstring for what it reads)."""
+    from pretrain.card import init_record, starting_weights
     from pretrain.plot import PlotError, load_runs
 
     try:
@@ -145,13 +173,14 @@ def render(run_dir: Path) -> str:
     except PlotError as e:
         raise ReportError(str(e)) from None
     envs = read_environment(run_dir)
-    final = ((read_eval(run_dir) or {}).get("results")) or {}
+    final = _final_results(run_dir)
     t = throughput(records)
     last_loss = next((r["loss"] for r in reversed(records) if isinstance(r.get("loss"), (int, float))), None)
     lines = [f"# Run report: {run_dir.name}", "",
              f"{t['steps']} steps, {t['tokens'] or 0:,} tokens, wall time {duration(t['wall_s'])}; final train loss "
              f"{_fmt(last_loss)}. Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} by gpt2-report from "
-             f"`{run_dir}`.", "", "## Environment", ""]
+             f"`{run_dir}`.", "", f"Weights: {starting_weights(init_record(envs if isinstance(envs, list) else []))}.",
+             "", "## Environment", ""]
     if envs:
         lines += ["| from step | device | world | mode | dtype | compile | torch | commit | host |", "|---" * 9 + "|"]
         lines += [f"| {e.get('start_step')} | {e.get('device_name') or e.get('device')} ({e.get('device')}) | "
@@ -197,7 +226,7 @@ def write_report(run_dir: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="gpt2-report", description="Write RUN_DIR/report.md: environment, config "
+    p = Parser(prog="gpt2-report", description="Write RUN_DIR/report.md: environment, config "
                                 "differences, tokens/s and MFU, wall time, evaluations against GPT-2 124M, plot, sample.")
     p.add_argument("run_dir", metavar="RUN_DIR", help=f"a run directory (train.run_dir, holding {METRICS})")
     args = p.parse_args(argv)

@@ -28,13 +28,15 @@ import os
 import shlex
 import sys
 
+from data_pipeline.arguments import Parser
+
 EXIT_CONFIG = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
     from pretrain.config import help_text
 
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="gpt2-train",
         description="Pretrain GPT-2 (single process or under torchrun).",
         epilog=help_text(),
@@ -88,8 +90,13 @@ def build_evaluators(plan, rank: int, world_size: int, device) -> list:
         from pretrain.training.parallel import training_autocast, uses_mp_policy
 
         mp = uses_mp_policy(cfg.distributed.mode, device, cfg.train.dtype)
-        evaluators.append(SampleEvaluator(e.sample_prompt, e.sample_tokens, e.sample_top_k, cfg.train.seed,
-                                          autocast=partial(training_autocast, device, cfg.train.dtype, mp)))
+        sample = SampleEvaluator(e.sample_prompt, e.sample_tokens, e.sample_top_k, cfg.train.seed,
+                                 autocast=partial(training_autocast, device, cfg.train.dtype, mp))
+        why = sample.unfit(cfg.gpt_config)
+        if why and rank == 0:
+            print(f"note: eval.sample_prompt: {why}; no sample is logged (shorten it, or set eval.sample_prompt='')",
+                  file=sys.stderr)
+        evaluators.append(sample)
     if e.tasks:  # lm-evaluation-harness (the optional extra; load_config checked it is installed)
         from evals.tasks import TaskEvaluator
 

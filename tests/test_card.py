@@ -54,9 +54,14 @@ def test_card_loads_back_with_the_runs_figures_and_the_export_runs_offline(run_d
     from pretrain.model.weights import WeightsError, load_model
 
     load_model(out)
-    (out / "README.md").write_text(card.content + "\nedited\n")
-    with pytest.raises(WeightsError, match="README.md"):
+    (out / "README.md").write_text(card.content + "\nedited\n")  # a card edited by hand: named; the weights load
+    load_model(out)
+    assert "README.md changed since the export" in capsys.readouterr().err
+    weights = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))
+    with pytest.raises(WeightsError, match="model.safetensors: content does not match"):
         load_model(out)
+    (out / "model.safetensors").write_bytes(weights)
     card.save(out / "README.md")  # back as written: transformers below
 
     import torch

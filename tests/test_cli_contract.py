@@ -72,6 +72,15 @@ def world(tmp_path_factory):
     from pretrain.model.hf import export_hf
 
     export_hf(GPT(GPTConfig.from_preset("tiny")), root / "export_bad")  # GPT-2's vocabulary: exportable
+    export_hf(GPT(GPTConfig.from_preset("tiny")), root / "export_ok")  # a model the GPT-2 tokenizer's ids fit
+    shutil.copytree(root / "export_ok", root / "export_changed")  # weights changed in place since the export
+    blob = bytearray((root / "export_changed" / "model.safetensors").read_bytes())
+    blob[-100] ^= 0xFF
+    (root / "export_changed" / "model.safetensors").write_bytes(bytes(blob))
+    shutil.copytree(root / "export_ok", root / "export_uncovered")  # a record that leaves the weights out
+    record = json.loads((root / "export_uncovered" / "gpt2_export.json").read_text())
+    del record["files"]["model.safetensors"]
+    (root / "export_uncovered" / "gpt2_export.json").write_text(json.dumps(record))
     weights = root / "export_bad" / "model.safetensors"
     blob = bytearray(weights.read_bytes())
     blob[-100] ^= 0xFF  # inside the tensor data: the header (and so every shape) stays intact
@@ -95,6 +104,7 @@ def world(tmp_path_factory):
     from test_core import bad_bundles
 
     bad_bundles(root / "core")  # issue 31: CORE bundles missing a file, a baseline, ... (tests/test_core.py)
+    _weak_variants(root, run, data)
     locked = root / "locked_run"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pretrain.rundir.lock import RunDirLock; "
@@ -130,6 +140,30 @@ def _prepared_variants(root: Path, data: Path) -> None:
     for n in ("fw_val_000000.bin", "fw_train_000001.bin"):
         shutil.copy(data / "val_000000.bin", bad / n)
     (bad / "fw_train_000001.bin").write_bytes(b"\x00" * 8 + (bad / "fw_train_000001.bin").read_bytes()[8:])
+
+
+def _weak_variants(root: Path, run: Path, data: Path) -> None:
+    """Issue 29's inputs: a dangling tensorboard link, run directories whose config.yaml or
+    eval.json is damaged, a manifest listing fewer shards than its totals, an edited export."""
+    (root / "tb_link_run").mkdir()
+    (root / "tb_link_run" / "tensorboard").symlink_to(root / "gone")
+    for name in ("run_badcfg", "run_unknown", "run_badeval", "run_badstate"):
+        shutil.copytree(run, root / name, ignore=shutil.ignore_patterns(".lock"))
+    (root / "run_badcfg" / "config.yaml").write_text("optim: [1, 2\n")
+    with open(root / "run_unknown" / "config.yaml", "a") as f:
+        f.write("extra:\n  lrr: 1\n")
+    (root / "run_badeval" / "eval.json").write_text('{"results": [1, 2]}\n')
+    (root / "run_badstate" / "checkpoints" / "step_00000004" / "trainer_state.pt").write_bytes(b"PK\x03\x04 damaged")
+    shutil.copytree(data, root / "data_badjson")
+    (root / "data_badjson" / "manifest.json").write_text('{"shards": [')
+    fewer = root / "data_fewer"
+    shutil.copytree(data, fewer)
+    from data_pipeline.shards import file_sha256, read_header
+
+    shards = [{"file": p.name, "split": p.name.split("_")[0], "tokens": read_header(p), "documents": 1,
+               "sha256": file_sha256(p)} for p in sorted(fewer.glob("*.bin"), key=lambda p: p.name[0] != "v")]
+    (fewer / "manifest.json").write_text(json.dumps({"complete": True, "shards": shards[:-1],
+                                                     "totals": {"val_shards": 1, "train_shards": 2}}))
 
 
 def _train(root: Path, run: str = "run", data: str = "data", **extra) -> list[str]:
@@ -264,6 +298,46 @@ CASES = [
     ("eval: unknown harness task", "evals.run",
      lambda r: ["--model", str(r / "run"), "--tasks", "no_such_task", "--include-path", str(r / "empty_dir")],
      "no_such_task"),
+    # issue 29: bad input that ended in a traceback, exit 1, or several lines
+    ("train: --config /dev/zero", "pretrain.train", lambda r: ["--config", "/dev/zero"], "more than"),
+    ("train: an unknown option", "pretrain.train", lambda r: ["--bogus"], "--bogus"),
+    ("train: tensorboard/ a dangling link", "pretrain.train",
+     lambda r: _train(r, "tb_link_run", **{"logging.tensorboard": "true"}), "tensorboard"),
+    ("train: a manifest listing fewer shards than its totals", "pretrain.train",
+     lambda r: _train(r, "new", "data_fewer"), "but its totals say 2"),
+    ("train: a damaged manifest (its advice must not lead to a refusal)", "pretrain.train",
+     lambda r: _train(r, "new", "data_badjson"), "prepare again into a new OUT_DIR"),
+    ("train: data.dir a URL that cannot be reached", "pretrain.train",
+     lambda r: _train(r, "new", **{"data.dir": "https://127.0.0.1:9/data", "data.cache_dir": str(r / "cache")}),
+     "cannot read it"),
+    ("train: unreadable trainer state (the advice must not restart from step 1)", "pretrain.train",
+     lambda r: _train(r, "run_badstate", **{"schedule.max_steps": 8}), "model.init_from="),
+    ("generate: --prompts-file /dev/zero", "pretrain.inference.generate",
+     lambda r: ["--model", str(r / "export_ok"), "--prompts-file", "/dev/zero"], "more than"),
+    ("generate: non-UTF-8 --stop", "pretrain.inference.generate",
+     lambda r: ["--model", str(r / "export_ok"), "--stop", "caf\udce9"], "--stop"),
+    ("generate: --step graph on a CPU", "pretrain.inference.generate",
+     lambda r: ["--model", str(r / "export_ok"), "--step", "graph", "--device", "cpu"], "--step graph"),
+    ("generate: --num-samples not a number", "pretrain.inference.generate",
+     lambda r: ["--model", str(r / "export_ok"), "--num-samples", "x"], "--num-samples"),
+    ("eval: --num-fewshot -1", "evals.run",
+     lambda r: ["--model", str(r / "run"), "--tasks", "x", "--num-fewshot", "-1"], "--num-fewshot"),
+    ("eval: an unknown option", "evals.run", lambda r: ["--model", str(r / "run"), "--bogus"], "--bogus"),
+    ("export: a run whose config.yaml does not parse", "pretrain.export",
+     lambda r: ["export", "--checkpoint", str(r / "run_badcfg" / "checkpoints"), "--out", str(r / "export3")],
+     "config.yaml"),
+    ("export: no subcommand", "pretrain.export", lambda r: [], "required: command"),
+    ("report: config.yaml with an unknown section", "pretrain.report", lambda r: [str(r / "run_unknown")], "extra"),
+    ("report: malformed eval.json", "pretrain.report", lambda r: [str(r / "run_badeval")], "eval.json"),
+    ("report: no RUN_DIR", "pretrain.report", lambda r: [], "RUN_DIR"),
+    ("plot: an unknown option", "pretrain.plot", lambda r: [str(r / "run"), "--bogus"], "--bogus"),
+    ("prepare: --workers not a number", "data_pipeline.prepare",
+     lambda r: [str(r / "hs_ok.jsonl"), str(r / "prep_out"), "--workers", "x"], "--workers"),
+    ("export: re-export over weights changed since, without --overwrite", "pretrain.export",
+     lambda r: ["export", "--checkpoint", str(r / "export_ok"), "--out", str(r / "export_changed")],
+     "model.safetensors: changed since gpt2-export wrote it"),
+    ("generate: an export record that leaves the weights out", "pretrain.inference.generate",
+     lambda r: ["--model", str(r / "export_uncovered")], "but not model.safetensors"),
     ("export: --push-to-hub not OWNER/NAME", "pretrain.export",
      lambda r: ["export", "--checkpoint", str(r / "run" / "checkpoints"), "--out", str(r / "export"),
                 "--push-to-hub", "no-slash"], "--push-to-hub"),
@@ -297,7 +371,10 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(world, case, capsys
     before = snapshot(world)
     capsys.readouterr()
     t0 = time.perf_counter()
-    rc = importlib.import_module(module).main(argv(world))
+    try:
+        rc = importlib.import_module(module).main(argv(world))
+    except SystemExit as e:  # argparse's refusals
+        rc = e.code
     err = capsys.readouterr().err
     assert rc == 2, err
     lines = err.strip().splitlines()
@@ -310,4 +387,81 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(world, case, capsys
     assert "resume with --resume PATH" not in lines[0]  # the advice fits every command that reads a checkpoint
     assert len(re.sub(r"/\S+", "PATH", lines[0])) <= 300, lines[0]  # each path counted as one word
     assert snapshot(world) == before
+    assert time.perf_counter() - t0 < 5
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def _second_batch_interrupts(monkeypatch) -> None:
+    """gpt2-generate's decode finishes its first batch, then a Ctrl-C arrives during the second."""
+    import pretrain.inference.generate as g
+
+    real, calls = g._decode_batch, []
+
+    def decode(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(g, "_decode_batch", decode)
+
+
+# Ctrl-C in each of the seven commands, through its console script (pyproject.toml): (id, the
+# script's function, argv, where the Ctrl-C lands (module, attribute) or a patcher, the needle).
+CTRL_C = [
+    ("train", "pretrain.train:cli", lambda r: _train(r, **{"schedule.max_steps": 8}),
+     ("pretrain.training.build", "build_trainer"), "resume with: gpt2-train"),
+    ("eval", "evals.run:cli", lambda r: ["--model", str(r / "run"), "--no-hellaswag", "--val-data", str(r / "data")],
+     ("pretrain.model.weights", "load_model"), "no results were written"),
+    ("prepare", "pretrain.cli:prepare", lambda r: [str(r / "hs_ok.jsonl"), str(r / "a_file"), "--no-progress"],
+     ("data_pipeline.prepare", "build_parser"), "rerun the same command"),
+    ("prepare --merge", "pretrain.cli:prepare", lambda r: ["--merge", str(r / "prep_parts")],
+     ("data_pipeline.tasks", "merge"), "rerun gpt2-prepare --merge"),
+    ("export", "pretrain.cli:export",
+     lambda r: ["export", "--checkpoint", str(r / "run" / "checkpoints"), "--out", str(r / "export_ctrl_c")],
+     ("pretrain.export", "load_model"), "rerun the same command"),
+    ("generate", "pretrain.cli:generate",
+     lambda r: ["--model", str(r / "export_ok"), "--num-samples", "2", "--batch-size", "1",
+                "--max-new-tokens", "3", "--device", "cpu"],
+     _second_batch_interrupts, "printed the 1 of 2 samples that were finished"),
+    ("plot", "pretrain.cli:plot", lambda r: [str(r / "run"), "--out", str(r / "plot_ctrl_c.png")],
+     ("pretrain.plot", "plot_runs"), "rerun the same command"),
+    ("report", "pretrain.cli:report", lambda r: [str(r / "run")], ("pretrain.report", "render"),
+     "rerun the same command"),
+]
+
+
+@pytest.mark.parametrize("case", CTRL_C, ids=[c[0] for c in CTRL_C])
+def test_ctrl_c_exits_130_with_one_line_and_changes_nothing(world, case, capsys, monkeypatch):
+    import importlib
+
+    name, script, argv, where, needle = case
+    module, func = script.split(":")
+    entry = getattr(importlib.import_module(module), func)
+    if callable(where):
+        where(monkeypatch)
+    else:
+        monkeypatch.setattr(importlib.import_module(where[0]), where[1], _interrupt)
+    monkeypatch.setattr(sys, "argv", [name, *argv(world)])
+    before = snapshot(world)
+    capsys.readouterr()
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit) as e:
+        entry()
+    out, err = capsys.readouterr()
+    assert e.value.code == 130, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"gpt2-{name.split()[0]}: ") and needle in lines[0], err
+    said = lines[0].split("resume with: ")[0]  # the command that resumes is the user's own, of any length
+    assert "Traceback" not in err and len(re.sub(r"/\S+", "PATH", said)) <= 300
+    if name == "generate":  # the sample finished before the Ctrl-C is printed
+        assert "--- sample 1/2 ---" in out and "sample 2/2" not in out
+
+    def content(snap):  # a run's lock file is taken and released again (its mtime moves; it stays empty)
+        return {k: v.split(":")[0] if k.endswith(".lock") else v for k, v in snap.items()}
+
+    assert content(snapshot(world)) == content(before)
     assert time.perf_counter() - t0 < 5

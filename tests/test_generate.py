@@ -168,7 +168,7 @@ def test_generation_stops_at_end_of_text():
 
 def test_context_limits():
     model = _model()  # block_size 64
-    with pytest.raises(GenerationError, match=r"prompt 1 has 65 tokens but the model's context is 64"):
+    with pytest.raises(GenerationError, match=r"prompt 2 has 65 tokens but the model's context is 64"):
         generate(model, [[1] * 10, [1] * 65], max_new_tokens=5)
     for use_kv_cache in (True, False):
         out = generate(model, [[1] * 60], max_new_tokens=20, temperature=0, eot_id=None, use_kv_cache=use_kv_cache)
@@ -193,7 +193,7 @@ def test_bad_settings(kwargs, message):
 
 def test_bad_prompts():
     model = _model()
-    with pytest.raises(GenerationError, match="prompt 0 is empty"):
+    with pytest.raises(GenerationError, match="prompt 1 is empty"):
         generate(model, [[]], max_new_tokens=3)
     with pytest.raises(GenerationError, match=r"outside \[0, 50257\)"):
         generate(model, [[50257]], max_new_tokens=3)
@@ -283,7 +283,7 @@ def test_cli_prompt_longer_than_context_is_one_line_exit_2(exported):
     )
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
-    assert "prompt 0 has 100 tokens but the model's context is 64 (block_size); shorten the prompt" in r.stderr
+    assert "prompt 1 has 100 tokens but the model's context is 64 (block_size); shorten the prompt" in r.stderr
 
 
 def test_cli_bad_model_is_one_line_exit_2(tmp_path, capsys):

@@ -116,7 +116,7 @@ def test_resume_onto_changed_or_corrupt_data_is_refused(data):
     tokens[5] = (tokens[5] + 1) % 512
     write_shard(p, tokens)
     add_manifest(data)
-    with pytest.raises(ValueError, match=r"train_000000.bin had sha256 \w+ when the checkpoint was saved"):
+    with pytest.raises(ValueError, match=r"train_000000.bin had sha256 \w+\.\.\. when the checkpoint was saved"):
         loader(data).load_state_dict(state)
     # (b) bytes changed under an unchanged manifest: refused when the resumed loader opens the shard
     add_manifest(make_synthetic_shards(data, n_train_shards=3))

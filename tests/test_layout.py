@@ -21,20 +21,23 @@ ALLOWED: list[tuple[str, tuple[str, ...]]] = [
     ("pretrain.inference.cpu", ()),  # the CPU backend: torch only
     ("pretrain.inference", ("pretrain.model", "pretrain.dist", "data_pipeline")),
     ("pretrain.checkpoint", ("pretrain.dist", "data_pipeline.integrity")),
-    ("pretrain.rundir", ()),
+    ("pretrain.rundir", ("pretrain.values",)),
     ("pretrain.schedule", ()),
     ("pretrain.training", ("pretrain.model", "pretrain.checkpoint", "pretrain.dist", "pretrain.config",
                            "pretrain.plan", "pretrain.rundir", "pretrain.schedule", "data_pipeline")),
     ("pretrain.dist", ()),
-    ("pretrain.cli", ("pretrain.dist",)),
-    ("pretrain.config", ("pretrain.model", "pretrain.schedule")),
+    # the console scripts: each command's main, imported when the command runs
+    ("pretrain.cli", ("pretrain.dist", "pretrain.export", "pretrain.report", "pretrain.inference.generate",
+                      "pretrain.plot", "data_pipeline.prepare")),
+    ("pretrain.config", ("pretrain.model", "pretrain.schedule", "pretrain.values")),
+    ("pretrain.values", ()),  # the bounded YAML loader and value quoting: every room's parses
     ("pretrain.plan", ("pretrain.config", "pretrain.checkpoint", "pretrain.model", "pretrain.training",
                        "pretrain.rundir", "pretrain.schedule", "data_pipeline")),
     ("pretrain.plot", ("pretrain.rundir",)),  # gpt2-plot
     # gpt2-eval: loads weights from any spec and ends like gpt2-train
     ("evals.run", ("evals", "pretrain.model", "pretrain.inference", "pretrain.dist", "pretrain.checkpoint",
-                   "pretrain.cli", "data_pipeline")),
-    ("evals", ("pretrain.model", "pretrain.inference", "pretrain.dist", "data_pipeline")),
+                   "pretrain.cli", "pretrain.values", "data_pipeline")),
+    ("evals", ("pretrain.model", "pretrain.inference", "pretrain.dist", "pretrain.values", "data_pipeline")),
     # gpt2-serve: generation's pieces under an engine and an HTTP app; ends like the other commands
     ("pretrain.serve", ("pretrain.model", "pretrain.inference", "pretrain.cli", "pretrain.dist", "data_pipeline")),
     # the composing modules: both pretrain rooms and evals

@@ -274,7 +274,7 @@ def test_cli_help_lists_options_with_defaults(capsys):
     assert "100000000" in out and "default: text" in out
 
 
-def test_cli_end_to_end_and_fsspec_output(corpus, tmp_path):
+def test_cli_end_to_end_and_fsspec_output(corpus, tmp_path, capsys):
     import fsspec
 
     from data_pipeline.prepare import main
@@ -282,6 +282,7 @@ def test_cli_end_to_end_and_fsspec_output(corpus, tmp_path):
     d, _, web = corpus
     assert main([str(d / "web.jsonl"), "memory://prep/out", "--shard-tokens", "4000", "--val-tokens", "3000",
                  "--workers", "2", "--no-progress"]) == 0
+    assert "in-memory filesystem: the shards end with this process" in capsys.readouterr().err  # said, not silent
     mem = fsspec.filesystem("memory")
     man = json.loads(mem.cat("/prep/out/manifest.json"))
     stream = []

@@ -193,3 +193,22 @@ def test_a_remote_dir_without_a_manifest_or_cache_dir_is_refused(tmp_path):
             DistributedTokenLoader("ftp://host/data", "train", 32, 2, 2, cache_dir=tmp_path)
     finally:
         fs.rm(root, recursive=True)
+
+
+def test_a_full_cache_disk_is_one_line_naming_the_cache(remote, tmp_path, monkeypatch):
+    """ENOSPC while a shard is copied into data.cache_dir: a ShardError naming the cache and the
+    knob (the trainer's one line, exit 2), not an OSError traceback."""
+    import errno
+
+    import data_pipeline.store as store
+
+    url, _, _ = remote
+    s = store.ShardStore(url, cache_dir=tmp_path / "cache")
+
+    def full(dest, chunks, stop=None):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dest))
+
+    monkeypatch.setattr(store, "_atomic_copy", full)
+    with pytest.raises(ShardError, match=r"cannot copy train_000000.bin into the shard cache \(No space left on "
+                                         r"device\); free space there or set data.cache_dir"):
+        s._fetch("train_000000.bin")

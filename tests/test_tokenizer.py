@@ -158,7 +158,7 @@ def test_sha256_check_rejects_a_tampered_file(tmp_path, monkeypatch, fresh_encod
     i = data.index(b"\n", 100) + 1  # swap the first two characters of one merge line
     data[i], data[i + 1] = data[i + 1], data[i]
     tampered.write_bytes(bytes(data))
-    with pytest.raises(BPEFileError, match=r"vocab.bpe has sha256 [0-9a-f]{64}, not OpenAI's"):
+    with pytest.raises(BPEFileError, match=r"vocab.bpe has sha256 [0-9a-f]{12}\.\.\., not OpenAI's"):
         mergeable_ranks(str(tampered), encoder_json)
     # and gpt2_encoding() refuses to build from it
     monkeypatch.setattr(tk, "bpe_files", lambda: (str(tampered), encoder_json))

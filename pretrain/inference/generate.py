@@ -58,6 +58,7 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from data_pipeline.arguments import Parser
 from data_pipeline.tokenizer import EOT_ID
 from pretrain.dist import is_fsdp
 from pretrain.inference.decode import (
@@ -91,6 +92,15 @@ GUARANTEE = (
 
 class GenerationError(ValueError):
     """Bad generation input (prompt too long, bad sampling settings): a one-line message."""
+
+
+class GenerationInterrupted(KeyboardInterrupt):
+    """A Ctrl-C while :func:`generate` ran: ``finished`` maps the row index of every row whose
+    batch completed to its new tokens (a stopped ``gpt2-generate`` prints them)."""
+
+    def __init__(self, finished: dict[int, list[int]]) -> None:
+        super().__init__()
+        self.finished = finished
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -251,8 +261,10 @@ def _check_settings(max_new_tokens, temperature, top_k, top_p, step) -> None:
 
 
 def _check_prompts(prompts, cfg) -> list[list[int]]:
+    """The prompts as lists, checked; a bad one is named by its place counted from 1 (a prompts
+    file's line number when the prompts are its lines)."""
     rows = prompts.tolist() if isinstance(prompts, torch.Tensor) else [list(p) for p in prompts]
-    for i, p in enumerate(rows):
+    for i, p in enumerate(rows, 1):
         if not p:
             raise GenerationError(f"prompt {i} is empty; start it with <|endoftext|> ({EOT_ID}) for unconditional samples")
         if len(p) > cfg.block_size:
@@ -362,13 +374,16 @@ def _stop_lists(stop, n: int) -> list[list[str]] | None:
 # Generation
 
 
+CUDA_STEPS = ("graph", "compile+graph", "reduce-overhead")  # decode steps replayed as CUDA graphs
+
+
 def _decode_mode(step: str, model: GPT, static: bool) -> str:
     if step == "auto":
         cuda = model.transformer.wte.weight.device.type == "cuda"
         return "graph" if cuda and static and not is_fsdp(model) else "eager"
     if is_fsdp(model) and step != "eager":
         raise GenerationError(f"step {step!r}: an FSDP-sharded model decodes eagerly (step='eager' or 'auto')")
-    if step in ("graph", "compile+graph", "reduce-overhead") and not static:
+    if step in CUDA_STEPS and not static:
         raise GenerationError(f"step {step!r} needs CUDA and a sampler without host syncs (not top-k on a CPU)")
     return step
 
@@ -505,6 +520,7 @@ def generate(
     order = sorted((i for i in range(len(rows)) if limits[i] > 0), key=lambda i: -len(rows[i]))
     size = batch_size or max(len(order), 1)
     was_training = model.training
+    done: set[int] = set()
     model.eval()
     try:
         # FSDP2 checks its parameters' version counters when it gathers them, which inference
@@ -530,6 +546,9 @@ def generate(
                         new = [t[: stops.cut[b]] if stops.update(b, t) else t for b, t in enumerate(new)]
                 for i, toks in zip(members, new):
                     results[i] = toks
+                    done.add(i)
+    except KeyboardInterrupt:
+        raise GenerationInterrupted({i: results[i] for i in sorted(done)}) from None
     finally:
         model.train(was_training)
     return results
@@ -548,7 +567,7 @@ class _Prompts(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="gpt2-generate",
         description="Sample continuations of prompts from a GPT-2 (HF directory, hub name or native checkpoint). "
                     "Batched prompts: " + GUARANTEE + ".",
@@ -581,13 +600,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MAX_PROMPTS_BYTES = 64 << 20  # a prompts file: a few thousand lines; more is the wrong file
+BATCH_MEMORY_BYTES = 1 << 30  # the default batch: as many rows as this much KV cache and logits hold
+
+
+def default_batch(config, prompt_tokens: int, max_new_tokens: int, rows: int, itemsize: int) -> int:
+    """Rows decoded together when --batch-size is not given: all of them, or as many as
+    ``BATCH_MEMORY_BYTES`` of KV cache (2 x layers x context x width) and logits (the vocabulary)
+    hold -- a prompts file of 20,000 lines is decoded in batches, not one 20,000-row tensor."""
+    context = min(config.block_size, prompt_tokens + max_new_tokens)
+    per_row = (2 * config.n_layer * context * config.n_embd + 2 * config.vocab_size) * itemsize
+    return max(1, min(rows, BATCH_MEMORY_BYTES // max(per_row, 1)))
+
+
 def read_prompts(args: argparse.Namespace) -> list[str]:
     """The prompts in order: every ``--prompt``, then each line of ``--prompts-file``."""
     prompts = list(args.prompt) if isinstance(args.prompt, list) else []
     if args.prompts_file is not None:
         path = Path(args.prompts_file)
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            with open(path, "rb") as f:  # a bound whatever the file is (a pipe, /dev/zero)
+                raw = f.read(MAX_PROMPTS_BYTES + 1)
+            if len(raw) > MAX_PROMPTS_BYTES:
+                raise GenerationError(f"--prompts-file {path}: more than {MAX_PROMPTS_BYTES:,} bytes; split it "
+                                      "into several files of one prompt a line")
+            lines = raw.decode("utf-8").splitlines()
         except OSError as e:
             raise GenerationError(f"--prompts-file {path}: cannot read it ({e.strerror}); "
                                   "give a text file with one prompt a line") from None
@@ -597,6 +634,14 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
             raise GenerationError(f"--prompts-file {path}: holds no prompts; write one prompt a line")
         prompts += lines
     return prompts or [args.prompt]
+
+
+def _print_samples(texts: list[str], outs: dict[int, list[int]], tok, total: int) -> None:
+    """Each sample (its prompt and continuation) in order, numbered among all ``total``."""
+    for i in sorted(outs):
+        if total > 1:
+            print(f"--- sample {i + 1}/{total} ---")
+        print(texts[i] + tok.decode(outs[i]), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -613,24 +658,36 @@ def main(argv: list[str] | None = None) -> int:
             raise GenerationError(f"--batch-size must be >= 1, got {args.batch_size}")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise GenerationError(f"--device {args.device}: CUDA is not available here; pass --device cpu")
+        if args.step in CUDA_STEPS and not device.startswith("cuda"):
+            raise GenerationError(f"--step {args.step} replays CUDA graphs, which need --device cuda; on {device} "
+                                  "pass --step auto, eager or compile")
+        for s in args.stop or []:
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError:
+                raise GenerationError(f"--stop {s.encode('utf-8', 'surrogateescape')!r}: not UTF-8 text (the "
+                                      "tokenizer's text is); pass it in UTF-8") from None
         texts = read_prompts(args)
         source = resolve(args.model)
         model = load_model(source).to(device=device, dtype=getattr(torch, args.dtype))
         if source.note:
             print(source.note, file=sys.stderr)
         tok = get_tokenizer()
-        ids = [tok.encode(t) or [tok.eot_id] for t in texts]
+        ids = _check_prompts([tok.encode(t) or [tok.eot_id] for t in texts], model.config)  # per prompt, from 1
         for i, p in enumerate(ids):
             room = model.config.block_size - len(p)
             if 0 <= room < args.max_new_tokens:
                 print(f"note: the context holds {model.config.block_size} tokens and prompt {i + 1} {len(p)}; "
                       f"generating at most {room}", file=sys.stderr)
+        rows = [p for p in ids for _ in range(args.num_samples)]
+        batch = args.batch_size or default_batch(model.config, max(map(len, rows)), args.max_new_tokens, len(rows),
+                                                 torch.empty((), dtype=getattr(torch, args.dtype)).element_size())
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         outs = generate(
             model,
-            [p for p in ids for _ in range(args.num_samples)],
+            rows,
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             top_k=args.top_k,
@@ -638,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             use_kv_cache=not args.no_kv_cache,
             stop=args.stop,
-            batch_size=args.batch_size,
+            batch_size=batch,
             step=args.step,
         )
         if device.startswith("cuda"):
@@ -647,14 +704,15 @@ def main(argv: list[str] | None = None) -> int:
     except (GenerationError, WeightsError) as e:
         print(f"gpt2-generate: error: {e}", file=sys.stderr)
         return 2
-    texts = [t for t in texts for _ in range(args.num_samples)]
-    for i, (text, new) in enumerate(zip(texts, outs)):
-        if len(outs) > 1:
-            print(f"--- sample {i + 1}/{len(outs)} ---")
-        print(text + tok.decode(new))
+    except GenerationInterrupted as e:  # print what was finished, then the one line (pretrain/cli.py's 130)
+        _print_samples([t for t in texts for _ in range(args.num_samples)], e.finished, tok, len(rows))
+        print(f"gpt2-generate: interrupted (Ctrl-C); printed the {len(e.finished)} of {len(rows)} samples that were "
+              "finished", file=sys.stderr)
+        return 130
+    _print_samples([t for t in texts for _ in range(args.num_samples)], dict(enumerate(outs)), tok, len(outs))
     n = sum(len(o) for o in outs)
     print(
-        f"{n} new tokens in {dt:.2f} s: {n / max(dt, 1e-9):.1f} tokens/s (batch {args.batch_size or len(outs)}, "
+        f"{n} new tokens in {dt:.2f} s: {n / max(dt, 1e-9):.1f} tokens/s (batch {batch}, "
         f"{'no KV cache' if args.no_kv_cache else 'KV cache, step ' + args.step}, {device}, {args.dtype})",
         file=sys.stderr,
     )

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,6 +249,10 @@ def has_export_record(directory: Path) -> bool:
         return True  # a broken record: reading it says so
 
 
+WEIGHT_FILES = ("config.json", "model.safetensors")  # what a load reads: the rest of an export is card and tokenizer
+_NOTED: set[str] = set()  # exports whose edited extra files were noted already (a load reads the record twice)
+
+
 def verify_export(directory: Path) -> None:
     """An export of ours holds what its ``gpt2_export.json`` records (sha256 and size of every
     file written); a directory without the record is not ours, or predates it: nothing to check
@@ -264,12 +269,23 @@ def verify_export(directory: Path) -> None:
         expected = [integrity.Expected(directory / name, str(r["sha256"]), int(r["size"])) for name, r in record.items()]
     except (KeyError, TypeError, ValueError) as e:
         raise HFConversionError(f"{marker}: unreadable file record ({e}); export the model again") from None
+    uncovered = [n for n in WEIGHT_FILES if n not in record]
+    if uncovered:
+        raise HFConversionError(f"{marker}: records {len(record)} files but not {uncovered[0]}, so the weights cannot "
+                                "be verified; export the model again (gpt2-export export ... --overwrite)")
     bad = integrity.verify_files(expected)
-    if bad:
+    weights = [b for b in bad if b.path.name in WEIGHT_FILES]
+    if weights:
+        others = f"; {len(bad) - len(weights)} other file(s) changed too" if len(bad) > len(weights) else ""
         raise HFConversionError(
-            f"{bad[0].path}: content does not match its {EXPORT_MARKER} record ({bad[0].describe(digits=12)}); "
-            "the export is corrupt: export it again (gpt2-export export ... --overwrite)"
+            f"{weights[0].path}: content does not match its {EXPORT_MARKER} record ({weights[0].describe(digits=12)})"
+            f"{others}; the weights changed since the export: export it again (gpt2-export export ... --overwrite)"
         )
+    if bad and str(directory) not in _NOTED:  # a card edited by hand: say so, and load
+        _NOTED.add(str(directory))
+        names = ", ".join(b.path.name for b in bad[:3]) + (", ..." if len(bad) > 3 else "")
+        print(f"note: {directory}: {names} changed since the export ({bad[0].describe(digits=12)}); "
+              f"{', '.join(WEIGHT_FILES)} match their {EXPORT_MARKER} record, so the weights are intact", file=sys.stderr)
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -378,6 +394,25 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
                 f"{out} is not empty and not a previous export (holds {held[:3]}, no {EXPORT_MARKER}); "
                 "choose an empty directory or pass overwrite=True (--overwrite)"
             )
+    if out.is_dir() and not overwrite and (out / EXPORT_MARKER).is_file():
+        changed = _changed_since_export(out)
+        if changed:
+            raise HFConversionError(f"{out / changed}: changed since gpt2-export wrote it (it no longer matches "
+                                    f"{EXPORT_MARKER}); pass --overwrite to replace it, or choose another --out")
+
+
+def _changed_since_export(out: Path) -> str | None:
+    """The first weights file of the earlier export in ``out`` that no longer matches its record
+    (weights fine-tuned in place, say): a re-export must not replace it silently."""
+    try:
+        record = json.loads((out / EXPORT_MARKER).read_text()).get("files") or {}
+    except (OSError, ValueError, AttributeError):
+        return None  # an unreadable record: the export is replaced, as an unfinished one is
+    for name in WEIGHT_FILES:
+        r = record.get(name) if isinstance(record, dict) else None
+        if isinstance(r, dict) and (out / name).is_file() and sha256_file(out / name)[0] != r.get("sha256"):
+            return name
+    return None
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -226,6 +226,24 @@ def state_from_native(state_dict: dict, config_dict: dict, source: str) -> tuple
 
 
 # ---------------------------------------------------------------------------------------------
+# Provenance
+
+
+def provenance(source: WeightsSource) -> dict:
+    """What a run records about the weights it started from (``model.init_from``): the spec, its
+    kind, the directory read, and for an export of ours the sha256 its record holds of the weights
+    file (a model card states them: pretrain/card.py)."""
+    out = {"spec": source.spec, "kind": source.kind, "path": str(source.path) if source.path is not None else None}
+    if source.kind == "hf" and source.path is not None and (source.path / EXPORT_MARKER).is_file():
+        try:
+            files = read_json_object(source.path / EXPORT_MARKER).get("files") or {}
+            out["sha256"] = {n: r["sha256"] for n, r in files.items() if n.endswith((".safetensors", ".bin"))}
+        except (HFConversionError, AttributeError, KeyError, TypeError):
+            pass
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # The hub
 
 

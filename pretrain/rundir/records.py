@@ -29,12 +29,30 @@ def write_config(run_dir: str | os.PathLike, text: str) -> None:
     config_path(run_dir).write_text(text)
 
 
+class RecordError(ValueError):
+    """A run-directory record that exists but cannot be read: one line naming the file."""
+
+
 def read_config(run_dir: str | os.PathLike) -> dict | None:
-    """The run's config as plain data, None when it has none."""
-    import yaml
+    """The run's config as plain data, None when it has none; RecordError (one line) when it
+    does not parse (read through the one bounded YAML loader, ``pretrain.values``)."""
+    from pretrain.values import MAX_YAML_BYTES, BoundError, load_yaml, read_bounded
 
     p = config_path(run_dir)
-    return (yaml.safe_load(p.read_text()) or {}) if p.is_file() else None
+    if not p.is_file():
+        return None
+    try:
+        data = load_yaml(read_bounded(p, MAX_YAML_BYTES, "config file"))
+    except BoundError as e:
+        said = str(e) if str(e).startswith(str(p)) else f"{p}{' ' if str(e).startswith('(') else ': '}{e}"
+        raise RecordError(said) from None
+    except OSError as e:
+        raise RecordError(f"{p}: cannot read it ({e.strerror or e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecordError(f"{p}: a config is a mapping of sections, got {type(data).__name__}")
+    return data
 
 
 def record_environment(run_dir: str | os.PathLike, env: dict, resume_step: int | None) -> None:

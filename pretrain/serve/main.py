@@ -20,7 +20,9 @@ PROG = "gpt2-serve"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+    from data_pipeline.arguments import Parser  # argparse whose refusals are one line, as every CLI's
+
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="HF model directory / hub name, or a native checkpoint (directory)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")

@@ -161,9 +161,12 @@ def build_trainer(plan: RunPlan, evaluators: list | tuple = ()):
     peak, peak_source = resolve_peak(info.device, t.dtype, t.peak_tflops)
     if info.is_main:
         write_config(plan.run_dir, cfg.to_yaml())
-        record_environment(plan.run_dir, run_environment(info.device, info.world_size, wrapped.mode, t.dtype,
-                                                          t.compile, peak, peak_source),
-                           plan.resume_step if plan.resume_from is not None else None)
+        env = run_environment(info.device, info.world_size, wrapped.mode, t.dtype, t.compile, peak, peak_source)
+        if plan.init_source is not None:  # the weights this run started from: the model card states them
+            from pretrain.model.weights import provenance
+
+            env["init_from"] = provenance(plan.init_source)
+        record_environment(plan.run_dir, env, plan.resume_step if plan.resume_from is not None else None)
     logger.print("resolved config:\n" + cfg.to_yaml().rstrip())
     logger.print(startup_summary(
         world_size=info.world_size, mode=wrapped.mode, device=info.device, n_params=n_params,
