@@ -79,45 +79,6 @@ def run_facts(source) -> RunFacts:
     return facts
 
 
-OPENAI_GPT2 = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # legacy hub names, now openai-community/<name>
-
-
-def init_record(environment: list, config: dict | None = None) -> dict | None:
-    """What ``environment.json`` records of the weights the run started from (``model.init_from``,
-    written by the fresh start: ``pretrain.model.weights.provenance``), or None (from scratch).
-    Without that record (a run older than it), the run's ``config.yaml`` ``model.init_from``."""
-    first = next((e for e in environment if isinstance(e, dict) and e.get("start_step") == 0), None)
-    record = (first or {}).get("init_from")
-    if isinstance(record, dict) and record.get("spec"):
-        return record
-    spec = ((config or {}).get("model") or {}).get("init_from") if isinstance(config, dict) else None
-    if first is None and isinstance(spec, str) and spec:
-        return {"spec": spec, "kind": None, "path": None}  # what kind of source it was is not recorded
-    return None
-
-
-def base_model(record: dict | None) -> str | None:
-    """The Hub's ``base_model`` id of the starting weights: only a hub model has one."""
-    if record is None or record.get("kind") != "hub":
-        return None
-    spec = str(record["spec"])
-    return f"openai-community/{spec}" if spec in OPENAI_GPT2 else spec
-
-
-def starting_weights(record: dict | None) -> str:
-    """One sentence of where the weights began: from scratch, or the ``model.init_from`` source
-    (its name or path, and the sha256 its export record holds)."""
-    if record is None:
-        return "trained from scratch (random initialization)"
-    kind = {"hub": "the Hugging Face Hub model", "hf": "the Hugging Face directory",
-            "checkpoint": "the gpt2-pretrain checkpoint"}.get(record.get("kind"), "the weights")
-    where = record.get("path") if record.get("kind") != "hub" and record.get("path") else record["spec"]
-    digests = record.get("sha256") or {}
-    said = "; ".join(f"{n} sha256 {d}" for n, d in digests.items()) if isinstance(digests, dict) else ""
-    said = f" ({said}, from its gpt2_export.json record)" if said else ""
-    return f"fine-tuned from {kind} `{where}`{said} (model.init_from); the steps and tokens below are the fine-tune's"
-
-
 def _dataset_id(facts: RunFacts) -> str | None:
     """The Hub dataset the run trained on (``owner/name``), when it was one."""
     path = facts.data_source.get("path") if isinstance(facts.data_source, dict) else None
@@ -177,7 +138,7 @@ def _recipe(facts: RunFacts) -> list[str]:
 def body(model, facts: RunFacts, name: str, repo_id: str | None) -> str:
     """The card's Markdown below its metadata."""
     from evals.tasks import REFERENCE
-    from pretrain.report import core_notes, duration, throughput
+    from pretrain.report import core_notes, duration, init_record, starting_weights, throughput
 
     g = model.config
     where = repo_id or "PATH_TO_THIS_DIRECTORY"
@@ -229,6 +190,8 @@ def body(model, facts: RunFacts, name: str, repo_id: str | None) -> str:
 def build_card(model, facts: RunFacts, name: str, repo_id: str | None = None):
     """The ``huggingface_hub.ModelCard``: metadata (license, datasets, tags, model-index) and body."""
     from huggingface_hub import ModelCard, ModelCardData
+
+    from pretrain.report import base_model, init_record
 
     dataset = _dataset_id(facts)
     data = ModelCardData(language="en", license="mit", library_name="transformers", pipeline_tag="text-generation",

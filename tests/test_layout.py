@@ -33,7 +33,7 @@ ALLOWED: list[tuple[str, tuple[str, ...]]] = [
     ("pretrain.values", ()),  # the bounded YAML loader and value quoting: every room's parses
     ("pretrain.plan", ("pretrain.config", "pretrain.checkpoint", "pretrain.model", "pretrain.training",
                        "pretrain.rundir", "pretrain.schedule", "data_pipeline")),
-    ("pretrain.plot", ("pretrain.rundir",)),  # gpt2-plot
+    ("pretrain.plot", ("pretrain.rundir", "data_pipeline")),  # gpt2-plot
     # gpt2-eval: loads weights from any spec and ends like gpt2-train
     ("evals.run", ("evals", "pretrain.model", "pretrain.inference", "pretrain.dist", "pretrain.checkpoint",
                    "pretrain.cli", "pretrain.values", "data_pipeline")),
