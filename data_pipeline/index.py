@@ -28,15 +28,8 @@ import numpy as np
 from data_pipeline import integrity
 from data_pipeline import tokenizer as tok
 from data_pipeline.job import MANIFEST_VERSION, PrepareError, check_out_dir, tokenizer_info
-from data_pipeline.shards import (
-    HEADER_BYTES,
-    TOKEN_DTYPE,
-    is_url,
-    local_path,
-    read_header,
-    read_manifest,
-    read_shard,
-)
+from data_pipeline.manifest import read_manifest
+from data_pipeline.shards import HEADER_BYTES, TOKEN_DTYPE, is_url, local_path, read_header, read_shard
 from data_pipeline.store import token_range_error
 
 

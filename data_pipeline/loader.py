@@ -51,7 +51,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,7 @@ from data_pipeline import integrity
 from data_pipeline.shards import HEADER_BYTES, TOKEN_DTYPE, ShardError, expected, read_shard
 from data_pipeline.store import PREFETCH_SHARDS, ShardStore, token_range_error
 
-__all__ = ["DistributedTokenLoader", "SplitInfo", "inspect_split", "check_resume_state", "rebuild_hint",
+__all__ = ["DistributedTokenLoader", "SplitInfo", "inspect_split", "as_saved", "check_resume_state", "rebuild_hint",
            "integrity_error", "token_range_error"]
 
 _STATE_VERSION = 1
@@ -71,7 +71,7 @@ _STATE_VERSION = 1
 def rebuild_hint(data_dir: str | os.PathLike) -> str:
     """How to rebuild the shards of ``data_dir``: its manifest's exact ``gpt2-prepare`` command."""
     try:
-        return ShardStore(data_dir).rebuild_hint()
+        return ShardStore(data_dir).manifest.rebuild_hint()
     except ShardError:
         return f"rebuild it with the `gpt2-prepare SOURCE {data_dir}` command that made it"
 
@@ -118,10 +118,11 @@ def inspect_split(data_dir: str | os.PathLike, split: str, seq_len: int, micro_b
     :class:`ShardError` naming the file (or the directory) and the fix. The run plan calls it
     before anything is built; the loader calls it when built."""
     store = ShardStore(data_dir, cache_dir)
-    store.check_complete(allow_incomplete)
-    pairs = store.entries(split)
+    manifest = store.manifest  # read once, here; handed on in the SplitInfo
+    manifest.check_complete(allow_incomplete)
+    pairs = manifest.entries(split)
     files, entries = [p for p, _ in pairs], [e for _, e in pairs]
-    shard_tokens = store.token_counts(pairs)
+    shard_tokens = manifest.token_counts(pairs)
     max_ids = [int(e["max_token_id"]) if e is not None and isinstance(e.get("max_token_id"), int) else None
                for e in entries]
     if vocab_size is not None:
@@ -149,6 +150,21 @@ def inspect_split(data_dir: str | os.PathLike, split: str, seq_len: int, micro_b
     verify = verify or store.remote  # a copy is only ever used verified
     exp = [expected(f, e) if verify else None for f, e in pairs]
     return SplitInfo(store, split, files, shard_tokens, entries, exp, max_ids)
+
+
+def as_saved(info: SplitInfo, state: Any) -> SplitInfo:
+    """The split a resume continues on: when the loader ``state`` was saved on the first shards of
+    ``info`` and the prepare has since written more (a run with ``data.allow_incomplete``, resumed
+    after the prepare finished), those first shards; else ``info`` itself."""
+    saved = state.get("shards") if isinstance(state, dict) else None
+    if not isinstance(saved, list) or not 0 < len(saved) < len(info.files):
+        return info
+    now = [[f.name, int(n)] for f, n in zip(info.files, info.shard_tokens)]
+    if [list(s[:2]) for s in saved] != now[: len(saved)]:
+        return info  # another set of shards: check_resume_state says so
+    k = len(saved)
+    return replace(info, files=info.files[:k], shard_tokens=info.shard_tokens[:k], entries=info.entries[:k],
+                   expected=info.expected[:k], max_ids=info.max_ids[:k])
 
 
 def check_resume_state(state: Any, info: SplitInfo, seq_len: int, global_batch_seqs: int, micro_batch_size: int,

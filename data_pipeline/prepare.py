@@ -85,6 +85,7 @@ from data_pipeline.job import (
     stop_on_signals,
     tokenizer_info,
 )
+from data_pipeline.manifest import read_manifest
 from data_pipeline.shards import (
     MANIFEST_NAME,
     ShardError,
@@ -93,7 +94,6 @@ from data_pipeline.shards import (
     join,
     local_path,
     part_name,
-    read_manifest,
     shard_bytes,
     write_manifest,
 )

@@ -15,10 +15,10 @@ next to ``manifest.json``::
 ``sha256`` covers the whole file (header and tokens); ``max_token_id`` (written since the
 integrity checks; older manifests and llm.c's own shards lack it) lets a reader refuse ids the
 model cannot embed without reading the shard. ``final: true`` marks the last (short) shard of a
-prepared stream. :func:`shard_entries` gives each shard with its manifest entry;
-:func:`expected` turns an entry into what ``data_pipeline.integrity`` checks. A prepare split
-into tasks (``data_pipeline/tasks.py``) keeps one manifest per task (:func:`part_name`) until
-``--merge`` writes ``manifest.json``; readers go through ``data_pipeline.store``.
+prepared stream. ``manifest.shard_entries`` gives each shard with its manifest entry;
+:func:`expected` turns an entry into what ``data_pipeline.integrity`` checks. The manifest
+itself (reading, checking, listing a split) is ``data_pipeline.manifest``; readers go through
+``data_pipeline.store``.
 
 Everything written here is atomic: a temporary name in the same directory, fsync, then a
 rename, so a reader (or a resumed ``prepare``) never sees half a file under the final name.
@@ -45,9 +45,9 @@ HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4  # 1024
 TOKEN_DTYPE = np.dtype("<u2")
 MAX_TOKEN_ID = int(np.iinfo(np.uint16).max)
-MANIFEST_NAME = "manifest.json"
 SPLITS = ("val", "train")
-_SHARD_RE = re.compile(r"^(?P<split>[a-z]+)_(?P<index>\d{6})\.bin$")
+MANIFEST_NAME = "manifest.json"
+SHARD_RE = re.compile(r"^(?P<split>[a-z]+)_(?P<index>\d{6})\.bin$")
 _PART_RE = re.compile(r"^manifest\.task-(?P<task>\d{5})-of-(?P<tasks>\d{5})\.json$")
 
 
@@ -221,40 +221,6 @@ def expected(path: Path, entry: dict | None) -> integrity.Expected | None:
     return integrity.Expected(path, entry["sha256"], shard_bytes(tokens) if isinstance(tokens, int) else None)
 
 
-# A damaged manifest's advice: its shards stay, and a prepare refuses shards it has no manifest for.
-_DAMAGED = "restore it from a copy, or prepare again into a new OUT_DIR (remove this directory once that is done)"
-
-
-def parse_manifest(text: str, where: str) -> dict:
-    """A manifest's JSON text, checked to be an object with a ``shards`` list (``where`` names it)."""
-    try:
-        manifest = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ShardError(f"{where}: not valid JSON ({str(e)[:80]}); {_DAMAGED}") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
-        raise ShardError(f"{where}: a manifest needs a 'shards' list; {_DAMAGED}")
-    return manifest
-
-
-def read_manifest(data_dir: str | os.PathLike, name: str = MANIFEST_NAME) -> dict | None:
-    """The parsed ``manifest.json`` (or the manifest ``name``) of ``data_dir``, or None when there is none."""
-    path = join(data_dir, name)
-    try:
-        if is_url(path):
-            import fsspec
-
-            fs, p = fsspec.core.url_to_fs(path)
-            if not fs.exists(p):
-                return None
-            with fs.open(p, "r") as f:
-                text = f.read()
-        else:
-            text = Path(path).read_text()
-    except FileNotFoundError:
-        return None
-    return parse_manifest(text, path)
-
-
 def write_manifest(data_dir: str | os.PathLike, manifest: dict, name: str = MANIFEST_NAME) -> None:
     """Write ``manifest.json`` (or the manifest ``name``) into ``data_dir`` atomically (temp + rename)."""
     text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
@@ -269,60 +235,3 @@ def part_name(task: int, tasks: int) -> str:
 def part_manifests(data_dir: Path) -> list[Path]:
     """The task manifests in ``data_dir`` (a prepare split into tasks, merged or not)."""
     return sorted(p for p in Path(data_dir).glob("manifest.task-*-of-*.json") if _PART_RE.match(p.name))
-
-
-def safe_name(name: str) -> bool:
-    """A manifest names plain files next to it; never a path elsewhere ('..', absolute, subdirs)."""
-    return bool(name) and name not in (".", "..") and Path(name).name == name and "\\" not in name
-
-
-def manifest_entries(manifest: dict, split: str, where: str) -> list[dict]:
-    """The entries of ``split`` in ``manifest`` (``where`` names it in errors), each a safe name."""
-    out = []
-    for s in manifest["shards"]:
-        if not isinstance(s, dict) or s.get("split") != split:
-            continue
-        name = str(s.get("file", ""))
-        if not safe_name(name):
-            raise ShardError(
-                f"{where}: shard entry {name!r} points outside its directory; a manifest may only list "
-                "plain file names in its own directory (re-run prepare)"
-            )
-        out.append(s)
-    totals = manifest.get("totals")
-    said = totals.get(f"{split}_shards") if isinstance(totals, dict) else None
-    if manifest.get("complete") and isinstance(said, int) and said != len(out):
-        raise ShardError(f"{where}: lists {len(out)} {split} shards but its totals say {said}; the manifest was "
-                         "edited or damaged: restore it, or prepare again into a new OUT_DIR")
-    return out
-
-
-def shard_entries(data_dir: str | os.PathLike, split: str, manifest: dict | None = None,
-                  ) -> list[tuple[Path, dict | None]]:
-    """The shard files of ``split`` in ``data_dir`` with their manifest entries: manifest order
-    when there is a manifest (``manifest``: already read), else the sorted ``{split}_*.bin`` files
-    (e.g. shards written by llm.c's own scripts), whose entries are None."""
-    d = local_path(data_dir)
-    if not d.is_dir():
-        raise NoShardsError(f"{d}: data directory not found; run `gpt2-prepare SOURCE {d}` first")
-    if manifest is None:
-        manifest = read_manifest(d)
-    if manifest is not None:
-        out = [(d / s["file"], s) for s in manifest_entries(manifest, split, str(d / MANIFEST_NAME))]
-    else:
-        parts = part_manifests(d)
-        if parts:
-            raise ShardError(
-                f"{d}: holds the task manifests of a prepare split into tasks ({parts[0].name}, ...) but no "
-                f"{MANIFEST_NAME}; when every task is complete, run: gpt2-prepare --merge {d}"
-            )
-        out = [(p, None) for p in sorted(p for p in d.glob(f"{split}_*.bin") if _SHARD_RE.match(p.name))]
-    if not out:
-        where = f"{d / MANIFEST_NAME}" if manifest is not None else f"{d}/{split}_*.bin"
-        raise NoShardsError(f"{where}: no '{split}' shards; run `gpt2-prepare SOURCE {d}` (or check the split name)")
-    return out
-
-
-def list_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
-    """The shard files of ``split`` in ``data_dir`` (see :func:`shard_entries`)."""
-    return [p for p, _ in shard_entries(data_dir, split)]

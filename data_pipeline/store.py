@@ -23,7 +23,7 @@ A remote directory needs a manifest with sha256 records (what ``gpt2-prepare`` w
 The cache is not evicted (a later epoch or run reads the copies; they are re-hashed on first use).
 
 Error advice names the command for *this* directory: the ``gpt2-prepare`` command its manifest
-records (:meth:`ShardStore.rebuild_hint`), never a configured default.
+records (``data_pipeline.manifest.Manifest.rebuild_hint``), never a configured default.
 """
 
 from __future__ import annotations
@@ -40,20 +40,8 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline import integrity
-from data_pipeline.shards import (
-    HEADER_BYTES,
-    MANIFEST_NAME,
-    TOKEN_DTYPE,
-    NoShardsError,
-    ShardError,
-    local_path,
-    manifest_entries,
-    parse_manifest,
-    read_header,
-    read_manifest,
-    shard_bytes,
-    shard_entries,
-)
+from data_pipeline.manifest import MANIFEST_NAME, Manifest, open_manifest
+from data_pipeline.shards import HEADER_BYTES, TOKEN_DTYPE, ShardError, local_path
 
 PREFETCH_SHARDS = 1  # remote data: shards fetched ahead of the one being read
 _CHUNK = 1 << 22
@@ -106,7 +94,8 @@ class ShardStore:
 
     ``ShardStore(data_dir, cache_dir=None)``: see the module doc. Attributes: ``where`` (the
     directory as given), ``root`` (the local directory of the files to read), ``remote``,
-    ``manifest`` (None for a local directory without one) and ``manifest_ref`` (its location)."""
+    ``manifest`` (a ``data_pipeline.manifest.Manifest``, read once here and handed on: a split's
+    shards, their token counts, the prepare's command) and ``manifest_ref`` (its location)."""
 
     def __init__(self, data_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> None:
         self.where = str(data_dir)
@@ -114,12 +103,15 @@ class ShardStore:
         if not self.remote:
             self.root = local_path(data_dir)
             self.manifest_ref = str(self.root / MANIFEST_NAME)
-            self.manifest = read_manifest(self.root) if self.root.is_dir() else None
-            return
-        self._open_remote(cache_dir)
+            text = None
+        else:
+            text = self._open_remote(cache_dir)
+        self.manifest: Manifest = open_manifest(self.where, self.root, self.manifest_ref, text,
+                                                self._remote_sizes if self.remote else None)
 
     # ---- remote ------------------------------------------------------------------------------------
-    def _open_remote(self, cache_dir: str | os.PathLike | None) -> None:
+    def _open_remote(self, cache_dir: str | os.PathLike | None) -> str:
+        """Set up the cache for the URL and fetch its manifest's text (a copy kept in the cache)."""
         import fsspec
 
         from data_pipeline.sources import SourceError, check_protocol
@@ -148,14 +140,14 @@ class ShardStore:
             ) from None
         except OSError as e:
             raise ShardError(f"{self.manifest_ref}: cannot read it ({e}); check the URL and credentials") from None
-        self.manifest = parse_manifest(text, self.manifest_ref)
+        self._sizes: dict[str, int] | None = None
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             _atomic_copy(self.root / MANIFEST_NAME, [text.encode()])  # the cache dir describes itself
         except OSError as e:
             raise ShardError(f"{self.root}: cannot write the shard cache ({e.strerror or e}); set data.cache_dir "
                              "to a writable node-local directory") from None
-        self._sizes: dict[str, int] | None = None
+        return text
 
     def _remote_sizes(self) -> dict[str, int]:
         """Sizes of the files at the URL (one listing)."""
@@ -167,9 +159,6 @@ class ShardStore:
             self._sizes = {str(x["name"]).rstrip("/").rsplit("/", 1)[-1]: int(x.get("size") or 0) for x in listing
                            if x.get("type", "file") != "directory"}
         return self._sizes
-
-    def _url(self, name: str) -> str:
-        return f"{self.where.rstrip('/')}/{name}"
 
     def _fetch(self, name: str, replace_inode: int | None = None, stop: Callable[[], bool] | None = None) -> None:
         """Copy ``name`` into :attr:`root` unless a copy is there (or, ``replace_inode`` given, unless
@@ -189,109 +178,31 @@ class ShardStore:
                 with self.fs.open(f"{self._path}/{name}", "rb") as src:
                     _atomic_copy(dest, iter(lambda: src.read(_CHUNK), b""), stop)
             except FileNotFoundError:
-                raise ShardError(f"{self._url(name)}: listed in {MANIFEST_NAME} but not found there; "
-                                 f"{self.rebuild_hint()} and upload it again") from None
+                raise ShardError(f"{self.manifest.url(name)}: listed in {MANIFEST_NAME} but not found there; "
+                                 f"{self.manifest.rebuild_hint()} and upload it again") from None
             except OSError as e:  # the cache's disk (full, read-only) or the network: one line either way
                 if e.errno in _CACHE_ERRNOS:
                     raise ShardError(f"{self.root}: cannot copy {name} into the shard cache ({e.strerror}); free "
                                      "space there or set data.cache_dir to a node-local directory with room for the "
                                      "shards, then resume") from None
-                raise ShardError(f"{self._url(name)}: cannot fetch it ({' '.join(str(e).split())[:120]}); check the "
+                raise ShardError(f"{self.manifest.url(name)}: cannot fetch it ({' '.join(str(e).split())[:120]}); check the "
                                  "URL, the network and credentials, then resume") from None
 
     # ---- both ----------------------------------------------------------------------------------------
-    def check_complete(self, allow_incomplete: bool = False) -> None:
-        """Refuse a directory whose ``gpt2-prepare`` has not finished (``complete: false``), naming the
-        command that finishes it, unless ``allow_incomplete``."""
-        m = self.manifest
-        if m is None or m.get("complete", True) is not False or allow_incomplete:
-            return
-        cmd = self.command()
-        n = len(m.get("shards") or [])
-        finish = f"finish it with: {cmd}" if cmd else "finish its prepare"
-        raise ShardError(
-            f"{self.manifest_ref}: the prepare has not finished ('complete': false, {n} shards so far); "
-            f"{finish}, or set data.allow_incomplete=true to train on them"
-        )
-
-    def command(self, entry: dict | None = None) -> str | None:
-        """The ``gpt2-prepare`` command(s) that (re)make this directory (the shard ``entry``'s task
-        for a directory prepared in tasks), from its manifest; None without a record."""
-        m = self.manifest
-        if not m:
-            return None
-        settings = m.get("settings")
-        if isinstance(settings, dict):
-            from data_pipeline.job import command_line  # only on error paths: it imports the tokenizer
-
-            task = entry.get("task") if isinstance(entry, dict) else None
-            cmd = command_line(settings, self.where, task_id=task if isinstance(task, int) else None)
-            if isinstance(settings.get("tasks"), int) and not settings.get("index"):
-                cmd += f", then gpt2-prepare --merge {self.where}"
-            return cmd
-        return None
-
-    def rebuild_hint(self, entry: dict | None = None) -> str:
-        """How to rebuild the shards of this directory: its manifest's exact ``gpt2-prepare`` command."""
-        cmd = self.command(entry)
-        if cmd:
-            return f"rebuild it with: {cmd}"
-        return f"rebuild it with the `gpt2-prepare SOURCE {self.where}` command that made it"
-
     def integrity_error(self, bad: integrity.Mismatch, entry: dict | None = None, fetched: bool = False,
                         digits: int = 64) -> ShardError:
         """One line: the file, the expected and actual hash (or size; ``digits`` of each), and the
         command that rebuilds it."""
         if fetched:
             return ShardError(
-                f"{self._url(bad.path.name)}: fetched twice into {self.root}, and neither copy matches "
+                f"{self.manifest.url(bad.path.name)}: fetched twice into {self.root}, and neither copy matches "
                 f"{self.manifest_ref} ({bad.describe(digits)}); the stored shard is corrupt -- "
-                f"{self.rebuild_hint(entry)} and upload it again"
+                f"{self.manifest.rebuild_hint(entry)} and upload it again"
             )
         return ShardError(
             f"{bad.path}: content does not match {self.manifest_ref} ({bad.describe(digits)}); the shard is "
-            f"corrupt -- {self.rebuild_hint(entry)} (the rerun re-verifies and rewrites bad shards)"
+            f"corrupt -- {self.manifest.rebuild_hint(entry)} (the rerun re-verifies and rewrites bad shards)"
         )
-
-    def entries(self, split: str) -> list[tuple[Path, dict | None]]:
-        """The local paths of ``split``'s shards (remote: where their copies go) with their manifest entries."""
-        if not self.remote:
-            return shard_entries(self.root, split, self.manifest)
-        out = []
-        for e in manifest_entries(self.manifest, split, self.manifest_ref):
-            if not isinstance(e.get("sha256"), str) or not isinstance(e.get("tokens"), int):
-                raise ShardError(f"{self.manifest_ref}: entry {e['file']!r} records no sha256 or token count, so a "
-                                 "copy cannot be verified; index the directory again (gpt2-prepare --index DIR)")
-            out.append((self.root / e["file"], e))
-        if not out:
-            raise NoShardsError(f"{self.manifest_ref}: no '{split}' shards; {self.rebuild_hint()}")
-        return out
-
-    def token_counts(self, entries: list[tuple[Path, dict | None]]) -> np.ndarray:
-        """Each shard's token count, checked without reading its tokens: a local shard's header and
-        size against its manifest entry; a remote one's size (one listing) against its entry."""
-        out = []
-        for path, entry in entries:
-            if self.remote:
-                n = int(entry["tokens"])
-                size = self._remote_sizes().get(path.name)
-                if size is None:
-                    raise ShardError(f"{self._url(path.name)}: listed in {MANIFEST_NAME} but not found there; "
-                                     f"{self.rebuild_hint(entry)} and upload it")
-                if size != shard_bytes(n):
-                    raise ShardError(f"{self._url(path.name)}: {size} bytes, but {MANIFEST_NAME} says {n} tokens "
-                                     f"({shard_bytes(n)} bytes); the stored shard is truncated or corrupt -- "
-                                     f"{self.rebuild_hint(entry)} and upload it again")
-            else:
-                n = read_header(path, fix=self.rebuild_hint(entry))  # every header first: a missing file is named
-            out.append(n)
-        for (path, entry), n in zip(entries, out):
-            if not self.remote and entry is not None and isinstance(entry.get("tokens"), int) and entry["tokens"] != n:
-                raise ShardError(
-                    f"{path}: holds {int(n)} tokens but {self.manifest_ref} says {entry['tokens']}; "
-                    f"the shard was replaced or is corrupt -- {self.rebuild_hint(entry)}"
-                )
-        return np.array(out, dtype=np.int64)
 
     def check(self, path: Path, exp: integrity.Expected | None, entry: dict | None = None,
               stop: Callable[[], bool] | None = None) -> int:

@@ -58,13 +58,13 @@ from data_pipeline.job import (
     command_line,
     ordered_map,
 )
+from data_pipeline.manifest import read_manifest
 from data_pipeline.shards import (
     MANIFEST_NAME,
     is_url,
     local_path,
     part_manifests,
     part_name,
-    read_manifest,
     shard_bytes,
     write_manifest,
 )

@@ -61,9 +61,10 @@ class ValLossEvaluator:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.seq_len, self.batch_size, self.device = seq_len, batch_size, torch.device(device)
         store = store if store is not None else ShardStore(data_dir, cache_dir)
-        store.check_complete(allow_incomplete)
-        entries = store.entries("val")
-        per_shard = [max(0, (int(n) - 1) // seq_len) for n in store.token_counts(entries)]
+        manifest = store.manifest
+        manifest.check_complete(allow_incomplete)
+        entries = manifest.entries("val")
+        per_shard = [max(0, (int(n) - 1) // seq_len) for n in manifest.token_counts(entries)]
         available = sum(per_shard)
         if num_tokens is None:
             wanted = available

@@ -309,7 +309,7 @@ def _check_data(cfg: Config, batch: Batching, loader_state: dict | None, resume:
     """The training split is usable (the prepare finished, every shard whole, the token range the
     model takes, at least a global batch) and, when resuming, the checkpoint's loader state fits it.
     Remote data (data.dir a URL) is checked from its manifest and one listing: no shard is fetched."""
-    from data_pipeline.loader import check_resume_state, inspect_split
+    from data_pipeline.loader import as_saved, check_resume_state, inspect_split
     from data_pipeline.shards import NoShardsError, ShardError
 
     d = cfg.data
@@ -324,33 +324,20 @@ def _check_data(cfg: Config, batch: Batching, loader_state: dict | None, resume:
         msg = str(e)
         raise ConfigError(msg if str(d.dir).rstrip("/") in msg else f"{msg} (data.dir={d.dir!r})") from None
     if loader_state is not None:
-        split = _as_saved(split, loader_state, resume)
+        saved = as_saved(split, loader_state)
+        if saved is not split:
+            k = len(saved.files)
+            print(f"note: {resume} trained on the first {k} training shards; the prepare has written "
+                  f"{len(split.files) - k} more since: this run continues on the {k} it had (to train on all of them, "
+                  f"start a new run from these weights: --resume none model.init_from={resume} train.run_dir=NEW_DIR)",
+                  flush=True)
+        split = saved
         try:
             check_resume_state(loader_state, split, d.seq_len, batch.loader_batch_seqs, batch.micro_batch_size,
                                batch.world_size, d.seed, d.shuffle)
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"cannot resume from {resume}: {e}") from None
     return split
-
-
-def _as_saved(split, loader_state: dict, resume: Path):
-    """The training split a resume continues on: when the checkpoint trained on the first shards
-    of this directory and the prepare has since written more (a run with data.allow_incomplete,
-    resumed after the prepare finished), the shards it had, said in one note; else ``split``."""
-    import dataclasses
-
-    saved = loader_state.get("shards") if isinstance(loader_state, dict) else None
-    if not isinstance(saved, list) or not 0 < len(saved) < len(split.files):
-        return split
-    now = [[f.name, int(n)] for f, n in zip(split.files, split.shard_tokens)]
-    if [list(s[:2]) for s in saved] != now[: len(saved)]:
-        return split  # another set of shards: check_resume_state says so
-    k = len(saved)
-    print(f"note: {resume} trained on the first {k} training shards; the prepare has written "
-          f"{len(split.files) - k} more since: this run continues on the {k} it had (to train on all of them, start "
-          f"a new run from these weights: --resume none model.init_from={resume} train.run_dir=NEW_DIR)", flush=True)
-    return dataclasses.replace(split, files=split.files[:k], shard_tokens=split.shard_tokens[:k],
-                               entries=split.entries[:k], expected=split.expected[:k], max_ids=split.max_ids[:k])
 
 
 def _create_command(cfg: Config) -> str:
@@ -364,7 +351,7 @@ def _create_command(cfg: Config) -> str:
 
     d = cfg.data
     try:
-        recorded = ShardStore(d.dir, d.cache_dir).command()
+        recorded = ShardStore(d.dir, d.cache_dir).manifest.command()
     except (ShardError, OSError):
         recorded = None
     if recorded:

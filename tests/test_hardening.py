@@ -405,7 +405,8 @@ def test_prepare_enospc_keeps_completed_shards_and_the_rerun_resumes(tmp_path, m
     """A full disk while writing train shard 2: shards 0..1 stay intact and listed, no partial
     file is taken for complete, and the rerun finishes byte-identical to an uninterrupted run."""
     from data_pipeline import prepare
-    from data_pipeline.shards import file_sha256, list_shards, read_manifest
+    from data_pipeline.manifest import list_shards, read_manifest
+    from data_pipeline.shards import file_sha256
 
     src = _docs(tmp_path / "docs.jsonl")
     assert prepare.main(_prep_args(src, tmp_path / "ref")) == 0

@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from data_pipeline.manifest import list_shards, read_manifest
 from data_pipeline.shards import (
     HEADER_BYTES,
     MAGIC,
     ShardError,
-    list_shards,
     read_header,
-    read_manifest,
     read_shard,
     write_manifest,
     write_shard,
