@@ -10,16 +10,26 @@ I, I+N, I+2N, ... In source order::
 
     units      | u0 | u1 | u2 | u3 | u4 | u5 | u6 | ...        (N = 3)
     owner        t0   t1   t2   t0   t1   t2   t0
-    validation |<- first documents of the first file ->|  (u0 alone, or its row groups u0, u1, ...)
+    validation |<- first --val-tokens tokens ->|  (inside the first file: u0 alone, or its row groups u0, u1, ...)
 
-Validation is the first whole documents of the source's first file (in sorted order) holding at
-least ``--val-tokens`` tokens (all of that file if it holds fewer): a rule on the source alone, so
-``--tasks 1`` and ``--tasks 8`` make the same validation set, in the same order (so the same val
-loss), and no document is split between validation and training (a plain prepare cuts at exactly
-``--val-tokens`` tokens, mid-document). The tasks that own a unit of that file (task 0 alone when
-units are files) find where those documents end by tokenizing them first (at most ``--val-tokens``
-tokens, recorded in the task's manifest so a rerun does not repeat it); task 0 writes them as the
-val shards; those tasks leave them out of their units. No other task reads the first file.
+Validation is the same in every mode: the first ``--val-tokens`` tokens of the source's stream,
+cut at exactly that token as a plain prepare cuts it (mid-document; the rest of the cut document
+opens the training split). So a plain prepare, ``--tasks 1`` and ``--tasks 8`` make the same val
+shards, byte for byte (the same val loss). Under ``--tasks`` the cut must fall inside the source's
+first file (in sorted order), so that a task owning no unit of that file knows, without reading
+it, that none of its rows is validation; a first file holding fewer tokens is refused in one line
+(lower ``--val-tokens``, or prepare in one piece). The tasks that own a unit of that file (task 0
+alone when units are files) find the document the cut falls in by tokenizing up to it first
+(recorded in the task's manifest so a rerun does not repeat it); task 0 reads those documents as
+the head of its stream and writes their first ``--val-tokens`` tokens as the val shards and the
+cut document's rest as the first tokens of its training shards; the other tasks leave those
+documents out of their units. No other task reads the first file.
+
+The training tokens are then plain prepare's, as a multiset, in a different order: task 0's
+training stream opens with the cut document's rest (as plain prepare's does), and after it every
+training document is whole and in one task's stream, in source order within the task; the
+merged training split is task 0's stream, then task 1's, ... (``--tasks 1``: plain prepare's
+training tokens in plain prepare's order).
 
 A task is an ordinary prepare over its own row stream (:class:`TaskSource`: task 0's starts with
 the validation documents), through the same writer, so it is resumable and verified on its own:
@@ -145,23 +155,31 @@ def _split_units(cfg, source: Source) -> list[tuple[int, int | None]]:
 
 
 def val_cut(cfg, files: FileSource, units: list[tuple[int, int | None]]) -> dict:
-    """Where the validation documents end: ``{"unit", "row"}`` of the first row after them, their
-    ``tokens`` and ``documents`` (the first whole documents of the first file holding >= val_tokens;
-    all of that file, ``unit`` = its last unit + 1, when it holds fewer)."""
+    """Where the validation split ends: ``{"unit", "row"}`` of the first row after the document the
+    ``--val-tokens`` cut falls in, the val ``tokens`` (exactly ``--val-tokens``), the ``documents``
+    that start in it and ``cut_document_tokens`` (the tokens of that last document, of which the
+    first ``cut_document_tokens - rest`` are validation). PrepareError when the first file holds
+    fewer tokens than ``--val-tokens`` (the module doc says why)."""
     first_file = [u for u, (f, _) in enumerate(units) if f == 0]
-    if cfg.val_tokens == 0:
-        return {"unit": 0, "row": 0, "tokens": 0, "documents": 0}
+    V = cfg.val_tokens
+    if V == 0:
+        return {"unit": 0, "row": 0, "tokens": 0, "documents": 0, "cut_document_tokens": 0, "rest": 0}
     head = TaskSource(files, units, [(u, 0, None) for u in first_file])
     reader = DocReader(head, cfg, 0, 0, 0)
     total = docs = 0
     for chunk, (_, lens) in ordered_map(cfg, reader.chunks()):
         cum = total + np.cumsum(lens)
-        k = int(np.searchsorted(cum, cfg.val_tokens, side="left"))  # the document that reaches val_tokens
+        k = int(np.searchsorted(cum, V, side="left"))  # the document the cut falls in (or ends at)
         if k < len(lens):
             u, r = head.locate(chunk.rows[k])
-            return {"unit": u, "row": r + 1, "tokens": int(cum[k]), "documents": docs + k + 1}
+            return {"unit": u, "row": r + 1, "tokens": V, "documents": docs + k + 1,
+                    "cut_document_tokens": int(lens[k]), "rest": int(cum[k] - V)}
         total, docs = int(cum[-1]), docs + len(lens)
-    return {"unit": first_file[-1] + 1, "row": 0, "tokens": total, "documents": docs}  # all of the first file
+    raise PrepareError(
+        f"{files.files[0]}: the source's first file holds {total:,} tokens, fewer than --val-tokens {V:,}; with "
+        "--tasks the validation split must lie in the first file (so every task knows which rows are "
+        f"validation without reading it): pass --val-tokens {total:,} or less, or prepare without --tasks"
+    )
 
 
 def task_segments(task: int, tasks: int, n_units: int, cut: dict | None) -> list[Segment]:
@@ -189,14 +207,17 @@ def task_job(cfg, source: Source, manifest: dict | None):
     if isinstance(record, dict) and "val_cut" in record:
         cut = record["val_cut"]
     elif any(units[u][0] == 0 for u in mine):  # a unit of the first file: find where validation ends
-        print(f"prepare: task {I} of {N}: finding where the validation documents end (at most the first "
-              f"{cfg.val_tokens:,} tokens of {source.files[0]})", flush=True)
+        print(f"prepare: task {I} of {N}: finding the document the validation cut (after the first "
+              f"{cfg.val_tokens:,} tokens of {source.files[0]}) falls in", flush=True)
         cut = val_cut(cfg, source, units)
     else:
         cut = None
     segs = task_segments(I, N, len(units), cut)
-    said = (f"validation: the first {cut['documents']:,} documents ({cut['tokens']:,} tokens)"
-            f"{', written here' if I == 0 else ''}" if cut is not None else "no validation documents")
+    said = "no validation documents"
+    if cut is not None:
+        rest = f"; the last one's other {cut['rest']:,} tokens open the training split" if cut.get("rest") else ""
+        said = (f"validation: the first {cut['tokens']:,} tokens ({cut['documents']:,} documents{rest})"
+                f"{', written here' if I == 0 else ''}")
     print(f"prepare: task {I} of {N}: {len(mine)} of {len(units)} units; {said}", flush=True)
     extra = {"task": {"id": I, "tasks": N, "units": len(units), "val_cut": cut}}
     return Job(cfg, TaskSource(source, units, segs), cut["tokens"] if I == 0 else 0, part_name(I, N),
@@ -358,8 +379,8 @@ def merge(out_dir: str) -> dict:
     first = parts[0]
     manifest = {"version": MANIFEST_VERSION, "format": first.get("format"), "complete": True,
                 "source": first.get("source"), "tokenizer": first.get("tokenizer"), "settings": settings,
-                "tasks": n, "validation": {**first["task"]["val_cut"], "rule": "the first whole documents of "
-                                           "the source's first file holding >= --val-tokens tokens"},
+                "tasks": n, "validation": {**first["task"]["val_cut"], "rule": "the first --val-tokens tokens of the "
+                                           "source, cut mid-document as a plain prepare cuts them"},
                 "shards": val + train, "totals": totals}
     write_manifest(d, manifest)
     print(f"prepare: merged {n} tasks into {d / MANIFEST_NAME}: {len(val) + len(train)} shards "

@@ -51,23 +51,36 @@ def tasks_run(src: Path, out: Path, n: int, *extra: str) -> None:
     assert main(["--merge", str(out)]) == 0
 
 
-def documents(out: Path) -> tuple[list[tuple], list[tuple], dict]:
-    """(validation documents in order, training documents, manifest): each task's stream of a
-    split, cut at every EOT."""
+def streams(out: Path) -> tuple[dict[str, dict[int, np.ndarray]], dict]:
+    """({split: {task: its tokens, shard after shard}}, manifest) of a prepared directory (a plain
+    prepare's shards count as task 0's)."""
     man = json.loads((out / "manifest.json").read_text())
-    split_docs = {}
-    for split in ("val", "train"):
-        streams: dict[int, list[np.ndarray]] = {}
-        for s in man["shards"]:
-            if s["split"] == split:
-                streams.setdefault(s.get("task", 0), []).append(np.asarray(read_shard(out / s["file"])))
-        docs = []
-        for t in sorted(streams):
-            a = np.concatenate(streams[t])
-            assert a[0] == EOT_ID
-            docs += [tuple(x) for x in np.split(a, np.flatnonzero(a == EOT_ID))[1:]]
-        split_docs[split] = docs
-    return split_docs["val"], split_docs["train"], man
+    got: dict[str, dict[int, list[np.ndarray]]] = {"val": {}, "train": {}}
+    for s in man["shards"]:
+        got[s["split"]].setdefault(s.get("task", 0), []).append(np.asarray(read_shard(out / s["file"])))
+    return {split: {t: np.concatenate(a) for t, a in sorted(by.items())} for split, by in got.items()}, man
+
+
+def cut_at_eot(a: np.ndarray) -> tuple[tuple, list[tuple]]:
+    """(the tokens before the first EOT: the rest of a cut document, documents from each EOT on)."""
+    at = np.flatnonzero(a == EOT_ID)
+    head = a[: at[0]] if at.size else a
+    return tuple(head), [tuple(x) for x in np.split(a, at)[1:]]
+
+
+def assert_train_like_plain(train: dict[int, np.ndarray], plain_train: np.ndarray) -> None:
+    """The relation the module doc guarantees between a split prepare's training tokens and a plain
+    prepare's: task 0's stream opens with the same rest of the cut document; after it, the same
+    multiset of whole documents, each task's in source order."""
+    rest, docs = cut_at_eot(plain_train)
+    assert cut_at_eot(train[0])[0] == rest
+    assert np.array_equal(np.sort(np.concatenate(list(train.values()))), np.sort(plain_train))  # a multiset
+    index = {d: i for i, d in reversed(list(enumerate(docs)))}  # a document's first place in plain order
+    mine = [cut_at_eot(a)[1] for a in train.values()]
+    assert sorted(d for task in mine for d in task) == sorted(docs)
+    for task in mine:  # in source order within a task (its units' documents, read in order)
+        order = [index[d] for d in task]
+        assert order == sorted(order)
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -75,29 +88,54 @@ def snapshot(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("val_tokens", [1500, 3000, 10**6], ids=["val-in-a-row-group", "val-spans-row-groups",
-                                                                   "all-of-the-first-file"])
-def test_tasks_1_3_and_7_hold_the_same_documents_and_validation(source, tmp_path, val_tokens):
-    """The same multiset of documents and the same validation documents, in the same order, for any
-    number of tasks (7 > 5 files: units are parquet row groups, and the first file's are spread over
-    tasks 0-3); validation = the first whole documents of the first file holding >= --val-tokens
-    tokens (all of it if it holds fewer), as an independent tokenization says."""
+@pytest.mark.parametrize("val_tokens", [1500, 3000], ids=["val-in-a-row-group", "val-spans-row-groups"])
+def test_tasks_1_3_and_7_cut_validation_as_plain_prepare_does(source, tmp_path, val_tokens):
+    """The val shards of a prepare split into 1, 3 or 7 tasks (7 > 5 files: units are parquet row
+    groups, and the first file's are spread over tasks 0-3) are exactly the first --val-tokens tokens
+    of an independent tokenization, as a plain prepare's are (cut mid-document); the training tokens
+    relate to plain prepare's as assert_train_like_plain says (--tasks 1: identical, in order)."""
     src, texts = source
     enc = gpt2_encoding()
-    ref = [tuple([EOT_ID, *enc.encode_ordinary(t)]) for t in texts]
-    first_file = sum(1 for r in pq.read_table(src / "f0.parquet").to_pylist() if r["text"])
-    cum = np.cumsum([len(d) for d in ref])
-    k = min(int(np.searchsorted(cum, val_tokens)) + 1, first_file)
+    ref = np.concatenate([[EOT_ID, *enc.encode_ordinary(t)] for t in texts]).astype(np.uint16)
     got = {}
     for n in (1, 3, 7):
         tasks_run(src, tmp_path / f"n{n}", n, "--val-tokens", str(val_tokens))
-        got[n] = documents(tmp_path / f"n{n}")
-    for n, (val, train, man) in got.items():
-        assert val == ref[:k], n
-        assert sorted(train) == sorted(ref[k:]), n
-        assert man["complete"] and man["tasks"] == n and man["totals"]["val_tokens"] == int(cum[k - 1])
-        assert man["totals"]["documents"] == len(ref) and man["totals"]["rows_read"] == 200
-    assert got[7][2]["source"]["unit"] == "parquet row group" and got[3][2]["source"]["unit"] == "file"
+        got[n] = streams(tmp_path / f"n{n}")
+    for n, (split, man) in got.items():
+        assert list(split["val"]) == [0] and split["val"][0].tobytes() == ref[:val_tokens].tobytes(), n
+        assert_train_like_plain(split["train"], ref[val_tokens:])
+        assert man["complete"] and man["tasks"] == n and man["totals"]["val_tokens"] == val_tokens
+        assert man["totals"]["documents"] == len(texts) and man["totals"]["rows_read"] == 200
+    assert got[1][0]["train"][0].tobytes() == ref[val_tokens:].tobytes()
+    assert got[7][1]["source"]["unit"] == "parquet row group" and got[3][1]["source"]["unit"] == "file"
+
+
+def test_plain_and_local_tasks_make_the_same_validation(source, tmp_path, capfd):
+    """One validation rule for every prepare mode: `--tasks 2 --local` writes plain prepare's val
+    tokens, byte for byte (the cut falls mid-document: the rest of that document opens task 0's
+    training split, as it opens plain prepare's), and says so truly; the training tokens relate as
+    assert_train_like_plain says."""
+    src, _ = source
+    assert main([str(src), str(tmp_path / "plain"), *COMMON]) == 0
+    assert main([str(src), str(tmp_path / "local"), "--tasks", "2", "--local", *COMMON, "--workers", "2"]) == 0
+    (plain, pman), (local, lman) = streams(tmp_path / "plain"), streams(tmp_path / "local")
+    assert local["val"][0].tobytes() == plain["val"][0].tobytes() and plain["val"][0].size == 1500
+    assert plain["train"][0][0] != EOT_ID  # the cut fell inside a document (else this test shows less)
+    assert_train_like_plain(local["train"], plain["train"][0])
+    assert lman["totals"]["val_tokens"] == pman["totals"]["val_tokens"] == 1500
+    cut = lman["validation"]
+    said = f"validation: the first 1,500 tokens ({cut['documents']:,} documents; the last one's other {cut['rest']:,}"
+    assert said in capfd.readouterr().out
+
+
+def test_tasks_refuse_validation_past_the_first_file(source, tmp_path, capsys):
+    """Under --tasks the cut must lie in the first file (the module doc says why): a larger
+    --val-tokens is refused in one line by the task that reads that file, naming it and the limit."""
+    src, _ = source
+    assert main([str(src), str(tmp_path / "o"), "--tasks", "3", "--task-id", "0", *COMMON, "--val-tokens",
+                 "1000000"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "f0.parquet" in err[0] and "fewer than --val-tokens 1,000,000" in err[0], err
 
 
 def test_merged_dataset_trains_resumes_and_verifies(source, tmp_path, capsys):
