@@ -206,6 +206,9 @@ def task_job(cfg, source: Source, manifest: dict | None):
     record = (manifest or {}).get("task")
     if isinstance(record, dict) and "val_cut" in record:
         cut = record["val_cut"]
+        if cut is not None and "rest" not in cut:
+            raise PrepareError(f"{cfg.out_dir}: {part_name(I, N)} was written by an older gpt2-prepare (validation "
+                               "cut at whole documents); pass a new OUT_DIR")
     elif any(units[u][0] == 0 for u in mine):  # a unit of the first file: find where validation ends
         print(f"prepare: task {I} of {N}: finding the document the validation cut (after the first "
               f"{cfg.val_tokens:,} tokens of {source.files[0]}) falls in", flush=True)
