@@ -395,8 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data_files for a datasets: builder, e.g. datasets:parquet --data-files 'x/*.parquet'")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard")
     p.add_argument("--val-tokens", type=int, default=100_000_000,
-                   help="the first this-many tokens form the validation split (with --tasks: the first whole "
-                        "documents holding at least this many)")
+                   help="the first this-many tokens form the validation split, cut mid-document (with --tasks "
+                        "too; there they must lie in the source's first file)")
     p.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens in total")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="parallel encoders (with --local: shared among the tasks)")

@@ -32,7 +32,7 @@ merged training split is task 0's stream, then task 1's, ... (``--tasks 1``: pla
 training tokens in plain prepare's order).
 
 A task is an ordinary prepare over its own row stream (:class:`TaskSource`: task 0's starts with
-the validation documents), through the same writer, so it is resumable and verified on its own:
+the documents holding the validation tokens), through the same writer, so it is resumable and verified on its own:
 kill it and rerun it, and its shards end byte-identical. It writes ``{split}_tIIIII_NNNNNN.bin``
 and ``manifest.task-IIIII-of-NNNNN.json`` (``data_pipeline.shards.part_name``) into OUT, next to the
 other tasks' files; no two tasks write the same file.
