@@ -5,6 +5,8 @@ preemption (SLURM's SIGTERM, the SIGUSR1 a batch shell forwards) makes torchrun 
 ``SignalException`` after it has passed the signal to its ranks, which then checkpoint and exit;
 torchrun's own traceback says nothing more. Exit status 128 + the signal number. A failed rank
 has printed its own error already: torchrun adds one line naming it (exit status 1, as torchrun's).
+A torchrun that loses the rendezvous store (hosted by the first node's torchrun, which ended after
+its rank failed, or whose link went down) says so in one line too (exit status 1).
 """
 
 import sys
@@ -12,6 +14,7 @@ import sys
 if __name__ == "__main__":
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
     from torch.distributed.run import main
 
     try:
@@ -25,3 +28,7 @@ if __name__ == "__main__":
         print(f"torchrun: stopped by {e.sigval.name} (passed on to its ranks, which checkpoint and exit)",
               file=sys.stderr, flush=True)
         sys.exit(128 + int(e.sigval))
+    except RendezvousConnectionError:
+        print("torchrun: lost the rendezvous store (--rdzv-endpoint: the node hosting it ended its torchrun, "
+              "e.g. after a rank failed, or cannot be reached); see that node's lines above", file=sys.stderr, flush=True)
+        sys.exit(1)

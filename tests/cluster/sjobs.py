@@ -113,6 +113,15 @@ def requeue_now(env: dict, jid: int | str) -> None:
     documented way past SLURM's wait of cred_expire before a requeued job may start)."""
     sh(["scontrol", "requeue", jid], env)
     wait_state(env, jid, {"PENDING"}, 60)
+    start_now(env, jid)
+
+
+def start_now(env: dict, jid: int | str) -> None:
+    """`scontrol update StartTime=now` for a requeued job that is PENDING, no sooner than the second
+    after its last life ended: slurmd refuses a credential made in the same second as the previous
+    life's revocation (it compares whole seconds: "Killing non-startable batch JobId=J: Job
+    credential revoked", seen when a FAILED job was requeued and started within 0.1 s)."""
+    time.sleep(1.1)
     sh(["scontrol", "update", f"JobId={jid}", "StartTime=now"], env)
 
 

@@ -1,10 +1,11 @@
-"""Faults across the two nodes: a node's training processes killed, a rank that hangs, a slow and
-lossy network. Each ends in one error line, leaves only complete checkpoints, and a requeue resumes
+"""Faults across the two nodes: a node's training processes killed, a node's link taken down, a rank
+that hangs, a slow and lossy network. Each ends in one error line, leaves only complete checkpoints, and a requeue resumes
 from the last good one to the uninterrupted run's exact result."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -18,6 +19,7 @@ from sjobs import (
     multinode,
     node_pids,
     requeue_now,
+    start_now,
     wait_state,
     wait_step,
 )
@@ -85,6 +87,57 @@ def test_hanging_rank(site, corpus, tmp_path, two_nodes):
     assert f"gradient reduction (backward) timed out after {HANG_TIMEOUT_S}s on rank 0 of 2" in text, text[-3000:]
     assert took < HANG_TIMEOUT_S + 40
     _resumes_to_reference(env, jid, log, run, two_nodes[0], checkpoints(run))
+
+
+def _link(node: str, state: str) -> None:
+    """`ip link set eth0 up|down` inside a node's namespace (its end of the veth to the bridge)."""
+    subprocess.run(["ip", "-n", node, "link", "set", "eth0", state], check=True, capture_output=True)
+
+
+def test_node_link_down(site, corpus, tmp_path, two_nodes):
+    """A node's link taken down mid-run (its processes alive, nothing reaches them, no connection
+    reset): the surviving rank fails within distributed.timeout_s naming the collective; the link
+    comes back; only complete checkpoints; a requeue (ours, or SLURM's own if it declared the node
+    lost meanwhile) resumes right after the last one and ends bitwise equal to the uninterrupted run."""
+    _, env = site
+    run = tmp_path / "run"
+    jid, log = multinode(site, corpus, run, **{"distributed.timeout_s": HANG_TIMEOUT_S})
+    wait_step(run, 5, 90)
+    pattern = re.compile(rf"^.*timed out after {HANG_TIMEOUT_S}s on rank 0 of 2.*$", re.M)
+    t0 = time.monotonic()
+    try:
+        _link("gpt2-n2", "down")
+        while not pattern.search(log.read_text()) and time.monotonic() < t0 + HANG_TIMEOUT_S + 40:
+            time.sleep(0.3)
+        took = time.monotonic() - t0
+    finally:
+        _link("gpt2-n2", "up")
+    text = log.read_text()
+    line = pattern.search(text)
+    assert line, text[-3000:]
+    print(f"link down -> surviving rank's error in {took:.1f}s: {line.group(0)[:120]}")
+    # one line naming the collective (e.g. "gradient reduction (backward) timed out ..."), within the timeout
+    assert re.search(r"\b(all_reduce|gradient reduction|barrier|broadcast|all_gather)\b", line.group(0)), line.group(0)
+    assert took < HANG_TIMEOUT_S + 30
+    j = wait_state(env, jid, DONE | {"PENDING", "REQUEUED"}, 60, log)
+    print(f"then the job was {j['JobState']} ({j.get('Reason')})")
+    good = checkpoints(run)
+    assert not [p for p in (run / "checkpoints").iterdir() if not (p / "COMMITTED").exists() and p.name.startswith("step_")]
+    assert good and good[-1] >= 4
+    if j["JobState"] in DONE:
+        assert j["JobState"] == "FAILED", j
+        requeue_now(env, jid)
+    else:  # SLURM marked the node lost during the outage and requeued the job itself
+        wait_state(env, jid, {"PENDING"}, 30, log)
+        start_now(env, jid)
+    j = wait_state(env, jid, DONE, 150, log)
+    text = log.read_text()
+    assert (j["JobState"], j["ExitCode"]) == ("COMPLETED", "0:0"), f"{j}\n{text[-4000:]}\n{controller_log(jid)}"
+    assert 'launch/torchrun.py", line' not in text, text[-4000:]  # no torchrun traceback on either node
+    after = text.split(f"job {jid} (gpt2-124m-multinode) restart 1:", 1)[1]
+    assert int(re.search(r"^step +(\d+) \|", after, re.M).group(1)) == good[-1] + 1  # resumed, not started over
+    assert losses_by_step(run) == losses_by_step(two_nodes[0])
+    assert model_bytes(run) == model_bytes(two_nodes[0])
 
 
 def _shape_links() -> str:

@@ -18,6 +18,7 @@ from sjobs import (
     model_bytes,
     multinode,
     sh,
+    start_now,
     submit,
     train_args,
     wait_state,
@@ -85,7 +86,7 @@ def test_preemption_three_ways_resumes_bitwise(site, corpus, tmp_path, two_nodes
         wait_step(run, stops[-1] + 2, 120)  # this life has trained two steps
         sh(cmd, env)
         wait_state(env, jid, {"PENDING"}, 60, log)
-        sh(["scontrol", "update", f"JobId={jid}", "StartTime=now"], env)
+        start_now(env, jid)
         stops.append(checkpoints(run)[-1])
     j = wait_state(env, jid, DONE, 120, log)
     text = log.read_text()
