@@ -81,7 +81,7 @@ OPENAI_GPT2 = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # legacy hub nam
 
 
 def init_record(environment: list, config: dict | None = None) -> dict | None:
-    """What ``environment.json`` records of the weights the run started from (``model.init_from``,
+    """What the environment record (``rundir.records``) holds of the weights the run started from (``model.init_from``,
     written by the fresh start: ``pretrain.model.weights.provenance``), or None (from scratch).
     Without that record (a run older than it), the run's ``config.yaml`` ``model.init_from``."""
     first = next((e for e in environment if isinstance(e, dict) and e.get("start_step") == 0), None)
