@@ -29,51 +29,41 @@ def run(main: Callable[[], int], interrupted: str) -> NoReturn:
     exit_process(rc)
 
 
-def prepare(argv: list[str] | None = None) -> NoReturn:
-    """``gpt2-prepare`` (a prepare stopped mid-way says itself what it kept and the command that resumes)."""
+def _command(module: str, argv: list[str] | None) -> Callable[[], int]:
+    """The ``main(argv)`` of a command's module, imported only when the command runs (so a Ctrl-C
+    during that import is handled by :func:`run` too)."""
 
     def main() -> int:
-        from data_pipeline.prepare import main
+        import importlib
 
-        return main(argv)
+        return importlib.import_module(module).main(argv)
 
-    run(main, "gpt2-prepare: interrupted (Ctrl-C) before any shard was written; rerun the same command")
+    return main
+
+
+def prepare(argv: list[str] | None = None) -> NoReturn:
+    """``gpt2-prepare`` (a prepare stopped mid-way says itself what it kept and the command that resumes)."""
+    run(_command("data_pipeline.prepare", argv),
+        "gpt2-prepare: interrupted (Ctrl-C) before any shard was written; rerun the same command")
 
 
 def export(argv: list[str] | None = None) -> NoReturn:
-    def main() -> int:
-        from pretrain.export import main
-
-        return main(argv)
-
-    run(main, "gpt2-export: interrupted (Ctrl-C); an export cut short is marked incomplete (complete: false) "
-              "and is not loaded; rerun the same command with --overwrite")
+    run(_command("pretrain.export", argv),
+        "gpt2-export: interrupted (Ctrl-C); an export cut short is marked incomplete (complete: false) "
+        "and is not loaded; rerun the same command with --overwrite")
 
 
 def generate(argv: list[str] | None = None) -> NoReturn:
     """``gpt2-generate`` (a stop while sampling prints the samples already finished, then its line)."""
-
-    def main() -> int:
-        from pretrain.inference.generate import main
-
-        return main(argv)
-
-    run(main, "gpt2-generate: interrupted (Ctrl-C) before any sample was finished")
+    run(_command("pretrain.inference.generate", argv),
+        "gpt2-generate: interrupted (Ctrl-C) before any sample was finished")
 
 
 def plot(argv: list[str] | None = None) -> NoReturn:
-    def main() -> int:
-        from pretrain.plot import main
-
-        return main(argv)
-
-    run(main, "gpt2-plot: interrupted (Ctrl-C); the plot is written whole or not at all: rerun the same command")
+    run(_command("pretrain.plot", argv),
+        "gpt2-plot: interrupted (Ctrl-C); the plot is written whole or not at all: rerun the same command")
 
 
 def report(argv: list[str] | None = None) -> NoReturn:
-    def main() -> int:
-        from pretrain.report import main
-
-        return main(argv)
-
-    run(main, "gpt2-report: interrupted (Ctrl-C); report.md is written whole or not at all: rerun the same command")
+    run(_command("pretrain.report", argv),
+        "gpt2-report: interrupted (Ctrl-C); report.md is written whole or not at all: rerun the same command")
