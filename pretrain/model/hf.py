@@ -405,8 +405,8 @@ def _changed_since_export(out: Path) -> str | None:
     """The first weights file of the earlier export in ``out`` that no longer matches its record
     (weights fine-tuned in place, say): a re-export must not replace it silently."""
     try:
-        record = json.loads((out / EXPORT_MARKER).read_text()).get("files") or {}
-    except (OSError, ValueError, AttributeError):
+        record = read_json_object(out / EXPORT_MARKER).get("files") or {}
+    except (HFConversionError, OSError):
         return None  # an unreadable record: the export is replaced, as an unfinished one is
     for name in WEIGHT_FILES:
         r = record.get(name) if isinstance(record, dict) else None
