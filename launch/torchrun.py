@@ -4,12 +4,26 @@ The launchers (launch/common.sh) start this instead of ``python -m torch.distrib
 preemption (SLURM's SIGTERM, the SIGUSR1 a batch shell forwards) makes torchrun raise
 ``SignalException`` after it has passed the signal to its ranks, which then checkpoint and exit;
 torchrun's own traceback says nothing more. Exit status 128 + the signal number. A failed rank
-has printed its own error already: torchrun adds one line naming it (exit status 1, as torchrun's).
+has printed its own error already (or was killed by a signal, which the line names): torchrun adds
+one line naming it (exit status 1, as torchrun's).
 A torchrun that loses the rendezvous store (hosted by the first node's torchrun, which ended after
 its rank failed, or whose link went down) says so in one line too (exit status 1).
 """
 
+import signal
 import sys
+
+
+def _failure(code: int) -> str:
+    """How a rank ended: a negative exit code is the signal that killed it (a crash, the OOM killer:
+    the rank printed nothing), else its exit status after its own error line."""
+    if code >= 0:
+        return f"exit status {code}; its error is above"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"killed by signal {-code}"
+
 
 if __name__ == "__main__":
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -21,8 +35,8 @@ if __name__ == "__main__":
         main()
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        print(f"torchrun: rank {rank} failed (exit status {failure.exitcode}; its error is above); "
-              f"the other ranks of this node were stopped", file=sys.stderr, flush=True)
+        print(f"torchrun: rank {rank} failed ({_failure(failure.exitcode)}); the other ranks of this node were stopped",
+              file=sys.stderr, flush=True)
         sys.exit(1)
     except SignalException as e:
         print(f"torchrun: stopped by {e.sigval.name} (passed on to its ranks, which checkpoint and exit)",

@@ -13,7 +13,8 @@ another trainer (one line on stderr, before the model is built; see docs/DESIGN.
 75 (EX_TEMPFAIL) preempted by SIGTERM / SIGUSR1 after a checkpoint of the current step
 (requeue and the run resumes from it); 130 Ctrl-C (SIGINT) after a checkpoint of the current
 step (a second Ctrl-C aborts at once, keeping the newest checkpoint); 1 any other failure
-(diverged, checkpoint error, ...).
+(diverged, checkpoint error, a collective failed because a peer crashed, hangs or cannot be
+reached: one line naming it, no traceback, ...).
 
 Order of start-up: config -> data (every shard's header and size) -> evaluator inputs ->
 resume compatibility (the checkpoint's step and loader state against this config and data) ->
@@ -194,6 +195,7 @@ def train(plan, rank: int, evaluators: list, argv: list[str]) -> int:
     from data_pipeline.shards import ShardError
     from pretrain.checkpoint import CheckpointError
     from pretrain.config import ConfigError
+    from pretrain.dist import CollectiveError
     from pretrain.training.build import build_trainer
     from pretrain.training.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED
     from pretrain.training.spikes import LossSpikeError
@@ -224,6 +226,9 @@ def train(plan, rank: int, evaluators: list, argv: list[str]) -> int:
     except ShardError as e:  # bad data (corrupt shard, ids the model cannot take): one line, exit 2
         print(f"gpt2-train: rank {rank}: error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    except CollectiveError as e:  # a peer crashed, hangs or is unreachable: expected, and its line says all
+        print(f"gpt2-train: rank {rank}: CollectiveError: {e}", file=sys.stderr)
+        return 1
     except Exception as e:
         print(f"gpt2-train: rank {rank}: {type(e).__name__}: {e}", file=sys.stderr)
         raise

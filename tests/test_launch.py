@@ -515,3 +515,32 @@ def test_local_sh_trains_and_preemption_exits_75(tmp_path, data_dir, reference, 
     assert "stopped by SIGUSR1: exiting 75" in out
     losses = losses_by_step(first)
     assert losses == {step: ref[step] for step in range(1, stopped_at + 1)}  # bitwise
+
+
+def test_local_sh_rank_killed_ends_the_others_in_one_line(tmp_path, data_dir, no_leftovers):
+    """local.sh (2 processes) with rank 1 SIGKILLed mid-run (a crash, an OOM kill): rank 0's next
+    collective fails; it ends in the one CollectiveError line naming the collective, torchrun adds
+    its one line, and no Python traceback follows either (a dead peer is an expected failure)."""
+    run_dir = tmp_path / "run"
+    env = base_env(tmp_path, **faults.child_env(fault="sleep:0.5"))
+    cmd = [str(LOCAL), "--nproc", "2", CONFIG, *overrides(data_dir, run_dir)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not any(r.get("step", 0) >= 2 for r in metrics(run_dir)):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"local.sh did not reach step 2 (rc={proc.poll()})")
+            time.sleep(0.2)
+        rank1 = [c for c in psutil.Process(proc.pid).children(recursive=True) if c.environ().get("RANK") == "1"]
+        assert len(rank1) == 1, rank1
+        rank1[0].kill()
+        out, _ = proc.communicate(timeout=RUN_TIMEOUT)
+    except BaseException:
+        kill_tree(proc, no_leftovers)
+        raise
+    assert proc.returncode == 1, out[-6000:]
+    lines = [ln for ln in out.splitlines() if ln.startswith("gpt2-train: rank 0: CollectiveError: ")]
+    assert len(lines) == 1 and "failed on rank 0 of 2" in lines[0] and "a peer closed its connection" in lines[0], out[-6000:]
+    assert "torchrun: rank 1 failed (killed by SIGKILL)" in out, out[-6000:]  # the first failure on this host
+    assert "Traceback" not in out, out[-6000:]
