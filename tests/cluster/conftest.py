@@ -4,7 +4,8 @@ by ``launch/slurm/local_cluster.sh`` (the same script users run) and torn down c
 also when a test fails or the run is interrupted.
 
 Needs root, network namespaces and Debian's ``slurm-wlm``/``munge`` (installed by name here where
-missing, once). Elsewhere every cluster test skips with one line saying why.
+missing, once; ``iptables`` too, for the lossy-network test). Elsewhere every cluster test skips with
+one line saying why.
 """
 
 from __future__ import annotations
@@ -48,19 +49,33 @@ def _why_not() -> str | None:
     return None
 
 
-def _install_packages() -> str | None:
-    """apt-get install slurm-wlm munge by name where missing; the reason it failed, or None."""
-    if all(shutil.which(b) for b in ("slurmctld", "slurmd", "munged", "sbatch")):
-        return None
+# The commands the cluster tests run -> the Debian package that has each (installed by name where missing,
+# once: a later session finds them). The cluster needs REQUIRED; iptables only serves the lossy-network
+# test, which skips without it.
+REQUIRED = {"slurmctld": "slurm-wlm", "slurmd": "slurm-wlm", "sbatch": "slurm-wlm", "munged": "munge"}
+OPTIONAL = {"iptables": "iptables"}
+
+
+def _apt_get(packages: list[str]) -> str | None:
+    """apt-get install PACKAGES by name (after an update if the first try fails); why not, or None."""
     if shutil.which("apt-get") is None:
-        return "cluster tests need slurm-wlm and munge (no apt-get here to install them)"
+        return f"cluster tests need {' and '.join(packages)} (no apt-get here to install them)"
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    cmd = ["apt-get", "install", "-y", "-qq", "slurm-wlm", "munge"]
-    if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if p.returncode != 0:
-            return f"apt-get install slurm-wlm munge failed: {p.stderr.strip().splitlines()[-1:]}"
+    cmd = ["apt-get", "install", "-y", "-qq", *packages]
+    if subprocess.run(cmd, env=env, capture_output=True).returncode == 0:
+        return None
+    subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    return None if p.returncode == 0 else f"apt-get install {' '.join(packages)} failed: {p.stderr.strip().splitlines()[-1:]}"
+
+
+def _install_packages() -> str | None:
+    """The packages whose commands are missing, installed; the reason the cluster cannot run, or None."""
+    for wanted in (REQUIRED, OPTIONAL):
+        missing = sorted({pkg for cmd, pkg in wanted.items() if shutil.which(cmd) is None})
+        why = _apt_get(missing) if missing else None
+        if why and wanted is REQUIRED:
+            return why
     return None
 
 
