@@ -467,6 +467,27 @@ def test_local_sh_forwards_signals_once(tmp_path, sig, forwarded, rc):
 # ---------------------------------------------------------------------------------------------
 
 
+def interrupt_local_sh(tmp: Path, data_dir: Path, run_dir: Path, marker: str, interrupt) -> tuple[int, str]:
+    """`local.sh --nproc 2` (0.5 s a step: the sleep fault) until the run has logged step 2, then
+    ``interrupt(proc)``; its exit status and output (stdout and stderr) once it has ended."""
+    env = base_env(tmp, **faults.child_env(fault="sleep:0.5"))
+    cmd = [str(LOCAL), "--nproc", "2", CONFIG, *overrides(data_dir, run_dir)]
+    proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not any(r.get("step", 0) >= 2 for r in metrics(run_dir)):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"local.sh did not reach step 2 (rc={proc.poll()})")
+            time.sleep(0.2)
+        interrupt(proc)
+        out, _ = proc.communicate(timeout=RUN_TIMEOUT)
+    except BaseException:
+        kill_tree(proc, marker)
+        raise
+    return proc.returncode, out
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_dir):
     """An uninterrupted run through train.sbatch: one node, two CPU processes."""
@@ -489,23 +510,8 @@ def test_local_sh_trains_and_preemption_exits_75(tmp_path, data_dir, reference, 
     assert reference["rc"] == 0, "the uninterrupted reference run failed"
     ref = losses_by_step(metrics(reference["run_dir"]))
     run_dir = tmp_path / "run"
-    env = base_env(tmp_path, **faults.child_env(fault="sleep:0.5"))
-    marker = no_leftovers
-    cmd = [str(LOCAL), "--nproc", "2", CONFIG, *overrides(data_dir, run_dir)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + RUN_TIMEOUT
-        while not any(r.get("step", 0) >= 2 for r in metrics(run_dir)):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"local.sh did not reach step 2 (rc={proc.poll()})")
-            time.sleep(0.2)
-        os.kill(proc.pid, signal.SIGUSR1)
-        out, _ = proc.communicate(timeout=RUN_TIMEOUT)
-    except BaseException:
-        kill_tree(proc, marker)
-        raise
-    assert proc.returncode == 75, out[-6000:]
+    rc, out = interrupt_local_sh(tmp_path, data_dir, run_dir, no_leftovers, lambda p: os.kill(p.pid, signal.SIGUSR1))
+    assert rc == 75, out[-6000:]
     first = metrics(run_dir)
     stopped_at = max(r["step"] for r in first)
     assert 2 <= stopped_at < STEPS
@@ -521,25 +527,14 @@ def test_local_sh_rank_killed_ends_the_others_in_one_line(tmp_path, data_dir, no
     """local.sh (2 processes) with rank 1 SIGKILLed mid-run (a crash, an OOM kill): rank 0's next
     collective fails; it ends in the one CollectiveError line naming the collective, torchrun adds
     its one line, and no Python traceback follows either (a dead peer is an expected failure)."""
-    run_dir = tmp_path / "run"
-    env = base_env(tmp_path, **faults.child_env(fault="sleep:0.5"))
-    cmd = [str(LOCAL), "--nproc", "2", CONFIG, *overrides(data_dir, run_dir)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + RUN_TIMEOUT
-        while not any(r.get("step", 0) >= 2 for r in metrics(run_dir)):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"local.sh did not reach step 2 (rc={proc.poll()})")
-            time.sleep(0.2)
+
+    def kill_rank1(proc: subprocess.Popen) -> None:
         rank1 = [c for c in psutil.Process(proc.pid).children(recursive=True) if c.environ().get("RANK") == "1"]
         assert len(rank1) == 1, rank1
         rank1[0].kill()
-        out, _ = proc.communicate(timeout=RUN_TIMEOUT)
-    except BaseException:
-        kill_tree(proc, no_leftovers)
-        raise
-    assert proc.returncode == 1, out[-6000:]
+
+    rc, out = interrupt_local_sh(tmp_path, data_dir, tmp_path / "run", no_leftovers, kill_rank1)
+    assert rc == 1, out[-6000:]
     lines = [ln for ln in out.splitlines() if ln.startswith("gpt2-train: rank 0: CollectiveError: ")]
     assert len(lines) == 1 and "failed on rank 0 of 2" in lines[0] and "a peer closed its connection" in lines[0], out[-6000:]
     assert "torchrun: rank 1 failed (killed by SIGKILL)" in out, out[-6000:]  # the first failure on this host
