@@ -7,9 +7,12 @@ torchrun's own traceback says nothing more. Exit status 128 + the signal number.
 has printed its own error already (or was killed by a signal, which the line names): torchrun adds
 one line naming it (exit status 1, as torchrun's).
 A torchrun that loses the rendezvous store (hosted by the first node's torchrun, which ended after
-its rank failed, or whose link went down) says so in one line too (exit status 1).
+its rank failed, or whose link went down) says so in one line too (exit status 1), and its C++
+warnings about it (each with a C++ backtrace) are off (``TORCH_CPP_LOG_LEVEL=ERROR`` for torchrun
+itself, unless set).
 """
 
+import os
 import signal
 import sys
 
@@ -26,10 +29,20 @@ def _failure(code: int) -> str:
 
 
 if __name__ == "__main__":
+    # torchrun's own C++ warnings carry a whole C++ backtrace each (~25 lines): a TCPStore read that
+    # fails because the node hosting the rendezvous store ended, after a rank failed and said so in
+    # one line, printed two of them on the surviving node. Torch reads the level once, at import:
+    # this process only; its ranks keep the default (and a TORCH_CPP_LOG_LEVEL you set wins).
+    quiet = "TORCH_CPP_LOG_LEVEL" not in os.environ
+    if quiet:
+        os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
     from torch.distributed.run import main
+
+    if quiet:
+        del os.environ["TORCH_CPP_LOG_LEVEL"]
 
     try:
         main()
