@@ -157,6 +157,7 @@ def test_gpu_check_smoke(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["smoke"] and "| throughput" in p.stdout
+    assert "levels" in res["serving"], res["serving"]  # its error or skip reason, when it did not run
     levels = res["serving"]["levels"]  # gpt2-serve under 1 and 4 clients
     assert [lv["concurrency"] for lv in levels] == [1, 4] and all(lv["tokens_per_s"] > 0 for lv in levels)
     assert res["tests"]["exit_code"] in (0, 5) and res["tests"]["failed"] == 0 and res["tests"]["files"]
