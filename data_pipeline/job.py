@@ -14,7 +14,6 @@ import shlex
 import signal
 import sys
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,8 +35,6 @@ from data_pipeline.shards import (
 from data_pipeline.sources import Source, SourceError, check_protocol
 
 MANIFEST_VERSION = 1
-# Test hook: seconds to sleep around each shard commit, so a test can SIGKILL a run mid-way.
-_SLOW_ENV = "GPT2_PREPARE_TEST_SLEEP"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C'd command
 
 
@@ -303,7 +300,6 @@ class ShardWriter:
         self.buf: list[np.ndarray] = []
         self.buf_len = 0
         self.meta: list[np.ndarray] = []  # per chunk: (5, n) starts, ends, rows, empty, filtered
-        self.sleep = float(os.environ.get(_SLOW_ENV, "0") or 0)
 
     def next_boundary(self) -> tuple[str, int]:
         S, V = self.cfg.shard_tokens, self.job.val_tokens
@@ -344,12 +340,8 @@ class ShardWriter:
             if not self.manifest["shards"]:  # a kill -9 before the first listing: the rerun knows the file is ours
                 write_manifest(self.cfg.out_dir, {**self.manifest, "writing": entry["file"]}, self.job.manifest_name)
             entry["sha256"] = write_shard(join(self.cfg.out_dir, entry["file"]), shard)
-            if self.sleep:
-                time.sleep(self.sleep)
             self.manifest["shards"].append(entry)
             write_manifest(self.cfg.out_dir, self.manifest, self.job.manifest_name)
-        if self.sleep:
-            time.sleep(self.sleep)
         self.counts[split] += 1
         self.pos = end
 

@@ -1,6 +1,6 @@
 """Fault injection for the tests, from the tests: the product carries none of it.
 
-Two kinds, each installed by monkeypatching the product's code in the process that runs it:
+Three kinds, each installed by monkeypatching the product's code in the process that runs it:
 
     the trainer (``install(spec)``), SPEC one of
         crash:S      rank 0 dies (``os._exit(13)``) right after step S, once per run directory
@@ -12,12 +12,15 @@ Two kinds, each installed by monkeypatching the product's code in the process th
     a collective (``install_hang(spec)``), SPEC ``<rank>:<what>`` (e.g. ``1:all_reduce(loss)``,
         ``*`` for any): that rank sleeps forever just before that collective (a rank that stopped
         answering)
+    a prepare's shard commits (``install_prepare_sleep(seconds)``): each shard's commit takes SECONDS
+        longer between the shard file and the manifest that lists it (Ctrl-C is held there) and
+        SECONDS more after it (time to signal or kill a prepare mid-way)
 
 In this process a test calls ``install(spec, monkeypatch.setattr)``. A child process (``python
 pretrain/train.py``, torchrun and its workers, the launchers) gets them from its environment:
-``child_env(fault=..., hang=...)`` puts ``tests/fault_site`` (whose ``sitecustomize.py`` calls
-:func:`install_from_env`) first on ``PYTHONPATH`` and the specs in ``GPT2_TEST_FAULT`` /
-``GPT2_TEST_HANG``.
+``child_env(fault=..., hang=..., prepare_sleep=...)`` puts ``tests/fault_site`` (whose
+``sitecustomize.py`` calls :func:`install_from_env`) first on ``PYTHONPATH`` and the specs in
+``GPT2_TEST_FAULT`` / ``GPT2_TEST_HANG`` / ``GPT2_TEST_PREPARE_SLEEP``.
 """
 
 from __future__ import annotations
@@ -30,11 +33,14 @@ from pathlib import Path
 
 FAULT_ENV = "GPT2_TEST_FAULT"
 HANG_ENV = "GPT2_TEST_HANG"
+PREPARE_SLEEP_ENV = "GPT2_TEST_PREPARE_SLEEP"
 SITE = Path(__file__).resolve().parent / "fault_site"
 
 
-def child_env(fault: str | None = None, hang: str | None = None) -> dict[str, str]:
-    """The environment entries that make a child process inject ``fault`` / ``hang``."""
+def child_env(fault: str | None = None, hang: str | None = None,
+              prepare_sleep: float | None = None) -> dict[str, str]:
+    """The environment entries that make a child process inject ``fault`` / ``hang`` /
+    ``prepare_sleep``."""
     if fault is not None:
         _parse(fault)
     old = os.environ.get("PYTHONPATH")
@@ -43,6 +49,10 @@ def child_env(fault: str | None = None, hang: str | None = None) -> dict[str, st
         out[FAULT_ENV] = fault
     if hang is not None:
         out[HANG_ENV] = hang
+    if prepare_sleep is not None:
+        if not prepare_sleep > 0:
+            raise ValueError(f"prepare_sleep must be > 0 seconds, got {prepare_sleep!r}")
+        out[PREPARE_SLEEP_ENV] = str(prepare_sleep)
     return out
 
 
@@ -51,6 +61,8 @@ def install_from_env() -> None:
         install(os.environ[FAULT_ENV])
     if os.environ.get(HANG_ENV):
         install_hang(os.environ[HANG_ENV])
+    if os.environ.get(PREPARE_SLEEP_ENV):
+        install_prepare_sleep(float(os.environ[PREPARE_SLEEP_ENV]))
 
 
 def _parse(spec: str) -> tuple[str, float]:
@@ -117,3 +129,24 @@ def install_hang(spec: str, patch=setattr) -> None:
         return real(what, group)
 
     patch(dist, "collective", collective)
+
+
+def install_prepare_sleep(seconds: float, patch=setattr) -> None:
+    """Wrap ``data_pipeline.job``'s ``write_shard`` (called inside a shard's commit, where Ctrl-C is
+    held, before the manifest lists the shard) and ``ShardWriter._emit`` (the whole commit) to sleep
+    ``seconds`` after each: a kill lands between a shard and its listing, or between commits."""
+    from data_pipeline import job
+
+    real_write, real_emit = job.write_shard, job.ShardWriter._emit
+
+    def write_shard(*args, **kwargs):
+        digest = real_write(*args, **kwargs)
+        time.sleep(seconds)
+        return digest
+
+    def _emit(self, *args, **kwargs):
+        real_emit(self, *args, **kwargs)
+        time.sleep(seconds)
+
+    patch(job, "write_shard", write_shard)
+    patch(job.ShardWriter, "_emit", _emit)

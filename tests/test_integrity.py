@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import faults
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -293,7 +294,7 @@ def test_prepare_ctrl_c_stops_cleanly_and_prints_the_resume_command(tmp_path):
     _prep(src, tmp_path / "clean")
     args = [str(src), str(tmp_path / "o"), "--shard-tokens", "1000", "--val-tokens", "1500", "--workers", "1",
             "--no-progress", "--chunk-chars", "5000"]
-    env = dict(os.environ, GPT2_PREPARE_TEST_SLEEP="0.2")
+    env = {**os.environ, **faults.child_env(prepare_sleep=0.2)}
     # As at a terminal: SIGINT at its default and unblocked in the child, whatever this pytest worker
     # inherited or an earlier test left (a process started with SIGINT ignored keeps ignoring it).
     proc = subprocess.Popen([sys.executable, "-m", "data_pipeline.prepare", *args], cwd=REPO, env=env,

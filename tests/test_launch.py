@@ -330,7 +330,7 @@ def test_prepare_array_requeued_task_resumes_and_the_dependent_merge_runs(tmp_pa
     monkeypatch.chdir(sub)  # the same (relative) SOURCE as the array's: manifests record it
     assert prepare(["src", str(tmp_path / "ref"), "--tasks", "3", "--local", "--workers", "3",
                     "--no-progress", *ARRAY_ARGS]) == 0
-    env = base_env(tmp_path, WORKERS="1", GPT2_PREPARE_TEST_SLEEP="0.2")
+    env = base_env(tmp_path, WORKERS="1", **faults.child_env(prepare_sleep=0.2))
     proc = subprocess.Popen(["bash", str(PREPARE_ARRAY), "--tasks", "3", "src", "out", *ARRAY_ARGS], cwd=sub, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     state, part = tmp_path / "slurm_state", sub / "out" / "manifest.task-00001-of-00003.json"

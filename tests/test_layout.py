@@ -5,6 +5,7 @@ module is imported). A new arrow between rooms fails here until DESIGN.md and th
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,29 @@ def test_importing_every_module_registers_no_op():
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split()[-2:] == ["[]", "True"], r.stdout  # nothing at import; the probe sees a registration
+
+
+# the environment variables only tests set (tests/faults.py), and the spellings a test hook's would take
+TEST_ONLY_ENV = re.compile(r"GPT2_TEST|_TEST_|TEST_SLEEP|PRETRAIN_FAULT")
+PRODUCT_DIRS = (*ROOMS, "launch")
+
+
+def env_hook_mentions(texts: dict[Path, str] | None = None) -> list[str]:
+    """``file:line`` of every mention of a test-only environment variable in the product's files
+    (its modules, launchers, configs and docs; ``texts`` stands in for them)."""
+    files = texts or {p: p.read_text(errors="replace") for d in PRODUCT_DIRS for p in sorted((REPO / d).rglob("*"))
+                      if p.is_file() and "__pycache__" not in p.parts}
+    return [f"{p.relative_to(REPO)}:{i}" for p, text in files.items()
+            for i, line in enumerate(text.splitlines(), 1) if TEST_ONLY_ENV.search(line)]
+
+
+def test_no_product_file_reads_a_test_only_environment_variable():
+    """Faults are injected from the tests (tests/faults.py, through tests/fault_site on a child's
+    PYTHONPATH): no module or launcher of the product reads a test-only environment variable."""
+    import faults
+
+    assert all(TEST_ONLY_ENV.search(v) for v in (faults.FAULT_ENV, faults.HANG_ENV, faults.PREPARE_SLEEP_ENV))
+    assert env_hook_mentions() == []
+    job = REPO / "data_pipeline" / "job.py"
+    hooked = job.read_text() + '\n_SLOW = float(os.environ.get("GPT2_TEST_PREPARE_SLEEP", "0"))\n'
+    assert env_hook_mentions({job: hooked}) == [f"data_pipeline/job.py:{len(hooked.splitlines())}"]

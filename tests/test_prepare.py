@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import faults
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -206,7 +207,7 @@ def test_sigkill_mid_run_then_rerun_is_identical(corpus, tmp_path):
     cmd = [sys.executable, "-m", "data_pipeline.prepare", str(d), str(tmp_path / "killed"),
            "--shard-tokens", "4000", "--val-tokens", "5000", "--workers", "2", "--no-progress",
            "--chunk-chars", "20000"]
-    env = dict(os.environ, GPT2_PREPARE_TEST_SLEEP="0.25")
+    env = {**os.environ, **faults.child_env(prepare_sleep=0.25)}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     manifest = tmp_path / "killed" / "manifest.json"
     deadline = time.time() + 90

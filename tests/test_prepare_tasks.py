@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import faults
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -180,7 +181,7 @@ def test_killed_task_reruns_byte_identical_and_merge_waits_for_it(source, tmp_pa
                      "--val-tokens", "1500"]) == 0
     part = out / "manifest.task-00001-of-00003.json"
     proc = subprocess.Popen([sys.executable, "-m", "data_pipeline.prepare", args[0], str(out), *args[1:]], cwd=REPO,
-                            env=dict(os.environ, GPT2_PREPARE_TEST_SLEEP="0.3"), stdout=subprocess.DEVNULL,
+                            env={**os.environ, **faults.child_env(prepare_sleep=0.3)}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while time.time() < deadline:

@@ -223,6 +223,7 @@ def test_prepare_killed_before_its_first_listing_resumes(tmp_path):
     import subprocess
     import sys
 
+    import faults
     from helpers import REPO
 
     from data_pipeline.prepare import main
@@ -231,7 +232,7 @@ def test_prepare_killed_before_its_first_listing_resumes(tmp_path):
     out = tmp_path / "out"
     args = [str(src), str(out), "--shard-tokens", "500", "--val-tokens", "500", "--workers", "1", "--no-progress"]
     p = subprocess.Popen([sys.executable, "-m", "data_pipeline.prepare", *args], cwd=REPO,
-                         env={**os.environ, "GPT2_PREPARE_TEST_SLEEP": "30"}, stdout=subprocess.DEVNULL,
+                         env={**os.environ, **faults.child_env(prepare_sleep=30)}, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
@@ -291,6 +292,7 @@ def test_killed_local_tasks_leave_no_orphans(tmp_path):
     import subprocess
     import sys
 
+    import faults
     from helpers import REPO
 
     src = tmp_path / "src"
@@ -300,7 +302,7 @@ def test_killed_local_tasks_leave_no_orphans(tmp_path):
     out = tmp_path / "out"
     p = subprocess.Popen([sys.executable, "-m", "data_pipeline.prepare", str(src), str(out), "--tasks", "2", "--local",
                           "--shard-tokens", "500", "--val-tokens", "500", "--workers", "2", "--no-progress"],
-                         cwd=REPO, env={**os.environ, "GPT2_PREPARE_TEST_SLEEP": "30"},
+                         cwd=REPO, env={**os.environ, **faults.child_env(prepare_sleep=30)},
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     children_file = Path(f"/proc/{p.pid}/task/{p.pid}/children")
     deadline = time.monotonic() + 60

@@ -3,7 +3,7 @@ environment names, before the program runs. Nothing else is changed."""
 
 import os
 
-if os.environ.get("GPT2_TEST_FAULT") or os.environ.get("GPT2_TEST_HANG"):
+if any(os.environ.get(k) for k in ("GPT2_TEST_FAULT", "GPT2_TEST_HANG", "GPT2_TEST_PREPARE_SLEEP")):
     import importlib.util
     from pathlib import Path
 
