@@ -108,6 +108,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def terminal_sigint() -> None:
+    """A child's ``preexec_fn``: SIGINT at its default and unblocked, as at a terminal, whatever the
+    suite was started with (a process started with SIGINT ignored keeps ignoring it, and so do its
+    children)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def env(fault: str | None = None) -> dict[str, str]:
     """The child's environment; ``fault`` (tests/faults.py) is injected into its trainer."""
     e = dict(os.environ)

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import REPO, make_synthetic_shards, python_cmd, tiny_overrides
+from helpers import REPO, make_synthetic_shards, python_cmd, terminal_sigint, tiny_overrides
 from helpers import run as run_cmd
 
 from data_pipeline import integrity
@@ -284,21 +284,17 @@ def test_binary_garbage_as_text_is_refused_naming_the_file(tmp_path, capsys):
 
 
 # ---- Ctrl-C in prepare ------------------------------------------------------------------------------
-def _terminal_sigint() -> None:
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def test_prepare_ctrl_c_stops_cleanly_and_prints_the_resume_command(tmp_path):
     src = _jsonl(tmp_path, n=120)
     _prep(src, tmp_path / "clean")
     args = [str(src), str(tmp_path / "o"), "--shard-tokens", "1000", "--val-tokens", "1500", "--workers", "1",
             "--no-progress", "--chunk-chars", "5000"]
     env = {**os.environ, **faults.child_env(prepare_sleep=0.2)}
-    # As at a terminal: SIGINT at its default and unblocked in the child, whatever this pytest worker
-    # inherited or an earlier test left (a process started with SIGINT ignored keeps ignoring it).
+    # As at a terminal: SIGINT at its default and unblocked in the child, whatever the suite was started
+    # with (`make test &` from a script: a non-interactive shell's background job ignores SIGINT, and so
+    # do its children); no test leaves it changed (tests/conftest.py).
     proc = subprocess.Popen([sys.executable, "-m", "data_pipeline.prepare", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_terminal_sigint)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=terminal_sigint)
     manifest = tmp_path / "o" / "manifest.json"
     deadline = time.time() + 60
     while time.time() < deadline:
