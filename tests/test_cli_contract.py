@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -147,6 +148,8 @@ def _weak_variants(root: Path, run: Path, data: Path) -> None:
     eval.json is damaged, a manifest listing fewer shards than its totals, an edited export."""
     (root / "tb_link_run").mkdir()
     (root / "tb_link_run" / "tensorboard").symlink_to(root / "gone")
+    (root / "tb_ro_run" / "tensorboard").mkdir(parents=True)  # made read-only in a mount namespace
+    (root / "cache_full").mkdir()  # a tiny tmpfs is mounted here in a mount namespace
     for name in ("run_badcfg", "run_unknown", "run_badeval", "run_badstate"):
         shutil.copytree(run, root / name, ignore=shutil.ignore_patterns(".lock"))
     (root / "run_badcfg" / "config.yaml").write_text("optim: [1, 2\n")
@@ -164,6 +167,8 @@ def _weak_variants(root: Path, run: Path, data: Path) -> None:
                "sha256": file_sha256(p)} for p in sorted(fewer.glob("*.bin"), key=lambda p: p.name[0] != "v")]
     (fewer / "manifest.json").write_text(json.dumps({"complete": True, "shards": shards[:-1],
                                                      "totals": {"val_shards": 1, "train_shards": 2}}))
+    shutil.copytree(data, root / "data_url")  # sound, with a manifest: read as file:// into a shard cache
+    (root / "data_url" / "manifest.json").write_text(json.dumps({"complete": True, "shards": shards}))
 
 
 def _train(root: Path, run: str = "run", data: str = "data", **extra) -> list[str]:
@@ -388,6 +393,63 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(world, case, capsys
     assert len(re.sub(r"/\S+", "PATH", lines[0])) <= 300, lines[0]  # each path counted as one word
     assert snapshot(world) == before
     assert time.perf_counter() - t0 < 5
+
+
+# Bad input that needs a file system of its own: a read-only mount, a permission the caller lacks
+# (as root too: CAP_DAC_OVERRIDE dropped, so a mode binds), a full disk. Each runs the CLI in a child
+# in a private mount namespace (unshare --mount; the mounts vanish with it, nothing outside changes):
+# (id, module with main(argv), shell that prepares the namespace from the root, argv, needle).
+def _ro(d: str) -> str:
+    return f"mount --bind {d} {d} && mount -o remount,bind,ro {d}"
+
+
+CONFINED = [
+    ("train: tensorboard/ on a read-only file system (EROFS)", "pretrain.train",
+     lambda r: _ro(r / "tb_ro_run" / "tensorboard"), lambda r: _train(r, "tb_ro_run", **{"logging.tensorboard": "true"}),
+     "is on a read-only file system"),
+    ("train: tensorboard/ not writable by this user (EACCES)", "pretrain.train",
+     lambda r: f"mount -t tmpfs -o size=64k,mode=0555 tmpfs {r / 'tb_ro_run' / 'tensorboard'}",
+     lambda r: _train(r, "tb_ro_run", **{"logging.tensorboard": "true"}), "not writable by this user"),
+    ("train: run_dir on a read-only file system", "pretrain.train", lambda r: _ro(r / "tb_ro_run"),
+     lambda r: _train(r, "tb_ro_run"), "is on a read-only file system"),
+    ("train: the shard cache's disk is full", "pretrain.train",
+     lambda r: f"mount -t tmpfs -o size=8k tmpfs {r / 'cache_full'}",
+     lambda r: _train(r, "new", **{"data.dir": f"file://{r / 'data_url'}", "data.cache_dir": str(r / "cache_full")}),
+     "free space there or set data.cache_dir"),
+]
+
+
+def _confined_child(setup: str, module: str, argv: list[str], listed: Path | None) -> list[str]:
+    """The command line of the child: the namespace's mounts, then the CLI (its own seconds on
+    stdout's first line), then what ``listed`` holds inside the namespace (a JSON list)."""
+    code = ("import importlib, json, os, sys, time; t0 = time.perf_counter(); "
+            f"rc = importlib.import_module({module!r}).main(json.loads(sys.argv[1])); "
+            "print(time.perf_counter() - t0); "
+            f"d = {str(listed) if listed else ''!r}; "
+            "print(json.dumps(sorted(os.listdir(d)) if d else [])); sys.exit(rc)")
+    # without CAP_DAC_OVERRIDE a directory's mode binds root as it binds anyone else
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", f'{setup} && exec "$@"', "sh",
+            "setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--",
+            sys.executable, "-c", code, json.dumps(argv)]
+
+
+@pytest.mark.parametrize("case", CONFINED, ids=[c[0] for c in CONFINED])
+def test_bad_input_on_a_confined_file_system_exits_2(world, case):
+    name, module, setup, argv, needle = case
+    if shutil.which("setpriv") is None or subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode:
+        pytest.skip("unshare --mount (or setpriv) is not permitted here: no private mount namespace")
+    listed = world / "cache_full" if "cache" in name else None
+    before = snapshot(world)
+    proc = subprocess.run(_confined_child(setup(world), module, argv(world), listed), cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("gpt2-train: error") and needle in lines[0], lines[0]
+    assert len(re.sub(r"/\S+", "PATH", lines[0])) <= 300, lines[0]
+    seconds, inside = proc.stdout.strip().splitlines()[-2:]
+    assert float(seconds) < 5
+    assert not [n for n in json.loads(inside) if ".tmp" in n or n.endswith(".bin")]  # nothing half-written
+    assert snapshot(world) == before
 
 
 def _interrupt(*args, **kwargs):
