@@ -167,6 +167,12 @@ def _weak_variants(root: Path, run: Path, data: Path) -> None:
                "sha256": file_sha256(p)} for p in sorted(fewer.glob("*.bin"), key=lambda p: p.name[0] != "v")]
     (fewer / "manifest.json").write_text(json.dumps({"complete": True, "shards": shards[:-1],
                                                      "totals": {"val_shards": 1, "train_shards": 2}}))
+    from lm_eval_fixtures import write_tasks
+
+    write_tasks(root / "tasks")  # 12 examples per split; a copy whose arc task asks for 50 shots itself
+    shutil.copytree(root / "tasks", root / "tasks_50shot")
+    arc = root / "tasks_50shot" / "arc_easy_local.yaml"
+    arc.write_text(re.sub(r"(?m)^num_fewshot: .*\n", "", arc.read_text()) + "num_fewshot: 50\n")
     shutil.copytree(data, root / "data_url")  # sound, with a manifest: read as file:// into a shard cache
     (root / "data_url" / "manifest.json").write_text(json.dumps({"complete": True, "shards": shards}))
 
@@ -327,6 +333,15 @@ CASES = [
      lambda r: ["--model", str(r / "export_ok"), "--num-samples", "x"], "--num-samples"),
     ("eval: --num-fewshot -1", "evals.run",
      lambda r: ["--model", str(r / "run"), "--tasks", "x", "--num-fewshot", "-1"], "--num-fewshot"),
+    *[(f"eval: --num-fewshot {k}, beyond {task}'s few-shot examples", "evals.run",
+       lambda r, k=k, task=task: ["--model", str(r / "export_ok"), "--no-hellaswag", "--tasks", task, "--include-path",
+                                  str(r / "tasks"), "--num-fewshot", k, "--device", "cpu"], needle)
+      for k, task, needle in (("13", "arc_easy_local", "has 12 few-shot example(s); pass --num-fewshot 12 or fewer"),
+                              ("99999999999999999999", "arc_easy_local", "pass --num-fewshot 12 or fewer"),
+                              ("12", "nq_open_local", "less the one scored; pass --num-fewshot 11 or fewer"))],
+    ("eval: a task YAML's own num_fewshot beyond its examples", "evals.run",
+     lambda r: ["--model", str(r / "export_ok"), "--no-hellaswag", "--tasks", "arc_easy_local", "--include-path",
+                str(r / "tasks_50shot"), "--device", "cpu"], "asks for num_fewshot 50 (its YAML)"),
     ("eval: an unknown option", "evals.run", lambda r: ["--model", str(r / "run"), "--bogus"], "--bogus"),
     ("export: a run whose config.yaml does not parse", "pretrain.export",
      lambda r: ["export", "--checkpoint", str(r / "run_badcfg" / "checkpoints"), "--out", str(r / "export3")],
