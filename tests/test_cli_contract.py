@@ -150,6 +150,7 @@ def _weak_variants(root: Path, run: Path, data: Path) -> None:
     (root / "tb_link_run" / "tensorboard").symlink_to(root / "gone")
     (root / "tb_ro_run" / "tensorboard").mkdir(parents=True)  # made read-only in a mount namespace
     (root / "cache_full").mkdir()  # a tiny tmpfs is mounted here in a mount namespace
+    os.mkfifo(root / "a_fifo")  # no writer: reading it would block
     for name in ("run_badcfg", "run_unknown", "run_badeval", "run_badstate"):
         shutil.copytree(run, root / name, ignore=shutil.ignore_patterns(".lock"))
     (root / "run_badcfg" / "config.yaml").write_text("optim: [1, 2\n")
@@ -270,6 +271,10 @@ CASES = [
     ("eval: non-UTF-8 HellaSwag", "evals.run",
      lambda r: ["--model", str(r / "run"), "--hellaswag", str(r / "hs_latin1.jsonl"), "--device", "cpu"],
      "hs_latin1.jsonl:1"),
+    *[(f"eval: --hellaswag a {what}", "evals.run",
+       lambda r, name=name: ["--model", str(r / "run"), "--hellaswag", str(r / name), "--device", "cpu"], needle)
+      for what, name, needle in (("directory", "empty_dir", "empty_dir: is a directory, not a HellaSwag"),
+                                 ("FIFO", "a_fifo", "a_fifo: is a FIFO, socket or device"))],
     ("eval: missing HellaSwag file", "evals.run",
      lambda r: ["--model", str(r / "run"), "--hellaswag", str(r / "nope.jsonl")], "nope.jsonl"),
     ("eval: --out under a file", "evals.run",
