@@ -81,8 +81,8 @@ def config_differences(run_dir: Path) -> list[tuple[str, Any, list[tuple[int, An
     if recorded is None:
         return []
     default = Config().to_dict()
-    ran = []
-    for step, config in settings_by_start(read_environment(run_dir), recorded):
+
+    def resolved(config: dict) -> dict:
         extra = [s for s in config if s not in default]
         if extra:
             raise ReportError(f"{Path(run_dir) / CONFIG}: section {extra[0]!r} is not a gpt2-train config section "
@@ -90,9 +90,12 @@ def config_differences(run_dir: Path) -> list[tuple[str, Any, list[tuple[int, An
         known = {section: {k: v for k, v in values.items() if k in default.get(section, {})}
                  for section, values in config.items() if isinstance(values, dict)}
         try:
-            ran.append((step, from_dict(known).to_dict()))
+            return from_dict(known).to_dict()
         except ConfigError as e:
             raise ReportError(f"{' '.join(str(e).split())[:240]}; {fix}") from None
+
+    resolved(recorded)  # config.yaml is checked even where every start recorded its own config
+    ran = [(step, resolved(config)) for step, config in settings_by_start(read_environment(run_dir), recorded)]
     rows = []
     for section, values in default.items():
         for k, d in values.items():
