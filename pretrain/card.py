@@ -4,9 +4,9 @@
     names = write_card(model, out_dir, source)      # gpt2-export calls it after export_hf
 
 What it reads, when the exported weights are a checkpoint of a run (``RUN_DIR/checkpoints/step_N``),
-through ``pretrain/rundir/``: the config of each start up to the exported step (the recipe), the metrics log (tokens and steps, the
-in-training evaluations, throughput, wall time, the loss plot), the environment record (hardware,
-torch, commit), gpt2-eval's final evaluation (``gpt2-eval --out RUN_DIR/eval.json``, preferred
+through ``pretrain/rundir/``: the config of each start up to the exported step (the recipe), the
+metrics log (tokens and steps, the in-training evaluations, throughput, wall time, the loss plot),
+the environment record of those starts (hardware, torch, commit), gpt2-eval's final evaluation (``gpt2-eval --out RUN_DIR/eval.json``, preferred
 over the in-training values) and the data directory's ``manifest.json`` (the dataset). The ``model-index`` holds every
 figure (validation loss and perplexity, HellaSwag, each ``tasks/<task>/<metric>``), so the Hub
 shows them and ``ModelCard.load(...).data.eval_results`` reads them back. Weights from elsewhere
@@ -53,7 +53,7 @@ def _json(path: Path) -> Any:
 def run_facts(source) -> RunFacts:
     """The run a ``weights.WeightsSource`` belongs to (a checkpoint under ``RUN_DIR/checkpoints``),
     and its records; empty facts for weights from elsewhere."""
-    from pretrain.report import settings_by_start
+    from pretrain.report import settings_by_start, starts_upto
     from pretrain.rundir.layout import CHECKPOINTS
     from pretrain.rundir.metrics_log import run_records
     from pretrain.rundir.records import read_config, read_environment, read_eval
@@ -66,10 +66,8 @@ def run_facts(source) -> RunFacts:
     facts = RunFacts(run_dir=run_dir, step=int(m.group(1)) if m else None)
     # what the starts that trained up to this checkpoint ran with (config.yaml is the last start's,
     # which may have resumed after this step with other settings), and what they ran on
-    facts.environment = [e for e in read_environment(run_dir) if not isinstance(e, dict) or facts.step is None
-                         or not isinstance(e.get("start_step"), int) or e["start_step"] < facts.step
-                         or e["start_step"] == 0]
-    facts.configs = settings_by_start(facts.environment, read_config(run_dir), upto=facts.step)
+    facts.environment = starts_upto(read_environment(run_dir), facts.step)
+    facts.configs = settings_by_start(facts.environment, read_config(run_dir))
     facts.config = facts.configs[-1][1]
     facts.records = [r for r in run_records(run_dir) if facts.step is None or r["step"] <= facts.step]
     for r in facts.records:  # the last in-training value of each evaluation key

@@ -6,8 +6,8 @@
 Read from what the run left in its directory, nothing else (``pretrain/rundir/``): the environment
 record (device, torch, commit, the MFU peak and the config of every start), the config (shown as
 its differences from the defaults; each start's value where a resume changed it), the metrics log
-(throughput, MFU, wall time, the in-training evaluations, the sample), gpt2-eval's final evaluation when ``gpt2-eval --out RUN_DIR/eval.json``
-wrote one, and the loss plot (drawn by ``gpt2-plot`` if it is missing or older than the metrics).
+(throughput, MFU, wall time, the in-training evaluations, the sample), gpt2-eval's final
+evaluation when ``gpt2-eval --out RUN_DIR/eval.json`` wrote one, and the loss plot (drawn by ``gpt2-plot`` if it is missing or older than the metrics).
 Evaluation figures are set beside OpenAI GPT-2 124M's published ones where task and metric match
 (``evals/tasks.py`` ``REFERENCE``; sources in evals/README.md).
 
@@ -49,14 +49,19 @@ def _final_results(run_dir: Path) -> dict:
     return {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def settings_by_start(envs: list, recorded: dict | None, upto: int | None = None) -> list[tuple[int, dict]]:
+def starts_upto(envs: list, upto: int | None = None) -> list[dict]:
+    """The environment record's entries (one per start); ``upto``: only the starts that trained
+    the steps up to that one (a checkpoint's), not those that resumed after it."""
+    return [e for e in envs if isinstance(e, dict) and isinstance(e.get("start_step"), int)
+            and (upto is None or e["start_step"] < upto or e["start_step"] == 0)]
+
+
+def settings_by_start(envs: list, recorded: dict | None) -> list[tuple[int, dict]]:
     """(first step, config) of each start of the run: the resolved config the start recorded in the
     environment record (``rundir.records``), or, for a start without one (a run older than that
-    record), ``config.yaml``'s (``recorded``: the last start's). ``upto``: only the starts that
-    trained the steps up to that one (a checkpoint's)."""
-    starts = [e for e in envs if isinstance(e, dict) and isinstance(e.get("start_step"), int)
-              and (upto is None or e["start_step"] < upto or e["start_step"] == 0)]
-    out = [(e["start_step"], e["config"] if isinstance(e.get("config"), dict) else recorded or {}) for e in starts]
+    record), ``config.yaml``'s (``recorded``: the last start's)."""
+    out = [(e["start_step"], e["config"] if isinstance(e.get("config"), dict) else recorded or {})
+           for e in starts_upto(envs)]
     return out or [(0, recorded or {})]
 
 
