@@ -454,10 +454,11 @@ CONFINED = [
 
 
 def _confined_child(setup: str, module: str, argv: list[str], listed: Path | None) -> list[str]:
-    """The command line of the child: the namespace's mounts, then the CLI (its own seconds on
-    stdout's first line), then what ``listed`` holds inside the namespace (a JSON list)."""
-    code = ("import importlib, json, os, sys, time; t0 = time.perf_counter(); "
-            f"rc = importlib.import_module({module!r}).main(json.loads(sys.argv[1])); "
+    """The command line of the child: the namespace's mounts, then the CLI (its own seconds, after
+    its module is imported, as the in-process rows count them), then what ``listed`` holds inside
+    the namespace (a JSON list)."""
+    code = (f"import importlib, json, os, sys, time; cli = importlib.import_module({module!r}); "
+            "t0 = time.perf_counter(); rc = cli.main(json.loads(sys.argv[1])); "
             "print(time.perf_counter() - t0); "
             f"d = {str(listed) if listed else ''!r}; "
             "print(json.dumps(sorted(os.listdir(d)) if d else [])); sys.exit(rc)")
