@@ -147,6 +147,7 @@ def inspect_split(data_dir: str | os.PathLike, split: str, seq_len: int, micro_b
             f"fewer than one global batch ({global_batch_seqs}); prepare more tokens "
             "(--val-tokens / --max-tokens) or lower the batch size"
         )
+    store.check_cache_room(files)
     verify = verify or store.remote  # a copy is only ever used verified
     exp = [expected(f, e) if verify else None for f, e in pairs]
     return SplitInfo(store, split, files, shard_tokens, entries, exp, max_ids)

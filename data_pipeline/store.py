@@ -160,6 +160,23 @@ class ShardStore:
                            if x.get("type", "file") != "directory"}
         return self._sizes
 
+    def check_cache_room(self, files: list[Path]) -> None:
+        """Before anything is fetched or written: the cache's disk has room for every one of
+        ``files`` not copied yet (each is fetched once and kept), else one line naming the cache,
+        the bytes needed and free, and the fix. Local data: nothing to copy."""
+        if not self.remote:
+            return
+        import shutil
+
+        sizes = self._remote_sizes()
+        missing = [f.name for f in files if not (self.root / f.name).is_file()]
+        need = sum(sizes.get(n, 0) for n in missing)
+        free = shutil.disk_usage(self.root).free
+        if need > free:
+            raise ShardError(f"{self.root}: the shard cache needs {_size(need)} for {len(missing)} shard(s) not yet "
+                             f"copied and its disk has {_size(free)} free; free space there or set data.cache_dir to a "
+                             "node-local directory with room for the shards")
+
     def _fetch(self, name: str, replace_inode: int | None = None, stop: Callable[[], bool] | None = None) -> None:
         """Copy ``name`` into :attr:`root` unless a copy is there (or, ``replace_inode`` given, unless
         the copy there is another file than that one, i.e. someone fetched it again already)."""
@@ -224,6 +241,10 @@ class ShardStore:
             if bad is None:
                 return top.value
         raise self.integrity_error(bad, entry, fetched=self.remote)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 _CACHE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}  # the cache's own disk

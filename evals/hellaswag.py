@@ -196,6 +196,10 @@ def load_examples(path: str | os.PathLike, limit: int | None = None) -> list[dic
     """The examples of a HellaSwag jsonl file (the first ``limit`` when given), validated: a
     bad line raises one :class:`HellaSwagError` naming ``file:line``."""
     p = Path(path)
+    if p.exists() and not p.is_file():
+        raise HellaSwagError(f"{p}: is a {'directory' if p.is_dir() else 'FIFO, socket or device'}, not a HellaSwag "
+                             f"jsonl file; pass --hellaswag PATH (eval.hellaswag_path) to a copy of "
+                             f"{HELLASWAG_URLS['validation']}")
     if not p.is_file():
         raise HellaSwagError(
             f"{p}: HellaSwag file not found; pass --hellaswag PATH (eval.hellaswag_path) to a copy of "

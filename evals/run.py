@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args, rank: int, world: int, device: torch.device) -> int:
     from evals.core import CoreEvaluator, load_bundle
     from evals.hellaswag import HellaSwagError, HellaSwagEvaluator
-    from evals.tasks import TaskError, task_manager
+    from evals.tasks import TaskError, check_fewshot, load_tasks, task_manager
     from evals.val_loss import ValLossEvaluator
     from pretrain.checkpoint import CheckpointError
     from pretrain.model.weights import load_model, resolve
@@ -171,6 +171,8 @@ def _run(args, rank: int, world: int, device: torch.device) -> int:
                                                  split=args.hellaswag_split))
         if tasks:
             manager = task_manager(tasks, args.include_path)  # unknown names: before the model is loaded
+            # a task's data that cannot be read, or fewer few-shot examples than asked for: before the model too
+            check_fewshot(load_tasks(manager, tasks), args.num_fewshot)
         core_limit = args.limit if args.core_limit is None else args.core_limit
         core = load_bundle(args.core, core_limit) if args.core is not None else None  # a bad bundle: before the model
         source = resolve(args.model)
@@ -225,9 +227,8 @@ def _run(args, rank: int, world: int, device: torch.device) -> int:
 def _run_tasks(args, model, tasks: list[str], manager, device, timings: dict, log) -> tuple[dict | None, dict]:
     """The harness tasks on ``model``: (the harness's results dict on rank 0 / None, requests served)."""
     from evals.harness import GPTLM
-    from evals.tasks import load_tasks, run_tasks
+    from evals.tasks import run_tasks
 
-    load_tasks(manager, tasks)  # a task's data that cannot be read: one line, before any scoring
     lm = GPTLM(model, batch_size=args.batch_size, device=device)
     t0 = time.perf_counter()
     harness = run_tasks(model, tasks, limit=args.limit, num_fewshot=args.num_fewshot, bootstrap_iters=args.bootstrap_iters,

@@ -183,7 +183,11 @@ def load_tasks(tm, tasks: Sequence[str]) -> dict:
     fails here, in one line; with the Hub unreachable, at once, from the cache only)."""
     from contextlib import nullcontext
 
+    import datasets
+
     offline = hub_unreachable()
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # "Generating train split" on a first load: not the command's output
     try:
         with _Offline() if offline else nullcontext():
             return tm.load(list(tasks))
@@ -192,6 +196,30 @@ def load_tasks(tm, tasks: Sequence[str]) -> dict:
         said = "the Hugging Face Hub cannot be reached from here and the dataset is not in the cache; " if offline else ""
         raise TaskError(f"tasks {','.join(tasks)}: cannot load ({type(e).__name__}: {first}); {said}check the "
                         "task's dataset (offline: a local data file through --include-path)") from None
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def check_fewshot(loaded: dict, num_fewshot: int | None) -> None:
+    """Every task can draw its few-shot examples: K (``--num-fewshot``, else the task's own
+    ``num_fewshot``) from its few-shot pool, which the harness samples without replacement
+    (K + 1 when the pool is the split scored, to leave the scored document out); a
+    :class:`TaskError` naming the task, its pool and the largest K, else (the harness's own
+    refusal is a ValueError traceback from ``random.sample``)."""
+    for name, task in loaded.get("tasks", {}).items():
+        own = getattr(getattr(task, "config", None), "num_fewshot", None)
+        k = num_fewshot if num_fewshot is not None else own
+        if not isinstance(k, int) or k <= 0:
+            continue
+        sampler = getattr(task, "sampler", None)
+        pool = len(sampler.fewshot_docs()) if sampler is not None else 0
+        same = getattr(getattr(task, "fewshot_cfg", None), "split", None) == task.config.test_split
+        most = max(pool - int(same), 0)
+        if k > most:
+            said = f"--num-fewshot {k}" if num_fewshot is not None else f"task {name!r} asks for num_fewshot {k} (its YAML)"
+            where = f"{name!r} has {pool} few-shot example(s)" + (" in the split it scores, less the one scored" if same else "")
+            raise TaskError(f"{said}: {where}; pass --num-fewshot {most} or fewer")
 
 
 def run_tasks(model, tasks: Sequence[str], *, include_path: str | Path | None = None, limit: int | float | None = None,
@@ -289,6 +317,7 @@ class TaskEvaluator:
         self.bootstrap_iters = bootstrap_iters
         self.manager = task_manager(self.tasks, include_path)
         loaded = load_tasks(self.manager, self.tasks)
+        check_fewshot(loaded, None)  # a task YAML's own num_fewshot beyond its pool: now, not at the first eval
         generative = [n for n, t in loaded["tasks"].items() if t.OUTPUT_TYPE == "generate_until"]
         if fsdp and world_size > 1 and generative:
             # Rows stop generating at different steps on different ranks; FSDP needs every rank in every forward.

@@ -95,7 +95,10 @@ class ValLossEvaluator:
             if vocab_size is not None and top >= vocab_size:
                 raise token_range_error(path, self.shards[s], vocab_size)
         per_rank = -(-wanted // world_size)  # ceil: every rank runs as many batches as rank 0
-        self.num_batches = -(-per_rank // batch_size)
+        # rows past a rank's share are padding: a batch larger than the share allocates no more of them
+        # (--batch-size 99999999999 asked numpy for 47 TiB); the same on every rank
+        self.batch_size = min(batch_size, max(per_rank, 1))
+        self.num_batches = -(-per_rank // self.batch_size)
         self.token_bytes = np.zeros(2**16, dtype=np.int64)  # by token id (uint16 shards); ids past GPT-2's: 0
         self.token_bytes[:len(token_byte_lengths())] = token_byte_lengths()
 

@@ -4,9 +4,9 @@
     names = write_card(model, out_dir, source)      # gpt2-export calls it after export_hf
 
 What it reads, when the exported weights are a checkpoint of a run (``RUN_DIR/checkpoints/step_N``),
-through ``pretrain/rundir/``: the config (the recipe), the metrics log (tokens and steps, the
-in-training evaluations, throughput, wall time, the loss plot), the environment record (hardware,
-torch, commit), gpt2-eval's final evaluation (``gpt2-eval --out RUN_DIR/eval.json``, preferred
+through ``pretrain/rundir/``: the config of each start up to the exported step (the recipe), the
+metrics log (tokens and steps, the in-training evaluations, throughput, wall time, the loss plot),
+the environment record of those starts (hardware, torch, commit), gpt2-eval's final evaluation (``gpt2-eval --out RUN_DIR/eval.json``, preferred
 over the in-training values) and the data directory's ``manifest.json`` (the dataset). The ``model-index`` holds every
 figure (validation loss and perplexity, HellaSwag, each ``tasks/<task>/<metric>``), so the Hub
 shows them and ``ModelCard.load(...).data.eval_results`` reads them back. Weights from elsewhere
@@ -35,6 +35,7 @@ class RunFacts:
     run_dir: Path | None = None
     step: int | None = None
     config: dict = field(default_factory=dict)
+    configs: list[tuple[int, dict]] = field(default_factory=list)
     records: list[dict] = field(default_factory=list)
     figures: dict[str, float] = field(default_factory=dict)
     figures_from: str = ""
@@ -52,6 +53,7 @@ def _json(path: Path) -> Any:
 def run_facts(source) -> RunFacts:
     """The run a ``weights.WeightsSource`` belongs to (a checkpoint under ``RUN_DIR/checkpoints``),
     and its records; empty facts for weights from elsewhere."""
+    from pretrain.report import settings_by_start, starts_upto
     from pretrain.rundir.layout import CHECKPOINTS
     from pretrain.rundir.metrics_log import run_records
     from pretrain.rundir.records import read_config, read_environment, read_eval
@@ -62,7 +64,11 @@ def run_facts(source) -> RunFacts:
     run_dir = path.parent.parent
     m = re.fullmatch(r"step_(\d+)", path.name)
     facts = RunFacts(run_dir=run_dir, step=int(m.group(1)) if m else None)
-    facts.config = read_config(run_dir) or {}
+    # what the starts that trained up to this checkpoint ran with (config.yaml is the last start's,
+    # which may have resumed after this step with other settings), and what they ran on
+    facts.environment = starts_upto(read_environment(run_dir), facts.step)
+    facts.configs = settings_by_start(facts.environment, read_config(run_dir))
+    facts.config = facts.configs[-1][1]
     facts.records = [r for r in run_records(run_dir) if facts.step is None or r["step"] <= facts.step]
     for r in facts.records:  # the last in-training value of each evaluation key
         facts.figures.update({k: float(v) for k, v in r.items() if "/" in k and not k.startswith(("time/", "sample/"))
@@ -72,7 +78,6 @@ def run_facts(source) -> RunFacts:
     if isinstance(final, dict) and isinstance(final.get("results"), dict):
         facts.figures.update({k: float(v) for k, v in final["results"].items() if isinstance(v, (int, float))})
         facts.figures_from = "gpt2-eval (RUN_DIR/eval.json), then the in-training values"
-    facts.environment = read_environment(run_dir)
     data_dir = (facts.config.get("data") or {}).get("dir")
     manifest = _json(Path(data_dir) / "manifest.json") if data_dir else None
     facts.data_source = (manifest or {}).get("source") or {}
@@ -123,16 +128,28 @@ def _describe_data(facts: RunFacts) -> str:
 
 
 def _recipe(facts: RunFacts) -> list[str]:
-    c = facts.config
-    o, s, t, d = (c.get(k) or {} for k in ("optim", "schedule", "train", "data"))
-    rows = [("optimizer", f"{o.get('name')} (lr {o.get('lr')}, betas {o.get('betas')}, weight decay "
-                          f"{o.get('weight_decay')}, grad clip {o.get('grad_clip')})"),
-            ("schedule", f"{s.get('name')}: warmup {s.get('warmup_steps')} steps, {s.get('max_steps')} steps, "
-                         f"min lr ratio {s.get('min_lr_ratio')}"),
-            ("batch", f"{t.get('global_batch_tokens')} tokens per step, sequences of {d.get('seq_len')} tokens"),
-            ("precision", f"{t.get('dtype')}, compile {t.get('compile')}"),
-            ("seed", str(t.get("seed")))]
-    return ["| | |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows if "None" not in b]
+    """The recipe's rows, each from what every start up to the exported step ran with: one value,
+    or each start's where a resume changed it."""
+    from pretrain.report import changes
+
+    def rows(c: dict) -> list[tuple[str, str]]:
+        o, s, t, d = (c.get(k) or {} for k in ("optim", "schedule", "train", "data"))
+        return [("optimizer", f"{o.get('name')} (lr {o.get('lr')}, betas {o.get('betas')}, weight decay "
+                              f"{o.get('weight_decay')}, grad clip {o.get('grad_clip')})"),
+                ("schedule", f"{s.get('name')}: warmup {s.get('warmup_steps')} steps, {s.get('max_steps')} steps, "
+                             f"min lr ratio {s.get('min_lr_ratio')}"),
+                ("batch", f"{t.get('global_batch_tokens')} tokens per step, sequences of {d.get('seq_len')} tokens"),
+                ("precision", f"{t.get('dtype')}, compile {t.get('compile')}"),
+                ("seed", str(t.get("seed")))]
+
+    per_start = [(step, rows(c)) for step, c in (facts.configs or [(0, facts.config)])]
+    out = ["| | |", "|---|---|"]
+    for i, (name, _) in enumerate(per_start[0][1]):
+        seen = changes([(step, r[i][1]) for step, r in per_start])
+        said = seen[0][1] if len(seen) == 1 else "; ".join(f"{v} from step {s}" for s, v in seen)
+        if "None" not in said:
+            out.append(f"| {name} | {said} |")
+    return out
 
 
 def body(model, facts: RunFacts, name: str, repo_id: str | None) -> str:

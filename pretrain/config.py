@@ -458,6 +458,9 @@ def _set(cfg: Config, key: str, value: Any, source: str, raw_string: bool = Fals
     the command line as text; parse it as YAML unless the field is a string."""
     parts = key.split(".")
     all_keys = [f"{s}.{f.name}" for s, c in SECTIONS.items() for f in dataclasses.fields(c)]
+    if len(parts) == 1 and key in SECTIONS:  # 'optim=1': a section given a value
+        raise ConfigError(f"'{key}' is a section, not a key; set one of its keys: {key}.KEY=VALUE (e.g. "
+                          f"{key}.{dataclasses.fields(SECTIONS[key])[0].name}=...)")
     if len(parts) != 2 or parts[0] not in SECTIONS:
         raise _unknown(key, all_keys if len(parts) == 2 else list(SECTIONS))
     section_name, name = parts
@@ -592,6 +595,11 @@ def validate(cfg: Config) -> None:
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
     t, d, o, s = cfg.train, cfg.data, cfg.optim, cfg.schedule
+    for key in ("train.seed", "data.seed"):  # torch and numpy take seeds in [0, 2**63) (and more, but not both)
+        if not 0 <= _get(cfg, key) < 2**63:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be an integer in [0, 2**63)")
+    if not d.dir.strip():
+        raise ConfigError("data.dir is empty; pass data.dir=DIR (a directory of token shards from gpt2-prepare) or a URL")
     if t.spike_window < 2:
         raise ConfigError(f"train.spike_window={t.spike_window!r} must be >= 2")
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):

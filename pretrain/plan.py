@@ -210,6 +210,9 @@ def _check_run_dir(run_dir: Path, tensorboard: bool) -> None:
     if not p.is_dir():
         raise ConfigError(f"train.run_dir={str(run_dir)!r}: {p} exists and is not a directory; "
                           "choose another train.run_dir")
+    why = _unwritable(p)
+    if why:
+        raise ConfigError(f"train.run_dir={str(run_dir)!r}: {p} {why}; choose another train.run_dir")
     tb = run_dir / TENSORBOARD
     if not tensorboard:
         return
@@ -219,8 +222,21 @@ def _check_run_dir(run_dir: Path, tensorboard: bool) -> None:
                           f"does not exist; {fix}")
     if tb.exists() and not tb.is_dir():
         raise ConfigError(f"logging.tensorboard=true writes {tb}/, but {tb} is a file; {fix}")
-    if tb.is_dir() and not os.access(tb, os.W_OK | os.X_OK):
-        raise ConfigError(f"logging.tensorboard=true writes {tb}/, but it is not writable here; {fix}")
+    why = _unwritable(tb) if tb.is_dir() else None
+    if why:
+        raise ConfigError(f"logging.tensorboard=true writes {tb}/, but it {why}; {fix}")
+
+
+def _unwritable(d: Path) -> str | None:
+    """Why this process cannot create files in the directory ``d`` (None: it can). access(2) answers
+    for the caller's permissions and for a read-only mount alike (as root too); statvfs tells which."""
+    if os.access(d, os.W_OK | os.X_OK):
+        return None
+    try:
+        read_only = bool(os.statvfs(d).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    return "is on a read-only file system" if read_only else "is not writable by this user (its permissions)"
 
 
 def _resume_path(cfg: Config, ckpt_dir: Path) -> Path | None:

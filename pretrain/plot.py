@@ -149,10 +149,15 @@ def plot_runs(runs: Sequence[Run], out: str | Path) -> Path:
     fig.suptitle(", ".join(r.name for r in runs), fontsize=11)
     fig.tight_layout()
     out = Path(out)
+    fmt = out.suffix.lstrip(".").lower() or "png"
+    if fmt not in fig.canvas.get_supported_filetypes():  # before anything is written
+        plt.close(fig)
+        raise PlotError(f"--out {out}: matplotlib cannot write .{fmt} images; end the name with one of "
+                        f"{', '.join('.' + f for f in sorted(fig.canvas.get_supported_filetypes()))}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")  # written whole or not at all (a Ctrl-C, a full disk)
     try:
-        fig.savefig(tmp, dpi=100, format=out.suffix.lstrip(".").lower() or "png")
+        fig.savefig(tmp, dpi=100, format=fmt)
         tmp.replace(out)
     finally:
         plt.close(fig)
@@ -184,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             where = where.parent
         if not where.is_dir():  # before matplotlib is imported and the figure drawn
             raise PlotError(f"--out {out}: {where} is not a directory; choose another --out")
+        if out.is_dir():
+            raise PlotError(f"--out {out}: is a directory; pass an image path such as {out / PLOT}")
         path = plot_runs(runs, out)
     except (PlotError, OSError) as e:
         print(f"gpt2-plot: error: {e}", file=sys.stderr)

@@ -4,10 +4,10 @@
     pretrain/train.py                          # writes it itself when a run finishes (rank 0)
 
 Read from what the run left in its directory, nothing else (``pretrain/rundir/``): the environment
-record (device, torch, commit and the MFU peak of every start), the config (shown as its
-differences from the defaults), the metrics log (throughput, MFU, wall time, the in-training
-evaluations, the sample), gpt2-eval's final evaluation when ``gpt2-eval --out RUN_DIR/eval.json``
-wrote one, and the loss plot (drawn by ``gpt2-plot`` if it is missing or older than the metrics).
+record (device, torch, commit, the MFU peak and the config of every start), the config (shown as
+its differences from the defaults; each start's value where a resume changed it), the metrics log
+(throughput, MFU, wall time, the in-training evaluations, the sample), gpt2-eval's final
+evaluation when ``gpt2-eval --out RUN_DIR/eval.json`` wrote one, and the loss plot (drawn by ``gpt2-plot`` if it is missing or older than the metrics).
 Evaluation figures are set beside OpenAI GPT-2 124M's published ones where task and metric match
 (``evals/tasks.py`` ``REFERENCE``; sources in evals/README.md).
 
@@ -49,10 +49,33 @@ def _final_results(run_dir: Path) -> dict:
     return {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def config_differences(run_dir: Path) -> list[tuple[str, Any, Any]]:
-    """(key, default, this run's value) for every config key the run changed. Keys of a known
-    section that this version no longer has (a key an older version recorded) are left out; a
-    section no version has, or a value the config refuses, is refused in one line."""
+def starts_upto(envs: list, upto: int | None = None) -> list[dict]:
+    """The environment record's entries (one per start); ``upto``: only the starts that trained
+    the steps up to that one (a checkpoint's), not those that resumed after it."""
+    return [e for e in envs if isinstance(e, dict) and isinstance(e.get("start_step"), int)
+            and (upto is None or e["start_step"] < upto or e["start_step"] == 0)]
+
+
+def settings_by_start(envs: list, recorded: dict | None) -> list[tuple[int, dict]]:
+    """(first step, config) of each start of the run: the resolved config the start recorded in the
+    environment record (``rundir.records``), or, for a start without one (a run older than that
+    record), ``config.yaml``'s (``recorded``: the last start's)."""
+    out = [(e["start_step"], e["config"] if isinstance(e.get("config"), dict) else recorded or {})
+           for e in starts_upto(envs)]
+    return out or [(0, recorded or {})]
+
+
+def changes(values: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+    """(first step, value) at each start whose value differs from the start before."""
+    return [(s, v) for i, (s, v) in enumerate(values) if i == 0 or values[i - 1][1] != v]
+
+
+def config_differences(run_dir: Path) -> list[tuple[str, Any, list[tuple[int, Any]]]]:
+    """(key, default, [(first step, value), ...]) for every config key some start of the run set
+    apart from the default: one value, or the value each start changed it to (a resume with other
+    overrides). Keys of a known section that this version no longer has (a key an older version
+    recorded) are left out; a section no version has, or a value the config refuses, is refused in
+    one line."""
     from pretrain.config import Config, ConfigError, from_dict
 
     fix = f"fix or restore {Path(run_dir) / CONFIG} (a run's own config.yaml is written by gpt2-train)"
@@ -63,18 +86,35 @@ def config_differences(run_dir: Path) -> list[tuple[str, Any, Any]]:
     if recorded is None:
         return []
     default = Config().to_dict()
-    extra = [s for s in recorded if s not in default]
-    if extra:
-        raise ReportError(f"{Path(run_dir) / CONFIG}: section {extra[0]!r} is not a gpt2-train config section "
-                          f"(sections: {', '.join(default)}); {fix}")
-    known = {section: {k: v for k, v in values.items() if k in default.get(section, {})}
-             for section, values in recorded.items() if isinstance(values, dict)}
-    try:
-        ran = from_dict(known).to_dict()
-    except ConfigError as e:
-        raise ReportError(f"{' '.join(str(e).split())[:240]}; {fix}") from None
-    return [(f"{section}.{k}", default[section][k], v) for section, values in ran.items()
-            for k, v in values.items() if default[section].get(k) != v]
+
+    def resolved(config: dict) -> dict:
+        extra = [s for s in config if s not in default]
+        if extra:
+            raise ReportError(f"{Path(run_dir) / CONFIG}: section {extra[0]!r} is not a gpt2-train config section "
+                              f"(sections: {', '.join(default)}); {fix}")
+        known = {section: {k: v for k, v in values.items() if k in default.get(section, {})}
+                 for section, values in config.items() if isinstance(values, dict)}
+        try:
+            return from_dict(known).to_dict()
+        except ConfigError as e:
+            raise ReportError(f"{' '.join(str(e).split())[:240]}; {fix}") from None
+
+    resolved(recorded)  # config.yaml is checked even where every start recorded its own config
+    ran = [(step, resolved(config)) for step, config in settings_by_start(read_environment(run_dir), recorded)]
+    rows = []
+    for section, values in default.items():
+        for k, d in values.items():
+            seen = changes([(step, c[section][k]) for step, c in ran])
+            if any(v != d for _, v in seen):
+                rows.append((f"{section}.{k}", d, seen))
+    return rows
+
+
+def _fmt_changes(seen: list[tuple[int, Any]]) -> str:
+    """One value, or each start's: '0.0030 from step 0; 0.0010 from step 4'."""
+    if len(seen) == 1:
+        return _fmt(seen[0][1])
+    return "; ".join(f"{_fmt(v)} from step {s}" for s, v in seen)
 
 
 OPENAI_GPT2 = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # legacy hub names, now openai-community/<name>
@@ -228,7 +268,8 @@ def render(run_dir: Path) -> str:
         lines.append(f"No {ENVIRONMENT} (a run started before the report existed).")
     diffs = config_differences(run_dir)
     lines += ["", "## Configuration: differences from the defaults", "",
-              "| key | default | this run |", "|---|---|---|"] + [f"| `{k}` | {_fmt(d)} | {_fmt(v)} |" for k, d, v in diffs]
+              "| key | default | this run |", "|---|---|---|"] + [f"| `{k}` | {_fmt(d)} | {_fmt_changes(v)} |"
+                                                                 for k, d, v in diffs]
     peak = envs[-1].get("peak_source") if envs else f"unknown (no {ENVIRONMENT})"
     mfu = f"{100 * t['mfu']:.1f}%" if t["mfu"] is not None else "n/a"
     tps = f"{t['tokens_per_s']:,.0f}" if t["tokens_per_s"] is not None else "n/a"

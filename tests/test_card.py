@@ -138,3 +138,25 @@ def test_push_offline_or_without_a_token_is_refused_before_anything_is_written(r
     assert len(lines) == 1 and lines[0].startswith("gpt2-export: error: --push-to-hub me/tiny-gpt2:")
     assert ("offline mode" if offline else "no Hugging Face token") in lines[0]
     assert not out.exists()
+
+
+def test_card_and_report_state_what_each_start_ran_with_after_a_resume_with_other_settings(tmp_path, capsys):
+    """A run of 4 steps (lr 3e-3, fp32) resumed to 8 with another lr, max_steps and dtype: config.yaml
+    holds the second start's settings only. The card of step 4 states the first start's (it never
+    saw the second), and the report states each start's value where a resume changed it."""
+    from pretrain.report import render
+    from pretrain.train import main as train
+
+    data = make_synthetic_shards(tmp_path / "data")
+    run = tmp_path / "run"
+    first = tiny_overrides(data, run, **{"model.preset": "tiny", "schedule.max_steps": 4, "checkpoint.interval": 4})
+    assert train(first) == 0
+    assert train([*first, "schedule.max_steps=8", "optim.lr=0.001", "train.dtype=bf16"]) == 0
+    assert export(["export", "--checkpoint", str(run / "checkpoints" / "step_00000004"), "--out", str(tmp_path / "hf")]) == 0
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "| optimizer | adamw (lr 0.003," in card and "warmup 2 steps, 4 steps," in card, card
+    assert "| precision | fp32, compile False |" in card, card
+    text = render(run)
+    assert "| `optim.lr` | 0.0006 | 0.0030 from step 0; 0.0010 from step 4 |" in text, text
+    assert "| `train.dtype` | `bf16` | `fp32` from step 0; `bf16` from step 4 |" in text, text
+    assert "| `schedule.max_steps` | `19073` | `4` from step 0; `8` from step 4 |" in text, text

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -147,6 +148,9 @@ def _weak_variants(root: Path, run: Path, data: Path) -> None:
     eval.json is damaged, a manifest listing fewer shards than its totals, an edited export."""
     (root / "tb_link_run").mkdir()
     (root / "tb_link_run" / "tensorboard").symlink_to(root / "gone")
+    (root / "tb_ro_run" / "tensorboard").mkdir(parents=True)  # made read-only in a mount namespace
+    (root / "cache_full").mkdir()  # a tiny tmpfs is mounted here in a mount namespace
+    os.mkfifo(root / "a_fifo")  # no writer: reading it would block
     for name in ("run_badcfg", "run_unknown", "run_badeval", "run_badstate"):
         shutil.copytree(run, root / name, ignore=shutil.ignore_patterns(".lock"))
     (root / "run_badcfg" / "config.yaml").write_text("optim: [1, 2\n")
@@ -164,6 +168,14 @@ def _weak_variants(root: Path, run: Path, data: Path) -> None:
                "sha256": file_sha256(p)} for p in sorted(fewer.glob("*.bin"), key=lambda p: p.name[0] != "v")]
     (fewer / "manifest.json").write_text(json.dumps({"complete": True, "shards": shards[:-1],
                                                      "totals": {"val_shards": 1, "train_shards": 2}}))
+    from lm_eval_fixtures import write_tasks
+
+    write_tasks(root / "tasks")  # 12 examples per split; a copy whose arc task asks for 50 shots itself
+    shutil.copytree(root / "tasks", root / "tasks_50shot")
+    arc = root / "tasks_50shot" / "arc_easy_local.yaml"
+    arc.write_text(re.sub(r"(?m)^num_fewshot: .*\n", "", arc.read_text()) + "num_fewshot: 50\n")
+    shutil.copytree(data, root / "data_url")  # sound, with a manifest: read as file:// into a shard cache
+    (root / "data_url" / "manifest.json").write_text(json.dumps({"complete": True, "shards": shards}))
 
 
 def _train(root: Path, run: str = "run", data: str = "data", **extra) -> list[str]:
@@ -199,6 +211,13 @@ CASES = [
     ("train: an empty config file", "pretrain.train", lambda r: ["--config", str(r / "empty.yaml")], "empty"),
     ("train: NaN value", "pretrain.train", lambda r: _train(r, "new", **{"optim.weight_decay": "nan"}),
      "optim.weight_decay=nan must be a finite number"),
+    ("train: a seed beyond 64 bits", "pretrain.train",
+     lambda r: _train(r, "new", **{"train.seed": 99999999999999999999999}), "train.seed=99999999999999999999999 must be"),
+    ("train: a negative data.seed", "pretrain.train", lambda r: _train(r, "new", **{"data.seed": -1}),
+     "data.seed=-1 must be an integer in [0, 2**63)"),
+    ("train: a section given a value", "pretrain.train", lambda r: _train(r, "new") + ["optim=1"],
+     "'optim' is a section, not a key"),
+    ("train: an empty data.dir", "pretrain.train", lambda r: _train(r, "new", **{"data.dir": ""}), "data.dir is empty"),
     ("train: LR warmup longer than the run", "pretrain.train", lambda r: _train(r, "new", **{"schedule.warmup_steps": 9}),
      "schedule.warmup_steps=9"),
     ("train: batch warmup longer than the run", "pretrain.train",
@@ -259,6 +278,10 @@ CASES = [
     ("eval: non-UTF-8 HellaSwag", "evals.run",
      lambda r: ["--model", str(r / "run"), "--hellaswag", str(r / "hs_latin1.jsonl"), "--device", "cpu"],
      "hs_latin1.jsonl:1"),
+    *[(f"eval: --hellaswag a {what}", "evals.run",
+       lambda r, name=name: ["--model", str(r / "run"), "--hellaswag", str(r / name), "--device", "cpu"], needle)
+      for what, name, needle in (("directory", "empty_dir", "empty_dir: is a directory, not a HellaSwag"),
+                                 ("FIFO", "a_fifo", "a_fifo: is a FIFO, socket or device"))],
     ("eval: missing HellaSwag file", "evals.run",
      lambda r: ["--model", str(r / "run"), "--hellaswag", str(r / "nope.jsonl")], "nope.jsonl"),
     ("eval: --out under a file", "evals.run",
@@ -322,6 +345,15 @@ CASES = [
      lambda r: ["--model", str(r / "export_ok"), "--num-samples", "x"], "--num-samples"),
     ("eval: --num-fewshot -1", "evals.run",
      lambda r: ["--model", str(r / "run"), "--tasks", "x", "--num-fewshot", "-1"], "--num-fewshot"),
+    *[(f"eval: --num-fewshot {k}, beyond {task}'s few-shot examples", "evals.run",
+       lambda r, k=k, task=task: ["--model", str(r / "export_ok"), "--no-hellaswag", "--tasks", task, "--include-path",
+                                  str(r / "tasks"), "--num-fewshot", k, "--device", "cpu"], needle)
+      for k, task, needle in (("13", "arc_easy_local", "has 12 few-shot example(s); pass --num-fewshot 12 or fewer"),
+                              ("99999999999999999999", "arc_easy_local", "pass --num-fewshot 12 or fewer"),
+                              ("12", "nq_open_local", "less the one scored; pass --num-fewshot 11 or fewer"))],
+    ("eval: a task YAML's own num_fewshot beyond its examples", "evals.run",
+     lambda r: ["--model", str(r / "export_ok"), "--no-hellaswag", "--tasks", "arc_easy_local", "--include-path",
+                str(r / "tasks_50shot"), "--device", "cpu"], "asks for num_fewshot 50 (its YAML)"),
     ("eval: an unknown option", "evals.run", lambda r: ["--model", str(r / "run"), "--bogus"], "--bogus"),
     ("export: a run whose config.yaml does not parse", "pretrain.export",
      lambda r: ["export", "--checkpoint", str(r / "run_badcfg" / "checkpoints"), "--out", str(r / "export3")],
@@ -330,6 +362,13 @@ CASES = [
     ("report: config.yaml with an unknown section", "pretrain.report", lambda r: [str(r / "run_unknown")], "extra"),
     ("report: malformed eval.json", "pretrain.report", lambda r: [str(r / "run_badeval")], "eval.json"),
     ("report: no RUN_DIR", "pretrain.report", lambda r: [], "RUN_DIR"),
+    ("plot: --out a directory", "pretrain.plot", lambda r: [str(r / "run"), "--out", str(r / "empty_dir")],
+     "empty_dir: is a directory"),
+    ("plot: --out an image format matplotlib lacks", "pretrain.plot",
+     lambda r: [str(r / "run"), "--out", str(r / "loss.txt")], "cannot write .txt images"),
+    ("serve: --max-batch beyond memory", "pretrain.serve.main",
+     lambda r: ["--model", str(r / "run" / "checkpoints"), "--max-batch", "99999999999", "--device", "cpu", "--port", "0"],
+     "does not fit in cpu memory; lower --max-batch"),
     ("plot: an unknown option", "pretrain.plot", lambda r: [str(r / "run"), "--bogus"], "--bogus"),
     ("prepare: --workers not a number", "data_pipeline.prepare",
      lambda r: [str(r / "hs_ok.jsonl"), str(r / "prep_out"), "--workers", "x"], "--workers"),
@@ -388,6 +427,64 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(world, case, capsys
     assert len(re.sub(r"/\S+", "PATH", lines[0])) <= 300, lines[0]  # each path counted as one word
     assert snapshot(world) == before
     assert time.perf_counter() - t0 < 5
+
+
+# Bad input that needs a file system of its own: a read-only mount, a permission the caller lacks
+# (as root too: CAP_DAC_OVERRIDE dropped, so a mode binds), a full disk. Each runs the CLI in a child
+# in a private mount namespace (unshare --mount; the mounts vanish with it, nothing outside changes):
+# (id, module with main(argv), shell that prepares the namespace from the root, argv, needle).
+def _ro(d: str) -> str:
+    return f"mount --bind {d} {d} && mount -o remount,bind,ro {d}"
+
+
+CONFINED = [
+    ("train: tensorboard/ on a read-only file system (EROFS)", "pretrain.train",
+     lambda r: _ro(r / "tb_ro_run" / "tensorboard"), lambda r: _train(r, "tb_ro_run", **{"logging.tensorboard": "true"}),
+     "is on a read-only file system"),
+    ("train: tensorboard/ not writable by this user (EACCES)", "pretrain.train",
+     lambda r: f"mount -t tmpfs -o size=64k,mode=0555 tmpfs {r / 'tb_ro_run' / 'tensorboard'}",
+     lambda r: _train(r, "tb_ro_run", **{"logging.tensorboard": "true"}), "not writable by this user"),
+    ("train: run_dir on a read-only file system", "pretrain.train", lambda r: _ro(r / "tb_ro_run"),
+     lambda r: _train(r, "tb_ro_run"), "is on a read-only file system"),
+    ("train: the shard cache's disk is full", "pretrain.train",
+     lambda r: f"mount -t tmpfs -o size=8k tmpfs {r / 'cache_full'}",
+     lambda r: _train(r, "new", **{"data.dir": f"file://{r / 'data_url'}", "data.cache_dir": str(r / "cache_full")}),
+     "free space there or set data.cache_dir"),
+]
+
+
+def _confined_child(setup: str, module: str, argv: list[str], listed: Path | None) -> list[str]:
+    """The command line of the child: the namespace's mounts, then the CLI (its own seconds, after
+    its module is imported, as the in-process rows count them), then what ``listed`` holds inside
+    the namespace (a JSON list)."""
+    code = (f"import importlib, json, os, sys, time; cli = importlib.import_module({module!r}); "
+            "t0 = time.perf_counter(); rc = cli.main(json.loads(sys.argv[1])); "
+            "print(time.perf_counter() - t0); "
+            f"d = {str(listed) if listed else ''!r}; "
+            "print(json.dumps(sorted(os.listdir(d)) if d else [])); sys.exit(rc)")
+    # without CAP_DAC_OVERRIDE a directory's mode binds root as it binds anyone else
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", f'{setup} && exec "$@"', "sh",
+            "setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--",
+            sys.executable, "-c", code, json.dumps(argv)]
+
+
+@pytest.mark.parametrize("case", CONFINED, ids=[c[0] for c in CONFINED])
+def test_bad_input_on_a_confined_file_system_exits_2(world, case):
+    name, module, setup, argv, needle = case
+    if shutil.which("setpriv") is None or subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode:
+        pytest.skip("unshare --mount (or setpriv) is not permitted here: no private mount namespace")
+    listed = world / "cache_full" if "cache" in name else None
+    before = snapshot(world)
+    proc = subprocess.run(_confined_child(setup(world), module, argv(world), listed), cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("gpt2-train: error") and needle in lines[0], lines[0]
+    assert len(re.sub(r"/\S+", "PATH", lines[0])) <= 300, lines[0]
+    seconds, inside = proc.stdout.strip().splitlines()[-2:]
+    assert float(seconds) < 5
+    assert not [n for n in json.loads(inside) if ".tmp" in n or n.endswith(".bin")]  # nothing half-written
+    assert snapshot(world) == before
 
 
 def _interrupt(*args, **kwargs):

@@ -57,6 +57,17 @@ def test_val_loss_is_token_weighted_mean_over_fixed_slice(tmp_path):
     assert shares[0].num_batches == shares[1].num_batches == 2
 
 
+def test_a_batch_larger_than_the_slice_allocates_only_the_slice(tmp_path):
+    """--batch-size 99999999999 asked numpy for (99999999999, T+1) int64 (47 TiB, a traceback):
+    rows past a rank's share are padding, so the batch is the share at most, the loss the same."""
+    make_val_data(tmp_path)
+    model = small_model()
+    small = ValLossEvaluator(tmp_path, seq_len=T, batch_size=9, num_tokens=9 * T, rank=0, world_size=1)
+    huge = ValLossEvaluator(tmp_path, seq_len=T, batch_size=99_999_999_999, num_tokens=9 * T, rank=0, world_size=1)
+    assert (huge.batch_size, huge.num_batches) == (9, 1)
+    assert huge(model, step=1) == small(model, step=1)
+
+
 def test_restores_mode_and_whole_split(tmp_path):
     make_val_data(tmp_path)
     model = small_model().train()

@@ -1,7 +1,7 @@
-"""The run's records in its directory: ``config.yaml`` (the resolved config) and
-``environment.json`` (one entry per start or resume, with the step it starts at), written by
-rank 0 at each start and read by the run report and the model card; ``eval.json`` (gpt2-eval's
-``--out``) is read here too."""
+"""The run's records in its directory: ``config.yaml`` (the resolved config of the last start) and
+``environment.json`` (one entry per start or resume, with the step it starts at and the resolved
+config it ran with), written by rank 0 at each start and read by the run report and the model
+card; ``eval.json`` (gpt2-eval's ``--out``) is read here too."""
 
 from __future__ import annotations
 

@@ -82,7 +82,14 @@ def serve(args) -> int:
     if source.note:
         print(source.note, file=sys.stderr)
     cap = args.max_tokens or model.config.block_size
-    engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue)
+    try:
+        engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue)  # the KV cache is allocated here
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
+            raise
+        print(f"{PROG}: error: --max-batch {args.max_batch}: the KV cache for {args.max_batch} rows of "
+              f"{model.config.block_size} tokens does not fit in {device} memory; lower --max-batch", file=sys.stderr)
+        return 2
     engine.start()
     app = create_app(engine, args.name or args.model, cap)
 

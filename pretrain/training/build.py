@@ -162,6 +162,7 @@ def build_trainer(plan: RunPlan, evaluators: list | tuple = ()):
     if info.is_main:
         write_config(plan.run_dir, cfg.to_yaml())
         env = run_environment(info.device, info.world_size, wrapped.mode, t.dtype, t.compile, peak, peak_source)
+        env["config"] = cfg.to_dict()  # what this start ran with (config.yaml holds the last start's only)
         if plan.init_source is not None:  # the weights this run started from: the model card states them
             from pretrain.model.weights import provenance
 
