@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from numerics import assert_within, grad_tolerance, logits_tolerance, loss_tolerance
 
-from pretrain.model import GPT, GPTConfig, KVCache
+from pretrain.inference.cache import KVCache
+from pretrain.model import GPT, GPTConfig
 
 
 def _randomize(model: GPT, seed: int = 0, std: float = 0.1) -> GPT:
