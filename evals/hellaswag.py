@@ -417,7 +417,7 @@ def _score_continuations(model, inputs: list[list[int]], cont_lens: list[int], P
     """The continuations of ``chunk`` (groups of rows sharing a prefix of length ``P``, whose
     keys and values are in ``cache``, one row per group) through the trunk; every hidden state of
     a new (prefix, continuation-so-far) is queued in ``scored`` once, with the targets it scores."""
-    from pretrain.model import KVCache
+    from pretrain.inference.cache import KVCache
 
     # Continuations, longest first, cut into forwards of similar length (less padding).
     feed = sorted(((cont_lens[i] - 1, g, i) for g, grp in enumerate(chunk) for i in grp if cont_lens[i] > 1),
@@ -475,7 +475,7 @@ def _score_shared_prefix(model, inputs: list[list[int]], cont_lens: list[int], *
     of similar length where the padding saved outweighs ``split_cost`` positions per extra
     forward (default 16 on CPU, where a small forward's overhead is about that; 256 elsewhere).
     ``misses`` (n,), when given, counts each row's scored tokens that are not the argmax."""
-    from pretrain.model import KVCache
+    from pretrain.inference.cache import KVCache
 
     n = len(inputs)
     sums = torch.zeros(n, dtype=torch.float32, device=device)

@@ -458,11 +458,11 @@ RAGGED = [[464, 2068, 7586, 21831, 625, 262], [15496], [40, 1101, 257], [318, 25
 
 
 def _reference(model, prompt: list[int], n: int, seed: int, **kw) -> list[int]:
-    """The path before the static step, kept in the model for HellaSwag: a dynamic KVCache (a
+    """The path before the static step, kept for HellaSwag: a dynamic KVCache (a
     Python-int position, keys sliced to the length so far, no mask), the full head through
     ``forward(at="last")``, the row alone; sampling with its own stream (``uniforms``)."""
+    from pretrain.inference.cache import KVCache
     from pretrain.inference.generate import uniforms
-    from pretrain.model import KVCache
 
     cache = KVCache.empty(model.config, 1, len(prompt) + n, "cpu", torch.float32)
     u = uniforms(torch.tensor([seed]), n)  # (1, n)

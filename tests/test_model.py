@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from numerics import assert_within, grad_tolerance, logits_tolerance, loss_tolerance
 
-from pretrain.model import GPT, GPTConfig, KVCache
+from pretrain.inference.cache import KVCache
+from pretrain.model import GPT, GPTConfig
 
 
 def _randomize(model: GPT, seed: int = 0, std: float = 0.1) -> GPT:
@@ -175,6 +176,34 @@ def test_kv_cache_chunked_forward_equals_full_forward():
         parts = [model(idx[:, a:b], kv_cache=cache)[0] for a, b in [(0, 11), (11, 12), (12, 25), (25, 30)]]
     assert cache.pos == 30
     assert_within(torch.cat(parts, dim=1), full, logits_tolerance(model, idx), "chunked vs full")
+
+
+@pytest.mark.numerics
+def test_the_model_attends_through_any_attention_cache():
+    """The seam the caches live behind (pretrain.model.gpt.AttentionCache): one ``begin`` per call, one
+    ``update`` per layer in order, attention over what ``update`` returns with ``step.mask``. A cache
+    that keeps nothing (hands back the new keys, a causal mask) gives the plain forward's logits."""
+    from pretrain.model.gpt import CacheStep
+
+    calls = []
+
+    class Passthrough:
+        def begin(self, T, block_size):
+            calls.append(("begin", T, block_size))
+            return CacheStep(positions=0, mask=torch.ones(T, T, dtype=torch.bool).tril(), columns=0)
+
+        def update(self, layer, k, v, step):
+            calls.append(("update", layer))
+            return k, v
+
+    torch.manual_seed(0)
+    model = _randomize(GPT(GPTConfig.from_preset("tiny"))).eval()
+    idx = torch.randint(0, 50257, (2, 12))
+    with torch.no_grad():
+        got, _ = model(idx, kv_cache=Passthrough())
+        want, _ = model(idx)
+    assert calls == [("begin", 12, 64)] + [("update", i) for i in range(model.config.n_layer)]
+    assert_within(got, want, logits_tolerance(model, idx), "through the seam vs plain")
 
 
 def test_context_overflow_is_one_clear_error():

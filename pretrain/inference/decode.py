@@ -31,7 +31,7 @@ differs.
 
 The decode step (:class:`Decoder`). The prompt is prefilled by a normal forward; each further token
 is one call of a step whose tensors are all allocated once (a
-:class:`~pretrain.model.gpt.StaticKVCache`, the last tokens, each row's uniforms, the output) and
+:class:`~pretrain.inference.cache.StaticKVCache`, the last tokens, each row's uniforms, the output) and
 whose changing values are tensors updated in place, so the step is one fixed graph: compiled once
 (``torch.compile``, no recompilation across steps) and, on CUDA, captured once in a CUDA graph and
 replayed -- a token costs one launch instead of ~150 kernels launched from Python (those launches,
@@ -52,8 +52,9 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn.functional as F
 
+from pretrain.inference.cache import StaticKVCache
 from pretrain.inference.cpu import int8_applies, int8_mm, onednn_applies, onednn_linear, onednn_pack
-from pretrain.model.gpt import GPT, StaticKVCache
+from pretrain.model.gpt import GPT
 
 # The decode-time heads, one interface: ``logits(h)`` -> (B, V) fp32 logits of the real vocabulary
 # for hidden states h (B, C) after ln_f; ``top(h, n)`` -> (ids (U,) ascending, their logits (B, U)):
@@ -388,7 +389,7 @@ def cache_bucket(n: int) -> int:
 
 
 class Decoder:
-    """The decode step for B rows and a :class:`~pretrain.model.gpt.StaticKVCache` of L columns.
+    """The decode step for B rows and a :class:`~pretrain.inference.cache.StaticKVCache` of L columns.
 
     ``trunk(idx, cache) -> (B, C)`` runs the model and returns what ``pick(x, u) -> (B,)`` turns
     into the next token of each row (``u`` (B, 1) float64: each row's uniform for this draw). ``start``

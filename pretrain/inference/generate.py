@@ -1,7 +1,7 @@
 """Sampling from a GPT: batched prompts of any lengths, a fixed-shape decode step, stop strings.
 
 Batching. Prompts of different lengths share one batch, left-padded: row b's tokens start at
-column ``start[b]`` of a :class:`~pretrain.model.gpt.StaticKVCache`, each at the positions it has
+column ``start[b]`` of a :class:`~pretrain.inference.cache.StaticKVCache`, each at the positions it has
 alone (GPT-2's positions are learned and absolute: padding shifts columns, not positions), and a
 mask keeps every query to its own row's keys. ``--num-samples N`` is N copies of each prompt.
 
@@ -61,6 +61,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from data_pipeline.arguments import Parser
 from data_pipeline.tokenizer import EOT_ID
 from pretrain.dist import is_fsdp
+from pretrain.inference.cache import StaticKVCache
 from pretrain.inference.decode import (
     DECODE_MODES,
     BatchScreenedHead,
@@ -72,7 +73,7 @@ from pretrain.inference.decode import (
     eager_width,
     get_decoder,
 )
-from pretrain.model.gpt import GPT, StaticKVCache
+from pretrain.model.gpt import GPT
 
 # Attention backends while decoding. Not cuDNN's: it builds (and caches) a graph per shape -- on an
 # H200 the 124M model spent 599 of 759 ms of host time generating 16 tokens in

@@ -22,8 +22,8 @@ so that conversion (``pretrain/model/hf.py``) is a table.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
-from typing import NamedTuple
+from dataclasses import dataclass, fields, replace
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn as nn
@@ -145,100 +145,44 @@ PRESETS: dict[str, GPTConfig] = {
 }
 
 
-@dataclass
-class KVCache:
-    """Keys and values of past positions for incremental decoding, one pair per layer.
-
-    ``k[i]``, ``v[i]``: (B, nh, T_max, hs), filled up to ``pos``. Preallocated so decoding
-    never reallocates; ``pos`` is the number of positions already written, a Python int: every
-    call attends over the ``pos + T`` keys written so far, so shapes grow with each token (fine
-    eagerly; HellaSwag's shared prefixes use it). :class:`StaticKVCache` is the fixed-shape one."""
-
-    k: list[torch.Tensor] = field(default_factory=list)
-    v: list[torch.Tensor] = field(default_factory=list)
-    pos: int = 0
-
-    @classmethod
-    def empty(cls, config: GPTConfig, batch_size: int, max_len: int, device, dtype) -> KVCache:
-        hs = config.n_embd // config.n_head
-        shape = (batch_size, config.n_head, max_len, hs)
-        return cls(
-            k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
-            v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
+def check_context(n: int, block_size: int) -> None:
+    """A sequence of n tokens fits the model's context, or a ValueError (one line) that says so."""
+    if n > block_size:
+        raise ValueError(
+            f"sequence of {n} tokens is longer than the model's context (block_size={block_size}); shorten the input"
         )
 
-    @property
-    def max_len(self) -> int:
-        return self.k[0].size(2)
+
+class CacheStep(NamedTuple):
+    """One call's T new tokens in a KV cache, made by :meth:`AttentionCache.begin`: the model reads
+    ``positions`` and ``mask``; ``columns`` is the cache's own (where it writes the tokens), handed
+    back to :meth:`AttentionCache.update`."""
+
+    positions: int | torch.Tensor  # int p: every row's tokens at positions p .. p+T-1; or (B, T) long, per row
+    mask: torch.Tensor | None  # SDPA's attn_mask against the keys ``update`` returns; None: every key
+    columns: int | torch.Tensor  # the cache's columns for the tokens: from column p, or (T,) of them
 
 
-@dataclass
-class StaticKVCache:
-    """A KV cache whose shapes and Python values never change while decoding, so that one decode
-    step is one fixed graph (``torch.compile`` compiles it once; a CUDA graph replays it).
+class AttentionCache(Protocol):
+    """The seam between attention and a KV cache: all the model asks of one. The caches themselves
+    (the dynamic ``KVCache``, the fixed-shape ``StaticKVCache``) are inference's,
+    ``pretrain/inference/cache.py``; the model does not import them. Per call of
+    :meth:`GPT.hidden_states`::
 
-    ::
+        step = cache.begin(T, block_size)        # once, before the first layer
+        k, v = cache.update(i, k, v, step)       # in layer i: write k, v; get what to attend over
+        y = SDPA(q, k, v, attn_mask=step.mask)
+    """
 
-        columns   0   1   2   3   4   5   6   7      (L = 8 preallocated)
-        row 0     p   p   a   b   c | x   y   .      start[0] = 2 (left padding p), then the prompt
-        row 1     d   e   f   g   h | x   y   .      start[1] = 0
-                                      ^ slot = 7: the column the next token is written to
+    def begin(self, T: int, block_size: int) -> CacheStep:
+        """The next T tokens of every row: their positions (< block_size) and the attention mask;
+        the cache moves past them. A ValueError, changing nothing, where they do not fit."""
+        ...
 
-    ``k[i]``, ``v[i]``: (B, nh, L, hs). ``start`` (B,) long: the first column of each row's
-    tokens (columns before it are left padding); ``slot`` (1,) long: the column of the next token,
-    the same for every row, advanced in place -- a tensor, not a Python int, so nothing a graph
-    was traced with changes. Column j of row b is position ``j - start[b]`` (learned positions,
-    RoPE), so a left-padded prompt keeps the positions it has alone. Attention runs over all L
-    columns with a mask: the query at column q of row b sees keys ``start[b] <= j <= q``; a
-    padding query (q < start[b]) sees the padding columns q .. start[b] (itself at least, so its
-    output stays finite; it is never used)."""
-
-    k: list[torch.Tensor]
-    v: list[torch.Tensor]
-    start: torch.Tensor
-    slot: torch.Tensor
-    columns: torch.Tensor  # (L,) 0 .. L-1, made once (no arange per step)
-
-    def __post_init__(self) -> None:
-        # Views of ``start`` shaped for broadcasting, made once (they follow ``reset``).
-        B = self.start.size(0)
-        self.start_rows = self.start.view(B, 1)  # (B, 1): against positions (B, T)
-        self.start_keys = self.start.view(B, 1, 1, 1)  # (B, 1, 1, 1): against the mask (B, nh, T, L)
-
-    @classmethod
-    def empty(cls, config: GPTConfig, batch_size: int, max_len: int, device, dtype) -> StaticKVCache:
-        dyn = KVCache.empty(config, batch_size, max_len, device, dtype)
-        return cls(k=dyn.k, v=dyn.v, start=torch.zeros(batch_size, dtype=torch.long, device=device),
-                   slot=torch.zeros(1, dtype=torch.long, device=device),
-                   columns=torch.arange(max_len, device=device))
-
-    @property
-    def max_len(self) -> int:
-        return self.k[0].size(2)
-
-    def reset(self, start: torch.Tensor) -> None:
-        """Begin a new batch: rows start at columns ``start`` (B,), the next write is column 0.
-        In place (a captured graph keeps reading these tensors); old keys are never seen again:
-        a query only sees columns written since (``<= q``)."""
-        self.start.copy_(start)
-        self.slot.zero_()
-
-    def narrow(self, n: int) -> StaticKVCache:
-        """The same cache over its first n columns (views: writes land in this cache, ``slot`` and
-        ``start`` are shared). Eager decoding attends over the columns written so far this way; a
-        compiled or captured step keeps all L."""
-        return StaticKVCache(k=[k[:, :, :n] for k in self.k], v=[v[:, :, :n] for v in self.v],
-                             start=self.start, slot=self.slot, columns=self.columns[:n])
-
-
-class _StaticLayer(NamedTuple):
-    """What one attention layer needs for a :class:`StaticKVCache` step."""
-
-    k: torch.Tensor  # (B, nh, L, hs)
-    v: torch.Tensor  # (B, nh, L, hs)
-    cols: torch.Tensor  # (T,) the cache columns of this chunk's tokens
-    mask: torch.Tensor  # (B, 1, T, L) additive: 0 where a query may look, -inf elsewhere
-    pos: torch.Tensor  # (B, T) position of each token in its own row
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, step: CacheStep) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write layer ``layer``'s k, v (B, nh, T, hs) of ``step``'s tokens; return the keys and
+        values (B, nh, S, hs) its queries attend over, with ``step.mask``."""
+        ...
 
 
 class CausalSelfAttention(nn.Module):
@@ -261,7 +205,10 @@ class CausalSelfAttention(nn.Module):
         self.qk_norm = config.qk_norm
         self.rotary_base = config.rotary_base if config.rotary else None
 
-    def forward(self, x: torch.Tensor, layer_cache: tuple[torch.Tensor, torch.Tensor, int] | _StaticLayer | None = None):
+    def forward(self, x: torch.Tensor, cache: tuple[AttentionCache, CacheStep, int] | None = None) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C). ``cache``: (the KV cache, this call's step, this layer's index):
+        the T tokens' keys and values go into the cache and the queries attend over what it returns
+        (:class:`AttentionCache`); without it, causal attention over x alone."""
         B, T, C = x.size()
         hs = C // self.n_head
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 × (B, T, C)
@@ -270,30 +217,14 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         if self.qk_norm:  # research option: unit-RMS queries and keys per head
             q, k = F.rms_norm(q, (hs,)), F.rms_norm(k, (hs,))
-        static = isinstance(layer_cache, _StaticLayer)
         if self.rotary_base is not None:  # research option: rotate q, k by absolute position
-            where = layer_cache.pos if static else layer_cache[2] if layer_cache is not None else 0
+            where = cache[1].positions if cache is not None else 0
             q, k = apply_rotary(q, where, self.rotary_base), apply_rotary(k, where, self.rotary_base)
 
-        if static:
-            # Fixed shapes: write this chunk's k, v at its columns (a tensor index) and attend over
-            # all L columns; the mask keeps each query to its own row's keys up to itself.
-            layer_cache.k.index_copy_(2, layer_cache.cols, k)
-            layer_cache.v.index_copy_(2, layer_cache.cols, v)
-            y = F.scaled_dot_product_attention(q, layer_cache.k, layer_cache.v, attn_mask=layer_cache.mask)  # (B, nh, T, hs)
-        elif layer_cache is not None:
-            # Incremental decoding: write this chunk's k, v at [pos, pos+T) and attend over
-            # everything written so far. A query at absolute position pos+i may see keys
-            # 0..pos+i, so the mask is causal with an offset of pos. One new token (T == 1, every
-            # step of sampling) sees every key: no mask at all (none to build per layer and
-            # token, and unmasked SDPA is the fastest kernel on every device).
-            k_all, v_all, pos = layer_cache
-            k_all[:, :, pos : pos + T] = k
-            v_all[:, :, pos : pos + T] = v
-            k = k_all[:, :, : pos + T]  # (B, nh, pos+T, hs)
-            v = v_all[:, :, : pos + T]  # (B, nh, pos+T, hs)
-            mask = None if T == 1 else torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hs)
+        if cache is not None:
+            kv_cache, step, layer = cache
+            k, v = kv_cache.update(layer, k, v, step)  # (B, nh, S, hs) each: the keys so far
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask)  # (B, nh, T, hs)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
@@ -304,7 +235,7 @@ class CausalSelfAttention(nn.Module):
 
 def apply_rotary(x: torch.Tensor, start: int | torch.Tensor, base: float) -> torch.Tensor:
     """Rotary position embedding of x (B, nh, T, hs) at positions start .. start+T-1 (an int), or
-    at ``start`` itself when it is a (B, T) tensor of positions (a :class:`StaticKVCache` step), in
+    at ``start`` itself when it is a (B, T) tensor of positions (each row its own: a fixed-shape cache), in
     the "rotate half" layout: channel i pairs with channel i + hs/2 and the pair turns by angle
     position * base**(-2i/hs). Scores q·k then depend on positions only through their difference."""
     T, hs = x.size(-2), x.size(-1)
@@ -345,8 +276,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, layer_cache=None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), layer_cache)
+    def forward(self, x: torch.Tensor, cache: tuple[AttentionCache, CacheStep, int] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -418,56 +349,29 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | StaticKVCache | None = None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, kv_cache: AttentionCache | None = None) -> torch.Tensor:
         """The trunk without the LM head: idx (B, T) -> the final hidden states (B, T, C), after
         ``ln_f``. ``forward`` applies the head to them; samplers that need one position's logits
-        apply it to that position only. With ``kv_cache``: as in :meth:`forward`."""
-        if isinstance(kv_cache, StaticKVCache):
-            return self._static_hidden_states(idx, kv_cache)
+        apply it to that position only. With ``kv_cache``: the T tokens follow what the cache holds,
+        at the positions it gives (:class:`AttentionCache`), and it moves past them."""
         B, T = idx.size()
-        start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(
-                f"sequence of {start + T} tokens is longer than the model's context "
-                f"(block_size={self.config.block_size}); shorten the input"
-            )
+        if kv_cache is None:
+            check_context(T, self.config.block_size)
+        step = kv_cache.begin(T, self.config.block_size) if kv_cache is not None else None
+        start = step.positions if step is not None else 0  # an int, or (B, T): each row's own positions
         x = self.transformer.wte(idx)  # (B, T, C)
         if not self.config.rotary:
-            # Positions start..start+T-1 are rows of wpe: a slice (a view) is the lookup, with no
-            # per-step arange. (B, T, C) + (T, C)
-            x = x + self.transformer.wpe.weight[start : start + T]
+            if isinstance(start, int):
+                # Positions start..start+T-1 are rows of wpe: a slice (a view) is the lookup, with no
+                # per-step arange. (B, T, C) + (T, C)
+                x = x + self.transformer.wpe.weight[start : start + T]
+            else:
+                x = x + self.transformer.wpe(start)  # (B, T, C)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            layer_cache = (kv_cache.k[i], kv_cache.v[i], start) if kv_cache is not None else None
-            x = block(x, layer_cache)
-        if kv_cache is not None:
-            kv_cache.pos = start + T
+            x = block(x, (kv_cache, step, i) if step is not None else None)
         x = self.transformer.ln_f(x)
         return x  # (B, T, C)
-
-    def _static_hidden_states(self, idx: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
-        """:meth:`hidden_states` for tokens written at columns ``slot .. slot+T-1`` of a
-        :class:`StaticKVCache` (all rows at the same columns; each row at its own positions).
-        Every shape depends on T and the cache's size only, and ``slot`` advances in place."""
-        T = idx.size(1)
-        cols = cache.slot + cache.columns[:T]  # (T,): the columns of these tokens
-        # Each row's own positions (left padding shifts columns, not positions); padding columns
-        # and columns past the context (rows that ran out of room, discarded) are clamped.
-        pos = (cols - cache.start_rows).clamp_(0, self.config.block_size - 1)  # (B, T)
-        x = self.transformer.wte(idx)  # (B, T, C)
-        if not self.config.rotary:
-            x = x + self.transformer.wpe(pos)  # (B, T, C)
-        # Query column q sees key column j when (j - start) * (q - j) >= 0: start <= j <= q for a
-        # real query; q <= j <= start for a padding one (itself at least: finite, never used).
-        # (B, 1, 1, L) * (T, L) -> (B, 1, T, L), the same for every head. Additive, in the cache's
-        # (= the queries') dtype, built once per call rather than converted in every layer.
-        see = (cache.columns - cache.start_keys) * (cols.view(T, 1) - cache.columns) >= 0
-        mask = torch.where(see, 0.0, float("-inf")).to(cache.k[0].dtype)  # (B, 1, T, L)
-        x = self.transformer.drop(x)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, _StaticLayer(cache.k[i], cache.v[i], cols, mask, pos))
-        cache.slot.add_(T)
-        return self.transformer.ln_f(x)  # (B, T, C)
 
     # ---- the LM head: one home for it and for the padded vocabulary ---------------------------
     #
@@ -540,7 +444,7 @@ class GPT(nn.Module):
         self,
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
-        kv_cache: KVCache | StaticKVCache | None = None,
+        kv_cache: AttentionCache | None = None,
         reduction: str = "mean",
         return_logits: bool | None = None,
         at: str | tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -555,9 +459,8 @@ class GPT(nn.Module):
         ``reduction``: 'mean' over non-ignored tokens, 'sum', or 'none' -> (B, T)) and, by
         default, **no logits** (None): the head and the loss run fused, so the (B, T, V) logits
         and their gradient never exist. ``return_logits=True`` asks for both (the full-logits
-        path). With ``kv_cache``, idx holds positions [kv_cache.pos, kv_cache.pos + T) and the
-        cache is advanced by T; with a :class:`StaticKVCache`, idx is written at its columns
-        [slot, slot + T) and ``slot`` advances by T."""
+        path). With ``kv_cache`` (:class:`AttentionCache`), idx follows the tokens the cache holds
+        and the cache moves past them (:meth:`hidden_states`)."""
         x = self.hidden_states(idx, kv_cache)  # (B, T, C)
         if at == "last":
             x = x[:, -1:]  # (B, 1, C)

@@ -7,7 +7,7 @@ beside the older ones -- and picks the next. A row leaves at its end-of-text, a 
 token limit, and the next waiting sequence takes it at the next iteration. Nothing waits for a
 batch to finish.
 
-The cache (:class:`~pretrain.model.gpt.StaticKVCache`, ``max_batch`` rows of ``L = block_size +
+The cache (:class:`~pretrain.inference.cache.StaticKVCache`, ``max_batch`` rows of ``L = block_size +
 runway`` columns, runway = block_size / 2 within [32, 256]) is shared the way the static decode step shares it: every row writes its next
 key/value at the same column ``slot``, and row b's tokens are the columns ``start[b] .. slot-1``
 (column j is position ``j - start[b]``, so a row keeps the positions it has alone, as a left-padded
@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn.attention import sdpa_kernel
 
+from pretrain.inference.cache import StaticKVCache
+
 # Generation's pieces, in one place (the decode step's cache, layout and head; the samplers, the
 # seeded stream, the stop strings and the checks).
 from pretrain.inference.decode import DecodeHead, decode_layout, eager_width
@@ -54,7 +56,7 @@ from pretrain.inference.generate import (
     _StopStrings,
     uniforms,
 )
-from pretrain.model.gpt import GPT, StaticKVCache
+from pretrain.model.gpt import GPT
 
 MAX_SAMPLERS = 8  # samplers kept per engine (one per sampling setting; a screened head each)
 
