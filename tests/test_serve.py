@@ -155,6 +155,10 @@ def test_a_later_short_request_finishes_first_and_rows_are_reused(server):
     first = next(events)
     short = server.client.completions.create(model="tiny", prompt="The", max_tokens=2, temperature=0)
     assert short.choices[0].finish_reason in ("length", "stop")
+    # Rows go lowest first: the short one may have had a row no request had used yet (this test run
+    # alone); the next one gets a row an earlier sequence left (the short one's, or the long one's).
+    again = server.client.completions.create(model="tiny", prompt="The", max_tokens=2, temperature=0)
+    assert again.choices[0].text == short.choices[0].text
     rest = list(events)  # the long one was still running when the short one finished
     assert rest and rest[-1].choices[0].finish_reason is not None
     assert first.choices[0].finish_reason is None
