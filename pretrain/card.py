@@ -130,7 +130,7 @@ def _describe_data(facts: RunFacts) -> str:
 def _recipe(facts: RunFacts) -> list[str]:
     """The recipe's rows, each from what every start up to the exported step ran with: one value,
     or each start's where a resume changed it."""
-    from pretrain.report import changes
+    from pretrain.report import changes, describe_changes
 
     def rows(c: dict) -> list[tuple[str, str]]:
         o, s, t, d = (c.get(k) or {} for k in ("optim", "schedule", "train", "data"))
@@ -145,8 +145,7 @@ def _recipe(facts: RunFacts) -> list[str]:
     per_start = [(step, rows(c)) for step, c in (facts.configs or [(0, facts.config)])]
     out = ["| | |", "|---|---|"]
     for i, (name, _) in enumerate(per_start[0][1]):
-        seen = changes([(step, r[i][1]) for step, r in per_start])
-        said = seen[0][1] if len(seen) == 1 else "; ".join(f"{v} from step {s}" for s, v in seen)
+        said = describe_changes(changes([(step, r[i][1]) for step, r in per_start]))
         if "None" not in said:
             out.append(f"| {name} | {said} |")
     return out

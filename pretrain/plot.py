@@ -150,10 +150,11 @@ def plot_runs(runs: Sequence[Run], out: str | Path) -> Path:
     fig.tight_layout()
     out = Path(out)
     fmt = out.suffix.lstrip(".").lower() or "png"
-    if fmt not in fig.canvas.get_supported_filetypes():  # before anything is written
+    kinds = fig.canvas.get_supported_filetypes()
+    if fmt not in kinds:  # before anything is written
         plt.close(fig)
         raise PlotError(f"--out {out}: matplotlib cannot write .{fmt} images; end the name with one of "
-                        f"{', '.join('.' + f for f in sorted(fig.canvas.get_supported_filetypes()))}")
+                        f"{', '.join('.' + f for f in sorted(kinds))}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")  # written whole or not at all (a Ctrl-C, a full disk)
     try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import statistics
 import sys
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -110,11 +111,11 @@ def config_differences(run_dir: Path) -> list[tuple[str, Any, list[tuple[int, An
     return rows
 
 
-def _fmt_changes(seen: list[tuple[int, Any]]) -> str:
-    """One value, or each start's: '0.0030 from step 0; 0.0010 from step 4'."""
+def describe_changes(seen: list[tuple[int, Any]], fmt: Callable[[Any], str] = str) -> str:
+    """One value, or each start's (``changes``): '0.0030 from step 0; 0.0010 from step 4'."""
     if len(seen) == 1:
-        return _fmt(seen[0][1])
-    return "; ".join(f"{_fmt(v)} from step {s}" for s, v in seen)
+        return fmt(seen[0][1])
+    return "; ".join(f"{fmt(v)} from step {s}" for s, v in seen)
 
 
 OPENAI_GPT2 = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # legacy hub names, now openai-community/<name>
@@ -268,7 +269,7 @@ def render(run_dir: Path) -> str:
         lines.append(f"No {ENVIRONMENT} (a run started before the report existed).")
     diffs = config_differences(run_dir)
     lines += ["", "## Configuration: differences from the defaults", "",
-              "| key | default | this run |", "|---|---|---|"] + [f"| `{k}` | {_fmt(d)} | {_fmt_changes(v)} |"
+              "| key | default | this run |", "|---|---|---|"] + [f"| `{k}` | {_fmt(d)} | {describe_changes(v, _fmt)} |"
                                                                  for k, d, v in diffs]
     peak = envs[-1].get("peak_source") if envs else f"unknown (no {ENVIRONMENT})"
     mfu = f"{100 * t['mfu']:.1f}%" if t["mfu"] is not None else "n/a"
