@@ -165,14 +165,15 @@ def _run(args, rank: int, world: int, device: torch.device) -> int:
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
     try:
-        evaluators, manager = [], None
+        evaluators, manager, loaded = [], None, None
         if not args.no_hellaswag and (not (tasks or args.core) or args.hellaswag is not None):
             evaluators.append(HellaSwagEvaluator(args.hellaswag, args.limit, args.batch_size, rank, world, device,
                                                  split=args.hellaswag_split))
         if tasks:
             manager = task_manager(tasks, args.include_path)  # unknown names: before the model is loaded
             # a task's data that cannot be read, or fewer few-shot examples than asked for: before the model too
-            check_fewshot(load_tasks(manager, tasks), args.num_fewshot)
+            loaded = load_tasks(manager, tasks)  # read once: the harness runs these task objects
+            check_fewshot(loaded, args.num_fewshot)
         core_limit = args.limit if args.core_limit is None else args.core_limit
         core = load_bundle(args.core, core_limit) if args.core is not None else None  # a bad bundle: before the model
         source = resolve(args.model)
@@ -212,7 +213,7 @@ def _run(args, rank: int, world: int, device: torch.device) -> int:
     harness, requests = None, {}
     if tasks:
         try:
-            harness, requests = _run_tasks(args, scored, tasks, manager, device, timings, log)
+            harness, requests = _run_tasks(args, scored, tasks, manager, loaded, device, timings, log)
         except TaskError as e:
             print(f"gpt2-eval: error: {e}", file=sys.stderr)
             return 2
@@ -224,15 +225,17 @@ def _run(args, rank: int, world: int, device: torch.device) -> int:
     return 0
 
 
-def _run_tasks(args, model, tasks: list[str], manager, device, timings: dict, log) -> tuple[dict | None, dict]:
-    """The harness tasks on ``model``: (the harness's results dict on rank 0 / None, requests served)."""
+def _run_tasks(args, model, tasks: list[str], manager, loaded: dict, device, timings: dict,
+               log) -> tuple[dict | None, dict]:
+    """The harness tasks on ``model`` (``loaded``: what ``load_tasks(manager, tasks)`` read): (the
+    harness's results dict on rank 0 / None, requests served)."""
     from evals.harness import GPTLM
     from evals.tasks import run_tasks
 
     lm = GPTLM(model, batch_size=args.batch_size, device=device)
     t0 = time.perf_counter()
     harness = run_tasks(model, tasks, limit=args.limit, num_fewshot=args.num_fewshot, bootstrap_iters=args.bootstrap_iters,
-                        manager=manager, lm=lm, fork_bootstrap=True)  # as the harness's own CLI
+                        manager=manager, loaded=loaded, lm=lm, fork_bootstrap=True)  # as the harness's own CLI
     timings["tasks"] = dt = time.perf_counter() - t0
     n = sum(lm.requests.values())
     log(f"tasks: {n} requests on rank 0 ({dict(lm.requests)}) in {dt:.1f}s: {n / max(dt, 1e-9):.1f} requests/s")

@@ -222,17 +222,37 @@ def check_fewshot(loaded: dict, num_fewshot: int | None) -> None:
             raise TaskError(f"{said}: {where}; pass --num-fewshot {most} or fewer")
 
 
+class _Loaded:
+    """A harness ``TaskManager`` whose ``load`` of the task list :func:`load_tasks` already loaded
+    returns those task objects: ``simple_evaluate`` loads its list through ``task_manager.load``
+    itself, which read every dataset a second time (and outside :func:`load_tasks`' offline
+    handling). Any other list, and every other attribute, is the manager's."""
+
+    def __init__(self, manager, tasks: Sequence[str], loaded: dict) -> None:
+        self.manager, self.tasks, self.loaded = manager, list(tasks), loaded
+
+    def load(self, tasks):
+        return self.loaded if list(tasks) == self.tasks else self.manager.load(tasks)
+
+    def __getattr__(self, name: str):
+        return getattr(self.manager, name)
+
+
 def run_tasks(model, tasks: Sequence[str], *, include_path: str | Path | None = None, limit: int | float | None = None,
               num_fewshot: int | None = None, batch_size: int = 32, device=None,
-              bootstrap_iters: int = DEFAULT_BOOTSTRAP_ITERS, manager=None, lm=None,
+              bootstrap_iters: int = DEFAULT_BOOTSTRAP_ITERS, manager=None, loaded: dict | None = None, lm=None,
               log_samples: bool = False, fork_bootstrap: bool = False) -> dict | None:
     """The harness's results dict (``lm_eval.simple_evaluate``: ``results``, ``versions``,
     ``n-shot``, ``n-samples``, ``config``, ...) for ``model`` on ``tasks``; None on ranks other
     than 0 (the harness gathers there). Python's and NumPy's global RNG states are restored after
     (the harness seeds them; torch's is the caller's: the trainer evaluates under ``fork_rng``).
     ``fork_bootstrap``: let the harness bootstrap standard errors in a ``multiprocessing.Pool`` as
-    its CLI does (``gpt2-eval``); off (in this process) for a trainer, see below."""
+    its CLI does (``gpt2-eval``); off (in this process) for a trainer, see below. ``loaded``: what
+    ``load_tasks(manager, tasks)`` returned, handed to the harness instead of loading the tasks
+    again (the same task objects on every call: the harness reseeds their few-shot sampling each time)."""
     tm = manager if manager is not None else task_manager(tasks, include_path)
+    if loaded is not None:
+        tm = _Loaded(tm, tasks, loaded)
     _quiet()
     import lm_eval
 
@@ -316,9 +336,9 @@ class TaskEvaluator:
         self.tasks, self.limit, self.batch_size, self.device = list(tasks), limit, batch_size, device
         self.bootstrap_iters = bootstrap_iters
         self.manager = task_manager(self.tasks, include_path)
-        loaded = load_tasks(self.manager, self.tasks)
-        check_fewshot(loaded, None)  # a task YAML's own num_fewshot beyond its pool: now, not at the first eval
-        generative = [n for n, t in loaded["tasks"].items() if t.OUTPUT_TYPE == "generate_until"]
+        self.loaded = load_tasks(self.manager, self.tasks)  # read once: every evaluation runs these
+        check_fewshot(self.loaded, None)  # a task YAML's own num_fewshot beyond its pool: now, not at the first eval
+        generative = [n for n, t in self.loaded["tasks"].items() if t.OUTPUT_TYPE == "generate_until"]
         if fsdp and world_size > 1 and generative:
             # Rows stop generating at different steps on different ranks; FSDP needs every rank in every forward.
             raise TaskError(f"eval.tasks: {generative[0]} generates text, which FSDP cannot split over ranks; "
@@ -330,6 +350,6 @@ class TaskEvaluator:
 
         with eval_mode(model):
             results = run_tasks(model, self.tasks, limit=self.limit, batch_size=self.batch_size, device=self.device,
-                                bootstrap_iters=self.bootstrap_iters, manager=self.manager)
+                                bootstrap_iters=self.bootstrap_iters, manager=self.manager, loaded=self.loaded)
         flat = flatten(results) if results is not None else None
         return dist.all_gather_object(flat, "tasks results")[0]

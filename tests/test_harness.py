@@ -65,17 +65,28 @@ def _check_equal(ours: dict[str, float], theirs: dict[str, float], n: int = 8) -
             assert got == want, (key, got, want)
 
 
-def test_cli_tasks_equal_lm_eval_hf_on_the_export(setup, tmp_path, capsys):
+def _count_loads(monkeypatch) -> list[list[str]]:
+    """The task lists the harness's TaskManager.load reads (every dataset of each), from now on."""
+    from lm_eval.tasks import TaskManager
+
+    calls, real = [], TaskManager.load
+    monkeypatch.setattr(TaskManager, "load", lambda self, tasks: calls.append(list(tasks)) or real(self, tasks))
+    return calls
+
+
+def test_cli_tasks_equal_lm_eval_hf_on_the_export(setup, tmp_path, capsys, monkeypatch):
     from evals.run import main
 
     root, include, _, theirs = setup
     out = tmp_path / "ours.json"
+    loads = _count_loads(monkeypatch)
     assert main(["--model", str(root / "hf"), "--tasks", ",".join(TASKS), "--include-path", str(include),
                  "--limit", str(LIMIT), "--batch-size", "4", "--device", "cpu", "--out", str(out)]) == 0
     payload = json.loads(out.read_text())
     _check_equal(_flat(payload["harness"]), _flat(theirs))
     assert payload["results"]["tasks/arc_easy_local/acc"] == theirs["results"]["arc_easy_local"]["acc,none"]
     assert payload["requests"]["loglikelihood_rolling"] == LIMIT and payload["requests"]["generate_until"] == LIMIT
+    assert loads == [list(TASKS)]  # read once (checked before the model, then run), not again by simple_evaluate
     # acc is not trivially equal: the tiny model gets some right and some wrong, lambada's greedy test too.
     flat = _flat(payload["harness"])
     assert 0 < flat["tasks/arc_easy_local/acc"] < 1 and 0 < flat["tasks/lambada_openai_local/acc"] < 1
@@ -94,6 +105,22 @@ def test_generated_texts_equal_lm_eval_hf(setup):
     assert got == want
     assert any(r[0][0].strip() for r in got)  # something was generated, and cut at a stop string
     assert all("\n" not in r[0][0] and "." not in r[0][0] for r in got)
+
+
+def test_in_loop_tasks_are_read_once_and_every_evaluation_gives_a_fresh_runs_numbers(setup, monkeypatch):
+    """eval.tasks (evals.tasks.TaskEvaluator): the task data is read when the evaluator is built and
+    the same task objects run at every evaluation -- with the numbers of a run that loads them anew."""
+    from evals.tasks import TaskEvaluator, flatten, run_tasks, task_manager
+
+    _, include, model, _ = setup
+    names = ["arc_easy_local", "wikitext_local"]
+    loads = _count_loads(monkeypatch)
+    evaluator = TaskEvaluator(names, limit=4, batch_size=4, include_path=include)
+    first, second = evaluator(model), evaluator(model)
+    assert loads == [names]
+    fresh = flatten(run_tasks(model, names, limit=4, batch_size=4, manager=task_manager(names, include)))
+    assert first == second == fresh and {"tasks/arc_easy_local/acc", "tasks/wikitext_local/word_perplexity"} <= set(fresh)
+    assert len(loads) == 2  # the fresh run: loaded by simple_evaluate itself
 
 
 def test_native_checkpoint_and_its_export_give_the_same_numbers(setup, tmp_path):
